@@ -1,0 +1,311 @@
+"""The `netweft` command: a thin client of the local netweftd, with Docker's verbs and flags."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from netweft.cli.client import ApiError, Client, DaemonUnreachable, ref
+from netweft.errors import NetweftError
+from netweft import validate
+
+
+def table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        click.echo("   ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def dump(obj) -> None:
+    click.echo(json.dumps(obj, indent=4))
+
+
+class Group(click.Group):
+    """Turns every error into one clear line and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ApiError, DaemonUnreachable, NetweftError) as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-H", "--host", envvar="NETWEFT_HOST", metavar="unix:///PATH",
+              help="daemon socket (default unix:///run/netweft/netweft.sock; env NETWEFT_HOST)")
+@click.pass_context
+def cli(ctx, host):
+    """netweft: container networks that span hosts.
+
+    \b
+    Quick start (as root):
+      netweftd &                                   # the daemon, one per host
+      netweft network create --subnet 198.18.0.0/24 mgmt
+      netweft run -d --name web --network mgmt --ip 198.18.0.10 -- sleep infinity
+      netweft exec web -- ip addr
+    """
+    ctx.obj = Client(host)
+
+
+def api(ctx) -> Client:
+    return ctx.find_root().obj
+
+
+# ---------------------------------------------------------------- networks
+@cli.group()
+def network():
+    """Manage networks."""
+
+
+@network.command("create")
+@click.option("-d", "--driver", default="bridge", show_default=True, help="bridge (local) or overlay (swarm)")
+@click.option("--subnet", help="CIDR, e.g. 198.18.0.0/24 (default: from the daemon's address pool)")
+@click.option("--gateway", help="gateway IP inside the subnet (default: its first address)")
+@click.option("--ip-range", help="allocate container IPs from this sub-range only")
+@click.option("--aux-address", multiple=True, metavar="NAME=IP", help="reserve an address; repeatable")
+@click.option("--internal", is_flag=True, help="no traffic in or out of the network")
+@click.option("--attachable", is_flag=True, help="(overlay) allow plain containers to attach")
+@click.option("--label", multiple=True, metavar="K=V", help="metadata; repeatable")
+@click.option("-o", "--opt", multiple=True, metavar="K=V",
+              help="driver options: com.docker.network.driver.mtu=N, com.docker.network.bridge.name=NAME, "
+                   "parent=IFACE (bridge a host interface: containers sit on that LAN, no NAT)")
+@click.argument("name")
+@click.pass_context
+def network_create(ctx, driver, subnet, gateway, ip_range, aux_address, internal, attachable, label, opt, name):
+    """Create a network."""
+    labels = validate.parse_key_values(list(label), "label")
+    options = validate.parse_key_values(list(opt), "option")
+    aux = validate.parse_key_values(list(aux_address), "aux-address")
+    cfg = {k: v for k, v in {"Subnet": subnet, "Gateway": gateway, "IPRange": ip_range,
+                             "AuxiliaryAddresses": aux}.items() if v}
+    body = {"Name": name, "Driver": driver, "Internal": internal, "Attachable": attachable,
+            "Labels": labels, "Options": options, "IPAM": {"Driver": "default", "Config": [cfg] if cfg else []}}
+    click.echo(api(ctx).call("POST", "/networks/create", body)["Id"])
+
+
+def parse_filters(items) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("name", "driver", "label", "id", "scope"):
+            raise click.UsageError(f"invalid filter {item!r}: use name=, driver=, label=, id= or scope=")
+        out.setdefault(key, []).append(value)
+    return out
+
+
+@network.command("ls")
+@click.option("-q", "--quiet", is_flag=True, help="only IDs")
+@click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="name=, driver=, label=K[=V], id=, scope=; repeatable")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--no-trunc", is_flag=True, help="full IDs")
+@click.pass_context
+def network_ls(ctx, quiet, filters, fmt, no_trunc):
+    """List networks."""
+    f = parse_filters(filters)
+    nets = api(ctx).call("GET", "/networks", filters=json.dumps(f) if f else None)
+    if fmt == "json":
+        for n in nets:
+            click.echo(json.dumps(n))
+        return
+    ids = [n["Id"] if no_trunc else n["Id"][:12] for n in nets]
+    if quiet:
+        for i in ids:
+            click.echo(i)
+        return
+    table(["NETWORK ID", "NAME", "DRIVER", "SCOPE"],
+          [[i, n["Name"], n["Driver"], n["Scope"]] for i, n in zip(ids, nets)])
+
+
+@network.command("inspect")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def network_inspect(ctx, names):
+    """Show networks as JSON."""
+    dump([api(ctx).call("GET", f"/networks/{ref(n)}") for n in names])
+
+
+@network.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def network_rm(ctx, names):
+    """Remove networks (refused while containers are attached)."""
+    failed = False
+    for n in names:
+        try:
+            api(ctx).call("DELETE", f"/networks/{ref(n)}")
+            click.echo(n)
+        except ApiError as e:
+            click.echo(f"Error: {e}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+@network.command("prune")
+@click.option("-f", "--force", is_flag=True, help="do not ask")
+@click.pass_context
+def network_prune(ctx, force):
+    """Remove all networks without containers."""
+    if not force and not click.confirm("WARNING! This removes all networks not used by a container. Continue?"):
+        return
+    removed = api(ctx).call("POST", "/networks/prune")["NetworksDeleted"]
+    if removed:
+        click.echo("Deleted Networks:\n" + "\n".join(removed))
+
+
+@network.command("connect")
+@click.option("--ip", help="IPv4 address for the container on this network")
+@click.option("--alias", multiple=True, help="extra name on this network; repeatable")
+@click.argument("net")
+@click.argument("container")
+@click.pass_context
+def network_connect(ctx, ip, alias, net, container):
+    """Connect a container to a network."""
+    api(ctx).call("POST", f"/networks/{ref(net)}/connect",
+                  {"Container": container, "EndpointConfig": {"IPAMConfig": {"IPv4Address": ip or ""},
+                                                              "Aliases": list(alias)}})
+
+
+@network.command("disconnect")
+@click.argument("net")
+@click.argument("container")
+@click.pass_context
+def network_disconnect(ctx, net, container):
+    """Disconnect a container from a network."""
+    api(ctx).call("POST", f"/networks/{ref(net)}/disconnect", {"Container": container})
+
+
+# -------------------------------------------------------------- containers
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("-d", "--detach", is_flag=True, help="run in the background and print the container ID")
+@click.option("--name", help="container name (default: generated)")
+@click.option("--hostname", help="hostname inside the container (default: its short ID)")
+@click.option("--network", "--net", "network_", default=None, metavar="NET|host|none",
+              help="network to join first (gives the default route); default none")
+@click.option("--ip", help="IPv4 address on that network (default: allocated)")
+@click.option("--mac-address", help="MAC address on that network (default: derived from the IP)")
+@click.option("--network-alias", multiple=True, help="extra name on that network; repeatable")
+@click.option("-e", "--env", multiple=True, metavar="K=V", help="environment variable; repeatable")
+@click.argument("cmd", nargs=-1, required=True)
+@click.pass_context
+def run(ctx, detach, name, hostname, network_, ip, mac_address, network_alias, env, cmd):
+    """Run a command in a new lightweight container: netweft run [OPTIONS] -- CMD [ARGS...]"""
+    body = {"Name": name, "Hostname": hostname, "NetworkMode": network_ or "none", "IPAddress": ip,
+            "MacAddress": mac_address, "Aliases": list(network_alias), "Cmd": list(cmd),
+            "Env": validate.parse_key_values(list(env), "environment variable")}
+    c = api(ctx)
+    ctr = c.call("POST", "/containers/create", body)
+    if detach:
+        click.echo(ctr["Id"])
+        return
+    for chunk in c.stream(f"/containers/{ctr['Id']}/logs", follow=1):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+    sys.exit(c.call("GET", f"/containers/{ctr['Id']}/json")["State"]["ExitCode"])
+
+
+@cli.command()
+@click.option("-a", "--all", "all_", is_flag=True, help="also stopped containers")
+@click.option("-q", "--quiet", is_flag=True, help="only IDs")
+@click.pass_context
+def ps(ctx, all_, quiet):
+    """List containers."""
+    ctrs = api(ctx).call("GET", "/containers/json", all=1 if all_ else None)
+    if quiet:
+        for c in ctrs:
+            click.echo(c["Id"][:12])
+        return
+    rows = []
+    for c in ctrs:
+        st = c["State"]
+        status = "running" if st["Running"] else (f"exited ({st['ExitCode']})" if st["Status"] == "exited"
+                                                  else st["Status"])
+        nets = c["NetworkSettings"]["Networks"]
+        addrs = ",".join(f"{n}:{e['IPAddress']}" for n, e in nets.items()) or c["HostConfig"]["NetworkMode"]
+        rows.append([c["Id"][:12], c["Name"], c["Config"]["Hostname"], status, addrs,
+                     " ".join(c["Config"]["Cmd"])[:30]])
+    table(["CONTAINER ID", "NAME", "HOSTNAME", "STATUS", "NETWORKS", "COMMAND"], rows)
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def inspect(ctx, names):
+    """Show containers as JSON."""
+    dump([api(ctx).call("GET", f"/containers/{ref(n)}/json") for n in names])
+
+
+@cli.command()
+@click.option("-f", "--follow", is_flag=True, help="keep printing until the container exits")
+@click.argument("name")
+@click.pass_context
+def logs(ctx, follow, name):
+    """Print a container's output."""
+    for chunk in api(ctx).stream(f"/containers/{ref(name)}/logs", follow=1 if follow else None):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+
+
+@cli.command("exec")
+@click.argument("name")
+@click.argument("cmd", nargs=-1, required=True)
+@click.pass_context
+def exec_(ctx, name, cmd):
+    """Run a command inside a running container: netweft exec CTR -- CMD [ARGS...]"""
+    from netweft.runtime.container import exec_argv
+    ctr = api(ctx).call("GET", f"/containers/{ref(name)}/json")
+    if not ctr["State"]["Running"]:
+        raise click.ClickException(f"container {ctr['Name']!r} is not running; start it with `netweft start`")
+    argv = exec_argv(ctr["State"]["Pid"], list(cmd))
+    os.execvp(argv[0], argv)
+
+
+@cli.command()
+@click.option("-t", "--time", "timeout", default=10, show_default=True, help="seconds before SIGKILL")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def stop(ctx, timeout, names):
+    """Stop running containers (their networking stays until rm)."""
+    for n in names:
+        api(ctx).call("POST", f"/containers/{ref(n)}/stop", t=timeout)
+        click.echo(n)
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def start(ctx, names):
+    """Start stopped containers again."""
+    for n in names:
+        api(ctx).call("POST", f"/containers/{ref(n)}/start")
+        click.echo(n)
+
+
+@cli.command()
+@click.option("-f", "--force", is_flag=True, help="stop it first if it runs")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def rm(ctx, force, names):
+    """Remove containers and their network endpoints."""
+    for n in names:
+        api(ctx).call("DELETE", f"/containers/{ref(n)}", force=1 if force else None)
+        click.echo(n)
+
+
+@cli.command()
+@click.pass_context
+def info(ctx):
+    """Show facts about the daemon."""
+    dump(api(ctx).call("GET", "/info"))
+
+
+def main() -> None:
+    cli(prog_name="netweft")
+
+
+if __name__ == "__main__":
+    main()

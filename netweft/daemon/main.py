@@ -1,0 +1,115 @@
+"""netweftd: one asyncio process per host. Wires the roles together and serves the local API."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from aiohttp import web
+
+from netweft import __version__
+from netweft.daemon import logs
+from netweft.daemon.api import build_app
+from netweft.daemon.engine import Engine
+from netweft.errors import NetweftError
+from netweft.ipam.address import parse_pool
+
+log = logging.getLogger("netweft.daemon")
+
+DEFAULT_SOCKET = "unix:///run/netweft/netweft.sock"
+DEFAULT_POOL = "base=172.17.0.0/16,size=24"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="netweftd",
+        description="netweft daemon: owns this host's container networks. One per host, run as root.")
+    p.add_argument("-H", "--host", default=DEFAULT_SOCKET,
+                   help=f"API socket to listen on (default {DEFAULT_SOCKET})")
+    p.add_argument("--data-root", default="/var/lib/netweft", help="state directory (default /var/lib/netweft)")
+    p.add_argument("--exec-root", default="/run/netweft",
+                   help="runtime directory: namespaces, pid files (default /run/netweft)")
+    p.add_argument("--default-address-pool", action="append", metavar="base=CIDR,size=N",
+                   help=f"pool for local networks created without --subnet (default {DEFAULT_POOL}); repeatable")
+    p.add_argument("--group", default="netweft",
+                   help="group allowed to use the API socket if it exists (default netweft); else root only")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"netweftd {__version__}")
+    return p.parse_args(argv)
+
+
+def socket_path(host: str) -> str:
+    if not host.startswith("unix://"):
+        raise NetweftError(f"unsupported -H {host!r}: only unix:///PATH is supported")
+    return host[len("unix://"):]
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.sock = socket_path(args.host)
+        self.pools = [parse_pool(p) for p in (args.default_address_pool or [DEFAULT_POOL])]
+        self.engine = Engine(args.data_root, args.exec_root, self.pools)
+        self.extra_routes: list = []
+
+    def info(self) -> dict:
+        return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,
+                "ExecRoot": self.args.exec_root, "Socket": self.sock,
+                "DefaultAddressPools": [str(p) for p in self.pools], "Hostname": socket.gethostname()}
+
+    async def run(self) -> None:
+        await self.engine.start()
+        app = build_app(self)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        os.makedirs(os.path.dirname(self.sock), mode=0o755, exist_ok=True)
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
+        try:
+            site = web.UnixSite(runner, self.sock)
+            await site.start()
+        finally:
+            os.umask(old)
+        self._share_with_group()
+        log.info("netweftd ready", extra={"socket": self.sock, "pid": os.getpid()})
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("netweftd stopping; the data plane stays as it is")
+        await runner.cleanup()
+        await self.engine.close()
+
+    def _share_with_group(self) -> None:
+        import grp
+        try:
+            gid = grp.getgrnam(self.args.group).gr_gid
+        except KeyError:
+            return
+        os.chown(self.sock, 0, gid)
+        os.chmod(self.sock, 0o660)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs.setup(args.log_level)
+    if os.geteuid() != 0:
+        print("netweftd: must run as root (it programs the kernel's network)", file=sys.stderr)
+        sys.exit(1)
+    try:
+        daemon = Daemon(args)
+        asyncio.run(daemon.run())
+    except NetweftError as e:
+        log.error("netweftd cannot start", extra={"reason": str(e)})
+        print(f"netweftd: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

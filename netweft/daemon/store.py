@@ -1,0 +1,61 @@
+"""The daemon's state: JSON documents in SQLite, one table per kind, names unique per kind."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from contextlib import contextmanager
+
+KINDS = ("networks", "containers", "settings")
+
+
+class Store:
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        for kind in KINDS:
+            self.db.execute(f"CREATE TABLE IF NOT EXISTS {kind} "
+                            "(id TEXT PRIMARY KEY, name TEXT UNIQUE, doc TEXT NOT NULL)")
+
+    @contextmanager
+    def tx(self):
+        """One atomic write: all of it lands or none."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def put(self, kind: str, id: str, name: str | None, doc: dict) -> None:
+        self.db.execute(f"INSERT OR REPLACE INTO {kind} (id, name, doc) VALUES (?, ?, ?)",
+                        (id, name, json.dumps(doc)))
+
+    def delete(self, kind: str, id: str) -> None:
+        self.db.execute(f"DELETE FROM {kind} WHERE id = ?", (id,))
+
+    def get(self, kind: str, id: str) -> dict | None:
+        row = self.db.execute(f"SELECT doc FROM {kind} WHERE id = ?", (id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def by_name(self, kind: str, name: str) -> dict | None:
+        row = self.db.execute(f"SELECT doc FROM {kind} WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def find(self, kind: str, ref: str) -> dict | None:
+        """Docker-style reference: full id, name, or unique id prefix."""
+        doc = self.get(kind, ref) or self.by_name(kind, ref)
+        if doc is None and len(ref) >= 3:
+            rows = self.db.execute(f"SELECT doc FROM {kind} WHERE id LIKE ?", (ref + "%",)).fetchall()
+            if len(rows) == 1:
+                doc = json.loads(rows[0][0])
+        return doc
+
+    def list(self, kind: str) -> list[dict]:
+        return [json.loads(r[0]) for r in self.db.execute(f"SELECT doc FROM {kind} ORDER BY rowid")]
+
+    def close(self) -> None:
+        self.db.close()
