@@ -1,0 +1,220 @@
+"""Start, inspect and stop containers; called by the daemon (all synchronous and quick).
+
+A container is a process in its own network, UTS and mount namespaces, run by a detached
+shim (netweft.runtime.shim) that records its pid and exit code in a state directory, so
+containers survive daemon restarts. There is no pid namespace: stop() signals the
+container's process group, and the shim kills what is left of it when the main process exits.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from netweft.errors import Conflict, InvalidRequest, NetweftError
+from netweft.runtime.shim import proc_starttime, write_atomic
+
+START_TIMEOUT = 5.0
+POLL_INTERVAL = 0.02
+# After the container process is gone, how long the shim may take to write exit_code.
+EXIT_CODE_GRACE = 3.0
+
+
+class ContainerError(NetweftError):
+    """A container could not be started."""
+    status = 500
+
+
+def _path(state_dir, name):
+    return os.path.join(state_dir, name)
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _last_log_line(log):
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = [l.strip() for l in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [l for l in lines if l]
+    return lines[-1] if lines else ""
+
+
+def _validate(spec):
+    for key in ("log", "state_dir"):
+        if not isinstance(spec.get(key), str) or not spec[key]:
+            raise InvalidRequest(f"container spec needs {key!r} (a path)")
+    cmd = spec.get("cmd")
+    if not isinstance(cmd, list) or not cmd or not all(isinstance(a, str) for a in cmd):
+        raise InvalidRequest("container spec needs 'cmd', a non-empty list of strings")
+    hostname = spec.get("hostname") or ""
+    if len(hostname.encode()) > 64:
+        raise InvalidRequest(f"hostname {hostname!r} is longer than 64 bytes")
+
+
+def _shim_env():
+    # The shim must import netweft even if it is not installed (e.g. run from a checkout).
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def start(spec: dict) -> int:
+    """Start a container and return its pid. Raises ContainerError (with the log's last
+    line) if it could not be started, e.g. its command does not exist (exit code 127)."""
+    _validate(spec)
+    state_dir = spec["state_dir"]
+    os.makedirs(state_dir, exist_ok=True)
+    if status(state_dir)[0] == "running":
+        raise Conflict(f"a container is already running from {state_dir}")
+    for name in ("pid", "exit_code", "starttime"):
+        try:
+            os.unlink(_path(state_dir, name))
+        except FileNotFoundError:
+            pass
+    spec_path = _path(state_dir, "spec.json")
+    write_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
+
+    # The shim's own early errors (bad spec, import error) land in the container log too.
+    with open(spec["log"], "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netweft.runtime.shim", spec_path],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+            close_fds=True, start_new_session=True, cwd="/", env=_shim_env())
+    try:
+        # The first shim process exits right after forking the real shim (double fork).
+        returncode = proc.wait(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        returncode = None
+    if returncode != 0:
+        raise ContainerError(f"container shim failed to start: {_last_log_line(spec['log'])}")
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        # The shim writes pid once the command is exec'd (then exit_code, maybe at once);
+        # exit_code without pid means the start failed. Re-read pid: it may just have come.
+        pid = _read_int(_path(state_dir, "pid"))
+        if pid is None and (code := _read_int(_path(state_dir, "exit_code"))) is not None:
+            pid = _read_int(_path(state_dir, "pid"))
+            if pid is None:
+                raise ContainerError(f"container failed to start (exit code {code}): "
+                                     f"{_last_log_line(spec['log'])}")
+        if pid is not None:
+            return pid
+        time.sleep(POLL_INTERVAL)
+    raise ContainerError(f"container did not start within {START_TIMEOUT:g} s: "
+                         f"{_last_log_line(spec['log'])}")
+
+
+def status(state_dir):
+    """("running", pid) | ("exited", exit_code) | ("unknown", None).
+
+    "unknown": never started, still starting, or its process is gone without an exit
+    code (shim killed, host rebooted); a pid now used by another process is recognised
+    by its different start time."""
+    code = _read_int(_path(state_dir, "exit_code"))
+    if code is not None:
+        return ("exited", code)
+    pid = _read_int(_path(state_dir, "pid"))
+    if pid is None:
+        return ("unknown", None)
+    saved = _read_int(_path(state_dir, "starttime"))
+    if saved is None or proc_starttime(pid) != saved:
+        return ("unknown", None)
+    return ("running", pid)
+
+
+def _signal(pid, sig):
+    # The container leads its own process group: signal everything it spawned.
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_for_exit_code(state_dir, timeout):
+    """Wait until the shim records the exit code; give up after timeout, or a little
+    after the container process is gone without one (the shim is dead)."""
+    deadline = time.monotonic() + timeout
+    gone_since = None
+    while time.monotonic() < deadline:
+        state = status(state_dir)
+        if state[0] == "exited":
+            return True
+        if state[0] != "running":
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since > EXIT_CODE_GRACE:
+                return False
+        time.sleep(POLL_INTERVAL)
+    return False
+
+
+def stop(state_dir, timeout=10):
+    """SIGTERM the container, SIGKILL it after timeout seconds, wait for its exit code.
+    Idempotent; returns status(state_dir) afterwards."""
+    state, pid = status(state_dir)
+    if state == "running":
+        _signal(pid, signal.SIGTERM)
+        if not _wait_for_exit_code(state_dir, timeout):
+            state, pid = status(state_dir)
+            if state == "running":
+                _signal(pid, signal.SIGKILL)
+            _wait_for_exit_code(state_dir, EXIT_CODE_GRACE)
+    return status(state_dir)
+
+
+def exec_argv(pid: int, cmd: list[str]) -> list[str]:
+    """argv running cmd in the container's network, UTS and mount namespaces. The command
+    keeps the caller's environment and is not part of the container's process group."""
+    return ["nsenter", "-t", str(pid), "-n", "-u", "-m", "--", *cmd]
+
+
+def write_hosts(path, hostname, entries):
+    """Write a container's /etc/hosts. entries: [(ip, names)], names a list (or a
+    space-separated str) of aliases; each line maps ip to the hostname and aliases."""
+    lines = [
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "fe00::0\tip6-localnet",
+        "ff00::0\tip6-mcastprefix",
+        "ff02::1\tip6-allnodes",
+        "ff02::2\tip6-allrouters",
+    ]
+    for ip, names in entries:
+        if isinstance(names, str):
+            names = names.split()
+        all_names = list(dict.fromkeys([hostname, *names]))  # dedup, keep order
+        lines.append(f"{ip}\t{' '.join(n for n in all_names if n)}")
+    if not entries and hostname:
+        lines.append(f"127.0.1.1\t{hostname}")  # still resolvable without an address
+    _write_in_place(path, "\n".join(lines) + "\n")
+
+
+def write_resolv(path, nameservers, search=(), options=()):
+    """Write a container's /etc/resolv.conf."""
+    lines = [f"nameserver {ns}" for ns in nameservers]
+    if search:
+        lines.append("search " + " ".join(search))
+    if options:
+        lines.append("options " + " ".join(options))
+    _write_in_place(path, "\n".join(lines) + "\n")
+
+
+def _write_in_place(path, text):
+    # Not write-and-rename: a running container has the file's inode bind-mounted,
+    # so an update must rewrite that same inode to be visible inside.
+    with open(path, "w") as f:  # O_TRUNC keeps the inode
+        f.write(text)

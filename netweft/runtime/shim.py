@@ -1,0 +1,209 @@
+"""Container shim: `python -m netweft.runtime.shim SPEC_JSON_PATH`.
+
+The shim detaches from whoever started it (double fork + setsid), forks the container
+process into its namespaces, records its pid, waits for it and records the exit code.
+It outlives the daemon, so a daemon restart neither kills containers nor loses exit codes.
+
+Spec fields: netns (path or null), hostname, hosts_file, resolv_file (paths or null),
+cmd (list), env (dict, optional), cwd (optional, default "/"), log, state_dir.
+
+Files written into state_dir (each atomically): starttime (the container process's start
+time from /proc/PID/stat, to recognise pid reuse), pid (only once the command was
+exec'd: exit_code without pid means a failed start), exit_code (128+N if killed by
+signal N; 127 if the command could not be executed; 125 if namespace setup failed).
+"""
+
+import ctypes
+import json
+import os
+import signal
+import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 2
+
+EXIT_SETUP_FAILED = 125
+EXIT_EXEC_FAILED = 127
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _describe(e):
+    """One readable line for an exception (OSError's str() starts with "[Errno N]")."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
+
+
+def _mount(source, target, flags):
+    _check(_libc.mount(source.encode() if source else b"none", target.encode(), None,
+                       ctypes.c_ulong(flags), None),
+           f"mount {source or ''} on {target}")
+
+
+def _detach_nsfs_mounts():
+    """Drop this mount namespace's copies of namespace bind mounts (e.g. other containers'
+    netns files): otherwise they keep those namespaces alive for as long as we run."""
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] != "nsfs":
+            continue
+        # mountinfo escapes spaces etc. as octal (\040).
+        target = left.split(" ")[4].encode().decode("unicode_escape")
+        _libc.umount2(target.encode("latin-1"), MNT_DETACH)  # best effort
+
+
+def proc_starttime(pid):
+    """Start time of pid in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _container_env(spec):
+    # Containers do not inherit the daemon's environment (as in Docker).
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root"}
+    if spec.get("hostname"):
+        env["HOSTNAME"] = spec["hostname"]
+    env.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
+    return env
+
+
+def _child(spec, err_w):
+    """Runs in the forked container process; never returns."""
+    def fail(code, message):
+        message = message.replace("\n", " ")
+        try:
+            os.write(2, (message + "\n").encode())
+            os.write(err_w, message.encode())
+        finally:
+            os._exit(code)
+
+    try:
+        # Own session and process group, so stop() can signal everything the container spawned.
+        os.setsid()
+        # Python ignores SIGPIPE/SIGXFSZ and the shim ignores TERM/INT/HUP; ignored
+        # dispositions survive exec, so restore the defaults for the command.
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        if spec.get("netns"):
+            try:
+                fd = os.open(spec["netns"], os.O_RDONLY)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot open network namespace {spec['netns']}: {e.strerror}")
+            _check(_libc.setns(fd, CLONE_NEWNET), f"cannot enter network namespace {spec['netns']}")
+            os.close(fd)
+        _check(_libc.unshare(CLONE_NEWUTS | CLONE_NEWNS), "unshare")
+        # Private first: without it our bind mounts (and the unmounts below) would
+        # propagate to the host's mount namespace.
+        _mount(None, "/", MS_REC | MS_PRIVATE)
+        _detach_nsfs_mounts()
+        if spec.get("hosts_file"):
+            _mount(spec["hosts_file"], "/etc/hosts", MS_BIND)
+        if spec.get("resolv_file"):
+            _mount(spec["resolv_file"], "/etc/resolv.conf", MS_BIND)
+        if spec.get("hostname"):
+            name = spec["hostname"].encode()
+            _check(_libc.sethostname(name, len(name)), f"sethostname {spec['hostname']!r}")
+        os.chdir(spec.get("cwd") or "/")
+        cmd = [str(a) for a in spec["cmd"]]
+        env = _container_env(spec)
+    except BaseException as e:
+        fail(EXIT_SETUP_FAILED, f"netweft: container setup failed: {_describe(e)}")
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except BaseException as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _describe(e)
+        if isinstance(e, FileNotFoundError) and "/" not in cmd[0]:
+            reason = f"executable file not found in $PATH ({env['PATH']})"
+        fail(EXIT_EXEC_FAILED, f"netweft: cannot run {cmd[0]!r}: {reason}")
+    os._exit(EXIT_EXEC_FAILED)  # not reached
+
+
+def _wait_and_clean_up(pid):
+    """Wait for the container process and return its exit code. Before reaping it, kill
+    whatever is left of its process group (like a pid namespace does when init exits);
+    the unreaped zombie guarantees the group id has not been reused."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def main(argv):
+    with open(argv[1]) as f:
+        spec = json.load(f)
+    state_dir = spec["state_dir"]
+
+    # Double fork: the first process exits at once (its starter reaps it immediately),
+    # we get reparented to init, so the daemon needs no reaping logic and can restart.
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    os.chdir("/")
+
+    # Hold nothing of the starter's: stdin from /dev/null, stdout/stderr to the log.
+    null_fd = os.open("/dev/null", os.O_RDONLY)
+    log_fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+
+    # A stray SIGTERM/SIGHUP to the shim must not lose the exit code.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+    # Close-on-exec pipe: EOF without data means exec succeeded.
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(err_r)
+        _child(spec, err_w)
+    os.close(err_w)
+    error = b""
+    while chunk := os.read(err_r, 4096):
+        error += chunk
+    os.close(err_r)
+
+    # starttime before pid: whoever sees pid can also check it.
+    write_atomic(os.path.join(state_dir, "starttime"), f"{proc_starttime(pid)}\n")
+    if not error:
+        # No pid file at all means the start failed (exec or namespace setup).
+        write_atomic(os.path.join(state_dir, "pid"), f"{pid}\n")
+    code = _wait_and_clean_up(pid)
+    write_atomic(os.path.join(state_dir, "exit_code"), f"{code}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

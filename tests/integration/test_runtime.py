@@ -1,0 +1,281 @@
+"""Real containers (no mocks): namespaces, logs, exit codes, surviving the starter.
+
+Needs root, `ip` and `nsenter`. Every name made here starts with nwt-.
+"""
+
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from netweft.errors import NetweftError
+from netweft.runtime import container
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
+
+TMP_PREFIX = os.path.join(tempfile.gettempdir(), "nwt-rt-")
+
+
+def _shims_of_this_suite():
+    out = subprocess.run(["pgrep", "-f", f"netweft.runtime.shim {TMP_PREFIX}"],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftover_shims():
+    yield
+    leftovers = _shims_of_this_suite()
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert leftovers == [], "shim processes left behind"
+
+
+def wait_for(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+class Workspace:
+    """A tmp dir for container files; tears down every container started in it."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="nwt-rt-")
+        self.state_dirs = []
+
+    def spec(self, name, cmd, **overrides):
+        spec = {
+            "netns": None, "hostname": f"nwt-{name}", "hosts_file": None, "resolv_file": None,
+            "cmd": cmd, "log": os.path.join(self.dir, f"{name}.log"),
+            "state_dir": os.path.join(self.dir, f"{name}.state"),
+        }
+        spec.update(overrides)
+        self.state_dirs.append(spec["state_dir"])
+        return spec
+
+    def cleanup(self):
+        for state_dir in self.state_dirs:
+            try:
+                container.stop(state_dir, timeout=2)
+            except Exception:
+                pass
+            # Belt and braces if stop() itself is broken: kill the container's group.
+            try:
+                os.killpg(int(read(os.path.join(state_dir, "pid"))), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        for pid in _shims_of_this_suite():
+            if self.dir in read(f"/proc/{pid}/cmdline").replace("\0", " "):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ws():
+    w = Workspace()
+    yield w
+    w.cleanup()
+
+
+@pytest.fixture
+def netns():
+    """A network namespace with lo up and a marker address on it; yields (path, address)."""
+    name = f"nwt-rt-{secrets.token_hex(3)}"
+    address = f"10.251.{secrets.randbelow(250) + 1}.{secrets.randbelow(250) + 1}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", name, "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+        yield f"/run/netns/{name}", address
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def ns_inode(pid, kind):
+    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+
+
+def group_exists(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_container_has_its_own_namespaces_and_files(ws, netns):
+    netns_path, address = netns
+    host_name = socket.gethostname()
+    host_hosts = read("/etc/hosts")
+    host_resolv = read("/etc/resolv.conf")
+    hosts_file = os.path.join(ws.dir, "hosts")
+    resolv_file = os.path.join(ws.dir, "resolv.conf")
+    container.write_hosts(hosts_file, "nwt-box", [(address, ["nwt-box-alias"])])
+    container.write_resolv(resolv_file, ["10.251.0.53"], ["nwt.test"])
+
+    spec = ws.spec("box", ["sh", "-c", "hostname; cat /etc/hosts; ip -o addr show lo; sleep 1000"],
+                   netns=netns_path, hostname="nwt-box",
+                   hosts_file=hosts_file, resolv_file=resolv_file)
+    pid = container.start(spec)
+    assert container.status(spec["state_dir"]) == ("running", pid)
+    wait_for(lambda: address + "/32" in read(spec["log"]), what="ip output in the log")
+    log = read(spec["log"])
+
+    # Hostname: the container's, not the host's, and the host's is untouched.
+    assert log.splitlines()[0] == "nwt-box" != host_name
+    assert socket.gethostname() == host_name
+    # /etc/hosts: the per-container file inside, the host's file unchanged outside.
+    assert read(hosts_file) in log
+    assert f"{address}\tnwt-box nwt-box-alias" in log
+    assert read("/etc/hosts") == host_hosts and "nwt-box" not in host_hosts
+    assert read("/etc/resolv.conf") == host_resolv
+    assert hosts_file not in read("/proc/self/mountinfo")  # no mount leaked to the host
+    # Network namespace: the one given (same inode); UTS and mount namespaces of its own.
+    assert ns_inode(pid, "net") == os.stat(netns_path).st_ino
+    assert ns_inode(pid, "uts") != ns_inode("self", "uts")
+    assert ns_inode(pid, "mnt") != ns_inode("self", "mnt")
+    # Other namespaces' bind mounts (nsfs) are dropped from the container's mount table.
+    assert " - nsfs " not in read(f"/proc/{pid}/mountinfo")
+
+    def run_inside(*cmd):
+        return subprocess.run(container.exec_argv(pid, list(cmd)), capture_output=True,
+                              text=True, check=True, timeout=10).stdout
+
+    assert run_inside("hostname") == "nwt-box\n"
+    assert run_inside("cat", "/etc/resolv.conf") == "nameserver 10.251.0.53\nsearch nwt.test\n"
+    # Rewriting the hosts file updates the bind-mounted file inside (same inode).
+    container.write_hosts(hosts_file, "nwt-box", [(address, ["nwt-box-renamed"])])
+    assert "nwt-box-renamed" in run_inside("cat", "/etc/hosts")
+
+    state = container.stop(spec["state_dir"], timeout=5)
+    assert state in (("exited", 143), ("exited", 137))
+    assert read(os.path.join(spec["state_dir"], "exit_code")).strip() == str(state[1])
+    assert not os.path.exists(f"/proc/{pid}")
+    wait_for(lambda: not group_exists(pid), what="`sleep 1000` gone too")
+    assert container.stop(spec["state_dir"]) == state  # idempotent
+
+
+def test_missing_command_records_127_and_a_clear_log_line(ws):
+    spec = ws.spec("missing", ["nwt-no-such-command", "--flag"])
+    with pytest.raises(NetweftError, match="nwt-no-such-command"):
+        container.start(spec)
+    assert container.status(spec["state_dir"]) == ("exited", 127)
+    last = read(spec["log"]).strip().splitlines()[-1]
+    assert "cannot run 'nwt-no-such-command'" in last and "not found" in last
+
+
+def test_bad_netns_is_a_clear_setup_failure(ws):
+    spec = ws.spec("badns", ["true"], netns=os.path.join(ws.dir, "nwt-missing-netns"))
+    with pytest.raises(NetweftError, match="cannot open network namespace"):
+        container.start(spec)
+    assert container.status(spec["state_dir"]) == ("exited", 125)
+
+
+def test_exit_code_and_leftover_children_are_handled(ws):
+    # Host networking; the main process exits 3 leaving a background child behind.
+    spec = ws.spec("quick", ["sh", "-c", "sleep 1000 & echo started; exit 3"])
+    pid = container.start(spec)
+    assert wait_for(lambda: container.status(spec["state_dir"])[0] == "exited")
+    assert container.status(spec["state_dir"]) == ("exited", 3)
+    assert "started" in read(spec["log"])
+    # The shim killed the orphaned sleep (init reaps it a moment later).
+    wait_for(lambda: not group_exists(pid), what="orphaned sleep killed")
+
+
+def test_container_survives_its_starter_and_records_exit_code(ws, netns):
+    spec = ws.spec("detached", ["sleep", "1000"], netns=netns[0])
+    starter = subprocess.run(
+        [sys.executable, "-c",
+         "import json, sys; from netweft.runtime import container; "
+         "print(container.start(json.loads(sys.argv[1])))", json.dumps(spec)],
+        capture_output=True, text=True, timeout=30)
+    assert starter.returncode == 0, starter.stderr
+    pid = int(starter.stdout)
+    # The starter is gone (and never waited on the shim); the container runs on.
+    time.sleep(0.2)
+    assert container.status(spec["state_dir"]) == ("running", pid)
+    shim = int(read(f"/proc/{pid}/status").split("PPid:")[1].split()[0])
+    assert "netweft.runtime.shim" in read(f"/proc/{shim}/cmdline")
+
+    assert container.stop(spec["state_dir"], timeout=5) == ("exited", 143)
+    wait_for(lambda: not os.path.exists(f"/proc/{shim}"), what="shim exit")
+
+
+def test_stop_escalates_to_sigkill(ws):
+    spec = ws.spec("stubborn", ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"])
+    container.start(spec)
+    wait_for(lambda: "ready" in read(spec["log"]), what="trap installed")
+    t0 = time.monotonic()
+    assert container.stop(spec["state_dir"], timeout=0.5) == ("exited", 137)
+    assert time.monotonic() - t0 < 5
+
+
+def test_status_handles_stale_and_missing_state(ws):
+    missing = os.path.join(ws.dir, "nwt-never-started")
+    assert container.status(missing) == ("unknown", None)
+    assert container.stop(missing) == ("unknown", None)
+
+    # A pid now used by another process (different start time): not ours, never signalled.
+    bystander = subprocess.Popen(["sleep", "1000"])
+    try:
+        stale = os.path.join(ws.dir, "nwt-stale")
+        os.makedirs(stale)
+        with open(os.path.join(stale, "pid"), "w") as f:
+            f.write(f"{bystander.pid}\n")
+        with open(os.path.join(stale, "starttime"), "w") as f:
+            f.write("1\n")
+        assert container.status(stale) == ("unknown", None)
+        assert container.stop(stale, timeout=1) == ("unknown", None)
+        assert bystander.poll() is None
+        # A pid that no longer exists at all.
+        bystander.kill()
+        bystander.wait()
+        assert container.status(stale) == ("unknown", None)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_start_refuses_a_running_state_dir(ws):
+    spec = ws.spec("twice", ["sleep", "1000"])
+    container.start(spec)
+    with pytest.raises(NetweftError, match="already running"):
+        container.start(spec)
+    container.stop(spec["state_dir"], timeout=5)
+    # Once stopped, the same state dir can be reused; old results are cleared.
+    pid = container.start(spec)
+    assert container.status(spec["state_dir"]) == ("running", pid)
+
+
+def test_write_hosts_and_resolv(ws):
+    hosts = pathlib.Path(ws.dir, "hosts")
+    container.write_hosts(hosts, "web", [("10.0.0.5", ["web.net1", "web"]), ("10.1.0.5", "alias2")])
+    lines = hosts.read_text().splitlines()
+    assert lines[0] == "127.0.0.1\tlocalhost"
+    assert lines[1].startswith("::1\tlocalhost ip6-localhost")
+    assert "10.0.0.5\tweb web.net1" in lines and "10.1.0.5\tweb alias2" in lines
+    container.write_hosts(hosts, "solo", [])
+    assert "127.0.1.1\tsolo" in hosts.read_text()
+
+    resolv = pathlib.Path(ws.dir, "resolv.conf")
+    container.write_resolv(resolv, ["10.0.0.2", "10.0.0.3"], ["a.test", "b.test"])
+    assert resolv.read_text() == "nameserver 10.0.0.2\nnameserver 10.0.0.3\nsearch a.test b.test\n"
