@@ -107,6 +107,8 @@ def check_requested_ip(cfg: SubnetConfig, text: str, in_use: set[IPv4Address]) -
     for name, aux_ip in cfg.aux.items():
         if ip == aux_ip:
             raise Conflict(f"IP {ip} is reserved as aux-address {name}; choose another address")
+    if cfg.ip_range is not None and ip not in cfg.ip_range:
+        raise InvalidRequest(f"IP {ip} is not inside the network's ip-range {cfg.ip_range}")
     if ip in in_use:
         raise Conflict(f"IP {ip} is already in use on this network; choose another address")
     return ip

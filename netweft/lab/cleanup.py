@@ -33,9 +33,9 @@ def nsfs_mounts() -> list[str]:
     return out
 
 
-def ours(path: str, roots: list[str]) -> bool:
+def ours(path: str, roots: list[str], ns_prefixes: tuple[str, ...]) -> bool:
     if path.startswith(NETNS_DIR + "/"):
-        return os.path.basename(path).startswith(NS_PREFIXES)
+        return os.path.basename(path).startswith(ns_prefixes)
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
@@ -67,7 +67,7 @@ def clean(roots: list[str] | None = None, ns_prefixes: tuple[str, ...] = NS_PREF
     (default: every lab and test root)."""
     if roots is None:
         roots = [p for g in STATE_GLOBS for p in glob.glob(g)]
-    mounts = [m for m in nsfs_mounts() if ours(m, roots)]
+    mounts = [m for m in nsfs_mounts() if ours(m, roots, ns_prefixes)]
     host_ns = [os.path.join(NETNS_DIR, n) for n in (os.listdir(NETNS_DIR) if os.path.isdir(NETNS_DIR) else [])
                if n.startswith(ns_prefixes)]
     inodes = {i for i in (inode(m) for m in mounts + host_ns) if i is not None}

@@ -173,3 +173,9 @@ def test_hostnames(name, ok):
     else:
         with pytest.raises(InvalidRequest):
             validate.check_hostname(name)
+
+
+def test_requested_ip_must_be_inside_ip_range():
+    c = cfg(ip_range="198.18.0.0/25")
+    with pytest.raises(InvalidRequest, match="ip-range"):
+        ipam.check_requested_ip(c, "198.18.0.200", set())

@@ -1,0 +1,109 @@
+"""nftables rules for local bridge networks, rendered as libnftables JSON.
+
+`render_firewall` is pure so it can be tested without a kernel; `Kernel.apply_firewall` sends its output
+in one transaction. The table is rebuilt from scratch each time (add, delete, add), so rules of
+networks that no longer exist disappear atomically with the new ones appearing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from netweft.errors import InvalidRequest
+
+# nft identifiers: a letter or underscore, then letters, digits, underscores.
+_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_IFNAMSIZ = 15
+
+FAMILY = "inet"
+BRIDGES_SET = "bridges"
+FORWARD_CHAIN = "forward"
+POSTROUTING_CHAIN = "postrouting"
+PRIO_FILTER = 0
+PRIO_SRCNAT = 100
+
+
+@dataclass(frozen=True)
+class BridgeRule:
+    """What the firewall must know about one local bridge network."""
+
+    bridge: str        # Linux bridge name, e.g. "nw-1a2b3c"
+    subnet: str        # "198.18.0.0/24"
+    internal: bool     # no forwarding in or out of the bridge
+    masquerade: bool   # source-NAT traffic from the subnet leaving through another interface
+
+
+def _check(table: str, networks: list[BridgeRule]) -> None:
+    if not _TABLE_RE.match(table):
+        raise InvalidRequest(f"invalid nftables table name {table!r}")
+    seen = set()
+    for n in networks:
+        if not n.bridge or len(n.bridge.encode()) > _IFNAMSIZ or "/" in n.bridge or n.bridge.strip() != n.bridge:
+            raise InvalidRequest(f"invalid bridge name {n.bridge!r}")
+        if n.bridge in seen:
+            raise InvalidRequest(f"bridge {n.bridge} listed twice")
+        seen.add(n.bridge)
+        try:
+            ipaddress.IPv4Network(n.subnet, strict=False)
+        except ValueError:
+            raise InvalidRequest(f"invalid subnet {n.subnet!r} for bridge {n.bridge}") from None
+
+
+def _meta(key: str, op: str, value) -> dict:
+    return {"match": {"op": op, "left": {"meta": {"key": key}}, "right": value}}
+
+
+def _rule(table: str, chain: str, comment: str, *expr: dict) -> dict:
+    return {"add": {"rule": {"family": FAMILY, "table": table, "chain": chain,
+                             "comment": comment, "expr": list(expr)}}}
+
+
+def render_firewall(table: str, networks: list[BridgeRule]) -> dict:
+    """The libnftables JSON command that replaces table `inet <table>` with rules for `networks`.
+
+    With no networks, the command deletes the table (creating it first makes the delete idempotent).
+    """
+    _check(table, networks)
+    tbl = {"family": FAMILY, "name": table}
+    # "add" then "delete" never fails, whether or not the table exists.
+    cmds: list[dict] = [{"add": {"table": dict(tbl)}}, {"delete": {"table": dict(tbl)}}]
+    if not networks:
+        return {"nftables": cmds}
+
+    networks = sorted(networks, key=lambda n: n.bridge)  # stable output for stable input
+    cmds.append({"add": {"table": dict(tbl)}})
+    cmds.append({"add": {"set": {"family": FAMILY, "table": table, "name": BRIDGES_SET, "type": "ifname",
+                                 "elem": [n.bridge for n in networks]}}})
+    cmds.append({"add": {"chain": {"family": FAMILY, "table": table, "name": FORWARD_CHAIN,
+                                   "type": "filter", "hook": "forward", "prio": PRIO_FILTER,
+                                   "policy": "accept"}}})
+    cmds.append({"add": {"chain": {"family": FAMILY, "table": table, "name": POSTROUTING_CHAIN,
+                                   "type": "nat", "hook": "postrouting", "prio": PRIO_SRCNAT,
+                                   "policy": "accept"}}})
+    drop = {"drop": None}
+    for n in networks:
+        br = n.bridge
+        if n.internal:
+            # Nothing is routed out of, or into, an internal network.
+            cmds.append(_rule(table, FORWARD_CHAIN, f"internal {br} out",
+                              _meta("iifname", "==", br), _meta("oifname", "!=", br), drop))
+            cmds.append(_rule(table, FORWARD_CHAIN, f"internal {br} in",
+                              _meta("oifname", "==", br), _meta("iifname", "!=", br), drop))
+        else:
+            # Networks are isolated from each other; the reverse direction is covered by the other
+            # bridge's own rule.
+            cmds.append(_rule(table, FORWARD_CHAIN, f"isolate {br}",
+                              _meta("iifname", "==", br), _meta("oifname", "!=", br),
+                              _meta("oifname", "==", "@" + BRIDGES_SET), drop))
+        if n.masquerade and not n.internal:
+            net = ipaddress.IPv4Network(n.subnet, strict=False)
+            cmds.append(_rule(table, POSTROUTING_CHAIN, f"masquerade {br}",
+                              {"match": {"op": "==",
+                                         "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                                         "right": {"prefix": {"addr": str(net.network_address),
+                                                              "len": net.prefixlen}}}},
+                              _meta("oifname", "!=", br),
+                              {"masquerade": None}))
+    return {"nftables": cmds}

@@ -1,0 +1,582 @@
+"""netweft.dataplane against the real kernel.
+
+Every test builds its own world out of network namespaces named nwt-* under a temporary directory:
+a "host" namespace in which the Kernel works (from one worker thread that entered it, as the
+daemon's executor thread would), container namespaces, and "outside"/"lan" namespaces. The root
+namespace is never changed; an autouse fixture checks that. Deleting the namespaces removes every
+link, route and nftables table the tests made.
+
+Addresses: containers 198.18.0.0/15, outside 203.0.113.0/24 and 192.0.2.0/24.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from netweft.dataplane import netns
+from netweft.dataplane.firewall import BridgeRule
+from netweft.dataplane.kernel import Kernel
+from netweft.errors import InvalidRequest, KernelError
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+TABLE = "nwt_test"
+OUR_LINK_PREFIXES = ("nwb", "nwv", "nwt", "up0", "lan0")
+OUR_NETS = [ipaddress.ip_network(n) for n in ("198.18.0.0/15", "192.0.2.0/24", "203.0.113.0/24")]
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def sh(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in namespace `ns` (network namespace only)."""
+    return subprocess.run(["nsenter", f"--net={ns}", *args], check=check, capture_output=True,
+                          text=True, timeout=30)
+
+
+def ip_json(ns: str, *args: str):
+    return json.loads(sh(ns, "ip", "-j", *args).stdout or "[]")
+
+
+def pings(ns: str, addr: str, tries: int = 3) -> bool:
+    for _ in range(tries):
+        if sh(ns, "ping", "-c1", "-W1", addr, check=False).returncode == 0:
+            return True
+    return False
+
+
+def no_ping(ns: str, addr: str) -> bool:
+    return sh(ns, "ping", "-c1", "-W1", addr, check=False).returncode != 0
+
+
+def link(ns: str, name: str) -> dict:
+    return ip_json(ns, "-d", "link", "show", "dev", name)[0]
+
+
+def addrs(ns: str, name: str) -> list[str]:
+    found = ip_json(ns, "-4", "addr", "show", "dev", name)  # [] when the link has no IPv4 address
+    return sorted(f'{a["local"]}/{a["prefixlen"]}' for a in (found[0]["addr_info"] if found else []))
+
+
+def default_route(ns: str) -> list[tuple[str, str]]:
+    return [(r.get("gateway"), r.get("dev")) for r in ip_json(ns, "-4", "route", "show", "default")]
+
+
+def _enter(path: str) -> None:
+    fd = netns.open_netns(path)
+    try:
+        netns.setns(fd)
+    finally:
+        os.close(fd)
+
+
+class Host:
+    """A test "host" namespace and a Kernel used from one worker thread that lives in it."""
+
+    def __init__(self, path: str, run_dir: str):
+        self.path = path
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="nwt-kernel", initializer=_enter,
+                                           initargs=(path,))
+        self.kernel = self.call(Kernel, run_dir)
+
+    def call(self, fn, *args):
+        return self.executor.submit(fn, *args).result(timeout=60)
+
+    def __getattr__(self, name):
+        method = getattr(self.kernel, name)
+        return lambda *args: self.call(method, *args)
+
+    def close(self) -> None:
+        try:
+            self.call(self.kernel.close)
+        finally:
+            self.executor.shutdown()
+
+
+class Monitor:
+    """`ip monitor` in a namespace, to prove that an operation sent no change to the kernel.
+
+    mark() makes a recognisable event (an ifb link added and
+    deleted; this kernel has no dummy driver) and returns the events
+    seen since the previous mark, so no sleeping or guessing about delivery is needed. IPv4 only:
+    IPv6 autoconfiguration (link-local addresses, DAD) keeps reporting for seconds after a link
+    comes up, and netweft does not touch IPv6.
+    """
+
+    def __init__(self, ns: str):
+        self.ns = ns
+        self.proc = subprocess.Popen(["nsenter", f"--net={ns}", "ip", "-4", "-o", "monitor", "link", "address", "route"],
+                                     stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.n = 0
+        self.mark()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip())
+
+    def mark(self) -> list[str]:
+        tag = f"nwtmark{self.n}"
+        self.n += 1
+        deadline = time.monotonic() + 10
+        seen: list[str] = []
+        # The monitor may not have subscribed yet: repeat the marker until it shows up.
+        while True:
+            sh(self.ns, "ip", "link", "add", tag, "type", "ifb")
+            sh(self.ns, "ip", "link", "del", tag)
+            try:
+                while True:
+                    line = self.lines.get(timeout=0.3)
+                    if tag in line and line.startswith("Deleted"):
+                        return [s for s in seen if tag not in s]
+                    seen.append(line)
+            except queue.Empty:
+                assert time.monotonic() < deadline, "ip monitor shows nothing"
+
+    def settle(self, quiet: float = 1.5) -> None:
+        """Wait until the kernel has finished reporting earlier changes (link state changes are
+        announced asynchronously, up to a second later)."""
+        deadline = time.monotonic() + 15
+        while True:
+            time.sleep(quiet)
+            if not self.mark():
+                return
+            assert time.monotonic() < deadline, "the namespace never became quiet"
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+
+def _root_state():
+    links = sorted(l["ifname"] for l in json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True,
+                                                                  text=True, check=True).stdout)
+                   if l["ifname"].startswith(OUR_LINK_PREFIXES))
+    routes = sorted(r["dst"] for r in json.loads(subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"],
+                                                                capture_output=True, text=True, check=True).stdout)
+                    if r["dst"] != "default"
+                    and any(ipaddress.ip_network(r["dst"], strict=False).overlaps(n) for n in OUR_NETS))
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        forward = f.read()
+    return links, routes, TABLE in tables, forward
+
+
+@pytest.fixture(autouse=True)
+def root_untouched():
+    before = _root_state()
+    yield
+    assert _root_state() == before, "the root namespace was changed"
+
+
+@pytest.fixture
+def nsdir():
+    d = tempfile.mkdtemp(prefix="nwt-")
+    yield d
+    for p in netns.list_netns(d):  # in case a test's own cleanup did not run
+        netns.delete_netns(p)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_ns(nsdir):
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        path = os.path.join(nsdir, f"nwt-{name}")
+        netns.create_netns(path)
+        made.append(path)
+        return path
+
+    yield make
+    for p in reversed(made):
+        netns.delete_netns(p)
+
+
+@pytest.fixture
+def host(make_ns, nsdir):
+    h = Host(make_ns("host"), os.path.join(nsdir, "run"))
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def outside(host, make_ns):
+    """An "outside" namespace behind the host's uplink up0: 203.0.113.1 (host) <-> 203.0.113.2.
+
+    It has no route back to 198.18.0.0/15, so containers only reach it through masquerading.
+    """
+    out = make_ns("out")
+    sh(host.path, "ip", "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", out)
+    sh(host.path, "ip", "addr", "add", "203.0.113.1/24", "dev", "up0")
+    sh(host.path, "ip", "link", "set", "up0", "up")
+    sh(out, "ip", "addr", "add", "203.0.113.2/24", "dev", "eth0")
+    sh(out, "ip", "link", "set", "eth0", "up")
+    sh(out, "ip", "link", "set", "lo", "up")
+    return out
+
+
+@pytest.fixture
+def container(host, make_ns):
+    """Factory: a container namespace attached to a bridge of the host."""
+
+    def make(name: str, bridge: str, address: str, gateway: str | None, mac: str | None = None) -> str:
+        ns = make_ns(name)
+        n = int(ipaddress.ip_interface(address).ip) & 0xFFFF
+        mac = mac or f"02:42:c6:12:{n >> 8:02x}:{n & 0xFF:02x}"
+        host.ensure_endpoint(ns, bridge, f"nwv-{name}", "eth0", address, mac, 1500, gateway)
+        return ns
+
+    return make
+
+
+# ---- netns module ---------------------------------------------------------------------------------
+
+def test_netns_create_delete_idempotent(nsdir):
+    path = os.path.join(nsdir, "sub", "nwt-a")
+    assert not netns.is_netns(path)
+    netns.create_netns(path)
+    try:
+        ino = os.stat(path).st_ino
+        netns.create_netns(path)  # already there: nothing happens
+        assert os.stat(path).st_ino == ino
+        assert netns.is_netns(path)
+        assert netns.list_netns(os.path.dirname(path)) == [path]
+        assert sh(path, "ip", "-br", "link").stdout.split()[0] == "lo"  # a fresh namespace
+        assert sum(path in line for line in open("/proc/mounts")) == 1
+    finally:
+        netns.delete_netns(path)
+    assert not os.path.exists(path)
+    assert not any(path in line for line in open("/proc/mounts"))
+    netns.delete_netns(path)  # already gone
+    assert netns.list_netns(os.path.dirname(path)) == []
+
+
+def test_netns_reuses_stale_file_and_rejects_plain_files(nsdir):
+    path = os.path.join(nsdir, "nwt-stale")
+    open(path, "w").close()  # left by a crash between creating the file and mounting
+    assert not netns.is_netns(path)
+    with pytest.raises(KernelError, match="not a network namespace"):
+        os.close(netns.open_netns(path))
+    netns.create_netns(path)
+    try:
+        assert netns.is_netns(path)
+    finally:
+        netns.delete_netns(path)
+    assert netns.is_netns("/proc/self/ns/net")
+    assert not netns.is_netns("/proc/self/ns/mnt")
+
+
+# ---- bridges and endpoints ------------------------------------------------------------------------
+
+def test_two_endpoints_on_a_bridge_ping_each_other(host, container):
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    c1 = container("c1", "nwb0", "198.18.0.5/24", "198.18.0.1", mac="02:42:c6:12:00:05")
+    c2 = container("c2", "nwb0", "198.18.0.6/24", "198.18.0.1")
+
+    assert pings(c1, "198.18.0.6") and pings(c2, "198.18.0.5")
+    assert pings(c1, "198.18.0.1")  # the bridge address, the containers' gateway
+    assert pings(c1, "127.0.0.1")  # loopback is up
+
+    eth0 = link(c1, "eth0")
+    assert eth0["address"] == "02:42:c6:12:00:05" and eth0["mtu"] == 1500 and "UP" in eth0["flags"]
+    assert addrs(c1, "eth0") == ["198.18.0.5/24"]
+    assert default_route(c1) == [("198.18.0.1", "eth0")]
+    assert host.link_master("nwv-c1") == "nwb0" and host.link_master("nwv-c2") == "nwb0"
+    assert host.link_master("nwb0") is None and host.link_master("nwv-nope") is None
+    assert host.list_links("nwv-") == ["nwv-c1", "nwv-c2"]
+    assert host.link_exists("nwb0") and not host.link_exists("nwb9") and not host.link_exists("x" * 20)
+    br = link(host.path, "nwb0")
+    assert br["linkinfo"]["info_kind"] == "bridge" and br["mtu"] == 1500 and "UP" in br["flags"]
+    assert addrs(host.path, "nwb0") == ["198.18.0.1/24"]
+
+
+def test_ensure_twice_changes_nothing(host, container):
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1400, None)
+    c1 = container("c1", "nwb0", "198.18.0.5/24", "198.18.0.1")
+    before = (link(host.path, "nwb0")["ifindex"], link(host.path, "nwv-c1")["ifindex"], link(c1, "eth0")["ifindex"])
+
+    mon_host, mon_c1 = Monitor(host.path), Monitor(c1)
+    try:
+        mon_host.settle()
+        mon_c1.settle()
+        host.ensure_bridge("nwb0", "198.18.0.1/24", 1400, None)
+        container_args = (c1, "nwb0", "nwv-c1", "eth0", "198.18.0.5/24", "02:42:c6:12:00:05", 1500, "198.18.0.1")
+        host.ensure_endpoint(*container_args)
+        host.ensure_endpoint(*container_args)
+        assert mon_host.mark() == [] and mon_c1.mark() == []
+    finally:
+        mon_host.close()
+        mon_c1.close()
+
+    after = (link(host.path, "nwb0")["ifindex"], link(host.path, "nwv-c1")["ifindex"], link(c1, "eth0")["ifindex"])
+    assert after == before
+    assert link(host.path, "nwb0")["mtu"] == 1400  # kept although a 1500 port joined
+
+
+def test_ensure_bridge_converges_address_and_mtu(host):
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    sh(host.path, "ip", "addr", "add", "198.18.0.77/24", "dev", "nwb0")  # a secondary
+    sh(host.path, "ip", "addr", "add", "198.18.9.1/24", "dev", "nwb0")
+    sh(host.path, "ip", "link", "set", "nwb0", "down")
+    index = link(host.path, "nwb0")["ifindex"]
+
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1450, None)
+    assert addrs(host.path, "nwb0") == ["198.18.0.1/24"]
+    assert link(host.path, "nwb0")["mtu"] == 1450 and "UP" in link(host.path, "nwb0")["flags"]
+
+    host.ensure_bridge("nwb0", "198.18.0.254/24", 1450, None)  # the primary goes, taking nothing else
+    assert addrs(host.path, "nwb0") == ["198.18.0.254/24"]
+    host.ensure_bridge("nwb0", None, 1450, None)
+    assert addrs(host.path, "nwb0") == []
+    assert link(host.path, "nwb0")["ifindex"] == index
+
+
+def test_delete_is_idempotent(host, container):
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    c1 = container("c1", "nwb0", "198.18.0.5/24", None)
+    host.delete_endpoint("nwv-c1")
+    assert not host.link_exists("nwv-c1")
+    assert ip_json(c1, "link", "show", "type", "veth") == []  # the peer went with it
+    host.delete_endpoint("nwv-c1")
+    host.delete_bridge("nwb0", None)
+    assert not host.link_exists("nwb0")
+    host.delete_bridge("nwb0", None)
+    assert host.list_links("nw") == []
+
+
+def test_repairs_drifted_endpoint_in_place(host, container):
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    c1 = container("c1", "nwb0", "198.18.0.5/24", "198.18.0.1")
+    c2 = container("c2", "nwb0", "198.18.0.6/24", "198.18.0.1")
+    indexes = (link(host.path, "nwv-c1")["ifindex"], link(c1, "eth0")["ifindex"])
+
+    sh(host.path, "ip", "link", "set", "nwv-c1", "nomaster")
+    sh(host.path, "ip", "link", "set", "nwv-c1", "down")
+    sh(c1, "ip", "addr", "flush", "dev", "eth0")
+    sh(c1, "ip", "addr", "add", "198.18.0.99/24", "dev", "eth0")
+    sh(c1, "ip", "link", "set", "eth0", "address", "02:00:00:00:00:99", "mtu", "1300")
+    sh(c1, "ip", "link", "set", "lo", "down")
+    sh(c1, "ip", "route", "replace", "default", "via", "198.18.0.6")
+    assert no_ping(c2, "198.18.0.5")
+
+    host.ensure_endpoint(c1, "nwb0", "nwv-c1", "eth0", "198.18.0.5/24", "02:42:c6:12:00:05", 1500, "198.18.0.1")
+    assert (link(host.path, "nwv-c1")["ifindex"], link(c1, "eth0")["ifindex"]) == indexes
+    assert host.link_master("nwv-c1") == "nwb0"
+    assert addrs(c1, "eth0") == ["198.18.0.5/24"]
+    assert link(c1, "eth0")["address"] == "02:42:c6:12:00:05" and link(c1, "eth0")["mtu"] == 1500
+    assert default_route(c1) == [("198.18.0.1", "eth0")]
+    assert pings(c2, "198.18.0.5") and pings(c1, "127.0.0.1")
+
+
+def test_recreated_namespace_gets_a_new_pair(host, container):
+    """After a crash the namespace may be new while the host still shows the old veth end."""
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    c1 = container("c1", "nwb0", "198.18.0.5/24", "198.18.0.1")
+    c2 = container("c2", "nwb0", "198.18.0.6/24", "198.18.0.1")
+    for _ in range(3):
+        netns.delete_netns(c1)
+        netns.create_netns(c1)  # same path, new namespace, no eth0; the old pair may still linger
+        host.ensure_endpoint(c1, "nwb0", "nwv-c1", "eth0", "198.18.0.5/24", "02:42:c6:12:00:05", 1500, "198.18.0.1")
+        assert pings(c1, "198.18.0.6")
+
+
+def test_replaces_stale_container_interface(host, make_ns, container):
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    c1 = make_ns("c1")
+    sh(c1, "ip", "link", "add", "eth0", "type", "ifb")
+    # A half-made pair: host end present, other end still in the host namespace.
+    sh(host.path, "ip", "link", "add", "nwv-c1", "type", "veth", "peer", "name", "nwv-c1p")
+    host.ensure_endpoint(c1, "nwb0", "nwv-c1", "eth0", "198.18.0.5/24", "02:42:c6:12:00:05", 1500, None)
+    assert link(c1, "eth0")["linkinfo"]["info_kind"] == "veth"
+    assert not host.link_exists("nwv-c1p")
+    c2 = container("c2", "nwb0", "198.18.0.6/24", None)
+    assert pings(c2, "198.18.0.5")
+
+
+def test_errors_are_one_line(host, make_ns):
+    c1 = make_ns("c1")
+    with pytest.raises(KernelError, match="bridge nwb0 does not exist") as e:
+        host.ensure_endpoint(c1, "nwb0", "nwv-c1", "eth0", "198.18.0.5/24", "02:42:c6:12:00:05", 1500, None)
+    assert "\n" not in str(e.value)
+    sh(host.path, "ip", "link", "add", "nwt-dummy", "type", "ifb")
+    with pytest.raises(KernelError, match="not a bridge"):
+        host.ensure_bridge("nwt-dummy", None, 1500, None)
+    with pytest.raises(KernelError, match="not a veth"):
+        host.delete_endpoint("nwt-dummy")
+    with pytest.raises(KernelError, match="not a bridge"):
+        host.delete_bridge("nwt-dummy", None)
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    with pytest.raises(KernelError, match="not a veth"):
+        host.ensure_endpoint(c1, "nwb0", "nwt-dummy", "eth0", "198.18.0.5/24", "02:42:c6:12:00:05", 1500, None)
+    with pytest.raises(KernelError, match="not a network namespace"):
+        host.ensure_endpoint("/etc/hostname", "nwb0", "nwv-c1", "eth0", "198.18.0.5/24", "02:42:c6:12:00:05",
+                             1500, None)
+    with pytest.raises(KernelError, match="Network is unreachable"):  # gateway outside the subnet
+        host.ensure_endpoint(c1, "nwb0", "nwv-c1", "eth0", "198.18.0.5/24", "02:42:c6:12:00:05", 1500, "192.0.2.1")
+    for bad in (lambda: host.ensure_bridge("x" * 16, None, 1500, None),
+                lambda: host.ensure_bridge("nwb0", "198.18.0.1", 1500, None),
+                lambda: host.ensure_endpoint(c1, "nwb0", "nwv-c1", "eth0", "198.18.0.5/24", "zz", 1500, None),
+                lambda: host.ensure_endpoint(c1, "nwb0", "nwv-c1", "eth0", "198.18.0.5/24", "03:00:00:00:00:01",
+                                             1500, None)):
+        with pytest.raises(InvalidRequest):
+            bad()
+    assert host.list_links("nwb") == ["nwb0"]
+
+
+# ---- parent mode ----------------------------------------------------------------------------------
+
+def test_parent_mode_bridges_to_the_lan_without_nat(host, make_ns, container):
+    lan = make_ns("lan")
+    sh(host.path, "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", lan)
+    sh(lan, "ip", "addr", "add", "198.18.5.1/24", "dev", "eth0")
+    sh(lan, "ip", "link", "set", "eth0", "up")
+
+    with pytest.raises(KernelError, match="parent interface lan9 does not exist"):
+        host.ensure_bridge("nwb5", None, 1500, "lan9")
+    host.ensure_bridge("nwb5", None, 1500, "lan0")
+    host.ensure_bridge("nwb5", None, 1500, "lan0")
+    assert host.link_master("lan0") == "nwb5" and "UP" in link(host.path, "lan0")["flags"]
+    c1 = container("c1", "nwb5", "198.18.5.10/24", "198.18.5.1")
+    assert pings(c1, "198.18.5.1")
+    assert open_forward(host) == "0"  # bridged, not routed
+
+    with pytest.raises(KernelError, match="already enslaved to nwb5"):
+        host.ensure_bridge("nwb6", None, 1500, "lan0")
+
+    host.delete_bridge("nwb5", "lan0")
+    host.delete_bridge("nwb5", "lan0")
+    assert host.link_exists("lan0") and host.link_master("lan0") is None
+    host.delete_bridge("nwb6", None)
+
+
+def open_forward(host: Host) -> str:
+    return sh(host.path, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
+
+
+# ---- host settings, routes, firewall --------------------------------------------------------------
+
+def test_ip_forward_in_host_namespace_only(host):
+    host.set_ip_forward(True)
+    assert open_forward(host) == "1"
+    host.set_ip_forward(True)
+    host.set_ip_forward(False)
+    assert open_forward(host) == "0"
+
+
+def test_host_routes_skip_default_and_our_bridges(host, outside):
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    sh(host.path, "ip", "route", "add", "192.0.2.0/24", "via", "203.0.113.2")
+    sh(host.path, "ip", "route", "add", "default", "via", "203.0.113.2")
+    sh(host.path, "ip", "route", "add", "192.0.2.128/25", "via", "203.0.113.2", "table", "100")
+    nets = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "203.0.113.0/24")]
+    assert host.host_routes("nwb") == nets
+    assert host.host_routes("zzz") == sorted(nets + [ipaddress.ip_network("198.18.0.0/24")])
+
+
+def test_masquerade_reaches_outside(host, outside, container):
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    c1 = container("c1", "nwb0", "198.18.0.5/24", "198.18.0.1")
+    host.set_ip_forward(True)
+    assert no_ping(c1, "203.0.113.2")  # routed out, but the outside cannot answer 198.18.0.5
+
+    host.apply_firewall(TABLE, [BridgeRule("nwb0", "198.18.0.0/24", internal=False, masquerade=True)])
+    assert pings(c1, "203.0.113.2")
+    host.apply_firewall(TABLE, [BridgeRule("nwb0", "198.18.0.0/24", internal=False, masquerade=True)])
+    assert pings(c1, "203.0.113.2")
+
+    # Traffic within the network is not masqueraded.
+    c2 = container("c2", "nwb0", "198.18.0.6/24", "198.18.0.1")
+    assert pings(c1, "198.18.0.6")
+
+    host.apply_firewall(TABLE, [])  # deletes the table
+    assert TABLE not in sh(host.path, "nft", "list", "tables").stdout
+    assert no_ping(c1, "203.0.113.2")
+
+
+def test_networks_are_isolated_from_each_other(host, outside, container):
+    host.ensure_bridge("nwb1", "198.18.1.1/24", 1500, None)
+    host.ensure_bridge("nwb2", "198.18.2.1/24", 1500, None)
+    c1 = container("c1", "nwb1", "198.18.1.5/24", "198.18.1.1")
+    c2 = container("c2", "nwb2", "198.18.2.5/24", "198.18.2.1")
+    host.set_ip_forward(True)
+    assert pings(c1, "198.18.2.5")  # routed through the host before the firewall
+
+    host.apply_firewall(TABLE, [BridgeRule("nwb1", "198.18.1.0/24", False, True),
+                                BridgeRule("nwb2", "198.18.2.0/24", False, True)])
+    assert no_ping(c1, "198.18.2.5") and no_ping(c2, "198.18.1.5")
+    assert pings(c1, "203.0.113.2") and pings(c2, "203.0.113.2")
+    assert pings(c1, "198.18.1.1")
+
+    # Replacing the rules drops the old ones atomically: nwb2 is gone from the set.
+    host.apply_firewall(TABLE, [BridgeRule("nwb1", "198.18.1.0/24", False, True)])
+    table = json.loads(sh(host.path, "nft", "-j", "list", "table", "inet", TABLE).stdout)["nftables"]
+    sets = [o["set"] for o in table if "set" in o]
+    assert [s.get("elem") for s in sets] == [["nwb1"]]
+    assert pings(c2, "198.18.1.5")  # nothing isolates nwb2 now
+    host.delete_firewall(TABLE)
+    host.delete_firewall(TABLE)
+    assert TABLE not in sh(host.path, "nft", "list", "tables").stdout
+
+
+def test_internal_network_is_cut_off(host, outside, container):
+    host.ensure_bridge("nwb3", "198.18.3.1/24", 1500, None)
+    c3 = container("c3", "nwb3", "198.18.3.5/24", "198.18.3.1")
+    c3b = container("c3b", "nwb3", "198.18.3.6/24", "198.18.3.1")
+    host.set_ip_forward(True)
+    sh(outside, "ip", "route", "add", "198.18.3.0/24", "via", "203.0.113.1")  # so only the firewall stops it
+    assert pings(c3, "203.0.113.2") and pings(outside, "198.18.3.5")
+
+    host.apply_firewall(TABLE, [BridgeRule("nwb3", "198.18.3.0/24", internal=True, masquerade=True)])
+    assert no_ping(c3, "203.0.113.2")
+    assert no_ping(outside, "198.18.3.5")
+    assert pings(c3, "198.18.3.6") and pings(c3b, "198.18.3.5")  # within the network: fine
+
+
+def test_nft_failure_is_one_kernel_error(host):
+    with pytest.raises(KernelError) as e:
+        host.call(host.kernel._nft_cmd,
+                  {"nftables": [{"delete": {"table": {"family": "inet", "name": "nwt_absent"}}}]}, "test")
+    assert str(e.value).startswith("test: ") and "\n" not in str(e.value)
+
+
+# ---- threading ------------------------------------------------------------------------------------
+
+def test_used_from_executor_thread_while_loop_runs(make_ns, nsdir):
+    """The daemon's way: an asyncio loop in the main thread, the Kernel in one executor thread."""
+    h = make_ns("host")
+    executor = ThreadPoolExecutor(1, initializer=_enter, initargs=(h,))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        kernel = await loop.run_in_executor(executor, Kernel, os.path.join(nsdir, "run"))
+        try:
+            await loop.run_in_executor(executor, kernel.ensure_bridge, "nwb0", "198.18.0.1/24", 1500, None)
+            assert await loop.run_in_executor(executor, kernel.link_exists, "nwb0")
+            # The loop thread gets a clear refusal, not a socket in the wrong place.
+            with pytest.raises(RuntimeError, match="second thread"):
+                kernel.link_exists("nwb0")
+        finally:
+            await loop.run_in_executor(executor, kernel.close)
+        with pytest.raises(RuntimeError, match="closed"):
+            await loop.run_in_executor(executor, kernel.link_exists, "nwb0")
+
+    try:
+        asyncio.run(main())
+    finally:
+        executor.shutdown()
+    assert ip_json(h, "link", "show", "nwb0")[0]["ifname"] == "nwb0"
