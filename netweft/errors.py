@@ -26,3 +26,18 @@ class PoolExhausted(Conflict):
 class KernelError(NetweftError):
     """The kernel refused an operation."""
     status = 500
+
+
+class Unauthorized(NetweftError):
+    """The caller did not prove who it is (no certificate, bad token)."""
+    status = 401
+
+
+class Forbidden(NetweftError):
+    """The caller is known but may not do this (worker on a manager call, removed node)."""
+    status = 403
+
+
+class Unavailable(NetweftError):
+    """The request needs something that is not there right now (no swarm, manager unreachable)."""
+    status = 503

@@ -309,3 +309,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Subcommand groups live in their own modules; importing them registers them on `cli`.
+from netweft.cli import cluster as _cluster, lab as _lab  # noqa: E402,F401

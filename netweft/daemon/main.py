@@ -15,6 +15,7 @@ from netweft import __version__
 from netweft.daemon import logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
+from netweft.daemon.swarm import Swarm
 from netweft.errors import NetweftError
 from netweft.ipam.address import parse_pool
 
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"pool for local networks created without --subnet (default {DEFAULT_POOL}); repeatable")
     p.add_argument("--group", default="netweft",
                    help="group allowed to use the API socket if it exists (default netweft); else root only")
+    p.add_argument("--hostname", default=None,
+                   help="this node's name in the cluster (default: the machine's hostname)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"netweftd {__version__}")
     return p.parse_args(argv)
@@ -54,15 +57,19 @@ class Daemon:
         self.sock = socket_path(args.host)
         self.pools = [parse_pool(p) for p in (args.default_address_pool or [DEFAULT_POOL])]
         self.engine = Engine(args.data_root, args.exec_root, self.pools)
-        self.extra_routes: list = []
+        self.hostname = args.hostname or socket.gethostname()
+        self.swarm = Swarm(self)
+        self.extra_routes: list = [self.swarm.routes()]
 
     def info(self) -> dict:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,
                 "ExecRoot": self.args.exec_root, "Socket": self.sock,
-                "DefaultAddressPools": [str(p) for p in self.pools], "Hostname": socket.gethostname()}
+                "DefaultAddressPools": [str(p) for p in self.pools], "Hostname": self.hostname,
+                "Swarm": self.swarm.info()}
 
     async def run(self) -> None:
         await self.engine.start()
+        await self.swarm.start()
         app = build_app(self)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -84,6 +91,7 @@ class Daemon:
         await stop.wait()
         log.info("netweftd stopping; the data plane stays as it is")
         await runner.cleanup()
+        await self.swarm.stop()
         await self.engine.close()
 
     def _share_with_group(self) -> None:

@@ -6,7 +6,7 @@ import os
 import sqlite3
 from contextlib import contextmanager
 
-KINDS = ("networks", "containers", "settings")
+KINDS = ("networks", "containers", "settings", "nodes")
 
 
 class Store:
@@ -59,3 +59,17 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def get_setting(store: Store, key: str) -> dict | None:
+    return store.get("settings", key)
+
+
+def put_setting(store: Store, key: str, doc: dict) -> None:
+    with store.tx():
+        store.put("settings", key, key, doc)
+
+
+def delete_setting(store: Store, key: str) -> None:
+    with store.tx():
+        store.delete("settings", key)

@@ -274,6 +274,17 @@ class Kernel:
             names = [link.get("ifname") for link in self._host.link("dump")]
         return sorted(n for n in names if n and n.startswith(prefix))
 
+    def ipv4_addresses(self) -> dict[str, list[str]]:
+        """Global IPv4 addresses of the host's interfaces, by interface name (for --advertise-addr)."""
+        with _failing("list addresses"):
+            ipr = self._host
+            names = {link["index"]: link.get("ifname") or "" for link in ipr.link("dump")}
+            out: dict[str, list[str]] = {}
+            for a in ipr.addr("dump", family=socket.AF_INET):
+                if a["scope"] == 0:  # RT_SCOPE_UNIVERSE: not loopback or link-local
+                    out.setdefault(names.get(a["index"], ""), []).append(a.get("address"))
+        return out
+
     def host_routes(self, bridge_prefix: str) -> list[ipaddress.IPv4Network]:
         """Destinations of the host's main-table IPv4 routes, except the default route and routes
         out of bridges whose names start with `bridge_prefix` (our own networks)."""

@@ -136,7 +136,8 @@ class Lab:
         with open(d / "netweftd.log", "ab") as logf:
             proc = subprocess.Popen(
                 ["nsenter", f"--net={self.ns_path(host)}", str(BIN / "netweftd"), "-H", self.socket(host),
-                 "--data-root", str(d / "data"), "--exec-root", str(d / "run"), *(daemon_args or [])],
+                 "--data-root", str(d / "data"), "--exec-root", str(d / "run"), "--hostname", host,
+                 *(daemon_args or [])],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         (d / "netweftd.pid").write_text(str(proc.pid))
         deadline = time.monotonic() + 30

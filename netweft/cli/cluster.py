@@ -1,0 +1,187 @@
+"""`netweft swarm ...` and `netweft node ...`: cluster membership and node administration."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from netweft.cli.client import ref
+from netweft.cli.main import api, cli, dump, table, validate
+
+
+@cli.group()
+def swarm():
+    """Manage the swarm (cluster membership of this host)."""
+
+
+@swarm.command("init")
+@click.option("--advertise-addr", metavar="ADDR|IFACE", help="address other nodes use to reach this manager")
+@click.option("--listen-addr", metavar="ADDR[:PORT]", help="cluster API listen address (default 0.0.0.0:2377)")
+@click.option("--data-path-port", type=int, help="UDP port of VXLAN traffic (default 4789)")
+@click.option("--default-addr-pool", multiple=True, metavar="CIDR", help="pool of overlay subnets; repeatable")
+@click.option("--default-addr-pool-mask-length", type=int, help="prefix length of overlay subnets (default 24)")
+@click.option("--cert-expiry", metavar="DURATION", help="node certificate lifetime (default 90d)")
+@click.option("--dispatcher-heartbeat", metavar="DURATION",
+              help="heartbeat period; a node is Down after 3 missed (default 5s)")
+@click.pass_context
+def swarm_init(ctx, advertise_addr, listen_addr, data_path_port, default_addr_pool, default_addr_pool_mask_length,
+               cert_expiry, dispatcher_heartbeat):
+    """Make this host the first manager of a new cluster."""
+    body = {"AdvertiseAddr": advertise_addr, "ListenAddr": listen_addr, "DataPathPort": data_path_port,
+            "DefaultAddrPool": list(default_addr_pool), "SubnetSize": default_addr_pool_mask_length,
+            "CertExpiry": cert_expiry, "HeartbeatPeriod": dispatcher_heartbeat}
+    r = api(ctx).call("POST", "/swarm/init", body)
+    click.echo(f"Swarm initialized: current node ({r['NodeID']}) is now a manager.\n")
+    click.echo("To add a worker to this swarm, run the following command:\n")
+    click.echo(f"    netweft swarm join --token {r['JoinTokens']['Worker']} {r['ManagerAddr']}\n")
+    click.echo("To add a manager to this swarm, run 'netweft swarm join-token manager' and follow the instructions.")
+
+
+@swarm.command("join")
+@click.option("--token", required=True, help="join token from `netweft swarm join-token worker|manager`")
+@click.option("--advertise-addr", metavar="ADDR|IFACE", help="address other nodes use to reach this node")
+@click.argument("manager", metavar="MANAGER[:2377]")
+@click.pass_context
+def swarm_join(ctx, token, advertise_addr, manager):
+    """Join a cluster as a worker or a manager (the token decides)."""
+    r = api(ctx).call("POST", "/swarm/join", {"JoinToken": token, "RemoteAddrs": [manager],
+                                              "AdvertiseAddr": advertise_addr})
+    click.echo(f"This node joined a swarm as a {r['Role']}.")
+
+
+@swarm.command("leave")
+@click.option("-f", "--force", is_flag=True, help="leave even as the last manager, or without a reachable manager")
+@click.pass_context
+def swarm_leave(ctx, force):
+    """Leave the cluster."""
+    api(ctx).call("POST", "/swarm/leave", force=1 if force else None)
+    click.echo("Node left the swarm.")
+
+
+@swarm.command("join-token")
+@click.option("--rotate", is_flag=True, help="replace the token; the old one is refused from now on")
+@click.option("-q", "--quiet", is_flag=True, help="only the token")
+@click.argument("role", type=click.Choice(["worker", "manager"]))
+@click.pass_context
+def swarm_join_token(ctx, rotate, quiet, role):
+    """Show (or rotate) the join token of a role."""
+    c = api(ctx)
+    if rotate:
+        c.call("POST", "/swarm/join-token/rotate", role=role)
+        if not quiet:
+            click.echo(f"Successfully rotated {role} join token.\n")
+    s = c.call("GET", "/swarm")
+    token = s["JoinTokens"][role.capitalize()]
+    if quiet:
+        click.echo(token)
+        return
+    click.echo(f"To add a {role} to this swarm, run the following command:\n")
+    click.echo(f"    netweft swarm join --token {token} {s['Leader']['Addr']}")
+
+
+@swarm.command("inspect")
+@click.pass_context
+def swarm_inspect(ctx):
+    """Show the cluster: ID, CA expiry, settings (tokens are in `join-token`)."""
+    s = api(ctx).call("GET", "/swarm")
+    s.pop("JoinTokens", None)
+    s["RootCA"].pop("CertPEM", None)
+    dump(s)
+
+
+@cli.group()
+def node():
+    """Manage the cluster's nodes (on a manager)."""
+
+
+def _self_id(ctx) -> str:
+    return api(ctx).call("GET", "/info")["Swarm"].get("NodeID", "")
+
+
+@node.command("ls")
+@click.option("-q", "--quiet", is_flag=True, help="only IDs")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def node_ls(ctx, quiet, fmt):
+    """List the nodes."""
+    nodes = api(ctx).call("GET", "/nodes")
+    if fmt == "json":
+        for n in nodes:
+            click.echo(json.dumps(n))
+        return
+    if quiet:
+        for n in nodes:
+            click.echo(n["ID"])
+        return
+    me = _self_id(ctx)
+    rows = []
+    for n in sorted(nodes, key=lambda n: n["Description"]["Hostname"]):
+        ms = n.get("ManagerStatus")
+        mstatus = ("Leader" if ms["Leader"] else ms["Reachability"].capitalize()) if ms else ""
+        rows.append([n["ID"] + (" *" if n["ID"] == me else ""), n["Description"]["Hostname"],
+                     n["Status"]["State"].capitalize(), n["Spec"]["Availability"].capitalize(), mstatus,
+                     n["Status"]["Addr"]])
+    table(["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS", "ADDRESS"], rows)
+
+
+@node.command("inspect")
+@click.argument("nodes", nargs=-1, required=True)
+@click.pass_context
+def node_inspect(ctx, nodes):
+    """Show nodes as JSON ('self' is this node)."""
+    c = api(ctx)
+    out = []
+    for n in nodes:
+        n = _self_id(ctx) if n == "self" else n
+        out.append(c.call("GET", f"/nodes/{ref(n)}"))
+    dump(out)
+
+
+@node.command("rm")
+@click.option("-f", "--force", is_flag=True, help="remove even if the node is up (its certificate is refused at once)")
+@click.argument("nodes", nargs=-1, required=True)
+@click.pass_context
+def node_rm(ctx, force, nodes):
+    """Remove nodes from the cluster; their certificates are refused from that moment."""
+    for n in nodes:
+        api(ctx).call("DELETE", f"/nodes/{ref(n)}", force=1 if force else None)
+        click.echo(n)
+
+
+def _update(ctx, n: str, body: dict) -> None:
+    api(ctx).call("POST", f"/nodes/{ref(n)}/update", body)
+
+
+@node.command("promote")
+@click.argument("nodes", nargs=-1, required=True)
+@click.pass_context
+def node_promote(ctx, nodes):
+    """Make workers managers."""
+    for n in nodes:
+        _update(ctx, n, {"Role": "manager"})
+        click.echo(f"Node {n} promoted to a manager in the swarm.")
+
+
+@node.command("demote")
+@click.argument("nodes", nargs=-1, required=True)
+@click.pass_context
+def node_demote(ctx, nodes):
+    """Make managers workers."""
+    for n in nodes:
+        _update(ctx, n, {"Role": "worker"})
+        click.echo(f"Manager {n} demoted in the swarm.")
+
+
+@node.command("update")
+@click.option("--availability", type=click.Choice(["active", "pause", "drain"]))
+@click.option("--label-add", multiple=True, metavar="K=V", help="add or change a label; repeatable")
+@click.option("--label-rm", multiple=True, metavar="K", help="remove a label; repeatable")
+@click.option("--role", type=click.Choice(["worker", "manager"]))
+@click.argument("node_ref", metavar="NODE")
+@click.pass_context
+def node_update(ctx, availability, label_add, label_rm, role, node_ref):
+    """Change a node's availability, labels or role."""
+    _update(ctx, node_ref, {"Availability": availability, "Role": role,
+                            "LabelsAdd": validate.parse_key_values(list(label_add), "label"),
+                            "LabelsRemove": list(label_rm)})
+    click.echo(node_ref)

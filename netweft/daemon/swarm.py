@@ -1,0 +1,297 @@
+"""The daemon's swarm role: init, join, leave, and the node administration of `netweft swarm|node`.
+
+On the leader, administrative calls run against the local Manager. On another manager they are
+forwarded to the leader over mutual TLS with this node's manager certificate. On a worker they
+are refused with a pointer to a manager, as Docker does.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import shutil
+import time
+
+from aiohttp import web
+
+from netweft.agent import node as agent
+from netweft.daemon.store import delete_setting, get_setting, put_setting
+from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
+from netweft.ipam.address import parse_network
+from netweft.manager import pki
+from netweft.manager.cluster import MIN_CERT_EXPIRY, Manager
+
+log = logging.getLogger("netweft.swarm")
+
+DEFAULT_PORT = 2377
+DEFAULT_SPEC = {"CertExpiry": 90 * 24 * 3600, "HeartbeatPeriod": 5.0, "DataPathPort": 4789,
+                "DefaultAddrPool": ["10.0.0.0/8"], "SubnetSize": 24}
+NOT_MANAGER = ("this node is not a swarm manager: run this on a manager, or promote this node "
+               "(`netweft node promote NODE` on a manager)")
+NOT_IN_SWARM = "this node is not part of a swarm: run `netweft swarm init` or `netweft swarm join` first"
+
+
+def parse_listen(text: str | None) -> tuple[str, int]:
+    if not text:
+        return ("0.0.0.0", DEFAULT_PORT)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    try:
+        ipaddress.IPv4Address(host)
+        p = int(port)
+        assert 0 < p < 65536
+    except (ValueError, AssertionError):
+        raise InvalidRequest(f"invalid --listen-addr {text!r}: expected IP[:PORT], e.g. 0.0.0.0:2377") from None
+    return (host, p)
+
+
+class Swarm:
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.store = daemon.engine.store
+        self.dir = os.path.join(daemon.args.data_root, "swarm")
+        self.manager: Manager | None = None
+        self.agent: agent.NodeAgent | None = None
+
+    def state(self) -> dict | None:
+        return get_setting(self.store, "swarm")
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        st = self.state()
+        if st is None:
+            return
+        if st.get("Leader"):
+            self.manager = Manager(self.store, self.dir, st["NodeID"])
+            await self.manager.start(tuple(st["ListenAddr"]))
+        else:
+            self.agent = agent.NodeAgent(self.dir, st["Managers"], st["AdvertiseAddr"], st["HeartbeatPeriod"],
+                                         on_event=self._agent_event)
+            self.agent.start()
+
+    async def stop(self) -> None:
+        if self.manager is not None:
+            await self.manager.stop()
+            self.manager = None
+        if self.agent is not None:
+            await self.agent.stop()
+            self.agent = None
+
+    def _agent_event(self, kind: str, info: dict) -> None:
+        st = self.state()
+        if st is None:
+            return
+        if kind == "role":
+            st["Role"] = info["role"]
+        elif kind == "refused":
+            st["Problem"] = info["reason"]
+        put_setting(self.store, "swarm", st)
+
+    async def _advertise(self, text: str | None) -> str:
+        addrs = await self.daemon.engine.k("ipv4_addresses")
+        ours = {k: v for k, v in addrs.items() if not k.startswith(("nw", "docker", "veth"))}
+        if text:
+            if text in addrs:
+                if not addrs[text]:
+                    raise InvalidRequest(f"interface {text!r} has no IPv4 address to advertise")
+                return addrs[text][0]
+            try:
+                ipaddress.IPv4Address(text)
+            except ValueError:
+                raise InvalidRequest(f"invalid --advertise-addr {text!r}: not an IPv4 address nor an interface "
+                                     "of this host") from None
+            return text
+        flat = [a for v in ours.values() for a in v]
+        if len(flat) == 1:
+            return flat[0]
+        if not flat:
+            raise InvalidRequest("this host has no IPv4 address to advertise; use --advertise-addr")
+        raise InvalidRequest(f"could not choose an IP address to advertise: this host has several "
+                             f"({', '.join(flat)}); use --advertise-addr")
+
+    # --------------------------------------------------------------------- init
+    async def init(self, req: dict) -> dict:
+        if self.state() is not None:
+            raise Conflict("this node is already part of a swarm; use `netweft swarm leave` first")
+        advertise = await self._advertise(req.get("AdvertiseAddr"))
+        listen = parse_listen(req.get("ListenAddr"))
+        spec = dict(DEFAULT_SPEC)
+        if req.get("CertExpiry"):
+            expiry = pki.parse_duration(str(req["CertExpiry"]))
+            if expiry < MIN_CERT_EXPIRY:
+                raise InvalidRequest(f"--cert-expiry must be at least {int(MIN_CERT_EXPIRY.total_seconds())}s")
+            spec["CertExpiry"] = expiry.total_seconds()
+        if req.get("HeartbeatPeriod"):
+            hb = pki.parse_duration(str(req["HeartbeatPeriod"])).total_seconds()
+            if not 0.1 <= hb <= 3600:
+                raise InvalidRequest("--dispatcher-heartbeat must be between 100ms and 1h")
+            spec["HeartbeatPeriod"] = hb
+        if req.get("DataPathPort"):
+            port = int(req["DataPathPort"])
+            if not 1024 <= port <= 49151:
+                raise InvalidRequest("--data-path-port must be between 1024 and 49151")
+            spec["DataPathPort"] = port
+        if req.get("DefaultAddrPool"):
+            spec["DefaultAddrPool"] = [str(parse_network(p, "default address pool")) for p in req["DefaultAddrPool"]]
+        if req.get("SubnetSize"):
+            size = int(req["SubnetSize"])
+            smallest = max(parse_network(p).prefixlen for p in spec["DefaultAddrPool"])
+            if not smallest <= size <= 29:
+                raise InvalidRequest(f"--default-addr-pool-mask-length must be between {smallest} and 29")
+            spec["SubnetSize"] = size
+        t0 = time.monotonic()
+        node_id = Manager.init_cluster(self.store, self.dir, self.daemon.hostname, advertise, listen, spec)
+        st = {"NodeID": node_id, "ClusterID": get_setting(self.store, "cluster")["ID"], "Role": "manager",
+              "Leader": True, "AdvertiseAddr": advertise, "ListenAddr": list(listen),
+              "Managers": [f"{advertise}:{listen[1]}"], "HeartbeatPeriod": spec["HeartbeatPeriod"],
+              "DataPathPort": spec["DataPathPort"]}
+        self.manager = Manager(self.store, self.dir, node_id)
+        try:
+            await self.manager.start(listen)
+        except BaseException:
+            self.manager = None
+            self._forget()
+            raise
+        put_setting(self.store, "swarm", st)
+        log.info("swarm initialised", extra={"node": node_id, "advertise": advertise,
+                                             "ms": round((time.monotonic() - t0) * 1000)})
+        return {"NodeID": node_id, "JoinTokens": get_setting(self.store, "cluster")["JoinTokens"],
+                "ManagerAddr": f"{advertise}:{listen[1]}"}
+
+    def _forget(self) -> None:
+        with self.store.tx():
+            for n in self.store.list("nodes"):
+                self.store.delete("nodes", n["ID"])
+            self.store.delete("settings", "cluster")
+            self.store.delete("settings", "swarm")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # --------------------------------------------------------------------- join
+    async def join(self, req: dict) -> dict:
+        if self.state() is not None:
+            raise Conflict("this node is already part of a swarm; use `netweft swarm leave` first")
+        token = str(req.get("JoinToken") or "")
+        remotes = req.get("RemoteAddrs") or []
+        if not token or not remotes:
+            raise InvalidRequest("swarm join needs --token TOKEN and a manager address")
+        addr = agent.parse_manager_addr(remotes[0])
+        advertise = await self._advertise(req["AdvertiseAddr"]) if req.get("AdvertiseAddr") else None
+        if advertise is None:
+            try:
+                advertise = await self._advertise(None)
+            except InvalidRequest:
+                advertise = None  # the manager will use the address it sees
+        try:
+            resp = await agent.join(token, addr, self.daemon.hostname, advertise, self.dir)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        st = {"NodeID": resp["NodeID"], "ClusterID": resp["ClusterID"], "Role": resp["Role"], "Leader": False,
+              "AdvertiseAddr": advertise, "Managers": resp["Managers"],
+              "HeartbeatPeriod": resp["HeartbeatPeriod"], "DataPathPort": resp["DataPathPort"]}
+        put_setting(self.store, "swarm", st)
+        self.agent = agent.NodeAgent(self.dir, st["Managers"], advertise, st["HeartbeatPeriod"],
+                                     on_event=self._agent_event)
+        self.agent.start()
+        log.info("joined swarm", extra={"node": resp["NodeID"], "role": resp["Role"], "manager": addr})
+        return {"NodeID": resp["NodeID"], "Role": resp["Role"]}
+
+    # -------------------------------------------------------------------- leave
+    async def leave(self, force: bool) -> None:
+        st = self.state()
+        if st is None:
+            raise Conflict(NOT_IN_SWARM)
+        if st.get("Leader") and not force:
+            raise Conflict("this node is the swarm's only leader: leaving destroys the cluster (its CA, tokens and "
+                           "node list); use `netweft swarm leave --force` if you mean it")
+        if st["Role"] == "manager" and not st.get("Leader") and not force:
+            raise Conflict("this node is a manager; demote it first (`netweft node demote` on the leader) "
+                           "or use --force")
+        if self.agent is not None and not st.get("Problem"):
+            try:
+                await self.agent.call("POST", "/leave")
+            except NetweftError as e:
+                if not force:
+                    raise Unavailable(f"could not tell the manager that this node leaves ({e}); "
+                                      "use --force to leave anyway") from None
+        await self.stop()
+        self._forget()
+        log.info("left the swarm", extra={"node": st["NodeID"]})
+
+    # ------------------------------------------------------------ admin plumbing
+    async def admin(self, method: str, path: str, body: dict | None = None, local=None):
+        """Run an administrative call: locally on the leader, forwarded from another manager."""
+        st = self.state()
+        if st is None:
+            raise Unavailable(NOT_IN_SWARM)
+        if self.manager is not None:
+            return local()
+        if st["Role"] != "manager":
+            raise Unavailable(NOT_MANAGER)
+        return await self.agent.call(method, "/admin" + path, body)
+
+    def info(self) -> dict:
+        st = self.state()
+        if st is None:
+            return {"LocalNodeState": "inactive"}
+        problem = st.get("Problem") or (self.agent.problem if self.agent else None)
+        return {"LocalNodeState": "error" if problem else "active", "NodeID": st["NodeID"],
+                "ClusterID": st["ClusterID"], "Role": st["Role"], "Leader": bool(st.get("Leader")),
+                "NodeAddr": st["AdvertiseAddr"], "Managers": st["Managers"], "Error": problem or ""}
+
+    # ------------------------------------------------------------------ routes
+    def routes(self) -> web.RouteTableDef:
+        routes = web.RouteTableDef()
+        from netweft.daemon.api import body
+
+        @routes.post("/swarm/init")
+        async def init(request):
+            return web.json_response(await self.init(await body(request)))
+
+        @routes.post("/swarm/join")
+        async def join(request):
+            return web.json_response(await self.join(await body(request)))
+
+        @routes.post("/swarm/leave")
+        async def leave(request):
+            await self.leave(request.query.get("force") in ("1", "true"))
+            return web.json_response({})
+
+        @routes.get("/swarm")
+        async def inspect(request):
+            out = await self.admin("GET", "/swarm", local=lambda: self.manager.inspect())
+            return web.json_response({**out, "Node": self.info()})
+
+        @routes.post("/swarm/join-token/rotate")
+        async def rotate(request):
+            role = request.query.get("role", "")
+            q = f"/join-token/rotate?role={role}"
+            return web.json_response(await self.admin("POST", q, local=lambda: {"Token": self.manager.rotate_token(role)}))
+
+        @routes.get("/nodes")
+        async def nodes(request):
+            return web.json_response(await self.admin("GET", "/nodes", local=lambda: self.manager.nodes()))
+
+        @routes.get("/nodes/{ref}")
+        async def node(request):
+            ref = request.match_info["ref"]
+            return web.json_response(await self.admin(
+                "GET", f"/nodes/{ref}", local=lambda: self.manager.node_view(self.manager.node(ref))))
+
+        @routes.delete("/nodes/{ref}")
+        async def node_rm(request):
+            ref, force = request.match_info["ref"], request.query.get("force") in ("1", "true")
+            await self.admin("DELETE", f"/nodes/{ref}?force={int(force)}",
+                             local=lambda: self.manager.remove_node(ref, force))
+            return web.json_response({})
+
+        @routes.post("/nodes/{ref}/update")
+        async def node_update(request):
+            ref, b = request.match_info["ref"], await body(request)
+            return web.json_response(await self.admin(
+                "POST", f"/nodes/{ref}/update", b,
+                local=lambda: self.manager.update_node(ref, b.get("Role"), b.get("Availability"),
+                                                       b.get("LabelsAdd"), b.get("LabelsRemove"))))
+
+        return routes

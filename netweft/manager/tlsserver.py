@@ -1,0 +1,57 @@
+"""Serve an aiohttp app over TLS, logging every refused handshake with its reason.
+
+asyncio only logs TLS handshake failures in debug mode; a cluster operator needs to see
+"peer X presented a certificate of another cluster" in the daemon log. So we accept plain
+TCP, upgrade each connection with loop.start_tls() ourselves, and log what fails.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from aiohttp import web
+
+log = logging.getLogger("netweft.cluster.tls")
+
+
+class _Gate(asyncio.Protocol):
+    def __init__(self, factory, ctx: ssl.SSLContext, handshake_timeout: float):
+        self.factory, self.ctx, self.timeout = factory, ctx, handshake_timeout
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        # Hold the ClientHello until start_tls has put its protocol in place.
+        transport.pause_reading()
+        asyncio.ensure_future(self._upgrade(transport))
+
+    def data_received(self, data: bytes) -> None:  # never reached: reading is paused until TLS takes over
+        pass
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        app_protocol = self.factory()
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, app_protocol, self.ctx, server_side=True, ssl_handshake_timeout=self.timeout)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
+            log.warning("TLS handshake refused", extra={"peer": f"{peer[0]}:{peer[1]}" if peer else "?",
+                                                        "reason": _reason(e)})
+            transport.abort()
+            return
+        app_protocol.connection_made(tls)
+
+
+def _reason(e: BaseException) -> str:
+    text = getattr(e, "reason", None) or str(e) or type(e).__name__
+    if "TLSV1_ALERT_UNKNOWN_CA" in text or "tlsv1 alert unknown ca" in text.lower():
+        return "the peer does not trust this cluster's CA (it belongs to another cluster)"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text.lower():
+        return "the peer's certificate is not from this cluster's CA, or it has expired"
+    return text
+
+
+async def serve_tls(runner: web.AppRunner, host: str, port: int, ctx: ssl.SSLContext,
+                    handshake_timeout: float = 10.0) -> asyncio.base_events.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _Gate(runner.server, ctx, handshake_timeout), host, port,
+                                    reuse_address=True)
