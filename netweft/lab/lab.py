@@ -83,7 +83,9 @@ class Lab:
 
     # ---------------------------------------------------------------- up
     def up(self, n: int, underlay: str = DEFAULT_UNDERLAY, mtu: int = 1500, swarm: bool = True,
-           daemon_args: list[str] | None = None, progress=print) -> None:
+           daemon_args: list[str] | None = None, init_opts: dict | None = None, progress=print) -> None:
+        """Build the hosts and daemons; with swarm, h1 inits (with init_opts, the API's
+        /swarm/init fields) and the others join as workers."""
         if not 1 <= n <= 200:
             raise InvalidRequest("--hosts must be between 1 and 200")
         if self.exists() or (NETNS_DIR / self.ns("sw")).exists():
@@ -104,7 +106,7 @@ class Lab:
                 self.start_daemon(host, daemon_args)
                 progress(f"  {host}: {h['address']}, netweftd up")
             if swarm:
-                self.form_swarm(progress)
+                self.form_swarm(progress, init_opts)
         except BaseException:
             self.down(quiet=True)
             raise
@@ -173,11 +175,12 @@ class Lab:
                 pass
             time.sleep(0.05)
 
-    def form_swarm(self, progress=print) -> None:
+    def form_swarm(self, progress=print, init_opts: dict | None = None) -> None:
         hosts = self.hosts()
         first = hosts[0]
         t0 = time.monotonic()
-        init = self.client(first).call("POST", "/swarm/init", {"AdvertiseAddr": self.address(first)})
+        init = self.client(first).call("POST", "/swarm/init", {"AdvertiseAddr": self.address(first),
+                                                                **(init_opts or {})})
         progress(f"  {first}: swarm init ({time.monotonic() - t0:.2f} s), manager at {self.address(first)}:2377")
         token = init["JoinTokens"]["Worker"]
         for host in hosts[1:]:
