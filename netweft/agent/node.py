@@ -7,6 +7,7 @@ secret sent, over TLS verified against that CA. Afterwards every call is mutual 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -41,28 +42,36 @@ def parse_manager_addr(text: str) -> str:
     return f"{host}:{p}"
 
 
-async def _request(ctx: ssl.SSLContext, method: str, url: str, body: dict | None = None):
+async def _request(ctx: ssl.SSLContext | None, method: str, url: str, body: dict | None = None,
+                   session: aiohttp.ClientSession | None = None):
+    """One call to a manager; errors become one-line NetweftErrors. A given session is kept open."""
+    own = session is None
+    s = session or aiohttp.ClientSession()
+    where = url.split("/")[2]
     try:
-        async with aiohttp.ClientSession(timeout=CALL_TIMEOUT) as s:
-            async with s.request(method, url, json=body, ssl=ctx) as r:
-                if r.status >= 400:
-                    try:
-                        msg = (await r.json())["message"]
-                    except Exception:
-                        msg = (await r.text()).strip() or r.reason
-                    err = {401: Forbidden, 403: Forbidden}.get(r.status, NetweftError)(msg)
-                    err.status = r.status
-                    raise err
-                if r.content_type == "application/json":
-                    return await r.json()
-                return await r.read()
+        kwargs = {"ssl": ctx} if ctx is not None else {}
+        async with s.request(method, url, json=body, timeout=CALL_TIMEOUT, **kwargs) as r:
+            if r.status >= 400:
+                try:
+                    msg = (await r.json())["message"]
+                except Exception:
+                    msg = (await r.text()).strip() or r.reason
+                err = (Forbidden if r.status in (401, 403) else NetweftError)(msg)
+                err.status = r.status
+                raise err
+            if r.content_type == "application/json":
+                return await r.json()
+            return await r.read()
     except aiohttp.ClientConnectorCertificateError as e:
-        raise Unavailable(f"the manager at {url.split('/')[2]} presented a certificate that this node does "
+        raise Unavailable(f"the manager at {where} presented a certificate that this node does "
                           f"not trust (another cluster, or expired): {e.certificate_error}") from None
     except aiohttp.ClientSSLError as e:
-        raise Unavailable(f"TLS with the manager at {url.split('/')[2]} failed: {e}") from None
+        raise Unavailable(f"TLS with the manager at {where} failed: {e}") from None
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-        raise Unavailable(f"cannot reach the manager at {url.split('/')[2]}: {e or 'timed out'}") from None
+        raise Unavailable(f"cannot reach the manager at {where}: {e or 'timed out'}") from None
+    finally:
+        if own:
+            await s.close()
 
 
 async def fetch_ca(addr: str) -> bytes:
@@ -99,6 +108,66 @@ async def join(token: str, addr: str, hostname: str, advertise: str | None, swar
     return resp
 
 
+class ClusterClient:
+    """Mutual-TLS calls to the managers with this node's certificate; one kept-alive session."""
+
+    def __init__(self, swarm_dir: str, managers: list[str]):
+        self.dir, self.managers = swarm_dir, managers
+        self._session: aiohttp.ClientSession | None = None
+        self.expired: str | None = None
+
+    def reset(self) -> None:
+        """Drop the session (after a renewal: the next call presents the new certificate)."""
+        if self._session is not None:
+            asyncio.ensure_future(self._session.close())
+        self._session = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            f = files(self.dir)
+            ctx = pki.client_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]), pki.load_pem(f["key"]))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=8))
+        return self._session
+
+    async def call(self, method: str, path: str, body: dict | None = None):
+        if self.expired:
+            raise Unavailable(self.expired)
+        last: Exception | None = None
+        for addr in self.managers:
+            try:
+                return await _request(None, method, manager_url(addr, path), body, session=self.session())
+            except Unavailable as e:
+                last = e
+        raise last or Unavailable("no manager address known")
+
+    async def stream(self, path: str, read_timeout: float = 10.0):
+        """Yield the JSON lines of a streamed response (the watch); ends when the connection does."""
+        if self.expired:
+            raise Unavailable(self.expired)
+        addr = self.managers[0]
+        try:
+            async with self.session().get(manager_url(addr, path),
+                                          timeout=aiohttp.ClientTimeout(total=None, sock_read=read_timeout,
+                                                                        sock_connect=5)) as r:
+                if r.status >= 400:
+                    msg = (await r.text()).strip()
+                    raise (Forbidden if r.status in (401, 403) else NetweftError)(msg)
+                buf = b""
+                async for chunk in r.content.iter_any():
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        if line:
+                            yield json.loads(line)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
+            raise Unavailable(f"watch stream from {addr} ended: {e or 'timed out'}") from None
+
+
 class NodeAgent:
     """Runs on every member but the leader: heartbeats, renewal, and mutual-TLS calls to the manager."""
 
@@ -109,17 +178,10 @@ class NodeAgent:
         self.tasks: list[asyncio.Task] = []
         self.problem: str | None = None  # one line an operator should see (expired, removed, unreachable)
         self.role = self.identity().role
-        self._ctx: ssl.SSLContext | None = None
+        self.client = ClusterClient(swarm_dir, managers)
 
     def identity(self) -> pki.NodeIdentity:
         return pki.cert_identity(pki.load_pem(files(self.dir)["cert"]))
-
-    def ctx(self) -> ssl.SSLContext:
-        if self._ctx is None:
-            f = files(self.dir)
-            self._ctx = pki.client_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
-                                               pki.load_pem(f["key"]))
-        return self._ctx
 
     def check_expiry(self) -> bool:
         ident = self.identity()
@@ -127,20 +189,13 @@ class NodeAgent:
             self.problem = (f"this node's certificate expired on {ident.not_after:%Y-%m-%d %H:%M:%S} UTC (the node "
                             "was off for longer than its lifetime); rejoin: `netweft swarm leave --force` then "
                             "`netweft swarm join --token TOKEN MANAGER` with a token from a manager")
+            self.client.expired = self.problem
             log.error("node certificate expired", extra={"reason": self.problem})
             return False
         return True
 
     async def call(self, method: str, path: str, body: dict | None = None):
-        if self.problem and "expired" in self.problem:
-            raise Unavailable(self.problem)
-        last: Exception | None = None
-        for addr in self.managers:
-            try:
-                return await _request(self.ctx(), method, manager_url(addr, path), body)
-            except Unavailable as e:
-                last = e
-        raise last or Unavailable("no manager address known")
+        return await self.client.call(method, path, body)
 
     def start(self) -> None:
         if not self.check_expiry():
@@ -151,6 +206,7 @@ class NodeAgent:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.client.close()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -183,7 +239,7 @@ class NodeAgent:
         pki.verify_node_cert(pki.load_pem(f["ca"]), cert)
         pki.save_pem(f["key"], pki.key_to_pem(key), private=True)
         pki.save_pem(f["cert"], cert)
-        self._ctx = None
+        self.client.reset()
         old, self.role = self.role, pki.cert_identity(cert).role
         ident = self.identity()
         log.info("certificate renewed", extra={"not_after": ident.not_after.isoformat(), "role": self.role})

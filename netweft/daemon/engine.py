@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv4Network
 from netweft import validate
 from netweft.dataplane.firewall import BridgeRule
 from netweft.dataplane.kernel import Kernel
+from netweft.dataplane.overlay import Overlay
 from netweft.dataplane import netns
 from netweft.errors import Conflict, InvalidRequest, NotFound
 from netweft.ipam import address as ipam
@@ -52,11 +53,22 @@ class Engine:
         # One thread owns every netlink and nftables handle: they are bound to the thread's netns.
         self._kx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self.kernel: Kernel | None = None
+        self.overlay_kernel: Overlay | None = None  # made in the kernel thread on first use
+        self.swarm = None           # the daemon's Swarm role, set by the daemon
+        self.overlay_agent = None   # an OverlayAgent while this node is in a swarm
 
     async def k(self, fn_name: str, *args, **kwargs):
         """Run one Kernel method in the kernel thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._kx, lambda: getattr(self.kernel, fn_name)(*args, **kwargs))
+
+    async def kov(self, fn_name: str, *args, **kwargs):
+        """Run one Overlay (VXLAN data plane) method in the kernel thread."""
+        def call():
+            if self.overlay_kernel is None:
+                self.overlay_kernel = Overlay()
+            return getattr(self.overlay_kernel, fn_name)(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._kx, call)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,12 +78,16 @@ class Engine:
     async def close(self) -> None:
         if self.kernel is not None:
             await self.k("close")
+        if self.overlay_kernel is not None:
+            await self.kov("close")
         self._kx.shutdown(wait=True)
         self.store.close()
 
     # ---------------------------------------------------------------- lookups
     def network(self, ref: str) -> dict:
         net = self.store.find("networks", ref)
+        if net is None and self.overlay_agent is not None:
+            net = self.overlay_agent.find_network(ref)
         if net is None:
             raise NotFound(f"network {ref!r} not found; see `netweft network ls`")
         return net
@@ -104,9 +120,10 @@ class Engine:
             if self.store.by_name("networks", name) or name in SPECIAL_MODES:
                 raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
             driver = req.get("Driver") or "bridge"
+            if driver == "overlay":
+                return await self._create_overlay(req)
             if driver != "bridge":
-                raise InvalidRequest(f"driver {driver!r} is not supported here: use -d bridge "
-                                     "(overlay networks need a swarm manager)")
+                raise InvalidRequest(f"unknown driver {driver!r}: use -d bridge or -d overlay")
             options = dict(req.get("Options") or {})
             labels = dict(req.get("Labels") or {})
             for k in labels:
@@ -167,6 +184,17 @@ class Engine:
             log.info("network created", extra={"network": name, "id": net_id, "subnet": str(subnet)})
             return net
 
+    async def _create_overlay(self, req: dict) -> dict:
+        if self.swarm is None or self.swarm.state() is None:
+            raise InvalidRequest("overlay networks need a swarm: run `netweft swarm init` (or join one) first")
+        if self.store.by_name("networks", req.get("Name", "")):
+            raise Conflict(f"network {req.get('Name')!r} already exists; choose another name or remove it first")
+        net = await self.swarm.admin("POST", "/networks", req,
+                                     local=lambda: self.swarm.manager.overlays.create_network(req))
+        if self.overlay_agent is not None:  # known here at once, whatever the watch stream's timing
+            self.overlay_agent.networks[net["ID"]] = net
+        return self.overlay_agent.docker_view(net) if self.overlay_agent else {**net, "Id": net["ID"]}
+
     async def _program_network(self, net: dict) -> None:
         cfg = ipam.SubnetConfig.from_doc(net["IPAM"]["Config"][0])
         # On a parent (LAN) network the gateway is a router on that LAN, not us.
@@ -182,6 +210,8 @@ class Engine:
 
     def network_view(self, net: dict) -> dict:
         """Docker-shaped inspect output: the stored document plus live Containers."""
+        if net["Driver"] == "overlay":
+            return self.overlay_agent.view(net)
         view = {k: v for k, v in net.items() if k not in ("bridge", "mtu", "parent")}
         prefix = IPv4Network(net["IPAM"]["Config"][0]["Subnet"]).prefixlen
         view["Containers"] = {
@@ -190,9 +220,15 @@ class Engine:
             for ctr, ep in self.endpoints_on(net["Id"])}
         return view
 
+    def all_networks(self) -> list[dict]:
+        nets = self.store.list("networks")
+        if self.overlay_agent is not None:
+            nets += [self.overlay_agent.docker_view(n) for n in self.overlay_agent.networks.values()]
+        return nets
+
     def list_networks(self, filters: dict[str, list[str]] | None = None) -> list[dict]:
         out = []
-        for net in self.store.list("networks"):
+        for net in self.all_networks():
             if filters and not _matches(net, filters):
                 continue
             out.append(self.network_view(net))
@@ -201,6 +237,11 @@ class Engine:
     async def remove_network(self, ref: str) -> None:
         async with self.lock:
             net = self.network(ref)
+            if net["Driver"] == "overlay":
+                await self.swarm.admin("DELETE", f"/networks/{net['Id']}", local=lambda:
+                                       self.swarm.manager.overlays.remove_network(net["Id"]))
+                self.overlay_agent.networks.pop(net["Id"], None)
+                return
             attached = [ctr["Name"] for ctr, _ in self.endpoints_on(net["Id"])]
             if attached:
                 raise Conflict(f"network {net['Name']!r} has containers attached ({', '.join(attached)}); "
@@ -214,7 +255,7 @@ class Engine:
 
     async def prune_networks(self) -> list[str]:
         removed = []
-        for net in self.store.list("networks"):
+        for net in self.store.list("networks"):  # swarm networks are pruned on a manager, not per host
             if not self.endpoints_on(net["Id"]):
                 await self.remove_network(net["Id"])
                 removed.append(net["Name"])
@@ -241,11 +282,19 @@ class Engine:
             raise Conflict(f"container {ctr['Name']!r} is already connected to network {net['Name']!r}")
         for a in aliases:
             validate.check_hostname(a)
+        used_if = {e["Interface"] for e in nets.values()} | {e["GwInterface"] for e in nets.values()
+                                                              if e.get("GwInterface")}
+        if net["Driver"] == "overlay":
+            ifname = next(f"eth{i}" for i in range(len(used_if) + 2) if f"eth{i}" not in used_if)
+            ep = await self.overlay_agent.attach(ctr, net, ip, aliases, ifname, first=not nets)
+            nets[net["Name"]] = ep
+            log.info("endpoint attached", extra={"network": net["Name"], "container": ctr["Name"],
+                                                 "ip": ep["IPAddress"]})
+            return ep
         cfg = ipam.SubnetConfig.from_doc(net["IPAM"]["Config"][0])
         in_use = {IPv4Address(e["IPAddress"]) for _, e in self.endpoints_on(net["Id"])}
         addr = ipam.check_requested_ip(cfg, ip, in_use) if ip else ipam.allocate_ip(cfg, in_use)
         mac = ipam.parse_mac(mac) if mac else ipam.mac_for_ip(addr)
-        used_if = {e["Interface"] for e in nets.values()}
         ifname = next(f"eth{i}" for i in range(len(used_if) + 1) if f"eth{i}" not in used_if)
         first = not nets
         gateway = str(cfg.gateway) if first and not net["Internal"] else None
@@ -274,7 +323,7 @@ class Engine:
             ep = ctr["NetworkSettings"]["Networks"].get(net["Name"])
             if ep is None:
                 raise NotFound(f"container {ctr['Name']!r} is not connected to network {net['Name']!r}")
-            await self.k("delete_endpoint", ep["HostInterface"])
+            await self._delete_endpoint(ctr, ep)
             del ctr["NetworkSettings"]["Networks"][net["Name"]]
             self._write_hosts(ctr)
             with self.store.tx():
@@ -375,9 +424,19 @@ class Engine:
                 self.store.delete("containers", ctr["Id"])
             log.info("container removed", extra={"container": ctr["Name"], "id": ctr["Id"]})
 
-    async def _teardown_container(self, ctr: dict) -> None:
-        for ep in ctr["NetworkSettings"]["Networks"].values():
+    async def _delete_endpoint(self, ctr: dict, ep: dict) -> None:
+        if ep.get("Driver") == "overlay":
+            if self.overlay_agent is None:
+                raise Conflict("this node left its swarm; its overlay endpoints are already gone")
+            await self.overlay_agent.detach(ctr, ep)
+        else:
             await self.k("delete_endpoint", ep["HostInterface"])
+
+    async def _teardown_container(self, ctr: dict) -> None:
+        for ep in list(ctr["NetworkSettings"]["Networks"].values()):
+            if ep.get("Driver") == "overlay" and self.overlay_agent is None:
+                continue  # the swarm is gone and with it the overlay's data plane
+            await self._delete_endpoint(ctr, ep)
         if ctr["HostConfig"]["NetworkMode"] != "host":
             await self.k("delete_netns", self.netns_path(ctr["Id"]))
         shutil.rmtree(self.ctr_state_dir(ctr["Id"]), ignore_errors=True)
@@ -411,6 +470,8 @@ class Engine:
                 wanted_ns.add(os.path.basename(path))
                 await self.k("create_netns", path)
                 for ep in ctr["NetworkSettings"]["Networks"].values():
+                    if ep.get("Driver") == "overlay":
+                        continue  # the overlay agent reconciles these
                     wanted_links.add(ep["HostInterface"])
                     await self._program_endpoint(ctr, by_id[ep["NetworkID"]], ep)
             for name in await self.k("list_links", VETH_PREFIX):

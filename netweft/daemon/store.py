@@ -6,7 +6,7 @@ import os
 import sqlite3
 from contextlib import contextmanager
 
-KINDS = ("networks", "containers", "settings", "nodes")
+KINDS = ("networks", "containers", "settings", "nodes", "swnetworks", "swendpoints")
 
 
 class Store:

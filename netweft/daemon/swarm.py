@@ -15,6 +15,7 @@ import time
 from aiohttp import web
 
 from netweft.agent import node as agent
+from netweft.agent.overlay import OverlayAgent
 from netweft.daemon.store import delete_setting, get_setting, put_setting
 from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
 from netweft.ipam.address import parse_network
@@ -53,6 +54,9 @@ class Swarm:
         self.dir = os.path.join(daemon.args.data_root, "swarm")
         self.manager: Manager | None = None
         self.agent: agent.NodeAgent | None = None
+        self.overlay: OverlayAgent | None = None
+        self._leader_client: agent.ClusterClient | None = None
+        daemon.engine.swarm = self
 
     def state(self) -> dict | None:
         return get_setting(self.store, "swarm")
@@ -69,8 +73,27 @@ class Swarm:
             self.agent = agent.NodeAgent(self.dir, st["Managers"], st["AdvertiseAddr"], st["HeartbeatPeriod"],
                                          on_event=self._agent_event)
             self.agent.start()
+        await self._start_overlay(st)
+
+    async def _start_overlay(self, st: dict) -> None:
+        """Every member, the leader included, runs the overlay agent over mutual TLS: one code path."""
+        if self.agent is not None:
+            client = self.agent.client
+        else:
+            client = self._leader_client = agent.ClusterClient(self.dir, st["Managers"])
+        self.overlay = OverlayAgent(self.daemon.engine, client, st["NodeID"], st["AdvertiseAddr"],
+                                    st["DataPathPort"])
+        self.daemon.engine.overlay_agent = self.overlay
+        await self.overlay.start()
 
     async def stop(self) -> None:
+        if self.overlay is not None:
+            await self.overlay.stop()
+            self.overlay = None
+            self.daemon.engine.overlay_agent = None
+        if self._leader_client is not None:
+            await self._leader_client.close()
+            self._leader_client = None
         if self.manager is not None:
             await self.manager.stop()
             self.manager = None
@@ -154,6 +177,7 @@ class Swarm:
             self._forget()
             raise
         put_setting(self.store, "swarm", st)
+        await self._start_overlay(st)
         log.info("swarm initialised", extra={"node": node_id, "advertise": advertise,
                                              "ms": round((time.monotonic() - t0) * 1000)})
         return {"NodeID": node_id, "JoinTokens": get_setting(self.store, "cluster")["JoinTokens"],
@@ -161,8 +185,10 @@ class Swarm:
 
     def _forget(self) -> None:
         with self.store.tx():
-            for n in self.store.list("nodes"):
-                self.store.delete("nodes", n["ID"])
+            for kind in ("nodes", "swnetworks", "swendpoints"):
+                for obj in self.store.list(kind):
+                    self.store.delete(kind, obj["ID"])
+            self.store.delete("settings", "revision")
             self.store.delete("settings", "cluster")
             self.store.delete("settings", "swarm")
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -194,6 +220,7 @@ class Swarm:
         self.agent = agent.NodeAgent(self.dir, st["Managers"], advertise, st["HeartbeatPeriod"],
                                      on_event=self._agent_event)
         self.agent.start()
+        await self._start_overlay(st)
         log.info("joined swarm", extra={"node": resp["NodeID"], "role": resp["Role"], "manager": addr})
         return {"NodeID": resp["NodeID"], "Role": resp["Role"]}
 
@@ -215,6 +242,8 @@ class Swarm:
                 if not force:
                     raise Unavailable(f"could not tell the manager that this node leaves ({e}); "
                                       "use --force to leave anyway") from None
+        if self.overlay is not None:
+            await self.overlay.teardown()
         await self.stop()
         self._forget()
         log.info("left the swarm", extra={"node": st["NodeID"]})

@@ -26,6 +26,9 @@ from netweft.lab.cleanup import clean
 LAB_ROOT = Path("/run/netweft-lab")
 NETNS_DIR = Path("/run/netns")
 DEFAULT_UNDERLAY = "192.0.2.0/24"
+# Address safety: everything a lab allocates stays in the benchmarking range 198.18.0.0/15.
+LAB_LOCAL_POOL = "base=198.19.0.0/16,size=24"     # gateway bridges, local bridge networks
+LAB_OVERLAY_POOL = "198.18.0.0/16"                # overlay subnets
 BIN = Path(sys.executable).parent
 
 
@@ -139,7 +142,7 @@ class Lab:
             proc = subprocess.Popen(
                 ["nsenter", f"--net={self.ns_path(host)}", str(BIN / "netweftd"), "-H", self.socket(host),
                  "--data-root", str(d / "data"), "--exec-root", str(d / "run"), "--hostname", host,
-                 *(daemon_args or [])],
+                 "--default-address-pool", LAB_LOCAL_POOL, *(daemon_args or [])],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         (d / "netweftd.pid").write_text(str(proc.pid))
         deadline = time.monotonic() + 30
@@ -180,6 +183,7 @@ class Lab:
         first = hosts[0]
         t0 = time.monotonic()
         init = self.client(first).call("POST", "/swarm/init", {"AdvertiseAddr": self.address(first),
+                                                                "DefaultAddrPool": [LAB_OVERLAY_POOL],
                                                                 **(init_opts or {})})
         progress(f"  {first}: swarm init ({time.monotonic() - t0:.2f} s), manager at {self.address(first)}:2377")
         token = init["JoinTokens"]["Worker"]

@@ -20,6 +20,7 @@ from aiohttp import web
 from netweft.daemon.store import Store, get_setting, put_setting
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NetweftError, NotFound, Unauthorized
 from netweft.manager import pki
+from netweft.manager.overlays import Overlays
 from netweft.manager.tlsserver import serve_tls
 
 log = logging.getLogger("netweft.manager")
@@ -27,6 +28,7 @@ log = logging.getLogger("netweft.manager")
 HEARTBEAT_MISSES = 3          # a node is Down after this many missed heartbeats
 OPEN_PATHS = ("/ca", "/join")  # reachable without a node certificate
 MIN_CERT_EXPIRY = timedelta(seconds=10)
+WATCH_PING = 2.0              # seconds between keep-alive lines on an idle watch stream
 
 
 def new_node_id() -> str:
@@ -60,6 +62,7 @@ class Manager:
         self.tasks: list[asyncio.Task] = []
         # Heartbeats are kept in memory; the store only sees Ready/Down transitions.
         self.last_seen: dict[str, float] = {}
+        self.overlays = Overlays(store, self.spec)
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -204,6 +207,7 @@ class Manager:
         node["Status"]["State"] = "down"
         self.last_seen.pop(node["ID"], None)
         self._save(node)
+        self.overlays.purge_node(node["ID"])
         log.info("node left", extra={"node": node["ID"], "hostname": node["Description"]["Hostname"]})
 
     async def _monitor(self) -> None:
@@ -263,6 +267,7 @@ class Manager:
             self.store.delete("nodes", node["ID"])
             self.store.put("settings", "cluster", "cluster", cluster)
         self.last_seen.pop(node["ID"], None)
+        self.overlays.purge_node(node["ID"])
         log.info("node removed; its certificate is refused from now on", extra={"node": node["ID"],
                                                                               "hostname": name})
 
@@ -311,6 +316,33 @@ class Manager:
                 "JoinTokens": c["JoinTokens"]}
 
     # ------------------------------------------------------------ the API
+    async def _watch(self, request: web.Request) -> web.StreamResponse:
+        """Newline-delimited JSON: what the watcher missed (or a snapshot), then live batches, pings between."""
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            raise InvalidRequest("since must be a revision number") from None
+        q: asyncio.Queue = asyncio.Queue()
+        # No await between subscribing and reading the history: nothing can fall in between.
+        self.overlays.watchers.add(q)
+        try:
+            missed = self.overlays.since(since) if since else None
+            first = [self.overlays.snapshot()] if missed is None else missed
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await resp.prepare(request)
+            for batch in first:
+                await resp.write(json.dumps(batch).encode() + b"\n")
+            while True:
+                try:
+                    batch = await asyncio.wait_for(q.get(), WATCH_PING)
+                except asyncio.TimeoutError:
+                    batch = {"Type": "ping", "Rev": self.overlays.rev}
+                await resp.write(json.dumps(batch).encode() + b"\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        finally:
+            self.overlays.watchers.discard(q)
+
     def _peer(self, request: web.Request) -> tuple[pki.NodeIdentity, dict]:
         """Who is calling: verified certificate -> identity -> a current, not removed node."""
         ssl_obj = request.transport.get_extra_info("ssl_object") if request.transport else None
@@ -413,6 +445,38 @@ class Manager:
         async def a_rotate(request):
             return web.json_response({"Token": self.rotate_token(request.query.get("role", ""))})
 
-        app = web.Application(middlewares=[guard], client_max_size=1024 * 1024)
+        @routes.get("/watch")
+        async def watch(request):
+            return await self._watch(request)
+
+        @routes.post("/endpoints")
+        async def ep_create(request):
+            return web.json_response(self.overlays.create_endpoint(request["node"], await body(request)))
+
+        @routes.delete("/endpoints/{id}")
+        async def ep_delete(request):
+            self.overlays.delete_endpoint(request["node"], request.match_info["id"])
+            return web.json_response({})
+
+        @routes.post("/admin/networks")
+        async def a_net_create(request):
+            return web.json_response(self.overlays.create_network(await body(request)))
+
+        @routes.delete("/admin/networks/{ref}")
+        async def a_net_rm(request):
+            self.overlays.remove_network(request.match_info["ref"])
+            return web.json_response({})
+
+        @routes.post("/admin/synthetic")
+        async def a_synthetic(request):
+            b = await body(request)
+            return web.json_response({"Count": self.overlays.bulk_endpoints(
+                request["node"], str(b.get("NetworkID", "")), int(b.get("Count", 0)), str(b.get("VTEP", "")))})
+
+        @routes.delete("/admin/synthetic")
+        async def a_synthetic_rm(request):
+            return web.json_response({"Count": self.overlays.purge_node(f"synthetic-{request.query.get('vtep')}")})
+
+        app = web.Application(middlewares=[guard], client_max_size=64 * 1024 * 1024)
         app.add_routes(routes)
         return app
