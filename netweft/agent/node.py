@@ -249,7 +249,8 @@ class NodeAgent:
     async def _renewals(self) -> None:
         while True:
             ident = self.identity()
-            at = pki.renewal_time(ident.not_before, ident.not_after, random)
+            # not_before is backdated by CLOCK_SKEW; the lifetime runs from the signing time.
+            at = pki.renewal_time(ident.not_before + pki.CLOCK_SKEW, ident.not_after, random)
             await asyncio.sleep(max(0.0, (at - datetime.now(timezone.utc)).total_seconds()))
             try:
                 await self.renew()

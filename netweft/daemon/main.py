@@ -71,14 +71,14 @@ class Daemon:
         await self.engine.start()
         await self.swarm.start()
         app = build_app(self)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         os.makedirs(os.path.dirname(self.sock), mode=0o755, exist_ok=True)
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
         try:
-            site = web.UnixSite(runner, self.sock)
+            site = web.UnixSite(runner, self.sock, shutdown_timeout=2.0)
             await site.start()
         finally:
             os.umask(old)

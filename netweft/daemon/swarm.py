@@ -257,7 +257,9 @@ class Swarm:
         if self.manager is not None:
             return local()
         if st["Role"] != "manager":
-            raise Unavailable(NOT_MANAGER)
+            # An expired certificate is the more urgent news: it says how to get back in (rejoin).
+            problem = self.agent.problem if self.agent is not None else None
+            raise Unavailable(problem if problem and "expired" in problem else NOT_MANAGER)
         return await self.agent.call(method, "/admin" + path, body)
 
     def info(self) -> dict:

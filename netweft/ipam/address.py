@@ -128,6 +128,24 @@ def allocate_ip(cfg: SubnetConfig, in_use: set[IPv4Address]) -> IPv4Address:
     raise PoolExhausted(f"no free address left in {where}; remove a container or use a larger subnet")
 
 
+def allocate_ips(cfg: SubnetConfig, in_use: set[IPv4Address], count: int) -> list[IPv4Address]:
+    """`count` free addresses in one pass (bulk allocation without rescanning from the start)."""
+    first, last = usable_hosts(cfg.subnet)
+    if cfg.ip_range is not None:
+        first = max(first, int(cfg.ip_range.network_address))
+        last = min(last, int(cfg.ip_range.broadcast_address))
+    taken = {int(a) for a in in_use | cfg.reserved()}
+    out: list[IPv4Address] = []
+    n = first
+    while len(out) < count:
+        if n > last:
+            raise PoolExhausted(f"only {len(out)} of {count} addresses are free in {cfg.ip_range or cfg.subnet}")
+        if n not in taken:
+            out.append(IPv4Address(n))
+        n += 1
+    return out
+
+
 def mac_for_ip(ip: IPv4Address) -> str:
     """Deterministic locally administered MAC from the IPv4 address, as Docker does (02:42:a.b.c.d)."""
     return "02:42:" + ":".join(f"{b:02x}" for b in ip.packed)

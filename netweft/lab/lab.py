@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import signal
 import json
 import os
 import subprocess
@@ -166,11 +167,13 @@ class Lab:
             os.kill(pid, sig)
         except (OSError, ValueError):
             return
-        for _ in range(200):
+        for i in range(400):
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 return
+            if i == 300:  # 15 s and still there: a stop must stop
+                os.kill(pid, signal.SIGKILL)
             # The daemon is our child only when this process started it; reap it if so.
             try:
                 os.waitpid(pid, os.WNOHANG)

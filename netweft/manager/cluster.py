@@ -106,9 +106,10 @@ class Manager:
 
     async def start(self, listen: tuple[str, int]) -> None:
         f = files(self.dir)
-        ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]), pki.load_pem(f["key"]),
-                                     require_client_cert=False)
-        self.runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
+                                                pki.load_pem(f["key"]), require_client_cert=False)
+        # Watch streams never end by themselves: stop() ends them, and shutdown waits briefly.
+        self.runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self.runner.setup()
         try:
             self.server = await serve_tls(self.runner, listen[0], listen[1], ctx)
@@ -125,6 +126,8 @@ class Manager:
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
+        for q in list(self.overlays.watchers):
+            q.put_nowait(None)  # ends that watch stream: its agent reconnects to the next manager life
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -231,13 +234,14 @@ class Manager:
         f = files(self.dir)
         while True:
             ident = pki.cert_identity(pki.load_pem(f["cert"]))
-            at = pki.renewal_time(ident.not_before, ident.not_after)
+            at = pki.renewal_time(ident.not_before + pki.CLOCK_SKEW, ident.not_after)  # not_before is backdated
             await asyncio.sleep(max(0.0, (at - datetime.now(timezone.utc)).total_seconds()))
             key = pki.new_node_key()
             node = self.node(self.node_id)
             cert = self.renew(node, pki.make_csr(key).decode())["Certificate"]
             pki.save_pem(f["key"], pki.key_to_pem(key), private=True)
             pki.save_pem(f["cert"], cert.encode())
+            self.ctx.load_cert_chain(f["cert"], f["key"])  # new handshakes present the renewed certificate
 
     # ---------------------------------------------------- admin operations
     def nodes(self) -> list[dict]:
@@ -337,11 +341,13 @@ class Manager:
                     batch = await asyncio.wait_for(q.get(), WATCH_PING)
                 except asyncio.TimeoutError:
                     batch = {"Type": "ping", "Rev": self.overlays.rev}
+                if batch is None:
+                    break
                 await resp.write(json.dumps(batch).encode() + b"\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise
         finally:
             self.overlays.watchers.discard(q)
+        await resp.write_eof()
+        return resp
 
     def _peer(self, request: web.Request) -> tuple[pki.NodeIdentity, dict]:
         """Who is calling: verified certificate -> identity -> a current, not removed node."""
@@ -372,7 +378,10 @@ class Manager:
             try:
                 if request.path not in OPEN_PATHS:
                     ident, node = self._peer(request)
-                    if request.path.startswith("/admin/") and ident.role != "manager":
+                    # Both the certificate and the node's current role: a demoted manager's old
+                    # certificate (one that is never renewed) must not keep the role.
+                    if request.path.startswith("/admin/") and (ident.role != "manager"
+                                                               or node["Spec"]["Role"] != "manager"):
                         raise Forbidden("this call needs a manager certificate; worker certificates reach "
                                         "only agent calls (heartbeat, renew, leave)")
                     request["ident"], request["node"] = ident, node

@@ -193,9 +193,7 @@ class Overlays:
         cfg = ipam.SubnetConfig.from_doc(net["IPAM"]["Config"][0])
         in_use = {IPv4Address(e["IP"]) for e in self.endpoints(net["ID"])}
         eps = []
-        for i in range(count):
-            ip = ipam.allocate_ip(cfg, in_use)
-            in_use.add(ip)
+        for i, ip in enumerate(ipam.allocate_ips(cfg, in_use, count)):
             eps.append({"ID": secrets.token_hex(32), "NetworkID": net["ID"], "NodeID": f"synthetic-{vtep}",
                         "Hostname": f"synthetic-{vtep}", "VTEP": vtep, "IP": str(ip),
                         "PrefixLen": cfg.subnet.prefixlen, "MAC": ipam.mac_for_ip(ip), "ContainerID": f"syn{i}",

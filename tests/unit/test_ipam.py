@@ -179,3 +179,21 @@ def test_requested_ip_must_be_inside_ip_range():
     c = cfg(ip_range="198.18.0.0/25")
     with pytest.raises(InvalidRequest, match="ip-range"):
         ipam.check_requested_ip(c, "198.18.0.200", set())
+
+
+@settings(max_examples=100, deadline=None)
+@given(used=st.sets(st.integers(1, 60), max_size=30), count=st.integers(0, 40))
+def test_bulk_allocation_matches_one_by_one(used, count):
+    c = cfg("198.18.0.0/26", aux={"r": "198.18.0.9"})
+    in_use = {IPv4Address(int(IPv4Address("198.18.0.0")) + u) for u in used}
+    expected, taken = [], set(in_use)
+    try:
+        for _ in range(count):
+            ip = ipam.allocate_ip(c, taken)
+            expected.append(ip)
+            taken.add(ip)
+    except PoolExhausted:
+        with pytest.raises(PoolExhausted):
+            ipam.allocate_ips(c, in_use, count)
+        return
+    assert ipam.allocate_ips(c, in_use, count) == expected
