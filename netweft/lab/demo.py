@@ -1,7 +1,8 @@
-"""`make demo`: the management-network scenario of an OpenStack control plane, then teardown.
+"""`make demo`: the multi-host story, then teardown.
 
-A simulated host (a lab of one), a bridge network `mgmt`, three containers with the hostnames
-and addresses of the network plan, every pair pinged, printed as a short report.
+A 3-host lab (one manager, two workers), an attachable overlay network, a container on each
+host, every pair pinged and a TCP request across hosts, the network as `inspect` shows it, and
+the management-network scenario (fixed hostnames and IPs) on top. Everything is removed at the end.
 """
 from __future__ import annotations
 
@@ -12,60 +13,95 @@ import time
 from netweft.lab.lab import Lab
 from netweft.runtime.container import exec_argv
 
-PLAN = [("controller01", "198.18.0.11"), ("compute01", "198.18.0.21"), ("storage01", "198.18.0.31")]
+PLAN = [("h1", "controller01", "198.18.0.11"), ("h2", "compute01", "198.18.0.21"), ("h3", "storage01", "198.18.0.31")]
+HTTP_SERVER = ("import http.server,socket\n"
+               "class H(http.server.BaseHTTPRequestHandler):\n"
+               " def do_GET(self):\n"
+               "  b=('hello from '+socket.gethostname()+'\\n').encode();self.send_response(200)\n"
+               "  self.send_header('Content-Length',str(len(b)));self.end_headers();self.wfile.write(b)\n"
+               " def log_message(self,*a): pass\n"
+               "http.server.HTTPServer(('0.0.0.0',8080),H).serve_forever()")
+HTTP_GET = ("import urllib.request,sys,time\n"
+            "for i in range(50):\n"
+            " try: print(urllib.request.urlopen(sys.argv[1],timeout=2).read().decode().strip());break\n"
+            " except OSError: time.sleep(0.1)\n"
+            "else: sys.exit(1)")
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+def ms(t0: float) -> str:
+    return f"{(time.monotonic() - t0) * 1000:.0f} ms"
+
+
 def main() -> int:
     lab = Lab("demo")
     if lab.exists():
         lab.down(quiet=True)
-    say("netweft demo: an OpenStack management network on one host")
-    say("=" * 60)
+    say("netweft demo: containers on three hosts, one private overlay network")
+    say("=" * 70)
     ok = True
     try:
-        lab.up(1, swarm=False, progress=lambda m: say("  " + m))
-        c = lab.client("h1")
+        say("1. a cluster of three simulated hosts (network namespaces on one underlay)")
+        lab.up(3, progress=lambda m: say("   " + m))
+        c1 = lab.client("h1")
         t0 = time.monotonic()
-        c.call("POST", "/networks/create", {"Name": "mgmt", "Driver": "bridge", "Labels": {"plan": "openstack"},
-                                             "IPAM": {"Config": [{"Subnet": "198.18.0.0/24",
-                                                                  "Gateway": "198.18.0.1"}]}})
-        say(f"\nnetwork mgmt: bridge, 198.18.0.0/24, gateway 198.18.0.1 ({(time.monotonic() - t0) * 1000:.0f} ms)")
+        c1.call("POST", "/networks/create", {"Name": "mgmt", "Driver": "overlay", "Attachable": True,
+                                             "Labels": {"plan": "openstack"},
+                                             "IPAM": {"Config": [{"Subnet": "198.18.0.0/24"}]}})
+        say(f"\n2. overlay network mgmt (198.18.0.0/24, VXLAN across hosts) created on the manager in {ms(t0)}")
         pids = {}
-        for name, ip in PLAN:
+        say("\n3. one container per host, with the hostname and IP of the network plan")
+        for host, name, ip in PLAN:
             t0 = time.monotonic()
-            ctr = c.call("POST", "/containers/create", {"Name": name, "Hostname": name, "NetworkMode": "mgmt",
-                                                         "IPAddress": ip, "Cmd": ["sleep", "3600"]})
+            ctr = lab.client(host).call("POST", "/containers/create", {
+                "Name": name, "Hostname": name, "NetworkMode": "mgmt", "IPAddress": ip,
+                "Cmd": [sys.executable, "-c", HTTP_SERVER]})
             pids[name] = ctr["State"]["Pid"]
-            say(f"  container {name:<13} {ip:<12} started in {(time.monotonic() - t0) * 1000:.0f} ms")
-        say("\nwho am I (hostname inside each container):")
-        for name, _ in PLAN:
-            argv = exec_argv(pids[name], ["hostname"])
-            got = subprocess.run(argv, capture_output=True, text=True).stdout.strip()
-            mark = "ok" if got == name else "WRONG"
+            say(f"   {host}: {name:<13} {ip:<12} running in {ms(t0)}")
+        say("\n4. who am I (hostname inside each container)")
+        for host, name, _ in PLAN:
+            got = subprocess.run(exec_argv(pids[name], ["hostname"]), capture_output=True, text=True).stdout.strip()
             ok &= got == name
-            say(f"  {name:<13} -> {got:<13} {mark}")
-        say("\nreachability (ping by address):")
-        for src, _ in PLAN:
-            for dst, ip in PLAN:
+            say(f"   {name:<13} -> {got:<13} {'ok' if got == name else 'WRONG'}")
+        say("\n5. reachability across hosts (ping by address)")
+        for shost, src, _ in PLAN:
+            for dhost, dst, ip in PLAN:
                 if src == dst:
                     continue
                 r = subprocess.run(exec_argv(pids[src], ["ping", "-c1", "-w3", ip]), capture_output=True, text=True)
                 rtt = next((l.split("time=")[1] for l in r.stdout.splitlines() if "time=" in l), "")
                 ok &= r.returncode == 0
-                say(f"  {src:<13} -> {dst:<13} {ip:<12} {'ok ' + rtt if r.returncode == 0 else 'FAILED'}")
-        nets = c.call("GET", "/networks/mgmt")
-        say(f"\nnetwork inspect mgmt: {len(nets['Containers'])} containers: " +
-            ", ".join(f"{v['Name']}={v['IPv4Address']}" for v in nets["Containers"].values()))
+                say(f"   {src}@{shost} -> {dst}@{dhost} {ip:<12} {'ok ' + rtt if r.returncode == 0 else 'FAILED'}")
+        say("\n6. a TCP request across hosts (HTTP, controller01 on h1 -> compute01 on h2)")
+        r = subprocess.run(exec_argv(pids["controller01"], [sys.executable, "-c", HTTP_GET,
+                                                            "http://198.18.0.21:8080/"]),
+                           capture_output=True, text=True, timeout=30)
+        ok &= r.returncode == 0 and "compute01" in r.stdout
+        say(f"   GET http://198.18.0.21:8080/ -> {r.stdout.strip() or 'FAILED: ' + r.stderr.strip()[-200:]}")
+        say("\n7. `netweft network inspect mgmt` on h2")
+        view = lab.client("h2").call("GET", "/networks/mgmt")
+        say(f"   Driver={view['Driver']} Scope={view['Scope']} Subnet={view['IPAM']['Config'][0]['Subnet']} "
+            f"VNI={view['Options']['com.docker.network.driver.overlay.vxlanid_list']}")
+        for c in view["Containers"].values():
+            say(f"   local container: {c['Name']} {c['IPv4Address']} {c['MacAddress']}")
+        say("   peers (hosts with endpoints): " + ", ".join(f"{p['Name']}={p['IP']}" for p in view["Peers"]))
+        say("\n8. `netweft node ls` on the manager")
+        nodes = lab.client("h1").call("GET", "/nodes")
+        for n in sorted(nodes, key=lambda n: n["Description"]["Hostname"]):
+            role = "Leader" if n.get("ManagerStatus", {}).get("Leader") else "worker"
+            say(f"   {n['Description']['Hostname']}  {n['Status']['State']:<6} {role:<7} {n['Status']['Addr']}")
+    except Exception as e:
+        ok = False
+        say(f"\nFAILED: {e}")
     finally:
-        say("\nteardown:")
+        say("\n9. teardown")
         result = lab.down(quiet=True)
-        say(f"  removed {result['processes']} processes, {result['namespaces']} namespaces, "
+        say(f"   removed {result['processes']} processes, {result['namespaces']} namespaces, "
             f"{result['mounts']} namespace mounts")
-    say("\nresult: " + ("all containers reachable with their planned names and addresses" if ok else "FAILED"))
+    say("\nresult: " + ("containers on three hosts reach each other by their planned addresses" if ok else "FAILED"))
     return 0 if ok else 1
 
 
