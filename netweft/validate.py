@@ -47,12 +47,13 @@ def parse_mtu(text: str | int) -> int:
     return mtu
 
 
-def parse_key_values(items: list[str], what: str) -> dict[str, str]:
-    """K=V pairs (labels, options, aux addresses); an empty key or a missing '=' is refused."""
+def parse_key_values(items: list[str], what: str, allow_bare: bool = False) -> dict[str, str]:
+    """K=V pairs (labels, options, aux addresses); an empty key or a missing '=' is refused,
+    except that a bare KEY means KEY="" where allow_bare (driver options such as `-o encrypted`)."""
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        if (not sep and not allow_bare) or not key.strip():
             raise InvalidRequest(f"invalid {what} {item!r}: expected KEY=VALUE")
         out[key.strip()] = value
     return out

@@ -77,7 +77,7 @@ def network():
 def network_create(ctx, driver, subnet, gateway, ip_range, aux_address, internal, attachable, label, opt, name):
     """Create a network."""
     labels = validate.parse_key_values(list(label), "label")
-    options = validate.parse_key_values(list(opt), "option")
+    options = validate.parse_key_values(list(opt), "option", allow_bare=True)
     aux = validate.parse_key_values(list(aux_address), "aux-address")
     cfg = {k: v for k, v in {"Subnet": subnet, "Gateway": gateway, "IPRange": ip_range,
                              "AuxiliaryAddresses": aux}.items() if v}

@@ -301,3 +301,48 @@ def test_ten_thousand_remote_endpoints_programmed(make_lab):
     manager_call(lab, "DELETE", "/admin/synthetic?vtep=192.0.2.200")
     for host in ("h2", "h3"):
         wait_for(lambda: len(sandbox_neigh_ips(lab, host, nid)) == 1, timeout=60, what="synthetic peers removed")
+
+
+def test_overlay_refusals_change_nothing(make_lab):
+    lab = make_lab(2)
+    cli(lab, "h1", "network", "create", "-d", "overlay", "--subnet", "198.18.5.0/24",
+        "-o", "com.docker.network.driver.overlay.vxlanid_list=5000", "svc")  # not attachable
+    before = cli(lab, "h1", "network", "ls", "--format", "json").stdout
+    cases = [
+        (["network", "create", "-d", "overlay", "-o", "encrypted", "sec"], "not supported yet", "h1"),
+        (["network", "create", "-d", "overlay", "--subnet", "198.18.5.128/25", "x"], "overlaps", "h1"),
+        (["network", "create", "-d", "overlay", "-o", "com.docker.network.driver.overlay.vxlanid_list=5000", "x"],
+         "already used", "h1"),
+        (["network", "create", "-d", "overlay", "-o", "com.docker.network.driver.mtu=50", "x"], "MTU", "h1"),
+        (["network", "create", "-d", "overlay", "svc"], "already exists", "h1"),
+        (["network", "create", "-d", "overlay", "x"], "not a swarm manager", "h2"),
+        (["run", "-d", "--name", "c", "--network", "svc", "--", "sleep", "10"], "not attachable", "h2"),
+        (["network", "rm", "ghost"], "not found", "h1"),
+    ]
+    for argv, words, host in cases:
+        r = cli(lab, host, *argv, check=False)
+        assert r.returncode != 0, f"{argv} accepted"
+        assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, f"{argv}: {r.stderr!r}"
+    assert cli(lab, "h1", "network", "ls", "--format", "json").stdout == before
+    assert cli(lab, "h2", "ps", "-a", "-q").stdout.strip() == ""
+    assert not os.listdir(lab.host_dir("h2") / "run" / "sandboxes")
+
+
+def test_stale_sandboxes_and_vxlan_devices_cleaned_at_start(make_lab):
+    from netweft.dataplane.netns import create_netns
+    lab = make_lab(2)
+    cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", SUBNET, "ov")
+    run(lab, "h1", "c1", "ov", "198.18.0.11")
+    run(lab, "h2", "c2", "ov", "198.18.0.12")
+    lab.stop_daemon("h2", sig=signal.SIGKILL)
+    # What a crash between two steps of an earlier life could leave behind:
+    stale = lab.host_dir("h2") / "run" / "sandboxes" / "deadbeef0000"
+    create_netns(str(stale))
+    subprocess.run(["ip", "-n", lab.ns("h2"), "link", "add", "nwx00beef", "type", "vxlan", "id", "48879",
+                    "dstport", "4789", "local", lab.address("h2")], check=True)
+    lab.start_daemon("h2")
+    assert not stale.exists()
+    links = json.loads(subprocess.run(["ip", "-n", lab.ns("h2"), "-j", "link"], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert "nwx00beef" not in {l["ifname"] for l in links}
+    assert ping(lab, "h2", "c2", "198.18.0.11")
