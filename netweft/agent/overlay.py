@@ -16,13 +16,13 @@ from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Network
 
 from netweft.dataplane.overlay import Peer
+from netweft.daemon.engine import GWBRIDGE
 from netweft.daemon.store import get_setting, put_setting
 from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, Unavailable
 from netweft.ipam import address as ipam
 
 log = logging.getLogger("netweft.agent.overlay")
 
-GWBRIDGE = "nw_gwbridge"
 SANDBOX_VETH = "nwv"   # container's port in the sandbox
 GW_VETH = "nwg"        # container's port on the gateway bridge (host namespace)
 VXLAN_TMP = "nwx"      # a VXLAN device's name in the host namespace before it moves into its sandbox
@@ -192,6 +192,7 @@ class OverlayAgent:
             subnet = ipam.allocate_subnet(self.engine.pools, taken)
             gw = {"Subnet": str(subnet), "Gateway": str(next(subnet.hosts()))}
             put_setting(self.engine.store, "gwbridge", gw)
+            await self.engine._apply_firewall(self.engine.store.list("networks"))
         prefix = IPv4Network(gw["Subnet"]).prefixlen
         await self.engine.kov("ensure_gwbridge", GWBRIDGE, f"{gw['Gateway']}/{prefix}", 1500)
         await self.engine.kov("apply_overlay_firewall", GWBRIDGE, gw["Subnet"])

@@ -27,6 +27,7 @@ from netweft.daemon.store import Store
 log = logging.getLogger("netweft.engine")
 
 FIREWALL_TABLE = "netweft"
+GWBRIDGE = "nw_gwbridge"        # the overlays' gateway bridge (Docker's docker_gwbridge)
 BRIDGE_PREFIX = "nw-"
 VETH_PREFIX = "nwv"
 SPECIAL_MODES = ("host", "none")
@@ -204,6 +205,11 @@ class Engine:
     async def _apply_firewall(self, nets: list[dict]) -> None:
         rules = [BridgeRule(bridge=n["bridge"], subnet=n["IPAM"]["Config"][0]["Subnet"], internal=n["Internal"],
                             masquerade=not n["Internal"] and not n.get("parent")) for n in nets]
+        gw = self.store.get("settings", "gwbridge")
+        if gw is not None:
+            # The overlays' gateway bridge is one of ours too: no forwarding between it and bridge networks.
+            # (Its masquerade lives in the overlay table.)
+            rules.append(BridgeRule(bridge=GWBRIDGE, subnet=gw["Subnet"], internal=False, masquerade=False))
         if any(r.masquerade for r in rules):
             await self.k("set_ip_forward", True)
         await self.k("apply_firewall", FIREWALL_TABLE, rules)

@@ -154,6 +154,12 @@ def test_overlays_are_isolated_and_egress_rules(make_lab):
     assert not ping(lab, "h2", "r2", "198.18.2.20")
     b2_gw = json.loads(cli(lab, "h2", "inspect", "b2").stdout)[0]["NetworkSettings"]["Networks"]["blue"]["GwIP"]
     assert not ping(lab, "h2", "r2", b2_gw)
+    # Nor do overlays and local bridge networks meet on one host.
+    cli(lab, "h2", "network", "create", "--subnet", "198.18.9.0/24", "local")
+    cli(lab, "h2", "run", "-d", "--name", "l2", "--network", "local", "--ip", "198.18.9.10", "--", "sleep", "1000")
+    assert ping(lab, "h2", "l2", "198.18.9.1")
+    assert not ping(lab, "h2", "l2", b2_gw)
+    assert not ping(lab, "h2", "b2", "198.18.9.10")
     # Egress through the gateway bridge with masquerade; none from an internal overlay.
     assert ping(lab, "h2", "r2", "203.0.113.2")
     assert not ping(lab, "h2", "v2", "203.0.113.2")
