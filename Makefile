@@ -26,7 +26,7 @@ demo: install
 	$(VENV)/bin/python -m netweft.lab.demo
 
 test: install
-	$(VENV)/bin/python -m netweft.lab.cleanup --quiet
+	$(VENV)/bin/python -m netweft.lab.cleanup --tests-only --quiet
 	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS) tests
 
 unit: install

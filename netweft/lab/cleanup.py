@@ -92,11 +92,24 @@ def clean(roots: list[str] | None = None, ns_prefixes: tuple[str, ...] = NS_PREF
     return result
 
 
+TEST_LAB_PREFIX = "test"  # labs made by tests are named test<hex>; the operator's own labs are left alone
+
+
+def clean_tests(quiet: bool = False) -> dict:
+    """What tests leave: /tmp/nwt-* roots, nwt-* namespaces and test* labs."""
+    roots = glob.glob("/tmp/nwt-*") + glob.glob(f"/run/netweft-lab/{TEST_LAB_PREFIX}*")
+    return clean(roots, ns_prefixes=("nwt-", f"nwl-{TEST_LAB_PREFIX}"), quiet=quiet)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="netweft-clean-lab", description=__doc__.splitlines()[0])
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--tests-only", action="store_true", help="only what tests leave; keep the operator's labs")
     args = p.parse_args()
-    clean(quiet=args.quiet)
+    if args.tests_only:
+        clean_tests(quiet=args.quiet)
+    else:
+        clean(quiet=args.quiet)
 
 
 if __name__ == "__main__":

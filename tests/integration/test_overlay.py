@@ -21,7 +21,7 @@ def make_lab():
     labs: list[Lab] = []
 
     def make(n: int = 3, mtu: int = 1500) -> Lab:
-        lab = Lab("o" + secrets.token_hex(3))
+        lab = Lab("test" + secrets.token_hex(3))
         labs.append(lab)
         lab.up(n, mtu=mtu, init_opts={"HeartbeatPeriod": "500ms"}, progress=lambda m: None)
         return lab
