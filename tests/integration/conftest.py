@@ -116,3 +116,7 @@ def daemon(host, root):
     d = Daemon(host, root)
     yield d
     d.stop()
+
+
+# Multi-host fixtures (lab3, make_lab) and helpers live in lab_fixture.py.
+from lab_fixture import lab3, make_lab  # noqa: E402,F401
