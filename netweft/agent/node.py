@@ -18,7 +18,7 @@ import aiohttp
 
 from netweft.errors import Forbidden, InvalidRequest, NetweftError, Unavailable
 from netweft.manager import pki
-from netweft.manager.cluster import files
+from netweft.manager.cluster import files, repair_node_pair, save_node_pair
 
 log = logging.getLogger("netweft.agent")
 
@@ -177,6 +177,7 @@ class NodeAgent:
         self.on_event = on_event or (lambda kind, info: None)
         self.tasks: list[asyncio.Task] = []
         self.problem: str | None = None  # one line an operator should see (expired, removed, unreachable)
+        repair_node_pair(swarm_dir)
         self.role = self.identity().role
         self.client = ClusterClient(swarm_dir, managers)
 
@@ -237,8 +238,7 @@ class NodeAgent:
         f = files(self.dir)
         cert = resp["Certificate"].encode()
         pki.verify_node_cert(pki.load_pem(f["ca"]), cert)
-        pki.save_pem(f["key"], pki.key_to_pem(key), private=True)
-        pki.save_pem(f["cert"], cert)
+        save_node_pair(self.dir, pki.key_to_pem(key), cert)
         self.client.reset()
         old, self.role = self.role, pki.cert_identity(cert).role
         ident = self.identity()
@@ -254,6 +254,10 @@ class NodeAgent:
             await asyncio.sleep(max(0.0, (at - datetime.now(timezone.utc)).total_seconds()))
             try:
                 await self.renew()
+            except Forbidden as e:
+                log.error("the manager refuses to renew this node's certificate; renewals stop",
+                          extra={"reason": str(e)})
+                return
             except NetweftError as e:
                 log.warning("certificate renewal failed; retrying", extra={"reason": str(e)})
                 await asyncio.sleep(min(30.0, self.period))

@@ -50,11 +50,36 @@ def files(swarm_dir: str) -> dict[str, str]:
             {"ca": "ca.crt", "ca_key": "ca.key", "cert": "node.crt", "key": "node.key"}.items()}
 
 
+def save_node_pair(swarm_dir: str, key_pem: bytes, cert_pem: bytes) -> None:
+    """Replace the node's key and certificate so that a crash at any point leaves a usable pair:
+    the new key waits beside the old one until the new certificate is in place."""
+    f = files(swarm_dir)
+    pki.save_pem(f["key"] + ".new", key_pem, private=True)
+    pki.save_pem(f["cert"], cert_pem)
+    os.replace(f["key"] + ".new", f["key"])
+
+
+def repair_node_pair(swarm_dir: str) -> None:
+    """After a crash inside save_node_pair: finish the swap if the waiting key is the certificate's."""
+    f = files(swarm_dir)
+    pending = f["key"] + ".new"
+    if not os.path.exists(pending):
+        return
+    cert = pki.load_cert(pki.load_pem(f["cert"]))
+    new_key = pki.load_private_key(pki.load_pem(pending))
+    if new_key.public_key().public_numbers() == cert.public_key().public_numbers():
+        os.replace(pending, f["key"])
+        log.info("finished a certificate renewal interrupted by a crash")
+    else:
+        os.unlink(pending)
+
+
 class Manager:
     """The leader's cluster state and API. Pure state operations are plain methods; the API wraps them."""
 
     def __init__(self, store: Store, swarm_dir: str, node_id: str):
         self.store, self.dir, self.node_id = store, swarm_dir, node_id
+        repair_node_pair(swarm_dir)
         f = files(swarm_dir)
         self.ca = pki.RootCA.from_pem(pki.load_pem(f["ca"]), pki.load_pem(f["ca_key"]))
         self.server: asyncio.base_events.Server | None = None
@@ -239,8 +264,7 @@ class Manager:
             key = pki.new_node_key()
             node = self.node(self.node_id)
             cert = self.renew(node, pki.make_csr(key).decode())["Certificate"]
-            pki.save_pem(f["key"], pki.key_to_pem(key), private=True)
-            pki.save_pem(f["cert"], cert.encode())
+            save_node_pair(self.dir, pki.key_to_pem(key), cert.encode())
             self.ctx.load_cert_chain(f["cert"], f["key"])  # new handshakes present the renewed certificate
 
     # ---------------------------------------------------- admin operations
