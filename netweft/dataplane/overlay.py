@@ -31,10 +31,8 @@ import errno
 import ipaddress
 import os
 import socket
-import threading
-import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -42,6 +40,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netweft.dataplane import netns
 from netweft.dataplane.nlbatch import NeighBatch, open_route_socket
+from netweft.dataplane.nlutil import (HostHandles, check_ifname, close_iproute, delete_link,
+                                      ensure_container_end, ensure_ipv4, ensure_mtu, ensure_up, ensure_veth,
+                                      failing, get_link, ignore, link_kind, netns_iproute, netnsid,
+                                      open_iproute, parse_interface, parse_mac, retry_eexist)
 from netweft.errors import InvalidRequest, KernelError
 
 SANDBOX_BRIDGE = "br0"
@@ -50,50 +52,14 @@ DEFAULT_PORT = 4789
 VXLAN_OVERHEAD = 50          # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
 OVERLAY_TABLE = "netweft-ov"
 
-IFNAMSIZ = 15
-IFF_UP = 0x1
-RT_TABLE_MAIN = 254
-NETLINK_ROUTE = 0
-SOL_NETLINK = 270
-NETLINK_EXT_ACK = 11
-EEXIST_RETRY_SECONDS = 3.0   # a namespace being torn down can hold a name / VNI for a moment
-
 
 # ---- validation ---------------------------------------------------------------------------------
-
-def _check_ifname(name: str, what: str = "interface name") -> str:
-    if not isinstance(name, str) or not name or len(name.encode()) > IFNAMSIZ or "/" in name \
-            or any(c.isspace() for c in name) or name in (".", ".."):
-        raise InvalidRequest(f"invalid {what} {name!r} (1-{IFNAMSIZ} bytes, no '/' or spaces)")
-    return name
-
-
-def _interface(address: str) -> ipaddress.IPv4Interface:
-    try:
-        if "/" not in address:
-            raise ValueError
-        return ipaddress.IPv4Interface(address)
-    except (ValueError, TypeError):
-        raise InvalidRequest(f"invalid IPv4 address {address!r}, expected e.g. 198.18.0.5/24") from None
-
 
 def _ipv4(address: str, what: str = "IPv4 address") -> str:
     try:
         return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, address))
     except (OSError, TypeError):
         raise InvalidRequest(f"invalid {what} {address!r}") from None
-
-
-def _mac(mac: str) -> str:
-    try:
-        raw = bytes.fromhex(mac.replace(":", "")) if len(mac) == 17 and mac.count(":") == 5 else b""
-    except (ValueError, AttributeError, TypeError):
-        raw = b""
-    if len(raw) != 6:
-        raise InvalidRequest(f"invalid MAC address {mac!r}")
-    if raw[0] & 1:
-        raise InvalidRequest(f"MAC address {mac} is multicast")
-    return raw.hex(":")
 
 
 def _int_in(value: int, low: int, high: int, what: str) -> int:
@@ -113,114 +79,8 @@ class Peer:
     def __post_init__(self) -> None:
         # Canonical forms, so peers read back from the kernel compare equal to the ones we were given.
         object.__setattr__(self, "ip", _ipv4(self.ip, "peer IP"))
-        object.__setattr__(self, "mac", _mac(self.mac))
+        object.__setattr__(self, "mac", parse_mac(self.mac))
         object.__setattr__(self, "vtep", _ipv4(self.vtep, "VTEP address"))
-
-
-# ---- pyroute2 helpers ---------------------------------------------------------------------------
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, NetlinkError):
-        text = os.strerror(e.code) if e.code else str(e)
-        extra = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], str) else ""
-        return f"{text} ({extra})" if extra and extra != text else text
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e)
-
-
-@contextlib.contextmanager
-def _failing(what: str) -> Iterator[None]:
-    """Turn a kernel/netlink failure into a one-line KernelError saying what we were doing."""
-    try:
-        yield
-    except KernelError as e:
-        raise KernelError(f"{what}: {e}") from None
-    except (NetlinkError, OSError) as e:
-        raise KernelError(f"{what}: {_describe(e)}") from None
-
-
-@contextlib.contextmanager
-def _ignore(*codes: int) -> Iterator[None]:
-    """Swallow NetlinkErrors with the given codes (e.g. ENODEV when deleting)."""
-    try:
-        yield
-    except NetlinkError as e:
-        if e.code not in codes:
-            raise
-
-
-def _kind(link) -> str | None:
-    return link.get(("linkinfo", "kind")) if link is not None else None
-
-
-def _is_up(link) -> bool:
-    return bool(link["flags"] & IFF_UP)
-
-
-def _get_link(ipr: IPRoute, name: str):
-    """The RTM_NEWLINK message for `name`, or None if there is no such link."""
-    try:
-        return ipr.link("get", ifname=name)[0]
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return None
-        raise
-
-
-def _ensure_ipv4(ipr: IPRoute, index: int, want: ipaddress.IPv4Interface) -> None:
-    """Make `want` the only IPv4 address of link `index`."""
-
-    def current() -> set[tuple[str, int]]:
-        return {(a.get("local") or a.get("address"), a["prefixlen"])
-                for a in ipr.addr("dump", family=socket.AF_INET, index=index)}
-
-    target = (str(want.ip), want.network.prefixlen)
-    for address, prefixlen in current() - {target}:
-        with _ignore(errno.EADDRNOTAVAIL):
-            ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
-    # Deleting a primary address can take its secondaries with it, so look again.
-    if target not in current():
-        ipr.addr("add", index=index, address=target[0], prefixlen=target[1],
-                 broadcast=str(want.network.broadcast_address))
-
-
-def _ensure_up(ipr: IPRoute, link) -> None:
-    if not _is_up(link):
-        ipr.link("set", index=link["index"], state="up")
-
-
-def _ensure_mtu(ipr: IPRoute, link, mtu: int) -> None:
-    if link.get("mtu") != mtu:
-        ipr.link("set", index=link["index"], mtu=mtu)
-
-
-def _nsid(ipr: IPRoute, fd: int) -> int | None:
-    """The id that `ipr`'s namespace gives namespace `fd`, None if it has none."""
-    nsid = (ipr.get_netnsid(fd=fd) or {}).get("nsid")
-    return nsid if nsid is not None and 0 <= nsid < 2**31 else None
-
-
-def _open_iproute(ns_fd: int) -> IPRoute:
-    """An IPRoute whose socket lives in namespace `ns_fd` (entered just long enough to open it)."""
-    with netns.entered(ns_fd):
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-    try:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)  # kernel explains some refusals
-        return IPRoute(use_socket=sock)
-    except BaseException:
-        sock.close()
-        raise
-
-
-def _close_iproute(ipr: IPRoute) -> None:
-    sock = getattr(ipr, "use_socket", None)
-    with contextlib.suppress(Exception):
-        ipr.close()
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.close()
 
 
 class _Sandbox:
@@ -231,17 +91,17 @@ class _Sandbox:
         self.fd = fd
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)  # which namespace; notices one replaced under the same path
-        self.ipr = _open_iproute(fd)
+        self.ipr = open_iproute(fd)
         try:
             with netns.entered(fd):
                 sock = open_route_socket()
             self.nl = NeighBatch(sock)
         except BaseException:
-            _close_iproute(self.ipr)
+            close_iproute(self.ipr)
             raise
 
     def close(self) -> None:
-        _close_iproute(self.ipr)
+        close_iproute(self.ipr)
         with contextlib.suppress(OSError):
             self.nl.close()
         os.close(self.fd)
@@ -272,7 +132,7 @@ def render_overlay_firewall(gwbridge: str, gw_subnet: str, table: str = OVERLAY_
       sandbox only bridges.
     - postrouting: the gateway bridge subnet is masqueraded when it leaves through another interface.
     """
-    _check_ifname(gwbridge, "gateway bridge name")
+    check_ifname(gwbridge, "gateway bridge name")
     try:
         net = ipaddress.IPv4Network(gw_subnet, strict=False)
     except (ValueError, TypeError):
@@ -316,66 +176,19 @@ def default_tmp_name(vni: int) -> str:
 
 # ---- the data plane -----------------------------------------------------------------------------
 
-class Overlay:
+class Overlay(HostHandles):
     """The overlay data plane of one host (the namespace of the constructing thread); see module doc."""
 
     def __init__(self) -> None:
-        self._host_fd = netns.current_netns_fd()
-        self._owner: int | None = None
-        self._ipr: IPRoute | None = None
-        self._nft = None  # nftables.Nftables, created lazily inside the host namespace
+        super().__init__()
         self._sandboxes: dict[str, _Sandbox] = {}
-        self._closed = False
-
-    # ---- plumbing -------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Release all handles. Call from the thread that used the Overlay. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
         for sb in self._sandboxes.values():
             sb.close()
         self._sandboxes.clear()
-        if self._ipr is not None:
-            _close_iproute(self._ipr)
-            self._ipr = None
-        self._nft = None
-        os.close(self._host_fd)
-
-    def __enter__(self) -> "Overlay":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _claim_thread(self) -> None:
-        if self._closed:
-            raise RuntimeError("Overlay is closed")
-        me = threading.get_ident()
-        if self._owner is None:
-            self._owner = me
-        elif self._owner != me:
-            raise RuntimeError("Overlay used from a second thread; its netlink handles belong to the first")
-
-    @property
-    def _host(self) -> IPRoute:
-        self._claim_thread()
-        if self._ipr is None:
-            with _failing("open netlink socket in host namespace"):
-                self._ipr = _open_iproute(self._host_fd)
-        return self._ipr
-
-    @contextlib.contextmanager
-    def _in_host(self) -> Iterator[None]:
-        """Run the block with the calling thread in the host namespace."""
-        mine = os.stat("/proc/thread-self/ns/net")
-        host = os.fstat(self._host_fd)
-        if (mine.st_dev, mine.st_ino) == (host.st_dev, host.st_ino):
-            yield
-        else:
-            with netns.entered(self._host_fd):
-                yield
+        super().close()
 
     def _sandbox(self, path: str) -> _Sandbox:
         """Open (or reuse) handles on the sandbox at `path`."""
@@ -393,7 +206,7 @@ class Overlay:
             raise KernelError(f"no overlay sandbox at {path} (ensure_sandbox first)")
         fd = netns.open_netns(path)
         try:
-            with _failing(f"open netlink sockets in sandbox {path}"):
+            with failing(f"open netlink sockets in sandbox {path}"):
                 sb = _Sandbox(path, fd)
         except BaseException:
             os.close(fd)
@@ -407,9 +220,9 @@ class Overlay:
             sb.close()
 
     def _vxlan_index(self, sb: _Sandbox) -> int:
-        with _failing(f"sandbox {sb.path}"):
-            link = _get_link(sb.ipr, SANDBOX_VXLAN)
-        if link is None or _kind(link) != "vxlan":
+        with failing(f"sandbox {sb.path}"):
+            link = get_link(sb.ipr, SANDBOX_VXLAN)
+        if link is None or link_kind(link) != "vxlan":
             raise KernelError(f"sandbox {sb.path} has no VXLAN device {SANDBOX_VXLAN} (ensure_sandbox first)")
         return link["index"]
 
@@ -419,7 +232,7 @@ class Overlay:
         """MTU of the host interface that holds `local_ip`."""
         local_ip = _ipv4(local_ip, "local underlay address")
         ipr = self._host
-        with _failing(f"find the interface holding {local_ip}"):
+        with failing(f"find the interface holding {local_ip}"):
             for a in ipr.addr("dump", family=socket.AF_INET):
                 if (a.get("local") or a.get("address")) == local_ip:
                     return ipr.link("get", index=a["index"])[0].get("mtu")
@@ -443,39 +256,39 @@ class Overlay:
         _int_in(vni, 1, 2**24 - 1, "VNI")
         _int_in(mtu, 68, 65535, "MTU")
         _int_in(port, 1, 65535, "VXLAN port")
-        gateway = _interface(gateway_cidr)
+        gateway = parse_interface(gateway_cidr)
         local_ip = _ipv4(local_ip, "local underlay address")
-        tmp_name = _check_ifname(tmp_name or default_tmp_name(vni), "temporary VXLAN name")
+        tmp_name = check_ifname(tmp_name or default_tmp_name(vni), "temporary VXLAN name")
         self._claim_thread()
 
         netns.create_netns(path)
         sb = self._sandbox(path)
         ipr = sb.ipr
-        with _failing(f"sandbox {path}: bridge {SANDBOX_BRIDGE}"):
+        with failing(f"sandbox {path}: bridge {SANDBOX_BRIDGE}"):
             br = self._ensure_bridge(ipr, SANDBOX_BRIDGE, gateway, mtu, ours=True)
-        with _failing(f"sandbox {path}: VXLAN device (VNI {vni}, port {port})"):
-            vx = _get_link(ipr, SANDBOX_VXLAN)
+        with failing(f"sandbox {path}: VXLAN device (VNI {vni}, port {port})"):
+            vx = get_link(ipr, SANDBOX_VXLAN)
             created = vx is None or not self._vxlan_matches(sb, vx, vni, local_ip, port)
             if created:
                 self._create_vxlan(sb, vx, vni, local_ip, port, mtu, tmp_name)
-                vx = _get_link(ipr, SANDBOX_VXLAN)
-            _ensure_mtu(ipr, vx, mtu)
+                vx = get_link(ipr, SANDBOX_VXLAN)
+            ensure_mtu(ipr, vx, mtu)
             if vx.get("master") != br:
                 ipr.link("set", index=vx["index"], master=br)
-            _ensure_up(ipr, vx)
-        with _failing(f"sandbox {path}: bring up lo"):
-            _ensure_up(ipr, _get_link(ipr, "lo"))
+            ensure_up(ipr, vx)
+        with failing(f"sandbox {path}: bring up lo"):
+            ensure_up(ipr, get_link(ipr, "lo"))
         return created
 
     def _vxlan_matches(self, sb: _Sandbox, vx, vni: int, local_ip: str, port: int) -> bool:
-        if _kind(vx) != "vxlan":
+        if link_kind(vx) != "vxlan":
             return False
 
         def data(key: str):
             return vx.get(("linkinfo", "data", key))
 
         # link_netnsid is where the device's UDP socket lives; it must be the host namespace.
-        host_nsid = _nsid(sb.ipr, self._host_fd)
+        host_nsid = netnsid(sb.ipr, self._host_fd)
         return (data("vxlan_id") == vni and data("vxlan_port") == port and data("vxlan_local") == local_ip
                 and data("vxlan_learning") == 0 and data("vxlan_proxy") == 1
                 and data("vxlan_group") is None   # no default destination: no flooding
@@ -485,22 +298,13 @@ class Overlay:
                       tmp_name: str) -> None:
         host = self._host
         if old is not None:
-            with _ignore(errno.ENODEV):
+            with ignore(errno.ENODEV):
                 sb.ipr.link("del", index=old["index"])
         self._delete_tmp_vxlan(tmp_name)  # left by a crash between create and move
         # Created here, in the host namespace, so the UDP socket it opens when up stays here.
-        deadline = time.monotonic() + EEXIST_RETRY_SECONDS
-        while True:
-            try:
-                host.link("add", ifname=tmp_name, kind="vxlan", vxlan_id=vni, vxlan_local=local_ip,
-                          vxlan_port=port, vxlan_learning=0, vxlan_proxy=1, mtu=mtu)
-                break
-            except NetlinkError as e:
-                # A sandbox namespace being destroyed may still hold the VNI for a moment.
-                if e.code != errno.EEXIST or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        tmp = _get_link(host, tmp_name)
+        retry_eexist(lambda: host.link("add", ifname=tmp_name, kind="vxlan", vxlan_id=vni, vxlan_local=local_ip,
+                                       vxlan_port=port, vxlan_learning=0, vxlan_proxy=1, mtu=mtu))
+        tmp = get_link(host, tmp_name)
         try:
             # Move and rename in one step.
             host.link("set", index=tmp["index"], net_ns_fd=sb.fd, ifname=SANDBOX_VXLAN)
@@ -511,13 +315,13 @@ class Overlay:
 
     def _delete_tmp_vxlan(self, tmp_name: str) -> None:
         host = self._host
-        stale = _get_link(host, tmp_name)
+        stale = get_link(host, tmp_name)
         if stale is None:
             return
-        if _kind(stale) != "vxlan":
+        if link_kind(stale) != "vxlan":
             raise KernelError(f"temporary VXLAN name {tmp_name} is taken by a non-VXLAN interface in the "
                               f"host namespace")
-        with _ignore(errno.ENODEV):
+        with ignore(errno.ENODEV):
             host.link("del", index=stale["index"])
 
     @staticmethod
@@ -528,18 +332,18 @@ class Overlay:
         `ours`: an interface of that name that is not a bridge may be replaced (inside a sandbox
         everything is ours; in the host namespace it is not).
         """
-        link = _get_link(ipr, name)
-        if link is not None and _kind(link) != "bridge":
+        link = get_link(ipr, name)
+        if link is not None and link_kind(link) != "bridge":
             if not ours:
                 raise KernelError(f"an interface named {name} exists and is not a bridge")
             ipr.link("del", index=link["index"])
             link = None
         if link is None:
             ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
-            link = _get_link(ipr, name)
-        _ensure_mtu(ipr, link, mtu)  # set explicitly, so the bridge does not follow its ports
-        _ensure_ipv4(ipr, link["index"], gateway)
-        _ensure_up(ipr, link)
+            link = get_link(ipr, name)
+        ensure_mtu(ipr, link, mtu)  # set explicitly, so the bridge does not follow its ports
+        ensure_ipv4(ipr, link["index"], gateway)
+        ensure_up(ipr, link)
         return link["index"]
 
     def delete_sandbox(self, path: str, tmp_name: str | None = None) -> None:
@@ -552,21 +356,21 @@ class Overlay:
         self._claim_thread()
         if netns.is_netns(path):
             sb = self._sandbox(path)
-            with _failing(f"delete sandbox {path}"):
-                vx = _get_link(sb.ipr, SANDBOX_VXLAN)
-                if vx is not None and _kind(vx) == "vxlan" and tmp_name is None:
+            with failing(f"delete sandbox {path}"):
+                vx = get_link(sb.ipr, SANDBOX_VXLAN)
+                if vx is not None and link_kind(vx) == "vxlan" and tmp_name is None:
                     tmp_name = default_tmp_name(vx.get(("linkinfo", "data", "vxlan_id")))
                 # vxlan0 first (frees the host UDP socket), then veths (their container ends go too).
                 links = sorted(sb.ipr.get_links(), key=lambda link: link.get("ifname") != SANDBOX_VXLAN)
                 for link in links:
                     if link.get("ifname") != "lo":
-                        with _ignore(errno.ENODEV):
+                        with ignore(errno.ENODEV):
                             sb.ipr.link("del", index=link["index"])
         self._forget(path)
         netns.delete_netns(path)
         if tmp_name is not None:
-            with _failing(f"delete sandbox {path}: leftover {tmp_name}"):
-                self._delete_tmp_vxlan(_check_ifname(tmp_name, "temporary VXLAN name"))
+            with failing(f"delete sandbox {path}: leftover {tmp_name}"):
+                self._delete_tmp_vxlan(check_ifname(tmp_name, "temporary VXLAN name"))
 
     # ---- endpoints ------------------------------------------------------------------------------
 
@@ -577,8 +381,8 @@ class Overlay:
         args = self._endpoint_args(host_ifname, ifname, address_cidr, mac, mtu)
         sb = self._sandbox(sandbox_path)
         what = f"overlay endpoint {host_ifname} in {sandbox_path}"
-        with _failing(what):
-            br = _get_link(sb.ipr, SANDBOX_BRIDGE)
+        with failing(what):
+            br = get_link(sb.ipr, SANDBOX_BRIDGE)
         if br is None:
             raise KernelError(f"{what}: sandbox has no {SANDBOX_BRIDGE} (ensure_sandbox first)")
         self._ensure_veth(sb.ipr, ctr_netns_path, *args, master=br["index"], isolated=False,
@@ -587,109 +391,36 @@ class Overlay:
     def delete_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
         """Delete the endpoint veth `host_ifname` of the sandbox (its container end goes with it).
         Idempotent, also when the sandbox is gone."""
-        _check_ifname(host_ifname, "host interface name")
+        check_ifname(host_ifname, "host interface name")
         self._claim_thread()
         if not netns.is_netns(sandbox_path):
             return
         sb = self._sandbox(sandbox_path)
-        self._delete_veth(sb.ipr, host_ifname, f"delete overlay endpoint {host_ifname} in {sandbox_path}")
+        with failing(f"delete overlay endpoint {host_ifname} in {sandbox_path}"):
+            delete_link(sb.ipr, host_ifname, "veth")
 
     @staticmethod
     def _endpoint_args(host_ifname: str, ifname: str, address_cidr: str, mac: str, mtu: int) -> tuple:
-        return (_check_ifname(host_ifname, "host interface name"), _check_ifname(ifname),
-                _interface(address_cidr), _mac(mac), _int_in(mtu, 68, 65535, "MTU"))
+        return (check_ifname(host_ifname, "host interface name"), check_ifname(ifname),
+                parse_interface(address_cidr), parse_mac(mac), _int_in(mtu, 68, 65535, "MTU"))
 
     def _ensure_veth(self, ipr: IPRoute, ctr_path: str, host_ifname: str, ifname: str,
                      address: ipaddress.IPv4Interface, mac: str, mtu: int, *, master: int,
                      isolated: bool, gateway: ipaddress.IPv4Address | None, what: str) -> None:
         """A veth between namespace `ipr` (end `host_ifname`, port of bridge `master`) and the container
         (end `ifname`); recreated unless both ends are one pair, then every setting checked."""
-        ctr_fd = netns.open_netns(ctr_path)
-        try:
-            with _failing(what):
-                cipr = _open_iproute(ctr_fd)
-                try:
-                    host, peer = _get_link(ipr, host_ifname), _get_link(cipr, ifname)
-                    if not self._is_pair(ipr, host, peer, ctr_fd):
-                        self._create_veth(ipr, cipr, ctr_fd, host, peer, host_ifname, ifname, mac, mtu)
-                        host, peer = _get_link(ipr, host_ifname), _get_link(cipr, ifname)
-                    # Our end.
-                    _ensure_mtu(ipr, host, mtu)
-                    if host.get("master") != master:
-                        ipr.link("set", index=host["index"], master=master)
-                        host = ipr.link("get", index=host["index"])[0]
-                    want = {"isolated": int(isolated), "mode": 0}  # mode is hairpin: never
-                    if any(host.get(("linkinfo", "slave_data", k)) != v for k, v in want.items()):
-                        ipr.link("set", index=host["index"], kind="bridge_slave", **want)
-                    _ensure_up(ipr, host)
-                    # Container end.
-                    if (peer.get("address") or "").lower() != mac:
-                        cipr.link("set", index=peer["index"], address=mac)
-                    _ensure_mtu(cipr, peer, mtu)
-                    _ensure_ipv4(cipr, peer["index"], address)
-                    _ensure_up(cipr, peer)
-                    _ensure_up(cipr, _get_link(cipr, "lo"))
-                    if gateway is not None:
-                        self._ensure_default_route(cipr, peer["index"], gateway)
-                finally:
-                    _close_iproute(cipr)
-        finally:
-            os.close(ctr_fd)
-
-    @staticmethod
-    def _is_pair(ipr: IPRoute, host, peer, ctr_fd: int) -> bool:
-        """True if `host` (in `ipr`'s namespace) and `peer` (container) are the two ends of one veth."""
-        if host is None or peer is None or _kind(host) != "veth" or _kind(peer) != "veth":
-            return False
-        if host.get("link") != peer["index"] or peer.get("link") != host["index"]:
-            return False
-        # Indexes are per namespace; the peer's namespace id pins down which namespace.
-        nsid = _nsid(ipr, ctr_fd)
-        return nsid is not None and host.get("link_netnsid") == nsid
-
-    @staticmethod
-    def _create_veth(ipr: IPRoute, cipr: IPRoute, ctr_fd: int, host, peer, host_ifname: str, ifname: str,
-                     mac: str, mtu: int) -> None:
-        """Replace whatever holds the two names with a fresh veth pair, container end created in place."""
-        deadline = time.monotonic() + EEXIST_RETRY_SECONDS
-        while True:
-            if host is not None and _kind(host) != "veth":
-                raise KernelError(f"an interface named {host_ifname} exists and is not a veth")
-            if peer is not None and _kind(peer) != "veth":
-                raise KernelError(f"the container has an interface named {ifname} that is not a veth")
-            # Stale ends: a half-made pair, or one whose other end is in a namespace being destroyed.
-            for handle, link in ((ipr, host), (cipr, peer)):
-                if link is not None:
-                    with _ignore(errno.ENODEV):
-                        handle.link("del", index=link["index"])
-            try:
-                ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
-                         peer={"ifname": ifname, "net_ns_fd": ctr_fd, "address": mac, "mtu": mtu})
-                return
-            except NetlinkError as e:
-                if e.code != errno.EEXIST or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
-            host, peer = _get_link(ipr, host_ifname), _get_link(cipr, ifname)
-
-    @staticmethod
-    def _ensure_default_route(cipr: IPRoute, oif: int, gw: ipaddress.IPv4Address) -> None:
-        defaults = [r for r in cipr.route("dump", family=socket.AF_INET)
-                    if r["dst_len"] == 0 and (r.get("table") or r["table"]) == RT_TABLE_MAIN]
-        if len(defaults) == 1 and defaults[0].get("gateway") == str(gw) and defaults[0].get("oif") == oif:
-            return
-        cipr.route("replace", dst="0.0.0.0/0", gateway=str(gw), oif=oif)
-
-    @staticmethod
-    def _delete_veth(ipr: IPRoute, name: str, what: str) -> None:
-        with _failing(what):
-            link = _get_link(ipr, name)
-            if link is None:
-                return
-            if _kind(link) != "veth":
-                raise KernelError("that interface is not a veth")
-            with _ignore(errno.ENODEV):
-                ipr.link("del", index=link["index"])
+        with failing(what), netns_iproute(ctr_path) as (ctr_fd, cipr):
+            host, peer = ensure_veth(ipr, cipr, ctr_fd, host_ifname, ifname, mac, mtu, replace_peer=False)
+            # Our end.
+            ensure_mtu(ipr, host, mtu)
+            if host.get("master") != master:
+                ipr.link("set", index=host["index"], master=master)
+                host = ipr.link("get", index=host["index"])[0]
+            want = {"isolated": int(isolated), "mode": 0}  # mode is hairpin: never
+            if any(host.get(("linkinfo", "slave_data", k)) != v for k, v in want.items()):
+                ipr.link("set", index=host["index"], kind="bridge_slave", **want)
+            ensure_up(ipr, host)
+            ensure_container_end(cipr, peer, address, mac, mtu, gateway)
 
     # ---- remote endpoints -----------------------------------------------------------------------
 
@@ -698,7 +429,7 @@ class Overlay:
         peers = _peer_list(peers)
         sb = self._sandbox(sandbox_path)
         vx = self._vxlan_index(sb)
-        with _failing(f"sandbox {sandbox_path}"):
+        with failing(f"sandbox {sandbox_path}"):
             # FDB first, so an ARP answer (from the neighbour) never points at a MAC with nowhere to go.
             sb.nl.add_fdb(vx, [(p.mac, p.vtep) for p in peers])
             sb.nl.add_neighbours(vx, [(p.ip, p.mac) for p in peers])
@@ -709,9 +440,9 @@ class Overlay:
         if not netns.is_netns(sandbox_path):
             return  # nothing left to remove
         sb = self._sandbox(sandbox_path)
-        with _failing(f"sandbox {sandbox_path}"):
-            vx = _get_link(sb.ipr, SANDBOX_VXLAN)
-            if vx is None or _kind(vx) != "vxlan":
+        with failing(f"sandbox {sandbox_path}"):
+            vx = get_link(sb.ipr, SANDBOX_VXLAN)
+            if vx is None or link_kind(vx) != "vxlan":
                 return  # no VXLAN device, no peers
             vx = vx["index"]
             sb.nl.delete_neighbours(vx, [p.ip for p in peers])
@@ -722,7 +453,7 @@ class Overlay:
         entries by MAC."""
         sb = self._sandbox(sandbox_path)
         vx = self._vxlan_index(sb)
-        with _failing(f"sandbox {sandbox_path}"):
+        with failing(f"sandbox {sandbox_path}"):
             neighbours = sb.nl.neighbours(vx)
             fdb = sb.nl.fdb(vx)
         vteps = defaultdict(list)
@@ -744,7 +475,7 @@ class Overlay:
                 raise InvalidRequest(f"peer MAC {p.mac} listed with two VTEPs")
         sb = self._sandbox(sandbox_path)
         vx = self._vxlan_index(sb)
-        with _failing(f"sandbox {sandbox_path}"):
+        with failing(f"sandbox {sandbox_path}"):
             neighbours = sb.nl.neighbours(vx)
             fdb = sb.nl.fdb(vx)
             stale_neigh = [ip for ip in neighbours if ip not in want_neigh]
@@ -763,25 +494,18 @@ class Overlay:
     def ensure_gwbridge(self, name: str, gateway_cidr: str, mtu: int) -> None:
         """The host's gateway bridge `name` with `gateway_cidr`, `mtu`, up; IPv4 forwarding on in the host
         namespace (egress is routed)."""
-        _check_ifname(name, "gateway bridge name")
-        gateway = _interface(gateway_cidr)
+        check_ifname(name, "gateway bridge name")
+        gateway = parse_interface(gateway_cidr)
         _int_in(mtu, 68, 65535, "MTU")
-        with _failing(f"gateway bridge {name}"):
+        with failing(f"gateway bridge {name}"):
             self._ensure_bridge(self._host, name, gateway, mtu, ours=False)
-            self._set_ip_forward()
+            self._set_ip_forward(True)
 
     def delete_gwbridge(self, name: str) -> None:
         """Delete the gateway bridge (its ports stay, detached). Idempotent."""
-        _check_ifname(name, "gateway bridge name")
-        ipr = self._host
-        with _failing(f"delete gateway bridge {name}"):
-            link = _get_link(ipr, name)
-            if link is None:
-                return
-            if _kind(link) != "bridge":
-                raise KernelError("that interface is not a bridge")
-            with _ignore(errno.ENODEV):
-                ipr.link("del", index=link["index"])
+        check_ifname(name, "gateway bridge name")
+        with failing(f"delete gateway bridge {name}"):
+            delete_link(self._host, name, "bridge")
 
     def ensure_gw_endpoint(self, ctr_netns_path: str, bridge: str, host_ifname: str, ifname: str,
                            address_cidr: str, mac: str, mtu: int, gateway_ip: str) -> None:
@@ -789,29 +513,22 @@ class Overlay:
         hairpin) to `ifname` in the container with `address_cidr`, `mac`, `mtu` and the default route
         via `gateway_ip`."""
         args = self._endpoint_args(host_ifname, ifname, address_cidr, mac, mtu)
-        _check_ifname(bridge, "gateway bridge name")
+        check_ifname(bridge, "gateway bridge name")
         gateway = ipaddress.IPv4Address(_ipv4(gateway_ip, "gateway address"))
         what = f"gateway endpoint {host_ifname}"
         ipr = self._host
-        with _failing(what):
-            br = _get_link(ipr, bridge)
-        if br is None or _kind(br) != "bridge":
+        with failing(what):
+            br = get_link(ipr, bridge)
+        if br is None or link_kind(br) != "bridge":
             raise KernelError(f"{what}: no gateway bridge {bridge} (ensure_gwbridge first)")
         self._ensure_veth(ipr, ctr_netns_path, *args, master=br["index"], isolated=True,
                           gateway=gateway, what=what)
 
     def delete_gw_endpoint(self, host_ifname: str) -> None:
         """Delete the gateway-bridge veth `host_ifname` (its container end goes with it). Idempotent."""
-        _check_ifname(host_ifname, "host interface name")
-        self._delete_veth(self._host, host_ifname, f"delete gateway endpoint {host_ifname}")
-
-    def _set_ip_forward(self) -> None:
-        with self._in_host():
-            # /proc/sys/net belongs to the namespace of the thread that opens the file.
-            with open("/proc/sys/net/ipv4/ip_forward", "r+") as f:
-                if f.read().strip() != "1":
-                    f.seek(0)
-                    f.write("1\n")
+        check_ifname(host_ifname, "host interface name")
+        with failing(f"delete gateway endpoint {host_ifname}"):
+            delete_link(self._host, host_ifname, "veth")
 
     # ---- firewall -------------------------------------------------------------------------------
 
@@ -822,25 +539,6 @@ class Overlay:
     def delete_overlay_firewall(self) -> None:
         """Delete nftables table `inet netweft-ov`. Idempotent."""
         self._nft_cmd(render_delete_overlay_firewall(), f"delete nftables table {OVERLAY_TABLE}")
-
-    def _nft_cmd(self, cmd: dict, what: str) -> None:
-        self._claim_thread()
-        with self._in_host():
-            if self._nft is None:
-                import nftables  # pip-nftables over the system libnftables
-
-                try:
-                    # A libnftables context stays bound to the namespace it is first used in.
-                    self._nft = nftables.Nftables()
-                except OSError as e:
-                    raise KernelError(f"{what}: cannot load libnftables: {e}") from None
-            rc, _output, error = self._nft.json_cmd(cmd)
-        if rc != 0:
-            lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
-            detail = lines[0] if lines else f"libnftables returned {rc}"
-            if "Error:" in detail:  # "internal:0:0-0: Error: ..." — the location means nothing for JSON
-                detail = detail[detail.index("Error:") + len("Error:"):].strip()
-            raise KernelError(f"{what}: {detail}")
 
 
 def _peer_list(peers: Iterable[Peer]) -> list[Peer]:
