@@ -14,6 +14,7 @@ import os
 import time
 from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Network
+from urllib.parse import quote
 
 from netweft.dataplane.overlay import Peer
 from netweft.daemon.engine import GWBRIDGE
@@ -137,6 +138,17 @@ class OverlayAgent:
             hits = [n for n in self.networks.values() if n["ID"].startswith(ref)]
             hit = hits[0] if len(hits) == 1 else None
         return self.docker_view(hit) if hit else None
+
+    async def fetch_network(self, ref: str) -> dict | None:
+        """Look a network up at the manager (the watch stream may be a few ms behind); None if unknown."""
+        try:
+            net = await self.client.call("GET", f"/networks/{quote(ref, safe='')}")
+        except NetweftError as e:
+            if getattr(e, "status", None) == 404:
+                return None
+            raise
+        self.networks.setdefault(net["ID"], net)
+        return self.docker_view(net)
 
     @staticmethod
     def docker_view(net: dict) -> dict:

@@ -84,7 +84,7 @@ def build_app(daemon) -> web.Application:
 
     @routes.get("/networks/{ref}")
     async def network_inspect(request):
-        return web.json_response(engine.network_view(engine.network(request.match_info["ref"])))
+        return web.json_response(engine.network_view(await engine.network(request.match_info["ref"])))
 
     @routes.delete("/networks/{ref}")
     async def network_remove(request):

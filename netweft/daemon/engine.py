@@ -85,10 +85,11 @@ class Engine:
         self.store.close()
 
     # ---------------------------------------------------------------- lookups
-    def network(self, ref: str) -> dict:
+    async def network(self, ref: str) -> dict:
         net = self.store.find("networks", ref)
         if net is None and self.overlay_agent is not None:
-            net = self.overlay_agent.find_network(ref)
+            # Not in the local copy yet (created a moment ago elsewhere)? Ask the manager.
+            net = self.overlay_agent.find_network(ref) or await self.overlay_agent.fetch_network(ref)
         if net is None:
             raise NotFound(f"network {ref!r} not found; see `netweft network ls`")
         return net
@@ -242,7 +243,7 @@ class Engine:
 
     async def remove_network(self, ref: str) -> None:
         async with self.lock:
-            net = self.network(ref)
+            net = await self.network(ref)
             if net["Driver"] == "overlay":
                 await self.swarm.admin("DELETE", f"/networks/{net['Id']}", local=lambda:
                                        self.swarm.manager.overlays.remove_network(net["Id"]))
@@ -271,7 +272,7 @@ class Engine:
     async def connect(self, net_ref: str, ctr_ref: str, ip: str | None = None,
                       aliases: list[str] | None = None, mac: str | None = None) -> dict:
         async with self.lock:
-            net, ctr = self.network(net_ref), self.container(ctr_ref)
+            net, ctr = await self.network(net_ref), self.container(ctr_ref)
             ep = await self._connect(net, ctr, ip, aliases or [], mac)
             self._write_hosts(ctr)
             with self.store.tx():
@@ -325,7 +326,7 @@ class Engine:
 
     async def disconnect(self, net_ref: str, ctr_ref: str) -> None:
         async with self.lock:
-            net, ctr = self.network(net_ref), self.container(ctr_ref)
+            net, ctr = await self.network(net_ref), self.container(ctr_ref)
             ep = ctr["NetworkSettings"]["Networks"].get(net["Name"])
             if ep is None:
                 raise NotFound(f"container {ctr['Name']!r} is not connected to network {net['Name']!r}")
@@ -350,7 +351,7 @@ class Engine:
             mode = req.get("NetworkMode") or "none"
             net = None
             if mode not in SPECIAL_MODES:
-                net = self.network(mode)
+                net = await self.network(mode)
             elif req.get("IPAddress") or req.get("MacAddress") or req.get("Aliases"):
                 raise InvalidRequest(f"--ip, --mac-address and --network-alias need a network, not --network {mode}")
             state_dir = self.ctr_state_dir(ctr_id)
@@ -372,7 +373,7 @@ class Engine:
                 self._write_hosts(ctr)
                 runtime.write_resolv(os.path.join(state_dir, "resolv.conf"), *_host_resolvers())
                 if start:
-                    self._start_process(ctr)
+                    await self._start_process(ctr)
             except BaseException:
                 await self._teardown_container(ctr)
                 raise
@@ -380,20 +381,22 @@ class Engine:
                 self.store.put("containers", ctr_id, name, ctr)
             return self.container_view(ctr)
 
-    def _start_process(self, ctr: dict) -> None:
+    async def _start_process(self, ctr: dict) -> None:
+        """Start the container's process off the event loop: starting a shim takes tens of ms."""
         state_dir = self.ctr_state_dir(ctr["Id"])
         for stale in ("pid", "exit_code", "starttime"):
             if os.path.exists(os.path.join(state_dir, stale)):
                 os.unlink(os.path.join(state_dir, stale))
         mode = ctr["HostConfig"]["NetworkMode"]
-        runtime.start({
+        spec = {
             "netns": None if mode == "host" else self.netns_path(ctr["Id"]),
             "hostname": ctr["Config"]["Hostname"],
             "hosts_file": None if mode == "host" else os.path.join(state_dir, "hosts"),
             "resolv_file": None if mode == "host" else os.path.join(state_dir, "resolv.conf"),
             "cmd": ctr["Config"]["Cmd"], "env": ctr["Config"]["Env"],
             "log": ctr["LogPath"], "state_dir": state_dir,
-        })
+        }
+        await asyncio.get_running_loop().run_in_executor(None, runtime.start, spec)
 
     def _write_hosts(self, ctr: dict) -> None:
         if ctr["HostConfig"]["NetworkMode"] == "host":
@@ -410,7 +413,7 @@ class Engine:
             status, _ = runtime.status(self.ctr_state_dir(ctr["Id"]))
             if status == "running":
                 raise Conflict(f"container {ctr['Name']!r} is already running")
-            self._start_process(ctr)
+            await self._start_process(ctr)
             return self.container_view(ctr)
 
     async def stop_container(self, ref: str, timeout: float = 10) -> None:

@@ -482,6 +482,10 @@ class Manager:
         async def watch(request):
             return await self._watch(request)
 
+        @routes.get("/networks/{ref}")
+        async def net_get(request):
+            return web.json_response(self.overlays.network(request.match_info["ref"]))
+
         @routes.post("/endpoints")
         async def ep_create(request):
             return web.json_response(self.overlays.create_endpoint(request["node"], await body(request)))

@@ -129,6 +129,15 @@ def test_containers_on_three_hosts_talk_ping_and_tcp(make_lab):
     assert "ov" not in cli(lab, "h3", "network", "ls").stdout.split()
 
 
+def test_a_new_network_is_usable_at_once_on_every_host(make_lab):
+    lab = make_lab(2)
+    for i in range(5):  # no waiting between create on the manager and run on a worker
+        lab.client("h1").call("POST", "/networks/create", {"Name": f"n{i}", "Driver": "overlay", "Attachable": True,
+                                                           "IPAM": {"Config": [{"Subnet": f"198.18.{i}.0/24"}]}})
+        lab.client("h2").call("POST", "/containers/create", {"Name": f"c{i}", "NetworkMode": f"n{i}",
+                                                             "Cmd": ["sleep", "100"]})
+
+
 def test_overlays_are_isolated_and_egress_rules(make_lab):
     lab = make_lab(2)
     # An "outside" namespace reachable from h2's host namespace only (TEST-NET-3, no route back).
