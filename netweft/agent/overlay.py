@@ -19,7 +19,7 @@ from urllib.parse import quote
 from netweft.dataplane.overlay import Peer
 from netweft.daemon.engine import GWBRIDGE
 from netweft.daemon.store import get_setting, put_setting
-from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, Unavailable
+from netweft.errors import NetweftError
 from netweft.ipam import address as ipam
 
 log = logging.getLogger("netweft.agent.overlay")
@@ -182,6 +182,12 @@ class OverlayAgent:
         return {**net, "Containers": containers, "Peers": [{"Name": h, "IP": ip} for h, ip in peers]}
 
     # ------------------------------------------------------------------ kernel
+    async def uplink_mtu(self) -> int:
+        """The MTU of the host's underlay interface: egress through the gateway bridge leaves by it."""
+        if "uplink" not in self._mtu:
+            self._mtu["uplink"] = await self.engine.kov("underlay_mtu", self.vtep)
+        return self._mtu["uplink"]
+
     async def mtu(self, net: dict) -> int:
         if net.get("MTU"):
             return net["MTU"]
@@ -206,7 +212,7 @@ class OverlayAgent:
             put_setting(self.engine.store, "gwbridge", gw)
             await self.engine._apply_firewall(self.engine.store.list("networks"))
         prefix = IPv4Network(gw["Subnet"]).prefixlen
-        await self.engine.kov("ensure_gwbridge", GWBRIDGE, f"{gw['Gateway']}/{prefix}", 1500)
+        await self.engine.kov("ensure_gwbridge", GWBRIDGE, f"{gw['Gateway']}/{prefix}", await self.uplink_mtu())
         await self.engine.kov("apply_overlay_firewall", GWBRIDGE, gw["Subnet"])
         return gw
 
@@ -221,7 +227,8 @@ class OverlayAgent:
             gw = await self.ensure_gwbridge()
             prefix = IPv4Network(gw["Subnet"]).prefixlen
             await self.engine.kov("ensure_gw_endpoint", ns, GWBRIDGE, ep["GwHostInterface"], ep["GwInterface"],
-                                  f"{ep['GwIP']}/{prefix}", ipam.mac_for_ip(IPv4Address(ep["GwIP"])), 1500,
+                                  f"{ep['GwIP']}/{prefix}", ipam.mac_for_ip(IPv4Address(ep["GwIP"])),
+                                  await self.uplink_mtu(),
                                   gw["Gateway"])
 
     async def reconcile(self) -> None:

@@ -18,7 +18,6 @@ from netweft import validate
 from netweft.dataplane.firewall import BridgeRule
 from netweft.dataplane.kernel import Kernel
 from netweft.dataplane.overlay import Overlay
-from netweft.dataplane import netns
 from netweft.errors import Conflict, InvalidRequest, NotFound
 from netweft.ipam import address as ipam
 from netweft.runtime import container as runtime

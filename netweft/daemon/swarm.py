@@ -16,7 +16,7 @@ from aiohttp import web
 
 from netweft.agent import node as agent
 from netweft.agent.overlay import OverlayAgent
-from netweft.daemon.store import delete_setting, get_setting, put_setting
+from netweft.daemon.store import get_setting, put_setting
 from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
 from netweft.ipam.address import parse_network
 from netweft.manager import pki

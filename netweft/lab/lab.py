@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pyroute2 import IPRoute, NetNS
+from pyroute2 import NetNS
 
 from netweft.cli.client import Client
 from netweft.errors import Conflict, InvalidRequest, NotFound

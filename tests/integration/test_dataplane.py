@@ -30,7 +30,6 @@ from netweft.dataplane.firewall import BridgeRule
 from netweft.dataplane.kernel import Kernel
 from netweft.errors import InvalidRequest, KernelError
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
 TABLE = "nwt_test"
 OUR_LINK_PREFIXES = ("nwb", "nwv", "nwt", "up0", "lan0")

@@ -26,7 +26,6 @@ from netweft.dataplane.overlay import (OVERLAY_TABLE, Overlay, Peer, default_tmp
 from netweft.errors import InvalidRequest, KernelError
 from netweft.lab.cleanup import clean
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
 PREFIX = "nwt-ov-"
 A_IP, B_IP = "192.0.2.1", "192.0.2.2"

@@ -20,7 +20,6 @@ import pytest
 from netweft.errors import NetweftError
 from netweft.runtime import container
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 
 TMP_PREFIX = os.path.join(tempfile.gettempdir(), "nwt-rt-")
 
