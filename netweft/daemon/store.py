@@ -13,6 +13,7 @@ class Store:
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None)
+        self._depth, self._after = 0, []
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         for kind in KINDS:
@@ -21,14 +22,36 @@ class Store:
 
     @contextmanager
     def tx(self):
-        """One atomic write: all of it lands or none."""
+        """One atomic write: all of it lands or none. Re-entrant: an inner tx joins the outer one,
+        so a read-check-write (an allocation) can sit in the same transaction as its write."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
         self.db.execute("BEGIN IMMEDIATE")
+        self._depth, self._after = 1, []
         try:
             yield self
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        else:
+            self.db.execute("COMMIT")
+        finally:
+            self._depth = 0
+        after, self._after = self._after, []
+        for fn in after:
+            fn()
+
+    def on_commit(self, fn) -> None:
+        """Run fn once the current transaction has committed (never if it rolls back)."""
+        if self._depth:
+            self._after.append(fn)
+        else:
+            fn()
 
     def put(self, kind: str, id: str, name: str | None, doc: dict) -> None:
         self.db.execute(f"INSERT OR REPLACE INTO {kind} (id, name, doc) VALUES (?, ?, ?)",

@@ -49,11 +49,16 @@ class Overlays:
             for kind, obj in deletes:
                 self.store.delete(kind, obj["ID"])
                 events.append((kind, "delete", obj))
-            self.rev += 1
-            self.store.put("settings", "revision", "revision", {"Rev": self.rev})
-        batch = {"Type": "events", "Rev": self.rev,
-                 "Events": [{"Kind": "network" if k == "swnetworks" else "endpoint", "Action": a, "Object": o}
-                            for k, a, o in events]}
+            rev = self.rev + 1
+            self.store.put("settings", "revision", "revision", {"Rev": rev})
+            batch = {"Type": "events", "Rev": rev,
+                     "Events": [{"Kind": "network" if k == "swnetworks" else "endpoint", "Action": a, "Object": o}
+                                for k, a, o in events]}
+            # The revision and the watchers move only once the write is durable (one commit per change).
+            self.store.on_commit(lambda: self._publish(batch))
+
+    def _publish(self, batch: dict) -> None:
+        self.rev = batch["Rev"]
         self.history.append(batch)
         while len(self.history) > HISTORY:
             self.first_kept = self.history.popleft()["Rev"] + 1
@@ -84,6 +89,10 @@ class Overlays:
         return [e for e in eps if net_id is None or e["NetworkID"] == net_id]
 
     def create_network(self, req: dict) -> dict:
+        with self.store.tx():  # the checks and the write see one state
+            return self._create_network(req)
+
+    def _create_network(self, req: dict) -> dict:
         name = validate.check_name(req.get("Name", ""), "network")
         if self.store.by_name("swnetworks", name):
             raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
@@ -151,6 +160,10 @@ class Overlays:
 
     # ------------------------------------------------------------ endpoints
     def create_endpoint(self, node: dict, req: dict) -> dict:
+        with self.store.tx():  # the address is chosen and recorded in one transaction
+            return self._create_endpoint(node, req)
+
+    def _create_endpoint(self, node: dict, req: dict) -> dict:
         net = self.network(str(req.get("NetworkID", "")))
         ctr_id = str(req.get("ContainerID", ""))
         for e in self.endpoints(net["ID"]):

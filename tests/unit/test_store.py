@@ -1,0 +1,32 @@
+"""The store's transactions: atomic, re-entrant, with after-commit callbacks."""
+import pytest
+
+from netweft.daemon.store import Store
+
+
+def test_nested_transactions_commit_once_and_callbacks_follow(tmp_path):
+    s = Store(str(tmp_path / "db"))
+    seen = []
+    with s.tx():
+        s.put("networks", "a", "a", {"x": 1})
+        with s.tx():
+            s.put("networks", "b", "b", {"x": 2})
+            s.on_commit(lambda: seen.append("b"))
+        assert seen == []  # not before the outer commit
+    assert seen == ["b"]
+    assert [d["x"] for d in s.list("networks")] == [1, 2]
+
+
+def test_rollback_discards_writes_and_callbacks(tmp_path):
+    s = Store(str(tmp_path / "db"))
+    seen = []
+    with pytest.raises(RuntimeError):
+        with s.tx():
+            s.put("networks", "a", "a", {})
+            with s.tx():
+                s.on_commit(lambda: seen.append("never"))
+            raise RuntimeError("refused")
+    assert s.list("networks") == [] and seen == []
+    with s.tx():
+        s.put("networks", "c", "c", {})  # the store is usable after a rollback
+    assert len(s.list("networks")) == 1
