@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from pyroute2 import NetNS
+from netweft.dataplane.netns import create_netns
+from netweft.dataplane.nlutil import netns_iproute
 
 from netweft.cli.client import Client
 from netweft.errors import Conflict, InvalidRequest, NotFound
@@ -31,12 +32,6 @@ DEFAULT_UNDERLAY = "192.0.2.0/24"
 LAB_LOCAL_POOL = "base=198.19.0.0/16,size=24"     # gateway bridges, local bridge networks
 LAB_OVERLAY_POOL = "198.18.0.0/16"                # overlay subnets
 BIN = Path(sys.executable).parent
-
-
-def _ns_create(name: str) -> None:
-    # pyroute2's netns.create makes /run/netns/NAME exactly as `ip netns add` does.
-    from pyroute2 import netns
-    netns.create(name)
 
 
 class Lab:
@@ -99,6 +94,7 @@ class Lab:
         if len(addrs) < n:
             raise InvalidRequest(f"underlay {underlay} is too small for {n} hosts")
         self.root.mkdir(parents=True, mode=0o700)
+        me = os.getpid()
         hosts = {f"h{i + 1}": {"address": str(addrs[i]), "prefixlen": net.prefixlen} for i in range(n)}
         state = {"name": self.name, "underlay": underlay, "mtu": mtu, "hosts": hosts, "created": time.time()}
         self.state_file.write_text(json.dumps(state, indent=2))
@@ -112,26 +108,27 @@ class Lab:
             if swarm:
                 self.form_swarm(progress, init_opts)
         except BaseException:
-            self.down(quiet=True)
+            if os.getpid() == me:  # never from a forked copy of this process
+                self.down(quiet=True)
             raise
 
+    # Namespaces and links are made without forking (pyroute2's NetNS forks helpers, and a forked
+    # copy of this process must never run its cleanup paths).
     def _make_switch(self, mtu: int) -> None:
-        _ns_create(self.ns("sw"))
-        with NetNS(self.ns("sw")) as sw:
+        create_netns(self.ns_path("sw"))
+        with netns_iproute(self.ns_path("sw")) as (_, sw):
             sw.link("add", ifname="ul", kind="bridge")
-            idx = sw.link_lookup(ifname="ul")[0]
-            sw.link("set", index=idx, mtu=mtu, state="up")
+            sw.link("set", index=sw.link_lookup(ifname="ul")[0], mtu=mtu, state="up")
             sw.link("set", index=sw.link_lookup(ifname="lo")[0], state="up")
 
     def _make_host(self, host: str, address: str, prefixlen: int, mtu: int) -> None:
-        _ns_create(self.ns(host))
+        create_netns(self.ns_path(host))
         self.host_dir(host).mkdir(mode=0o700)
-        with NetNS(self.ns("sw")) as sw:
-            # Created in the switch, the host end then moves into the host namespace.
-            sw.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": self.ns(host)})
+        with netns_iproute(self.ns_path(host)) as (host_fd, h), netns_iproute(self.ns_path("sw")) as (_, sw):
+            # Created in the switch; the host end goes straight into the host namespace.
+            sw.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": host_fd})
             idx = sw.link_lookup(ifname=host)[0]
             sw.link("set", index=idx, master=sw.link_lookup(ifname="ul")[0], mtu=mtu, state="up")
-        with NetNS(self.ns(host)) as h:
             idx = h.link_lookup(ifname="eth0")[0]
             h.link("set", index=idx, mtu=mtu, state="up")
             h.addr("add", index=idx, address=address, prefixlen=prefixlen)
