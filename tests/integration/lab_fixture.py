@@ -36,22 +36,23 @@ def new_lab_name() -> str:
             return name
 
 
-def build_lab(n: int = 3, swarm: bool = True, **init_opts) -> Lab:
+def build_lab(n: int = 3, swarm: bool = True, mtu: int = 1500, **init_opts) -> Lab:
     """A lab with a fresh name; Lab.up removes what it made if it fails half-way."""
     lab = Lab(new_lab_name())
-    lab.up(n, swarm=swarm, init_opts={"HeartbeatPeriod": HEARTBEAT, **init_opts}, progress=lambda *a: None)
+    lab.up(n, swarm=swarm, mtu=mtu, init_opts={"HeartbeatPeriod": HEARTBEAT, **init_opts}, progress=lambda *a: None)
     return lab
 
 
 @pytest.fixture
 def make_lab():
-    """Factory: make_lab(n=3, swarm=True, **init_opts) -> Lab; all of them go at teardown."""
+    """Factory: make_lab(n=3, swarm=True, mtu=1500, **init_opts) -> Lab; all of them go at teardown."""
     labs: list[Lab] = []
 
-    def make(n: int = 3, swarm: bool = True, **init_opts) -> Lab:
+    def make(n: int = 3, swarm: bool = True, mtu: int = 1500, **init_opts) -> Lab:
         lab = Lab(new_lab_name())
         labs.append(lab)  # registered before up: a Ctrl-C half-way is cleaned too
-        lab.up(n, swarm=swarm, init_opts={"HeartbeatPeriod": HEARTBEAT, **init_opts}, progress=lambda *a: None)
+        lab.up(n, swarm=swarm, mtu=mtu, init_opts={"HeartbeatPeriod": HEARTBEAT, **init_opts},
+               progress=lambda *a: None)
         return lab
 
     try:

@@ -3,40 +3,19 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 
+from lab_fixture import run_cli
 from netweft.lab.lab import Lab
 
 SUBNET = "198.18.0.0/24"
 
 
-@pytest.fixture
-def make_lab():
-    labs: list[Lab] = []
-
-    def make(n: int = 3, mtu: int = 1500) -> Lab:
-        lab = Lab("test" + secrets.token_hex(3))
-        labs.append(lab)
-        lab.up(n, mtu=mtu, init_opts={"HeartbeatPeriod": "500ms"}, progress=lambda m: None)
-        return lab
-
-    yield make
-    for lab in labs:
-        lab.down(quiet=True)
-
-
-def cli(lab: Lab, host: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    argv, env = lab.exec_argv(host, ["netweft", *args])
-    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{host}: netweft {' '.join(args)}: {r.stderr.strip()}")
-    return r
+cli = run_cli  # the operator's view: the real CLI inside a lab host
 
 
 def in_ctr(lab, host, ctr, *cmd, timeout=60) -> subprocess.CompletedProcess:
