@@ -19,7 +19,7 @@ from urllib.parse import quote
 from netweft.dataplane.overlay import Peer
 from netweft.daemon.engine import GWBRIDGE
 from netweft.daemon.store import get_setting, put_setting
-from netweft.errors import NetweftError
+from netweft.errors import Forbidden, NetweftError
 from netweft.ipam import address as ipam
 
 log = logging.getLogger("netweft.agent.overlay")
@@ -78,6 +78,10 @@ class OverlayAgent:
                     await self.apply(batch)
             except asyncio.CancelledError:
                 raise
+            except Forbidden as e:
+                log.error("the manager refuses this node's watch; overlays stay as they are until it rejoins",
+                          extra={"reason": str(e)})
+                return
             except NetweftError as e:
                 log.warning("watch interrupted; the data plane keeps its last state", extra={"reason": str(e)})
             except Exception:

@@ -351,3 +351,25 @@ def test_sandboxes_opt_out_of_bridge_netfilter(make_lab):
                        capture_output=True, text=True)
     # Where br_netfilter is loaded the knob exists and must be off; where it is not, there is nothing to do.
     assert r.returncode != 0 or r.stdout.strip() == "0"
+
+
+def test_a_host_that_leaves_takes_its_overlay_state_along(make_lab):
+    lab = make_lab(3)
+    cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", SUBNET, "ov")
+    run(lab, "h1", "c1", "ov", "198.18.0.11")
+    run(lab, "h2", "c2", "ov", "198.18.0.12")
+    run(lab, "h3", "c3", "ov", "198.18.0.13")
+    nid = net_id(lab, "h1", "ov")
+    wait_for(lambda: "198.18.0.12" in sandbox_neigh_ips(lab, "h3", nid), what="c2 programmed on h3")
+    cli(lab, "h2", "swarm", "leave")
+    for host in ("h1", "h3"):
+        wait_for(lambda: "198.18.0.12" not in sandbox_neigh_ips(lab, host, nid), what=f"c2 purged on {host}")
+    # On h2 itself: the container stays, its overlay endpoint, the sandbox and the gateway bridge go.
+    c2 = json.loads(cli(lab, "h2", "inspect", "c2").stdout)[0]
+    assert c2["NetworkSettings"]["Networks"] == {}
+    assert not os.listdir(lab.host_dir("h2") / "run" / "sandboxes")
+    links = json.loads(subprocess.run(["ip", "-n", lab.ns("h2"), "-j", "link"], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert not [l["ifname"] for l in links if l["ifname"].startswith(("nw_gw", "nwg", "nwx"))]
+    assert "ov" not in cli(lab, "h2", "network", "ls").stdout.split()
+    assert ping(lab, "h3", "c3", "198.18.0.11")
