@@ -19,7 +19,7 @@ from urllib.parse import quote
 from netweft.dataplane.overlay import Peer
 from netweft.daemon.engine import GWBRIDGE
 from netweft.daemon.store import get_setting, put_setting
-from netweft.errors import Forbidden, NetweftError
+from netweft.errors import Forbidden, NetweftError, Unavailable
 from netweft.ipam import address as ipam
 
 log = logging.getLogger("netweft.agent.overlay")
@@ -40,6 +40,8 @@ class OverlayAgent:
         self.rev: int = cache.get("Rev", 0)
         self.networks: dict[str, dict] = {n["ID"]: n for n in cache.get("Networks", [])}
         self.endpoints: dict[str, dict] = {e["ID"]: e for e in cache.get("Endpoints", [])}
+        # Endpoints removed here while no manager was reachable: released when one is.
+        self.pending_release: list[str] = cache.get("PendingRelease", [])
         self.task: asyncio.Task | None = None
         self.connected = asyncio.Event()
         self._save_pending = False
@@ -59,7 +61,8 @@ class OverlayAgent:
     def _save(self) -> None:
         self._save_pending = False
         put_setting(self.engine.store, CACHE_KEY, {"Rev": self.rev, "Networks": list(self.networks.values()),
-                                                   "Endpoints": list(self.endpoints.values())})
+                                                   "Endpoints": list(self.endpoints.values()),
+                                                   "PendingRelease": self.pending_release})
 
     def _save_soon(self) -> None:
         # Saving lags by a moment at most: resuming from a slightly older revision replays idempotent events.
@@ -74,7 +77,9 @@ class OverlayAgent:
             try:
                 async for batch in self.client.stream(f"/watch?since={self.rev}"):
                     backoff = 0.1
-                    self.connected.set()
+                    if not self.connected.is_set():
+                        self.connected.set()
+                        await self._release_pending()
                     await self.apply(batch)
             except asyncio.CancelledError:
                 raise
@@ -313,9 +318,22 @@ class OverlayAgent:
             raise
         self.endpoints.pop(ep_id, None)
 
+    async def _release_pending(self) -> None:
+        while self.pending_release:
+            await self._release(self.pending_release[0])
+            self.pending_release.pop(0)
+            self._save()
+            log.info("endpoint removed while no manager was reachable is now released")
+
     async def detach(self, ctr: dict, ep: dict) -> None:
-        """Release at the manager first: if it is unreachable, nothing changes here either."""
-        await self._release(ep["EndpointID"])
+        """Release the address at the manager; if none is reachable, remove locally now and release later."""
+        try:
+            await self._release(ep["EndpointID"])
+        except Unavailable as e:
+            log.warning("no manager reachable: the endpoint goes here now and is released when one is",
+                        extra={"endpoint": ep["EndpointID"], "reason": str(e)})
+            self.pending_release.append(ep["EndpointID"])
+            self._save()
         others = [e for c, e in self.local_containers()
                   if e["NetworkID"] == ep["NetworkID"] and e["EndpointID"] != ep["EndpointID"]]
         await self._unprogram(ctr, ep, last=not others)

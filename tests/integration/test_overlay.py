@@ -373,3 +373,20 @@ def test_a_host_that_leaves_takes_its_overlay_state_along(make_lab):
     assert not [l["ifname"] for l in links if l["ifname"].startswith(("nw_gw", "nwg", "nwx"))]
     assert "ov" not in cli(lab, "h2", "network", "ls").stdout.split()
     assert ping(lab, "h3", "c3", "198.18.0.11")
+
+
+def test_rm_while_the_manager_is_down_is_released_later(make_lab):
+    lab = make_lab(3)
+    cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", SUBNET, "ov")
+    run(lab, "h2", "c2", "ov", "198.18.0.12")
+    run(lab, "h3", "c3", "ov", "198.18.0.13")
+    nid = net_id(lab, "h2", "ov")
+    wait_for(lambda: "198.18.0.13" in sandbox_neigh_ips(lab, "h2", nid), what="c3 programmed on h2")
+    lab.stop_daemon("h1")
+    cli(lab, "h3", "rm", "-f", "c3")  # works without a manager: local state goes now
+    assert not os.listdir(lab.host_dir("h3") / "run" / "sandboxes")
+    lab.start_daemon("h1")
+    wait_for(lambda: "198.18.0.13" not in sandbox_neigh_ips(lab, "h2", nid), timeout=20,
+             what="c3 released at the manager and purged on h2")
+    run(lab, "h3", "c3b", "ov", "198.18.0.13")  # its address is free again
+    assert ping(lab, "h2", "c2", "198.18.0.13")
