@@ -118,7 +118,8 @@ class Engine:
     async def create_network(self, req: dict) -> dict:
         async with self.lock:
             name = validate.check_name(req.get("Name", ""), "network")
-            if self.store.by_name("networks", name) or name in SPECIAL_MODES:
+            if self.store.by_name("networks", name) or name in SPECIAL_MODES or \
+                    (self.overlay_agent is not None and self.overlay_agent.find_network(name)):
                 raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
             driver = req.get("Driver") or "bridge"
             if driver == "overlay":
@@ -152,7 +153,9 @@ class Engine:
             if len(ipam_cfg) != 1:
                 raise InvalidRequest("exactly one IPAM config (subnet) per network is supported")
             c = ipam_cfg[0]
-            taken = [(IPv4Network(o["IPAM"]["Config"][0]["Subnet"]), f"network {o['Name']!r}") for o in others]
+            # Overlay subnets count too: a container on both would get two routes to one prefix.
+            taken = [(IPv4Network(o["IPAM"]["Config"][0]["Subnet"]), f"network {o['Name']!r}")
+                     for o in self.all_networks()]
             routes = [] if parent else [(r, "a route of this host") for r in await self.k("host_routes", BRIDGE_PREFIX)]
             if c.get("Subnet"):
                 subnet = ipam.parse_network(c["Subnet"])

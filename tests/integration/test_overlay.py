@@ -312,6 +312,8 @@ def test_overlay_refusals_change_nothing(make_lab):
         (["network", "create", "-d", "overlay", "x"], "not a swarm manager", "h2"),
         (["run", "-d", "--name", "c", "--network", "svc", "--", "sleep", "10"], "not attachable", "h2"),
         (["network", "rm", "ghost"], "not found", "h1"),
+        (["network", "create", "svc"], "already exists", "h2"),  # a local bridge named as an overlay
+        (["network", "create", "--subnet", "198.18.5.0/25", "lan"], "overlaps 198.18.5.0/24 of network 'svc'", "h2"),
     ]
     for argv, words, host in cases:
         r = cli(lab, host, *argv, check=False)
