@@ -3,8 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-DEBS := python3 python3-venv iproute2 iputils-ping nftables libnftables1 util-linux procps iperf3 \
-        wireguard-go wireguard-tools
+DEBS := python3 python3-venv iproute2 iputils-ping nftables libnftables1 util-linux procps iperf3
 PYTEST_ARGS ?=
 
 .PHONY: install demo test unit clean-lab bench
