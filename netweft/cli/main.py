@@ -70,8 +70,9 @@ def network():
 @click.option("--attachable", is_flag=True, help="(overlay) allow plain containers to attach")
 @click.option("--label", multiple=True, metavar="K=V", help="metadata; repeatable")
 @click.option("-o", "--opt", multiple=True, metavar="K=V",
-              help="driver options: com.docker.network.driver.mtu=N, com.docker.network.bridge.name=NAME, "
-                   "parent=IFACE (bridge a host interface: containers sit on that LAN, no NAT)")
+              help="driver options; repeatable. Any driver: com.docker.network.driver.mtu=N. "
+                   "bridge: com.docker.network.bridge.name=NAME, parent=IFACE (bridge a host interface: "
+                   "containers sit on that LAN, no NAT). overlay: com.docker.network.driver.overlay.vxlanid_list=VNI")
 @click.argument("name")
 @click.pass_context
 def network_create(ctx, driver, subnet, gateway, ip_range, aux_address, internal, attachable, label, opt, name):
