@@ -224,13 +224,17 @@ def _strip_volatile(obj):
     return obj
 
 
-def test_removed_host_is_purged_everywhere(make_lab):
+def one_container_per_host(make_lab) -> tuple[Lab, str]:
+    """Three hosts, overlay `ov`, container cN = 198.18.0.1N on host hN; returns the lab and the network ID."""
     lab = make_lab(3)
     cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", SUBNET, "ov")
-    run(lab, "h1", "c1", "ov", "198.18.0.11")
-    run(lab, "h2", "c2", "ov", "198.18.0.12")
-    run(lab, "h3", "c3", "ov", "198.18.0.13")
-    nid = net_id(lab, "h1", "ov")
+    for i in (1, 2, 3):
+        run(lab, f"h{i}", f"c{i}", "ov", f"198.18.0.1{i}")
+    return lab, net_id(lab, "h1", "ov")
+
+
+def test_removed_host_is_purged_everywhere(make_lab):
+    lab, nid = one_container_per_host(make_lab)
     wait_for(lambda: "198.18.0.13" in sandbox_neigh_ips(lab, "h2", nid), what="c3 programmed on h2")
     cli(lab, "h1", "node", "rm", "--force", "h3")
     for host in ("h1", "h2"):
@@ -356,12 +360,7 @@ def test_sandboxes_opt_out_of_bridge_netfilter(make_lab):
 
 
 def test_a_host_that_leaves_takes_its_overlay_state_along(make_lab):
-    lab = make_lab(3)
-    cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", SUBNET, "ov")
-    run(lab, "h1", "c1", "ov", "198.18.0.11")
-    run(lab, "h2", "c2", "ov", "198.18.0.12")
-    run(lab, "h3", "c3", "ov", "198.18.0.13")
-    nid = net_id(lab, "h1", "ov")
+    lab, nid = one_container_per_host(make_lab)
     wait_for(lambda: "198.18.0.12" in sandbox_neigh_ips(lab, "h3", nid), what="c2 programmed on h3")
     cli(lab, "h2", "swarm", "leave")
     for host in ("h1", "h3"):
