@@ -14,7 +14,6 @@ BRIDGE_NAME_OPT = "com.docker.network.bridge.name"
 PARENT_OPT = "parent"
 VXLANID_OPT = "com.docker.network.driver.overlay.vxlanid_list"
 ENCRYPTED_OPT = "encrypted"
-BRIDGE_OPTIONS = {MTU_OPT, BRIDGE_NAME_OPT, PARENT_OPT}
 
 
 def check_name(name: str, what: str) -> str:

@@ -46,6 +46,7 @@ class OverlayAgent:
         self.connected = asyncio.Event()
         self._save_pending = False
         self._mtu: dict[str, int] = {}
+        self._gw: dict | None = None  # the gateway bridge, once ensured in this life of the agent
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -212,6 +213,9 @@ class OverlayAgent:
                               self.port, f"{VXLAN_TMP}{net['VNI']:06x}")
 
     async def ensure_gwbridge(self) -> dict:
+        """The gateway bridge and its firewall: programmed once per agent life (and at every reconcile)."""
+        if self._gw is not None:
+            return self._gw
         gw = get_setting(self.engine.store, "gwbridge")
         if gw is None:
             taken = [IPv4Network(n["IPAM"]["Config"][0]["Subnet"]) for n in self.engine.store.list("networks")]
@@ -223,6 +227,7 @@ class OverlayAgent:
         prefix = IPv4Network(gw["Subnet"]).prefixlen
         await self.engine.kov("ensure_gwbridge", GWBRIDGE, f"{gw['Gateway']}/{prefix}", await self.uplink_mtu())
         await self.engine.kov("apply_overlay_firewall", GWBRIDGE, gw["Subnet"])
+        self._gw = gw
         return gw
 
     async def program_endpoint(self, ctr: dict, net: dict, ep: dict) -> None:
@@ -243,6 +248,7 @@ class OverlayAgent:
     async def reconcile(self) -> None:
         """Level-triggered: make every sandbox, port and peer table match the local copy."""
         t0 = time.monotonic()
+        self._gw = None  # a reconcile checks the gateway bridge again
         wanted = set()
         for ctr, ep in self.local_containers():
             net = self.networks.get(ep["NetworkID"])
@@ -352,6 +358,7 @@ class OverlayAgent:
             await self.engine.kov("delete_sandbox", os.path.join(self.sandbox_dir, name))
         await self.engine.kov("delete_overlay_firewall")
         await self.engine.kov("delete_gwbridge", GWBRIDGE)
+        self._gw = None
         with self.engine.store.tx():
             self.engine.store.delete("settings", CACHE_KEY)
             self.engine.store.delete("settings", "gwbridge")

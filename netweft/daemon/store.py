@@ -92,7 +92,3 @@ def put_setting(store: Store, key: str, doc: dict) -> None:
     with store.tx():
         store.put("settings", key, key, doc)
 
-
-def delete_setting(store: Store, key: str) -> None:
-    with store.tx():
-        store.delete("settings", key)

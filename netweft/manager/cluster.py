@@ -336,8 +336,7 @@ class Manager:
 
     def inspect(self) -> dict:
         c = self.cluster()
-        not_after = self.ca.cert.not_valid_after_utc if hasattr(self.ca.cert, "not_valid_after_utc") \
-            else self.ca.cert.not_valid_after
+        _, not_after = pki.validity(self.ca.cert)
         return {"ID": c["ID"], "CreatedAt": c["CreatedAt"], "Spec": c["Spec"], "Leader": c["Leader"],
                 "RootCA": {"Digest": self.ca.digest(), "NotAfter": not_after.isoformat(),
                            "CertPEM": self.ca.cert_pem.decode()},

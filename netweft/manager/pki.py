@@ -82,7 +82,8 @@ def _fmt_time(dt: datetime) -> str:
     return _utc(dt).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _validity(cert: x509.Certificate) -> tuple[datetime, datetime]:
+def validity(cert: x509.Certificate) -> tuple[datetime, datetime]:
+    """(not_before, not_after) of a certificate, in UTC."""
     try:
         return cert.not_valid_before_utc, cert.not_valid_after_utc
     except AttributeError:  # cryptography < 42 only has the naive (UTC) properties
@@ -349,7 +350,7 @@ def sign_node_cert(
     _check_csr_key(public_key)
 
     now = _utc(now) if now is not None else _now()
-    ca_not_before, ca_not_after = _validity(ca.cert)
+    ca_not_before, ca_not_after = validity(ca.cert)
     if now > ca_not_after:
         raise InvalidRequest(f"cluster CA expired on {_fmt_time(ca_not_after)}")
     # A node certificate cannot usefully outlive the CA that vouches for it.
@@ -420,7 +421,7 @@ def cert_identity(cert: Union[PemLike, x509.Certificate]) -> NodeIdentity:
         raise InvalidRequest("certificate carries no node identity")
     if ou not in _OU_TO_ROLE:
         raise InvalidRequest(f"certificate has unknown role {ou!r}")
-    not_before, not_after = _validity(cert)
+    not_before, not_after = validity(cert)
     return NodeIdentity(node_id, _OU_TO_ROLE[ou], cluster_id, cert.serial_number,
                         not_before, not_after)
 
@@ -442,7 +443,7 @@ def verify_node_cert(
     ca = next((c for c in _load_certs(ca_cert_pem) if _issued_by(cert, c)), None)
     if ca is None:
         raise InvalidRequest("certificate not issued by this cluster's CA")
-    _, ca_not_after = _validity(ca)
+    _, ca_not_after = validity(ca)
     if now > ca_not_after:
         raise InvalidRequest(f"cluster CA expired on {_fmt_time(ca_not_after)}")
     ident = cert_identity(cert)
