@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 import aiohttp
 
 from netweft.errors import Forbidden, InvalidRequest, NetweftError, Unavailable
-from netweft.manager import pki
-from netweft.manager.cluster import files, repair_node_pair, save_node_pair
+from netweft import pki
+from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 
 log = logging.getLogger("netweft.agent")
 

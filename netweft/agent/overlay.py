@@ -16,9 +16,8 @@ from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Network
 from urllib.parse import quote
 
-from netweft.dataplane.overlay import Peer
-from netweft.daemon.engine import GWBRIDGE
-from netweft.daemon.store import get_setting, put_setting
+from netweft.dataplane.overlay import GWBRIDGE, Peer
+from netweft.store.local import get_setting, put_setting
 from netweft.errors import Forbidden, NetweftError, Unavailable
 from netweft.ipam import address as ipam
 

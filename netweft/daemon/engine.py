@@ -17,16 +17,15 @@ from ipaddress import IPv4Address, IPv4Network
 from netweft import validate
 from netweft.dataplane.firewall import BridgeRule
 from netweft.dataplane.kernel import Kernel
-from netweft.dataplane.overlay import Overlay
+from netweft.dataplane.overlay import GWBRIDGE, Overlay
 from netweft.errors import Conflict, InvalidRequest, NotFound
 from netweft.ipam import address as ipam
 from netweft.runtime import container as runtime
-from netweft.daemon.store import Store
+from netweft.store.local import Store
 
 log = logging.getLogger("netweft.engine")
 
 FIREWALL_TABLE = "netweft"
-GWBRIDGE = "nw_gwbridge"        # the overlays' gateway bridge (Docker's docker_gwbridge)
 BRIDGE_PREFIX = "nw-"
 VETH_PREFIX = "nwv"
 SPECIAL_MODES = ("host", "none")

@@ -16,10 +16,10 @@ from aiohttp import web
 
 from netweft.agent import node as agent
 from netweft.agent.overlay import OverlayAgent
-from netweft.daemon.store import get_setting, put_setting
+from netweft.store.local import get_setting, put_setting
 from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
 from netweft.ipam.address import parse_network
-from netweft.manager import pki
+from netweft import pki
 from netweft.manager.cluster import MIN_CERT_EXPIRY, Manager
 
 log = logging.getLogger("netweft.swarm")

@@ -51,6 +51,7 @@ SANDBOX_VXLAN = "vxlan0"
 DEFAULT_PORT = 4789
 VXLAN_OVERHEAD = 50          # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
 OVERLAY_TABLE = "netweft-ov"
+GWBRIDGE = "nw_gwbridge"     # the overlays' gateway bridge (Docker's docker_gwbridge)
 
 
 # ---- validation ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 
 from netweft import validate
-from netweft.daemon.store import Store
+from netweft.store.local import Store
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from netweft.ipam import address as ipam
 

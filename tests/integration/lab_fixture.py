@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from netweft.lab.lab import NETNS_DIR, Lab
-from netweft.manager import pki
+from netweft import pki
 
 HEARTBEAT = "500ms"
 
@@ -166,7 +166,7 @@ class LogWatch:
 _CALL = r"""
 import asyncio, json, ssl, sys
 import aiohttp
-from netweft.manager import pki
+from netweft import pki
 spec = json.load(sys.stdin)
 if spec.get("ca"):
     ctx = pki.client_ssl_context(spec["ca"], spec.get("cert"), spec.get("key"))

@@ -20,7 +20,7 @@ from lab_fixture import (LogWatch, cluster_call, new_lab_name, node_files, node_
                          swarm_dir, swarm_info, wait_for)
 from netweft.lab.cleanup import nsfs_mounts
 from netweft.lab.lab import NETNS_DIR, Lab
-from netweft.manager import pki
+from netweft import pki
 
 MANAGER = "192.0.2.11:2377"
 
@@ -154,7 +154,7 @@ def test_node_rm_needs_force_for_a_ready_node_then_its_certificate_is_refused_ev
 FAKE_MANAGER = r"""
 import asyncio, json, ssl, sys
 from pathlib import Path
-from netweft.manager import pki
+from netweft import pki
 spec = json.load(sys.stdin)
 record = open(spec["record"], "a")
 ctx = pki.server_ssl_context(spec["ca"], spec["cert"], spec["key"], require_client_cert=False)

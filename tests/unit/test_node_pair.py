@@ -2,8 +2,8 @@
 import os
 from datetime import timedelta
 
-from netweft.manager import pki
-from netweft.manager.cluster import files, repair_node_pair, save_node_pair
+from netweft import pki
+from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 
 
 def make_pair(ca):

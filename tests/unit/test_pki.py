@@ -1,4 +1,4 @@
-"""Unit tests for netweft.manager.pki: CA, join tokens, node certificates, TLS."""
+"""Unit tests for netweft.pki: CA, join tokens, node certificates, TLS."""
 
 import asyncio
 import hashlib
@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netweft.errors import InvalidRequest, NetweftError
-from netweft.manager import pki
+from netweft import pki
 
 UTC = timezone.utc
 DAY = timedelta(days=1)

@@ -1,7 +1,7 @@
 """The store's transactions: atomic, re-entrant, with after-commit callbacks."""
 import pytest
 
-from netweft.daemon.store import Store
+from netweft.store.local import Store
 
 
 def test_nested_transactions_commit_once_and_callbacks_follow(tmp_path):

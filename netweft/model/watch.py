@@ -1,0 +1,85 @@
+"""The watch: how the managers' state reaches each agent. Both ends decode with these types.
+
+GET /watch?since=REV[&networks=ID,ID]  (mutual TLS; the node is the certificate's)
+A stream of newline-delimited JSON messages, each one `WatchMessage`:
+
+- `snapshot`: the whole scope of this node at `rev` (sent when since=0, or when the missed revisions are
+  no longer kept, or when the watcher was cut off for being too slow);
+- `events`: the changes of one revision, in order; `rev` grows by at least one per message;
+- `ping`: nothing changed; `rev` is the manager's current revision (keeps the stream alive).
+
+The scope of a node: every Node; the networks that have an endpoint on the node, plus those it names
+in `networks`; and the endpoints of those networks. A network enters the scope when the node's first
+endpoint on it is created: the answer to POST /endpoints carries that network's state at the
+revision of the creation (`Attachment`), and from then on the stream carries its changes with
+larger revisions. A network leaves the scope with the node's last endpoint on it; the agent forgets
+it then. On resume (since=REV) the manager sends the missed events of the networks in the current
+scope, or a snapshot.
+
+The agent applies one object at a time; an object it cannot apply is logged and left to the periodic
+full resync. Its saved revision is the one whose state it holds.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+
+from netweft.model.objects import Endpoint, Network, Node, Owner, Revision
+
+
+class NodeEvent(msgspec.Struct, tag="node", tag_field="kind"):
+    action: Literal["put", "delete"]
+    object: Node
+
+
+class NetworkEvent(msgspec.Struct, tag="network", tag_field="kind"):
+    action: Literal["put", "delete"]
+    object: Network
+
+
+class EndpointEvent(msgspec.Struct, tag="endpoint", tag_field="kind"):
+    action: Literal["put", "delete"]
+    object: Endpoint
+
+
+Event = Union[NodeEvent, NetworkEvent, EndpointEvent]
+
+
+class Snapshot(msgspec.Struct, tag="snapshot", tag_field="type"):
+    rev: Revision
+    nodes: list[Node]
+    networks: list[Network]
+    endpoints: list[Endpoint]
+
+
+class Events(msgspec.Struct, tag="events", tag_field="type"):
+    rev: Revision
+    events: Annotated[list[Event], msgspec.Meta(max_length=1_000_000)]
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="type"):
+    rev: Revision
+
+
+WatchMessage = Union[Snapshot, Events, Ping]
+
+
+class EndpointRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /endpoints: a node asks for an address on an overlay for one of its endpoints.
+
+    The node, its hostname and VTEP come from its certificate and the store, never from the body."""
+    network_id: Annotated[str, msgspec.Meta(pattern=r"\A[a-z0-9]{1,64}\Z")]
+    owner: Owner
+    ip: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    mac: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    aliases: Annotated[list[Annotated[str, msgspec.Meta(max_length=253)]], msgspec.Meta(max_length=64)] = []
+
+
+class Attachment(msgspec.Struct, kw_only=True):
+    """The answer to POST /endpoints: the new endpoint, and its network's state at `rev`."""
+    rev: Revision
+    endpoint: Endpoint
+    network: Network
+    endpoints: list[Endpoint]
+
