@@ -1,0 +1,134 @@
+"""The data-plane interface: everything the engine and the agent ask of a host's kernel.
+
+Two implementations: `dataplane.real.RealDataPlane` (pyroute2, hand-packed batched netlink, libnftables;
+every call runs in the one kernel thread that owns the netlink and nftables handles) and
+`dataplane.fake.FakeDataPlane` (in memory, for unit tests of the reconcile logic and for simulations
+of thousands of hosts in one process). Outside dataplane/ and runtime/ nothing touches the kernel.
+
+Every method is idempotent (it changes only what differs from what is asked), so a reconcile can call
+it again after a crash half way. Kernel refusals raise KernelError with one line; malformed arguments
+raise InvalidRequest before anything changes. `list_*` methods report what exists, for the diff.
+"""
+from __future__ import annotations
+
+import abc
+import ipaddress
+from collections.abc import Iterable
+
+from netweft.dataplane.firewall import BridgeRule
+from netweft.model.objects import Peer
+
+
+class DataPlane(abc.ABC):
+    # ---- namespaces ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_netns(self, path: str) -> None:
+        """A network namespace pinned at `path` (loopback up)."""
+
+    @abc.abstractmethod
+    async def delete_netns(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_netns(self, directory: str) -> list[str]:
+        """Names of the namespaces pinned in `directory`."""
+
+    # ---- host facts ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def link_exists(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_links(self, prefix: str) -> list[str]:
+        """Names of host links starting with `prefix`, sorted."""
+
+    @abc.abstractmethod
+    async def ipv4_addresses(self) -> dict[str, list[str]]:
+        """Global IPv4 addresses of the host's interfaces, by interface name."""
+
+    @abc.abstractmethod
+    async def host_routes(self, bridge_prefix: str) -> list[ipaddress.IPv4Network]:
+        """Main-table routes of the host except the default and those out of our own bridges."""
+
+    @abc.abstractmethod
+    async def underlay_mtu(self, local_ip: str) -> int:
+        """MTU of the host interface holding `local_ip`."""
+
+    # ---- local bridge networks -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def ensure_bridge(self, name: str, address: str | None, mtu: int, parent: str | None) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_bridge(self, name: str, parent: str | None) -> None: ...
+
+    @abc.abstractmethod
+    async def ensure_endpoint(self, netns_path: str, bridge: str, host_ifname: str, ifname: str,
+                              address: str, mac: str, mtu: int, gateway: str | None) -> None:
+        """A veth: `host_ifname` on host bridge `bridge`, `ifname` in the namespace with `address` (CIDR),
+        `mac`, `mtu`, and a default route via `gateway` if given."""
+
+    @abc.abstractmethod
+    async def delete_endpoint(self, host_ifname: str) -> None: ...
+
+    @abc.abstractmethod
+    async def set_ip_forward(self, enabled: bool) -> None: ...
+
+    @abc.abstractmethod
+    async def apply_firewall(self, table: str, networks: list[BridgeRule]) -> None:
+        """Atomically replace table `inet <table>` with the rules of `networks` (empty: delete it)."""
+
+    # ---- overlay sandboxes ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def ensure_sandbox(self, path: str, vni: int, gateway_cidr: str, mtu: int, local_ip: str,
+                             port: int, tmp_name: str) -> bool:
+        """Sandbox namespace at `path` with br0 (`gateway_cidr`) and vxlan0 (VNI, source `local_ip`, UDP
+        `port`, socket in the host namespace). True if vxlan0 was (re)created: its peers must be re-added."""
+
+    @abc.abstractmethod
+    async def delete_sandbox(self, path: str, tmp_name: str | None = None) -> None: ...
+
+    @abc.abstractmethod
+    async def ensure_overlay_endpoint(self, sandbox_path: str, netns_path: str, host_ifname: str, ifname: str,
+                                      address: str, mac: str, mtu: int) -> None:
+        """A veth: `host_ifname` a port of the sandbox's br0, `ifname` in the container's namespace."""
+
+    @abc.abstractmethod
+    async def delete_overlay_endpoint(self, sandbox_path: str, host_ifname: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_overlay_endpoints(self, sandbox_path: str) -> list[str]:
+        """Names of the endpoint veths in the sandbox (host ends)."""
+
+    @abc.abstractmethod
+    async def add_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None: ...
+
+    @abc.abstractmethod
+    async def remove_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None: ...
+
+    @abc.abstractmethod
+    async def list_peers(self, sandbox_path: str) -> set[Peer]: ...
+
+    @abc.abstractmethod
+    async def sync_peers(self, sandbox_path: str, wanted: Iterable[Peer]) -> int:
+        """Make the remote endpoints exactly `wanted`; returns the number of entries changed."""
+
+    # ---- the gateway bridge (overlay egress) ------------------------------------------------------
+    @abc.abstractmethod
+    async def ensure_gwbridge(self, name: str, gateway_cidr: str, mtu: int) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_gwbridge(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def ensure_gw_endpoint(self, netns_path: str, bridge: str, host_ifname: str, ifname: str,
+                                 address: str, mac: str, mtu: int, gateway_ip: str) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_gw_endpoint(self, host_ifname: str) -> None: ...
+
+    @abc.abstractmethod
+    async def apply_overlay_firewall(self, gwbridge: str, gw_subnet: str) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_overlay_firewall(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
