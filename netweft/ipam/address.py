@@ -95,7 +95,10 @@ def build_subnet_config(subnet: IPv4Network, gateway: str | None = None, ip_rang
 
 
 def check_requested_ip(cfg: SubnetConfig, text: str, in_use: set[IPv4Address]) -> IPv4Address:
-    """An operator-chosen address: inside the subnet (and ip-range if any), not reserved, not taken."""
+    """An operator-chosen address: inside the subnet, not reserved, not taken.
+
+    It may lie outside the ip-range, as in Docker: the range bounds what is handed out automatically,
+    and operators pin addresses outside it precisely so that they never collide with allocated ones."""
     ip = parse_address(text)
     if ip not in cfg.subnet:
         raise InvalidRequest(f"IP {ip} is not inside the network's subnet {cfg.subnet}")
@@ -107,8 +110,6 @@ def check_requested_ip(cfg: SubnetConfig, text: str, in_use: set[IPv4Address]) -
     for name, aux_ip in cfg.aux.items():
         if ip == aux_ip:
             raise Conflict(f"IP {ip} is reserved as aux-address {name}; choose another address")
-    if cfg.ip_range is not None and ip not in cfg.ip_range:
-        raise InvalidRequest(f"IP {ip} is not inside the network's ip-range {cfg.ip_range}")
     if ip in in_use:
         raise Conflict(f"IP {ip} is already in use on this network; choose another address")
     return ip

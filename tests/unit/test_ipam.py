@@ -175,10 +175,13 @@ def test_hostnames(name, ok):
             validate.check_hostname(name)
 
 
-def test_requested_ip_must_be_inside_ip_range():
+def test_requested_ip_may_lie_outside_the_ip_range_as_in_docker():
     c = cfg(ip_range="198.18.0.0/25")
-    with pytest.raises(InvalidRequest, match="ip-range"):
-        ipam.check_requested_ip(c, "198.18.0.200", set())
+    assert ipam.check_requested_ip(c, "198.18.0.200", set()) == IPv4Address("198.18.0.200")
+    with pytest.raises(Conflict, match="in use"):
+        ipam.check_requested_ip(c, "198.18.0.200", {IPv4Address("198.18.0.200")})
+    # Allocation without a requested address still stays inside the range.
+    assert all(a in c.ip_range for a in ipam.allocate_ips(c, {IPv4Address("198.18.0.200")}, 120))
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,0 +1,108 @@
+"""validate: what operators type, judged without I/O. Every refusal is one line naming the thing."""
+import pytest
+
+from netweft import validate
+from netweft.errors import InvalidRequest
+
+
+@pytest.mark.parametrize("name", ["web\n", "web\r\n", "\nweb", "we\nb", "web ", "web\x00"])
+def test_names_are_matched_whole(name):
+    with pytest.raises(InvalidRequest, match="invalid network name"):
+        validate.check_name(name, "network")
+
+
+@pytest.mark.parametrize("name", ["foo.example.com\n", "host\n", "a..b", "a.-b", "x" * 65])
+def test_hostnames_are_matched_whole(name):
+    with pytest.raises(InvalidRequest, match="invalid hostname"):
+        validate.check_hostname(name)
+
+
+@pytest.mark.parametrize("name", ["eth0\n", "", "x" * 16, "a/b"])
+def test_interface_names_are_matched_whole(name):
+    with pytest.raises(InvalidRequest, match="interface name"):
+        validate.check_ifname(name, "bridge name")
+
+
+def test_known_driver_options_pass():
+    assert validate.check_driver_options("bridge", {validate.MTU_OPT: "1400", validate.BRIDGE_NAME_OPT: "br-x",
+                                                    validate.PARENT_OPT: "eth1"})
+    assert validate.check_driver_options("overlay", {validate.MTU_OPT: "1400", validate.VXLANID_OPT: "4097",
+                                                     validate.ENCRYPTED_OPT: ""})
+    assert validate.check_driver_options("bridge", {}) == {}
+
+
+@pytest.mark.parametrize("driver,options", [
+    ("bridge", {"foo": "bar"}),
+    ("bridge", {"foo": ""}),                       # `-o foo`
+    ("bridge", {validate.VXLANID_OPT: "5000"}),    # an overlay option on a bridge
+    ("overlay", {validate.PARENT_OPT: "eth1"}),    # a bridge option on an overlay
+    ("overlay", {"com.docker.network.driver.mtu ": "1400"}),
+])
+def test_unknown_driver_options_are_refused_with_the_known_ones(driver, options):
+    with pytest.raises(InvalidRequest) as e:
+        validate.check_driver_options(driver, options)
+    msg = str(e.value)
+    assert "\n" not in msg and f"unknown {driver} driver option" in msg
+    assert repr(next(iter(options))) in msg
+    for known in validate.DRIVER_OPTIONS[driver]:
+        assert known in msg
+
+
+def test_several_unknown_options_are_all_named():
+    with pytest.raises(InvalidRequest, match="options 'a', 'b':"):
+        validate.check_driver_options("bridge", {"b": "1", "a": "2"})
+
+
+def test_unknown_driver_is_refused():
+    with pytest.raises(InvalidRequest, match="unknown driver 'macvlan'"):
+        validate.check_driver_options("macvlan", {})
+
+
+@pytest.mark.parametrize("driver,options,words", [
+    ("bridge", {validate.MTU_OPT: "67"}, "MTU"),
+    ("overlay", {validate.MTU_OPT: "x"}, "MTU"),
+    ("bridge", {validate.BRIDGE_NAME_OPT: "a-very-long-bridge-name"}, "bridge name"),
+    ("bridge", {validate.BRIDGE_NAME_OPT: ""}, "bridge name"),
+    ("bridge", {validate.PARENT_OPT: ""}, "parent needs an interface name"),
+    ("bridge", {validate.PARENT_OPT: "eth1\n"}, "parent interface"),
+    ("overlay", {validate.VXLANID_OPT: "0"}, "VXLAN ID"),
+    ("overlay", {validate.VXLANID_OPT: "16777216"}, "VXLAN ID"),
+    ("overlay", {validate.VXLANID_OPT: "abc"}, "VXLAN ID"),
+])
+def test_bad_option_values_are_refused(driver, options, words):
+    with pytest.raises(InvalidRequest, match=words):
+        validate.check_driver_options(driver, options)
+
+
+def test_loopback_parent_says_what_is_wrong_with_it():
+    with pytest.raises(InvalidRequest) as e:
+        validate.check_driver_options("bridge", {validate.PARENT_OPT: "lo"})
+    assert "loopback" in str(e.value) and "cannot be a bridge port" in str(e.value)
+
+
+def test_parent_link_facts():
+    validate.check_parent_link("eth1", None, None)
+    validate.check_parent_link("eth1.10", "vlan", None)
+    with pytest.raises(InvalidRequest, match="loopback"):
+        validate.check_parent_link("lo2", "dummy", None, loopback=True)
+    with pytest.raises(InvalidRequest, match="itself a bridge"):
+        validate.check_parent_link("br0", "bridge", None)
+    with pytest.raises(InvalidRequest, match="already a port of 'br0'.*nomaster"):
+        validate.check_parent_link("eth1", None, "br0")
+
+
+@pytest.mark.parametrize("text", ["192.0.2.10", "198.51.100.1", "10.0.0.1"])
+def test_node_address_accepts_unicast_ipv4(text):
+    assert validate.parse_node_address(text, "advertise address") == text
+
+
+@pytest.mark.parametrize("text,words", [
+    ("5", "expected an IPv4 address"), ("", "expected an IPv4 address"), ("eth0", "expected an IPv4 address"),
+    ("192.0.2.10\n", "expected an IPv4 address"), ("01.2.3.4", "expected an IPv4 address"),
+    ("fe80::1", "expected an IPv4 address"), (5, "expected an IPv4 address"),
+    ("0.0.0.0", "cannot reach"), ("127.0.0.1", "cannot reach"), ("224.0.0.1", "cannot reach"),
+    ("255.255.255.255", "cannot reach"),
+])
+def test_node_address_refuses_what_other_hosts_cannot_reach(text, words):
+    with pytest.raises(InvalidRequest, match=words):
+        validate.parse_node_address(text, "advertise address")
