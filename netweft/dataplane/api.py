@@ -18,6 +18,10 @@ from collections.abc import Iterable
 from netweft.dataplane.firewall import BridgeRule
 from netweft.model.objects import Peer
 
+VXLAN_OVERHEAD = 50          # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8: overlay MTU = underlay MTU - 50
+DEFAULT_VXLAN_PORT = 4789
+GWBRIDGE = "nw_gwbridge"     # the overlays' gateway bridge (Docker's docker_gwbridge)
+
 
 class DataPlane(abc.ABC):
     # ---- namespaces ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""nftables rules for local bridge networks, rendered as libnftables JSON.
+"""nftables rules, rendered as libnftables JSON: local bridge networks, and the overlays' gateway bridge.
 
-`render_firewall` is pure so it can be tested without a kernel; `Kernel.apply_firewall` sends its output
-in one transaction. The table is rebuilt from scratch each time (add, delete, add), so rules of
+The renderers are pure so they can be tested without a kernel (and the fake data plane validates with
+them); the real data plane sends their output in one transaction. The table is rebuilt from scratch each time (add, delete, add), so rules of
 networks that no longer exist disappear atomically with the new ones appearing.
 """
 
@@ -11,6 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from netweft.dataplane.checks import check_ifname
 from netweft.errors import InvalidRequest
 
 # nft identifiers: a letter or underscore, then letters, digits, underscores.
@@ -23,6 +24,7 @@ FORWARD_CHAIN = "forward"
 POSTROUTING_CHAIN = "postrouting"
 PRIO_FILTER = 0
 PRIO_SRCNAT = 100
+OVERLAY_TABLE = "netweft-ov"   # the gateway bridge's table (overlay egress)
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,60 @@ def render_firewall(table: str, networks: list[BridgeRule]) -> dict:
                               _meta("oifname", "!=", br),
                               {"masquerade": None}))
     return {"nftables": cmds}
+
+
+# ---- the overlays' gateway bridge -----------------------------------------------------------------
+
+def _clamp_mss() -> list[dict]:
+    # `tcp flags syn tcp option maxseg size set rt mtu`: SYN and SYN-ACK, MSS lowered to fit the route out.
+    return [{"match": {"op": "in", "left": {"payload": {"protocol": "tcp", "field": "flags"}}, "right": "syn"}},
+            {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}},
+                        "value": {"rt": {"key": "mtu"}}}}]
+
+
+def render_overlay_firewall(gwbridge: str, gw_subnet: str, table: str = OVERLAY_TABLE) -> dict:
+    """The libnftables JSON command that atomically replaces table `inet <table>` for the gateway bridge.
+
+    - forward: nothing is routed from the gateway bridge back into it. Together with isolated bridge
+      ports (no L2 path between containers on the gateway bridge) this keeps overlays apart: a
+      container's only way to a container on another overlay would be through the host.
+    - forward: TCP MSS of SYNs crossing the gateway bridge is clamped to the route MTU, so a smaller
+      uplink (or a smaller gateway bridge) never blackholes TCP. Overlay traffic itself needs no clamp:
+      both ends sit on the overlay MTU, so their own SYNs already advertise the right MSS, and the
+      sandbox only bridges.
+    - postrouting: the gateway bridge subnet is masqueraded when it leaves through another interface.
+    """
+    check_ifname(gwbridge, "gateway bridge name")
+    try:
+        net = ipaddress.IPv4Network(gw_subnet, strict=False)
+    except (ValueError, TypeError):
+        raise InvalidRequest(f"invalid gateway bridge subnet {gw_subnet!r}") from None
+    tbl = {"family": "inet", "name": table}
+
+    def rule(chain: str, comment: str, *expr: dict) -> dict:
+        return {"add": {"rule": {"family": "inet", "table": table, "chain": chain, "comment": comment,
+                                 "expr": list(expr)}}}
+
+    return {"nftables": [
+        # "add" then "delete" never fails, whether or not the table exists; then build it afresh.
+        {"add": {"table": dict(tbl)}},
+        {"delete": {"table": dict(tbl)}},
+        {"add": {"table": dict(tbl)}},
+        {"add": {"chain": {"family": "inet", "table": table, "name": "forward", "type": "filter",
+                           "hook": "forward", "prio": 0, "policy": "accept"}}},
+        {"add": {"chain": {"family": "inet", "table": table, "name": "postrouting", "type": "nat",
+                           "hook": "postrouting", "prio": 100, "policy": "accept"}}},
+        rule("forward", f"no routing between {gwbridge} ports",
+             _meta("iifname", "==", gwbridge), _meta("oifname", "==", gwbridge), {"drop": None}),
+        rule("forward", f"clamp MSS out of {gwbridge}", _meta("iifname", "==", gwbridge), *_clamp_mss()),
+        rule("forward", f"clamp MSS into {gwbridge}", _meta("oifname", "==", gwbridge), *_clamp_mss()),
+        rule("postrouting", f"masquerade {gwbridge}",
+             {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                        "right": {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}}},
+             _meta("oifname", "!=", gwbridge), {"masquerade": None}),
+    ]}
+
+
+def render_delete_overlay_firewall(table: str = OVERLAY_TABLE) -> dict:
+    tbl = {"family": "inet", "name": table}
+    return {"nftables": [{"add": {"table": dict(tbl)}}, {"delete": {"table": dict(tbl)}}]}

@@ -29,6 +29,7 @@ import socket
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netweft.dataplane import netns
+from netweft.dataplane.checks import check_mtu, ipv4
 from netweft.dataplane.firewall import BridgeRule, render_firewall
 from netweft.dataplane.nlutil import (RT_TABLE_MAIN, HostHandles, check_ifname, delete_link, describe,
                                       ensure_container_end, ensure_ipv4, ensure_mtu, ensure_up, ensure_veth,
@@ -141,6 +142,7 @@ class Kernel(HostHandles):
             if parent == name:
                 raise InvalidRequest(f"bridge {name} cannot be its own parent")
         want = parse_interface(address) if address else None
+        check_mtu(mtu)
         ipr = self._host
         with failing(f"bridge {name}"):
             link = get_link(ipr, name)
@@ -205,12 +207,8 @@ class Kernel(HostHandles):
         check_ifname(ifname, "container interface name")
         want = parse_interface(address)
         mac = parse_mac(mac)
-        gw = None
-        if gateway is not None:
-            try:
-                gw = ipaddress.IPv4Address(gateway)
-            except ValueError:
-                raise InvalidRequest(f"invalid gateway {gateway!r}") from None
+        check_mtu(mtu)
+        gw = None if gateway is None else ipaddress.IPv4Address(ipv4(gateway, "gateway"))
         ipr = self._host
         with failing(f"endpoint {host_ifname}"):
             br = get_link(ipr, bridge)

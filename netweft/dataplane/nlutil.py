@@ -19,48 +19,14 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netweft.dataplane import netns
+from netweft.dataplane.checks import IFNAMSIZ, check_ifname, parse_interface, parse_mac  # noqa: F401 (re-exported)
 from netweft.dataplane.nlbatch import NETLINK_EXT_ACK, NETLINK_ROUTE, SOL_NETLINK
-from netweft.errors import InvalidRequest, KernelError
+from netweft.errors import KernelError
 
-IFNAMSIZ = 15
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
 # How long to retry creating a link whose name (or VNI) a namespace being torn down still holds.
 EEXIST_RETRY_SECONDS = 5.0
-
-
-# ---- validation ---------------------------------------------------------------------------------
-
-def check_ifname(name: str, what: str = "interface name") -> str:
-    if not isinstance(name, str) or not name or len(name.encode()) > IFNAMSIZ or "/" in name \
-            or any(c.isspace() for c in name) or name in (".", ".."):
-        raise InvalidRequest(f"invalid {what} {name!r} (1-{IFNAMSIZ} bytes, no '/' or spaces)")
-    return name
-
-
-def parse_interface(address: str) -> ipaddress.IPv4Interface:
-    """An IPv4 address with prefix length (e.g. 198.18.0.5/24) that can be given to an interface."""
-    try:
-        if not isinstance(address, str):
-            raise TypeError
-        iface = ipaddress.IPv4Interface(address)
-    except (ValueError, TypeError):
-        raise InvalidRequest(f"invalid IPv4 address {address!r}, expected e.g. 198.18.0.5/24") from None
-    if "/" not in address:
-        raise InvalidRequest(f"address {address!r} needs a prefix length, e.g. {address}/24")
-    if iface.network.prefixlen == 0 or iface.ip.is_unspecified or iface.ip.is_multicast or iface.ip.is_loopback:
-        raise InvalidRequest(f"address {address} cannot be given to an interface")
-    return iface
-
-
-def parse_mac(mac: str) -> str:
-    """A unicast MAC address written as six hex pairs, in lower case."""
-    parts = mac.lower().split(":") if isinstance(mac, str) else []
-    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
-        raise InvalidRequest(f"invalid MAC address {mac!r}")
-    if int(parts[0], 16) & 1:
-        raise InvalidRequest(f"MAC address {mac} is multicast")
-    return ":".join(parts)
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -33,55 +33,32 @@ import os
 import socket
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netweft.dataplane import netns
+from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)
+from netweft.dataplane.checks import check_peers, int_in as _int_in, ipv4 as _ipv4, make_peer, peer_tables
+from netweft.dataplane.firewall import (OVERLAY_TABLE, render_delete_overlay_firewall,  # noqa: F401
+                                        render_overlay_firewall)
 from netweft.dataplane.nlbatch import NeighBatch, open_route_socket
 from netweft.dataplane.nlutil import (HostHandles, check_ifname, close_iproute, delete_link,
                                       ensure_container_end, ensure_ipv4, ensure_mtu, ensure_up, ensure_veth,
                                       failing, get_link, ignore, link_kind, netns_iproute, netnsid,
                                       open_iproute, parse_interface, parse_mac, retry_eexist)
-from netweft.errors import InvalidRequest, KernelError
+from netweft.errors import KernelError
+from netweft.model.objects import Peer as ModelPeer
 
 SANDBOX_BRIDGE = "br0"
 SANDBOX_VXLAN = "vxlan0"
-DEFAULT_PORT = 4789
-VXLAN_OVERHEAD = 50          # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
-OVERLAY_TABLE = "netweft-ov"
-GWBRIDGE = "nw_gwbridge"     # the overlays' gateway bridge (Docker's docker_gwbridge)
+DEFAULT_PORT = DEFAULT_VXLAN_PORT
 
 
-# ---- validation ---------------------------------------------------------------------------------
-
-def _ipv4(address: str, what: str = "IPv4 address") -> str:
-    try:
-        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, address))
-    except (OSError, TypeError):
-        raise InvalidRequest(f"invalid {what} {address!r}") from None
-
-
-def _int_in(value: int, low: int, high: int, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidRequest(f"invalid {what} {value!r} (expected {low}-{high})")
-    return value
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A remote endpoint: its overlay IP and MAC, and the underlay IP of the host (VTEP) it lives on."""
-
-    ip: str
-    mac: str
-    vtep: str
-
-    def __post_init__(self) -> None:
-        # Canonical forms, so peers read back from the kernel compare equal to the ones we were given.
-        object.__setattr__(self, "ip", _ipv4(self.ip, "peer IP"))
-        object.__setattr__(self, "mac", parse_mac(self.mac))
-        object.__setattr__(self, "vtep", _ipv4(self.vtep, "VTEP address"))
+def Peer(ip: str, mac: str, vtep: str) -> ModelPeer:  # noqa: N802 (reads like the constructor it was)
+    """A remote endpoint as a canonical netweft.model.objects.Peer (InvalidRequest if malformed).
+    Kept for callers written before the model existed; new code uses the model's Peer."""
+    return make_peer(ip, mac, vtep)
 
 
 class _Sandbox:
@@ -106,67 +83,6 @@ class _Sandbox:
         with contextlib.suppress(OSError):
             self.nl.close()
         os.close(self.fd)
-
-
-# ---- the firewall (pure) ------------------------------------------------------------------------
-
-def _meta(key: str, op: str, value) -> dict:
-    return {"match": {"op": op, "left": {"meta": {"key": key}}, "right": value}}
-
-
-def _clamp_mss() -> list[dict]:
-    # `tcp flags syn tcp option maxseg size set rt mtu`: SYN and SYN-ACK, MSS lowered to fit the route out.
-    return [{"match": {"op": "in", "left": {"payload": {"protocol": "tcp", "field": "flags"}}, "right": "syn"}},
-            {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}},
-                        "value": {"rt": {"key": "mtu"}}}}]
-
-
-def render_overlay_firewall(gwbridge: str, gw_subnet: str, table: str = OVERLAY_TABLE) -> dict:
-    """The libnftables JSON command that atomically replaces table `inet <table>` for the gateway bridge.
-
-    - forward: nothing is routed from the gateway bridge back into it. Together with isolated bridge
-      ports (no L2 path between containers on the gateway bridge) this keeps overlays apart: a
-      container's only way to a container on another overlay would be through the host.
-    - forward: TCP MSS of SYNs crossing the gateway bridge is clamped to the route MTU, so a smaller
-      uplink (or a smaller gateway bridge) never blackholes TCP. Overlay traffic itself needs no clamp:
-      both ends sit on the overlay MTU, so their own SYNs already advertise the right MSS, and the
-      sandbox only bridges.
-    - postrouting: the gateway bridge subnet is masqueraded when it leaves through another interface.
-    """
-    check_ifname(gwbridge, "gateway bridge name")
-    try:
-        net = ipaddress.IPv4Network(gw_subnet, strict=False)
-    except (ValueError, TypeError):
-        raise InvalidRequest(f"invalid gateway bridge subnet {gw_subnet!r}") from None
-    tbl = {"family": "inet", "name": table}
-
-    def rule(chain: str, comment: str, *expr: dict) -> dict:
-        return {"add": {"rule": {"family": "inet", "table": table, "chain": chain, "comment": comment,
-                                 "expr": list(expr)}}}
-
-    return {"nftables": [
-        # "add" then "delete" never fails, whether or not the table exists; then build it afresh.
-        {"add": {"table": dict(tbl)}},
-        {"delete": {"table": dict(tbl)}},
-        {"add": {"table": dict(tbl)}},
-        {"add": {"chain": {"family": "inet", "table": table, "name": "forward", "type": "filter",
-                           "hook": "forward", "prio": 0, "policy": "accept"}}},
-        {"add": {"chain": {"family": "inet", "table": table, "name": "postrouting", "type": "nat",
-                           "hook": "postrouting", "prio": 100, "policy": "accept"}}},
-        rule("forward", f"no routing between {gwbridge} ports",
-             _meta("iifname", "==", gwbridge), _meta("oifname", "==", gwbridge), {"drop": None}),
-        rule("forward", f"clamp MSS out of {gwbridge}", _meta("iifname", "==", gwbridge), *_clamp_mss()),
-        rule("forward", f"clamp MSS into {gwbridge}", _meta("oifname", "==", gwbridge), *_clamp_mss()),
-        rule("postrouting", f"masquerade {gwbridge}",
-             {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
-                        "right": {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}}},
-             _meta("oifname", "!=", gwbridge), {"masquerade": None}),
-    ]}
-
-
-def render_delete_overlay_firewall(table: str = OVERLAY_TABLE) -> dict:
-    tbl = {"family": "inet", "name": table}
-    return {"nftables": [{"add": {"table": dict(tbl)}}, {"delete": {"table": dict(tbl)}}]}
 
 
 def default_tmp_name(vni: int) -> str:
@@ -415,6 +331,15 @@ class Overlay(HostHandles):
         with failing(f"delete overlay endpoint {host_ifname} in {sandbox_path}"):
             delete_link(sb.ipr, host_ifname, "veth")
 
+    def list_endpoints(self, sandbox_path: str) -> list[str]:
+        """Names of the endpoint veths in the sandbox (their sandbox ends), sorted; none without a sandbox."""
+        self._claim_thread()
+        if not netns.is_netns(sandbox_path):
+            return []
+        sb = self._sandbox(sandbox_path)
+        with failing(f"list endpoints of sandbox {sandbox_path}"):
+            return sorted(link.get("ifname") for link in sb.ipr.link("dump") if link_kind(link) == "veth")
+
     @staticmethod
     def _endpoint_args(host_ifname: str, ifname: str, address_cidr: str, mac: str, mtu: int) -> tuple:
         return (check_ifname(host_ifname, "host interface name"), check_ifname(ifname),
@@ -440,9 +365,9 @@ class Overlay(HostHandles):
 
     # ---- remote endpoints -----------------------------------------------------------------------
 
-    def add_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None:
+    def add_peers(self, sandbox_path: str, peers: Iterable[ModelPeer]) -> None:
         """Program remote endpoints: FDB MAC -> VTEP, then neighbour IP -> MAC (replacing existing)."""
-        peers = _peer_list(peers)
+        peers = check_peers(peers)
         sb = self._sandbox(sandbox_path)
         vx = self._vxlan_index(sb)
         with failing(f"sandbox {sandbox_path}"):
@@ -450,45 +375,38 @@ class Overlay(HostHandles):
             sb.nl.add_fdb(vx, [(p.mac, p.vtep) for p in peers])
             sb.nl.add_neighbours(vx, [(p.ip, p.mac) for p in peers])
 
-    def remove_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None:
+    def remove_peers(self, sandbox_path: str, peers: Iterable[ModelPeer]) -> None:
         """Remove remote endpoints (neighbour by IP, FDB entry by MAC and VTEP). Absent ones are fine."""
-        peers = _peer_list(peers)
-        if not netns.is_netns(sandbox_path):
-            return  # nothing left to remove
-        sb = self._sandbox(sandbox_path)
+        peers = check_peers(peers)
+        vx = self._vxlan_if_any(sandbox_path)
+        if vx is None:
+            return  # no sandbox or no VXLAN device: no peers
+        sb, vx = vx
         with failing(f"sandbox {sandbox_path}"):
-            vx = get_link(sb.ipr, SANDBOX_VXLAN)
-            if vx is None or link_kind(vx) != "vxlan":
-                return  # no VXLAN device, no peers
-            vx = vx["index"]
             sb.nl.delete_neighbours(vx, [p.ip for p in peers])
             sb.nl.delete_fdb(vx, [(p.mac, p.vtep) for p in peers])
 
-    def list_peers(self, sandbox_path: str) -> set[Peer]:
+    def list_peers(self, sandbox_path: str) -> set[ModelPeer]:
         """Remote endpoints as the kernel has them: permanent neighbours on vxlan0 joined with its FDB
-        entries by MAC."""
-        sb = self._sandbox(sandbox_path)
-        vx = self._vxlan_index(sb)
+        entries by MAC. None without a sandbox or its VXLAN device."""
+        vx = self._vxlan_if_any(sandbox_path)
+        if vx is None:
+            return set()
+        sb, vx = vx
         with failing(f"sandbox {sandbox_path}"):
             neighbours = sb.nl.neighbours(vx)
             fdb = sb.nl.fdb(vx)
         vteps = defaultdict(list)
         for mac, vtep in fdb:
             vteps[mac].append(vtep)
-        return {Peer(ip, mac, vtep) for ip, mac in neighbours.items() for vtep in vteps.get(mac, ())}
+        # The kernel reports canonical forms: equal to the (canonicalised) peers programmed.
+        return {ModelPeer(ip, mac, vtep) for ip, mac in neighbours.items() for vtep in vteps.get(mac, ())}
 
-    def sync_peers(self, sandbox_path: str, wanted: Iterable[Peer]) -> int:
+    def sync_peers(self, sandbox_path: str, wanted: Iterable[ModelPeer]) -> int:
         """Make the remote endpoints exactly `wanted`, changing only what differs. Neighbour and FDB
         tables are compared separately, so half-programmed peers (e.g. after a crash) are repaired too.
         Returns the number of kernel entries changed."""
-        wanted = _peer_list(wanted)
-        want_neigh: dict[str, str] = {}
-        want_fdb: dict[str, str] = {}
-        for p in wanted:
-            if want_neigh.setdefault(p.ip, p.mac) != p.mac:
-                raise InvalidRequest(f"peer IP {p.ip} listed with two MAC addresses")
-            if want_fdb.setdefault(p.mac, p.vtep) != p.vtep:
-                raise InvalidRequest(f"peer MAC {p.mac} listed with two VTEPs")
+        want_neigh, want_fdb = peer_tables(check_peers(wanted))
         sb = self._sandbox(sandbox_path)
         vx = self._vxlan_index(sb)
         with failing(f"sandbox {sandbox_path}"):
@@ -504,6 +422,18 @@ class Overlay(HostHandles):
             sb.nl.add_fdb(vx, new_fdb)
             sb.nl.add_neighbours(vx, new_neigh)
         return len(stale_neigh) + len(stale_fdb) + len(new_fdb) + len(new_neigh)
+
+    def _vxlan_if_any(self, sandbox_path: str) -> tuple[_Sandbox, int] | None:
+        """The sandbox and its vxlan0's index, or None if either is missing."""
+        self._claim_thread()
+        if not netns.is_netns(sandbox_path):
+            return None
+        sb = self._sandbox(sandbox_path)
+        with failing(f"sandbox {sandbox_path}"):
+            vx = get_link(sb.ipr, SANDBOX_VXLAN)
+        if vx is None or link_kind(vx) != "vxlan":
+            return None
+        return sb, vx["index"]
 
     # ---- gateway bridge -------------------------------------------------------------------------
 
@@ -556,10 +486,3 @@ class Overlay(HostHandles):
         """Delete nftables table `inet netweft-ov`. Idempotent."""
         self._nft_cmd(render_delete_overlay_firewall(), f"delete nftables table {OVERLAY_TABLE}")
 
-
-def _peer_list(peers: Iterable[Peer]) -> list[Peer]:
-    peers = list(peers)
-    for p in peers:
-        if not isinstance(p, Peer):
-            raise InvalidRequest(f"expected a Peer, got {p!r}")
-    return peers

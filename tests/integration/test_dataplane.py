@@ -579,3 +579,77 @@ def test_used_from_executor_thread_while_loop_runs(make_ns, nsdir):
     finally:
         executor.shutdown()
     assert ip_json(h, "link", "show", "nwb0")[0]["ifname"] == "nwb0"
+
+
+# ---- RealDataPlane: the async interface engine and agent use ----------------------------------------
+
+def test_real_dataplane_through_the_async_interface(make_ns, nsdir):
+    """A few calls of every kind through RealDataPlane, its kernel thread working inside a test namespace."""
+    from netweft.dataplane.real import RealDataPlane
+    from netweft.model.objects import Peer
+
+    h = make_ns("host")
+    ctr, octr = make_ns("c1"), make_ns("c2")
+    sandboxes = os.path.join(nsdir, "sandboxes")
+    sb = os.path.join(sandboxes, "sb1")
+    sh(h, "ip", "link", "add", "nwtul0", "type", "veth", "peer", "name", "nwtul1")
+    sh(h, "ip", "addr", "add", "192.0.2.1/24", "dev", "nwtul0")
+    sh(h, "ip", "link", "set", "nwtul0", "mtu", "1400", "up")
+    peers = {Peer("198.18.1.3", "02:00:c6:12:01:03", "192.0.2.2"), Peer("198.18.1.4", "02:00:c6:12:01:04", "192.0.2.3")}
+
+    async def main():
+        dp = RealDataPlane(os.path.join(nsdir, "run"), host_netns=h)
+        try:
+            await dp.start()
+            # A local bridge network with one container.
+            await dp.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+            await dp.ensure_endpoint(ctr, "nwb0", "nwv-c1", "eth0", "198.18.0.2/24", "02:42:c6:12:00:02", 1500,
+                                     "198.18.0.1")
+            await dp.apply_firewall(TABLE, [BridgeRule("nwb0", "198.18.0.0/24", internal=False, masquerade=True)])
+            assert await dp.link_exists("nwb0") and not await dp.link_exists("nwb1")
+            assert await dp.list_links("nwv") == ["nwv-c1"]
+            assert (await dp.ipv4_addresses())["nwtul0"] == ["192.0.2.1"]
+            assert await dp.host_routes("nwb") == [ipaddress.ip_network("192.0.2.0/24")]
+            assert await dp.underlay_mtu("192.0.2.1") == 1400
+            # An overlay sandbox with one local endpoint and two remote ones.
+            assert await dp.ensure_sandbox(sb, 4242, "198.18.1.1/24", 1350, "192.0.2.1", 4789, "nwtx4242") is True
+            assert await dp.ensure_sandbox(sb, 4242, "198.18.1.1/24", 1350, "192.0.2.1", 4789, "nwtx4242") is False
+            await dp.ensure_overlay_endpoint(sb, octr, "nwv-o1", "eth0", "198.18.1.2/24", "02:00:c6:12:01:02", 1350)
+            assert await dp.list_overlay_endpoints(sb) == ["nwv-o1"]
+            assert await dp.list_netns(sandboxes) == ["sb1"]
+            assert await dp.sync_peers(sb, peers) == 4
+            assert await dp.list_peers(sb) == peers          # model Peers read back equal to those given
+            await dp.remove_peers(sb, list(peers)[:1])
+            assert await dp.list_peers(sb) == set(list(peers)[1:])
+            with pytest.raises(InvalidRequest):
+                await dp.add_peers(sb, [Peer("198.18.1.9", "not-a-mac", "192.0.2.2")])
+            with pytest.raises(KernelError, match="no overlay sandbox"):
+                await dp.add_peers(os.path.join(sandboxes, "absent"), peers)
+            # The gateway bridge and its firewall.
+            await dp.ensure_gwbridge("nwtgw", "198.19.255.1/24", 1400)
+            await dp.ensure_gw_endpoint(octr, "nwtgw", "nwtg-o1", "eth1", "198.19.255.2/24", "02:00:c6:13:ff:02",
+                                        1400, "198.19.255.1")
+            await dp.apply_overlay_firewall("nwtgw", "198.19.255.0/24")
+            assert default_route(octr) == [("198.19.255.1", "eth1")]
+            assert pings(ctr, "198.18.0.1") and pings(octr, "198.18.1.1") and pings(octr, "198.19.255.1")
+            # Teardown through the interface, every call idempotent.
+            for _ in range(2):
+                await dp.delete_overlay_firewall()
+                await dp.delete_gw_endpoint("nwtg-o1")
+                await dp.delete_gwbridge("nwtgw")
+                await dp.delete_overlay_endpoint(sb, "nwv-o1")
+                await dp.delete_sandbox(sb, "nwtx4242")
+                await dp.delete_endpoint("nwv-c1")
+                await dp.apply_firewall(TABLE, [])
+                await dp.delete_bridge("nwb0", None)
+            assert await dp.list_netns(sandboxes) == [] and await dp.list_overlay_endpoints(sb) == []
+            assert await dp.list_peers(sb) == set()
+            assert await dp.list_links("nw") == ["nwtul0", "nwtul1"]  # the underlay only
+        finally:
+            await dp.close()
+        with pytest.raises(KernelError, match="closed"):
+            await dp.link_exists("nwb0")
+
+    asyncio.run(main())
+    assert "nwtgw" not in sh(h, "ip", "-o", "link").stdout
+    assert TABLE not in sh(h, "nft", "list", "tables").stdout

@@ -1,0 +1,195 @@
+"""The real data plane: the DataPlane interface over the host's kernel.
+
+Every call runs in one kernel thread, which owns every netlink socket and the libnftables context:
+pyroute2's handles and libnftables are bound to the thread (and namespace) that first uses them, and
+one thread also keeps kernel changes in the order they were asked for. Local bridge networks are
+`Kernel` (kernel.py), overlays and the gateway bridge are `Overlay` (overlay.py); both are made in
+that thread, the Overlay only when first needed.
+
+"The host" is the network namespace the kernel thread starts in: the namespace of the thread that
+makes the first call, or the namespace at `host_netns` if given (tests run a data plane inside a
+namespace they made).
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from netweft.dataplane import netns
+from netweft.dataplane.api import DataPlane
+from netweft.dataplane.firewall import BridgeRule
+from netweft.dataplane.kernel import Kernel
+from netweft.dataplane.overlay import Overlay
+from netweft.errors import KernelError
+from netweft.model.objects import Peer
+
+T = TypeVar("T")
+
+
+class RealDataPlane(DataPlane):
+    def __init__(self, run_dir: str, host_netns: str | None = None):
+        self.run_dir = run_dir
+        self._host_fd = netns.open_netns(host_netns) if host_netns else None
+        init = (netns.setns, (self._host_fd,)) if self._host_fd is not None else (None, ())
+        self._kx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel",
+                                      initializer=init[0], initargs=init[1])
+        self._kernel: Kernel | None = None     # made in the kernel thread
+        self._overlay: Overlay | None = None   # made in the kernel thread on first use
+        self._closed = False
+
+    # ---- the kernel thread ----------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise KernelError("the data plane is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._kx, fn)
+
+    def _k(self) -> Kernel:
+        if self._kernel is None:
+            self._kernel = Kernel(self.run_dir)
+        return self._kernel
+
+    def _ov(self) -> Overlay:
+        if self._overlay is None:
+            self._overlay = Overlay()
+        return self._overlay
+
+    async def _kcall(self, name: str, *args):
+        return await self._run(lambda: getattr(self._k(), name)(*args))
+
+    async def _ovcall(self, name: str, *args):
+        return await self._run(lambda: getattr(self._ov(), name)(*args))
+
+    async def start(self) -> None:
+        """Open the host handles now, so a broken host fails at start rather than at the first request."""
+        await self._run(self._k)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+
+        def release() -> None:
+            try:
+                if self._overlay is not None:
+                    self._overlay.close()
+            finally:
+                if self._kernel is not None:
+                    self._kernel.close()
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._kx, release)
+        finally:
+            self._closed = True
+            self._kx.shutdown(wait=True)
+            if self._host_fd is not None:
+                os.close(self._host_fd)
+
+    # ---- namespaces -------------------------------------------------------------------------------
+
+    async def create_netns(self, path: str) -> None:
+        await self._kcall("create_netns", path)
+
+    async def delete_netns(self, path: str) -> None:
+        await self._kcall("delete_netns", path)
+
+    async def list_netns(self, directory: str) -> list[str]:
+        # Through the kernel thread too, so it sees every namespace created or deleted before it.
+        return await self._run(lambda: [os.path.basename(p) for p in netns.list_netns(directory)])
+
+    # ---- host facts -------------------------------------------------------------------------------
+
+    async def link_exists(self, name: str) -> bool:
+        return await self._kcall("link_exists", name)
+
+    async def list_links(self, prefix: str) -> list[str]:
+        return await self._kcall("list_links", prefix)
+
+    async def ipv4_addresses(self) -> dict[str, list[str]]:
+        return await self._kcall("ipv4_addresses")
+
+    async def host_routes(self, bridge_prefix: str) -> list[ipaddress.IPv4Network]:
+        return await self._kcall("host_routes", bridge_prefix)
+
+    async def underlay_mtu(self, local_ip: str) -> int:
+        return await self._ovcall("underlay_mtu", local_ip)
+
+    # ---- local bridge networks ----------------------------------------------------------------------
+
+    async def ensure_bridge(self, name: str, address: str | None, mtu: int, parent: str | None) -> None:
+        await self._kcall("ensure_bridge", name, address, mtu, parent)
+
+    async def delete_bridge(self, name: str, parent: str | None) -> None:
+        await self._kcall("delete_bridge", name, parent)
+
+    async def ensure_endpoint(self, netns_path: str, bridge: str, host_ifname: str, ifname: str,
+                              address: str, mac: str, mtu: int, gateway: str | None) -> None:
+        await self._kcall("ensure_endpoint", netns_path, bridge, host_ifname, ifname, address, mac, mtu, gateway)
+
+    async def delete_endpoint(self, host_ifname: str) -> None:
+        await self._kcall("delete_endpoint", host_ifname)
+
+    async def set_ip_forward(self, enabled: bool) -> None:
+        await self._kcall("set_ip_forward", enabled)
+
+    async def apply_firewall(self, table: str, networks: list[BridgeRule]) -> None:
+        await self._kcall("apply_firewall", table, list(networks))
+
+    # ---- overlay sandboxes ----------------------------------------------------------------------------
+
+    async def ensure_sandbox(self, path: str, vni: int, gateway_cidr: str, mtu: int, local_ip: str,
+                             port: int, tmp_name: str) -> bool:
+        return await self._ovcall("ensure_sandbox", path, vni, gateway_cidr, mtu, local_ip, port, tmp_name)
+
+    async def delete_sandbox(self, path: str, tmp_name: str | None = None) -> None:
+        await self._ovcall("delete_sandbox", path, tmp_name)
+
+    async def ensure_overlay_endpoint(self, sandbox_path: str, netns_path: str, host_ifname: str, ifname: str,
+                                      address: str, mac: str, mtu: int) -> None:
+        await self._ovcall("ensure_endpoint", sandbox_path, netns_path, host_ifname, ifname, address, mac, mtu)
+
+    async def delete_overlay_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
+        await self._ovcall("delete_endpoint", sandbox_path, host_ifname)
+
+    async def list_overlay_endpoints(self, sandbox_path: str) -> list[str]:
+        return await self._ovcall("list_endpoints", sandbox_path)
+
+    async def add_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None:
+        peers = list(peers)  # the caller's iterable is consumed here, not in another thread
+        await self._ovcall("add_peers", sandbox_path, peers)
+
+    async def remove_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None:
+        peers = list(peers)
+        await self._ovcall("remove_peers", sandbox_path, peers)
+
+    async def list_peers(self, sandbox_path: str) -> set[Peer]:
+        return await self._ovcall("list_peers", sandbox_path)
+
+    async def sync_peers(self, sandbox_path: str, wanted: Iterable[Peer]) -> int:
+        wanted = list(wanted)
+        return await self._ovcall("sync_peers", sandbox_path, wanted)
+
+    # ---- the gateway bridge ---------------------------------------------------------------------------
+
+    async def ensure_gwbridge(self, name: str, gateway_cidr: str, mtu: int) -> None:
+        await self._ovcall("ensure_gwbridge", name, gateway_cidr, mtu)
+
+    async def delete_gwbridge(self, name: str) -> None:
+        await self._ovcall("delete_gwbridge", name)
+
+    async def ensure_gw_endpoint(self, netns_path: str, bridge: str, host_ifname: str, ifname: str,
+                                 address: str, mac: str, mtu: int, gateway_ip: str) -> None:
+        await self._ovcall("ensure_gw_endpoint", netns_path, bridge, host_ifname, ifname, address, mac, mtu,
+                           gateway_ip)
+
+    async def delete_gw_endpoint(self, host_ifname: str) -> None:
+        await self._ovcall("delete_gw_endpoint", host_ifname)
+
+    async def apply_overlay_firewall(self, gwbridge: str, gw_subnet: str) -> None:
+        await self._ovcall("apply_overlay_firewall", gwbridge, gw_subnet)
+
+    async def delete_overlay_firewall(self) -> None:
+        await self._ovcall("delete_overlay_firewall")
