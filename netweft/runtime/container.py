@@ -184,7 +184,8 @@ def exec_argv(pid: int, cmd: list[str]) -> list[str]:
 
 def write_hosts(path, hostname, entries):
     """Write a container's /etc/hosts. entries: [(ip, names)], names a list (or a
-    space-separated str) of aliases; each line maps ip to the hostname and aliases."""
+    space-separated str) of aliases; each line maps ip to the hostname, its first label when
+    it has dots (foobar.example.com foobar, as Docker writes it) and the aliases."""
     lines = [
         "127.0.0.1\tlocalhost",
         "::1\tlocalhost ip6-localhost ip6-loopback",
@@ -196,11 +197,16 @@ def write_hosts(path, hostname, entries):
     for ip, names in entries:
         if isinstance(names, str):
             names = names.split()
-        all_names = list(dict.fromkeys([hostname, *names]))  # dedup, keep order
+        all_names = list(dict.fromkeys([*_host_names(hostname), *names]))  # dedup, keep order
         lines.append(f"{ip}\t{' '.join(n for n in all_names if n)}")
     if not entries and hostname:
-        lines.append(f"127.0.1.1\t{hostname}")  # still resolvable without an address
+        lines.append(f"127.0.1.1\t{' '.join(_host_names(hostname))}")  # still resolvable without an address
     _write_in_place(path, "\n".join(lines) + "\n")
+
+
+def _host_names(hostname):
+    short = hostname.split(".", 1)[0]
+    return [hostname, short] if short and short != hostname else [hostname]
 
 
 def write_resolv(path, nameservers, search=(), options=()):

@@ -4,6 +4,9 @@ The shim detaches from whoever started it (double fork + setsid), forks the cont
 process into its namespaces, records its pid, waits for it and records the exit code.
 It outlives the daemon, so a daemon restart neither kills containers nor loses exit codes.
 
+In its own network namespace, a container gets lo up and a fresh read-only sysfs, so that
+/sys/class/net lists its interfaces and not the host's.
+
 Spec fields: netns (path or null), hostname, hosts_file, resolv_file (paths or null),
 cmd (list), env (dict, optional), cwd (optional, default "/"), log, state_dir.
 
@@ -14,18 +17,28 @@ signal N; 127 if the command could not be executed; 125 if namespace setup faile
 """
 
 import ctypes
+import fcntl
 import json
 import os
 import signal
+import socket
+import struct
 import sys
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 2
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
 
 EXIT_SETUP_FAILED = 125
 EXIT_EXEC_FAILED = 127
@@ -47,10 +60,19 @@ def _describe(e):
     return str(e) or type(e).__name__
 
 
-def _mount(source, target, flags):
-    _check(_libc.mount(source.encode() if source else b"none", target.encode(), None,
-                       ctypes.c_ulong(flags), None),
+def _mount(source, target, flags, fstype=None):
+    _check(_libc.mount(source.encode() if source else b"none", target.encode(),
+                       fstype.encode() if fstype else None, ctypes.c_ulong(flags), None),
            f"mount {source or ''} on {target}")
+
+
+def _loopback_up():
+    """Bring up lo of the namespace we are in: every container has a working 127.0.0.1, --network none too."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        if not flags & IFF_UP:
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
 
 
 def _detach_nsfs_mounts():
@@ -123,6 +145,11 @@ def _child(spec, err_w):
         # propagate to the host's mount namespace.
         _mount(None, "/", MS_REC | MS_PRIVATE)
         _detach_nsfs_mounts()
+        if spec.get("netns"):
+            _loopback_up()
+            # A sysfs mounted from inside the namespace shows its interfaces: /sys/class/net/eth0/mtu is the
+            # container's. Read-only, as Docker mounts it.
+            _mount("sysfs", "/sys", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "sysfs")
         if spec.get("hosts_file"):
             _mount(spec["hosts_file"], "/etc/hosts", MS_BIND)
         if spec.get("resolv_file"):

@@ -278,3 +278,44 @@ def test_write_hosts_and_resolv(ws):
     resolv = pathlib.Path(ws.dir, "resolv.conf")
     container.write_resolv(resolv, ["10.0.0.2", "10.0.0.3"], ["a.test", "b.test"])
     assert resolv.read_text() == "nameserver 10.0.0.2\nnameserver 10.0.0.3\nsearch a.test b.test\n"
+
+
+def test_sysfs_shows_the_containers_own_interfaces(ws, netns):
+    netns_path, _ = netns
+    name = netns_path.rsplit("/", 1)[1]
+    subprocess.run(["ip", "-n", name, "link", "add", "nwt-d0", "mtu", "1234", "type", "ifb"], check=True)
+    spec = ws.spec("sysfs", ["sh", "-c", "ls /sys/class/net; echo mtu=$(cat /sys/class/net/nwt-d0/mtu); "
+                                         "echo lo=$(cat /sys/class/net/lo/operstate /sys/class/net/lo/flags)"],
+                   netns=netns_path)
+    container.start(spec)
+    wait_for(lambda: container.status(spec["state_dir"])[0] == "exited", what="container exit")
+    assert container.status(spec["state_dir"]) == ("exited", 0), read(spec["log"])
+    out = read(spec["log"])
+    listed = set(out.split("mtu=")[0].split())
+    assert listed == {"lo", "nwt-d0"}, out           # not the host's interfaces
+    assert "mtu=1234" in out
+    assert int(out.split("lo=")[1].split()[-1], 16) & 0x1  # IFF_UP
+    assert not os.path.exists("/sys/class/net/nwt-d0")  # the host's /sys is untouched
+
+
+def test_lo_is_up_even_in_a_namespace_where_it_was_down(ws):
+    name = f"nwt-rt-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)  # lo starts down
+    try:
+        spec = ws.spec("lo", ["sh", "-c", "ping -c1 -W2 127.0.0.1 >/dev/null && echo lo-works"],
+                       netns=f"/run/netns/{name}")
+        container.start(spec)
+        wait_for(lambda: container.status(spec["state_dir"])[0] == "exited", what="container exit")
+        assert "lo-works" in read(spec["log"]), read(spec["log"])
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_hosts_file_gives_a_dotted_hostname_its_short_name(ws):
+    hosts = pathlib.Path(ws.dir, "hosts")
+    container.write_hosts(hosts, "foobar.example.com", [("198.18.0.5", ["web"])])
+    assert "198.18.0.5\tfoobar.example.com foobar web" in hosts.read_text().splitlines()
+    container.write_hosts(hosts, "foobar.example.com", [])
+    assert "127.0.1.1\tfoobar.example.com foobar" in hosts.read_text().splitlines()
+    container.write_hosts(hosts, "plain", [("198.18.0.5", ["plain"])])
+    assert "198.18.0.5\tplain" in hosts.read_text().splitlines()
