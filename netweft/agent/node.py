@@ -7,6 +7,7 @@ secret sent, over TLS verified against that CA. Afterwards every call is mutual 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -18,11 +19,17 @@ import aiohttp
 
 from netweft.errors import Forbidden, InvalidRequest, NetweftError, Unavailable
 from netweft import pki
+from netweft.model import codec
+from netweft.model.cluster import HeartbeatAnswer, JoinAnswer, RenewAnswer
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 
 log = logging.getLogger("netweft.agent")
 
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
+CA_MAX_SIZE = 64 * 1024  # what GET /ca may send back: one certificate is ~1 KiB
+# What a person should know when a manager cannot be reached from a running node.
+DATA_PLANE_HINT = "containers keep their networking; retry when it is back"
+JOIN_HINT = "check the manager address and that its daemon is running"
 
 
 def manager_url(addr: str, path: str) -> str:
@@ -42,8 +49,40 @@ def parse_manager_addr(text: str) -> str:
     return f"{host}:{p}"
 
 
+_ERRNO_WORDS = {errno.ECONNREFUSED: "connection refused", errno.EHOSTUNREACH: "no route to host",
+                errno.ENETUNREACH: "network unreachable", errno.ETIMEDOUT: "timed out",
+                errno.ECONNRESET: "connection reset", errno.EPIPE: "connection reset"}
+
+
+def unreachable_reason(e: BaseException) -> str:
+    """Why a manager could not be reached, in a few words (never the library's text)."""
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "it closed the connection"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "the connection broke mid-answer"
+    os_error = getattr(e, "os_error", None) or (e if isinstance(e, OSError) else None)
+    code = getattr(os_error, "errno", None)
+    if code in _ERRNO_WORDS:
+        return _ERRNO_WORDS[code]
+    if code:
+        return os.strerror(code).lower()
+    return "connection failed"
+
+
+def _tls_reason(e: BaseException) -> str:
+    text = str(e).lower()
+    if "alert certificate expired" in text:
+        return "it refuses this node's certificate: expired"
+    if "alert unknown ca" in text or "alert bad certificate" in text or "certificate required" in text:
+        return "it refuses this node's certificate (another cluster's, or none)"
+    return "the TLS handshake failed"
+
+
 async def _request(ctx: ssl.SSLContext | None, method: str, url: str, body: dict | None = None,
-                   session: aiohttp.ClientSession | None = None):
+                   session: aiohttp.ClientSession | None = None, hint: str = DATA_PLANE_HINT,
+                   max_size: int | None = None):
     """One call to a manager; errors become one-line NetweftErrors. A given session is kept open."""
     own = session is None
     s = session or aiohttp.ClientSession()
@@ -53,22 +92,30 @@ async def _request(ctx: ssl.SSLContext | None, method: str, url: str, body: dict
         async with s.request(method, url, json=body, timeout=CALL_TIMEOUT, **kwargs) as r:
             if r.status >= 400:
                 try:
-                    msg = (await r.json())["message"]
+                    msg = str((await r.json())["message"])
                 except Exception:
                     msg = (await r.text()).strip() or r.reason
-                err = (Forbidden if r.status in (401, 403) else NetweftError)(msg)
+                err = (Forbidden if r.status in (401, 403) else NetweftError)(" ".join(msg.split()))
                 err.status = r.status
                 raise err
+            if max_size is not None:
+                data = await r.content.read(max_size + 1)
+                if len(data) > max_size:
+                    raise InvalidRequest(f"the manager at {where} sent an answer larger than {max_size // 1024} KiB")
+                return data
             if r.content_type == "application/json":
                 return await r.json()
             return await r.read()
     except aiohttp.ClientConnectorCertificateError as e:
+        why = getattr(e.certificate_error, "verify_message", None) or "verification failed"
         raise Unavailable(f"the manager at {where} presented a certificate that this node does "
-                          f"not trust (another cluster, or expired): {e.certificate_error}") from None
+                          f"not trust (another cluster, or expired): {why}") from None
     except aiohttp.ClientSSLError as e:
-        raise Unavailable(f"TLS with the manager at {where} failed: {e}") from None
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-        raise Unavailable(f"cannot reach the manager at {where}: {e or 'timed out'}") from None
+        raise Unavailable(f"TLS with the manager at {where} failed: {_tls_reason(e)}") from None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
+        raise Unavailable(f"manager {where} is unreachable ({unreachable_reason(e)}); {hint}") from None
+    except ValueError:  # a 2xx answer that is not the JSON it claims to be
+        raise Unavailable(f"the manager at {where} sent an answer that is not valid JSON") from None
     finally:
         if own:
             await s.close()
@@ -79,83 +126,145 @@ async def fetch_ca(addr: str) -> bytes:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    return await _request(ctx, "GET", manager_url(addr, "/ca"))
+    return await _request(ctx, "GET", manager_url(addr, "/ca"), hint=JOIN_HINT, max_size=CA_MAX_SIZE)
 
 
 async def join(token: str, addr: str, hostname: str, advertise: str | None, swarm_dir: str) -> dict:
     """Join the cluster at addr; writes the node's key, certificate and the CA into swarm_dir."""
     _, digest, _ = pki.parse_join_token(token)
-    ca_pem = await fetch_ca(addr)
+    fetched = await fetch_ca(addr)
+    # Exactly one certificate, and only that one is hashed, trusted and saved: with a bundle, a
+    # man in the middle could append its own CA, pass the digest check and collect the secret.
     try:
-        actual = pki.ca_digest(ca_pem)
-    except Exception:
-        raise InvalidRequest(f"the manager at {addr} sent something that is not a CA certificate") from None
-    if actual != digest:
+        ca_pem = pki.single_ca_certificate(fetched)
+    except InvalidRequest as e:
+        raise Forbidden(f"the manager at {addr} did not send one CA certificate ({e}): refusing to join and "
+                        "sending nothing; check the manager address") from None
+    if pki.ca_digest(ca_pem) != digest:
         raise Forbidden(f"the manager at {addr} does not hold the CA named in the join token (digest mismatch): "
                         "refusing to join and sending nothing; check the token and the manager address")
     key = pki.new_node_key()
     ctx = pki.client_ssl_context(ca_pem)
     resp = await _request(ctx, "POST", manager_url(addr, "/join"),
                           {"Token": token, "CSR": pki.make_csr(key).decode(), "Hostname": hostname,
-                           "AdvertiseAddr": advertise})
-    cert = resp["Certificate"].encode()
+                           "AdvertiseAddr": advertise}, hint=JOIN_HINT)
+    answer = codec.convert(resp, JoinAnswer, "join answer from the manager")
+    cert = answer.certificate.encode()
     pki.verify_node_cert(ca_pem, cert)  # the manager must sign with the CA we checked
     os.makedirs(swarm_dir, mode=0o700, exist_ok=True)
     f = files(swarm_dir)
     pki.save_pem(f["ca"], ca_pem)
     pki.save_pem(f["key"], pki.key_to_pem(key), private=True)
     pki.save_pem(f["cert"], cert)
-    return resp
+    return codec.to_builtins(answer)
 
 
 class ClusterClient:
-    """Mutual-TLS calls to the managers with this node's certificate; one kept-alive session."""
+    """Mutual-TLS calls to the managers with this node's certificate, over kept-alive sessions.
+
+    Whoever renews the node's certificate (NodeAgent for a member, the manager itself on the leader)
+    replaces the files; the next call sees the certificate file change and opens a session that
+    presents the new pair. Calls and streams already running on the old session finish on it; it is
+    closed when the last of them ends.
+    """
 
     def __init__(self, swarm_dir: str, managers: list[str]):
         self.dir, self.managers = swarm_dir, managers
         self._session: aiohttp.ClientSession | None = None
+        self._stamp: tuple | None = None   # the certificate file the current session was made from
+        self._users: dict[aiohttp.ClientSession, int] = {}
+        self._retired: set[aiohttp.ClientSession] = set()
         self.expired: str | None = None
 
     def reset(self) -> None:
-        """Drop the session (after a renewal: the next call presents the new certificate)."""
-        if self._session is not None:
-            asyncio.ensure_future(self._session.close())
-        self._session = None
+        """Make the next call load the node's certificate again (e.g. right after a renewal)."""
+        self._stamp = None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-        self._session = None
+        for s in [self._session, *self._retired]:
+            if s is not None:
+                await s.close()
+        self._session, self._stamp = None, None
+        self._retired.clear()
+        self._users.clear()
+
+    def _cert_stamp(self) -> tuple | None:
+        try:
+            st = os.stat(files(self.dir)["cert"])
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            f = files(self.dir)
+        """The session presenting the node's current certificate."""
+        stamp = self._cert_stamp()
+        if self._session is not None and stamp == self._stamp:
+            return self._session
+        f = files(self.dir)
+        try:
             ctx = pki.client_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]), pki.load_pem(f["key"]))
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=8))
+        except (NetweftError, ssl.SSLError, OSError):
+            if self._session is not None:
+                return self._session  # caught between a renewal's two writes: the old pair still works
+            raise Unavailable(f"cannot load this node's certificate and key from {self.dir}; "
+                              "if they are gone, leave and join the swarm again") from None
+        old, self._session, self._stamp = self._session, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ctx, limit=8)), stamp
+        if old is not None:
+            if self._users.get(old):
+                self._retired.add(old)
+            else:
+                asyncio.ensure_future(old.close())
         return self._session
+
+    def _hold(self) -> aiohttp.ClientSession:
+        s = self.session()
+        self._users[s] = self._users.get(s, 0) + 1
+        return s
+
+    def _release(self, s: aiohttp.ClientSession) -> None:
+        n = self._users.get(s, 1) - 1
+        if n > 0:
+            self._users[s] = n
+            return
+        self._users.pop(s, None)
+        if s in self._retired:
+            self._retired.discard(s)
+            asyncio.ensure_future(s.close())
 
     async def call(self, method: str, path: str, body: dict | None = None):
         if self.expired:
             raise Unavailable(self.expired)
-        last: Exception | None = None
+        down: list[tuple[str, str]] = []
         for addr in self.managers:
+            s = self._hold()
             try:
-                return await _request(None, method, manager_url(addr, path), body, session=self.session())
+                return await _request(None, method, manager_url(addr, path), body, session=s)
             except Unavailable as e:
-                last = e
-        raise last or Unavailable("no manager address known")
+                if len(self.managers) == 1:
+                    raise
+                down.append((addr, str(e)))
+            finally:
+                self._release(s)
+        if not down:
+            raise Unavailable("no manager address known; leave and join the swarm again")
+        raise Unavailable("no manager is reachable: " + "; ".join(f"{a}: {why}" for a, why in down))
 
     async def stream(self, path: str, read_timeout: float = 10.0):
         """Yield the JSON lines of a streamed response (the watch); ends when the connection does."""
         if self.expired:
             raise Unavailable(self.expired)
         addr = self.managers[0]
+        s = self._hold()
         try:
-            async with self.session().get(manager_url(addr, path),
-                                          timeout=aiohttp.ClientTimeout(total=None, sock_read=read_timeout,
-                                                                        sock_connect=5)) as r:
+            async with s.get(manager_url(addr, path),
+                             timeout=aiohttp.ClientTimeout(total=None, sock_read=read_timeout, sock_connect=5)) as r:
                 if r.status >= 400:
-                    msg = (await r.text()).strip()
+                    msg = " ".join((await r.text()).split())
+                    try:
+                        msg = str(json.loads(msg)["message"])
+                    except (ValueError, KeyError, TypeError):
+                        pass
                     raise (Forbidden if r.status in (401, 403) else NetweftError)(msg)
                 buf = b""
                 async for chunk in r.content.iter_any():
@@ -164,8 +273,13 @@ class ClusterClient:
                         line, buf = buf.split(b"\n", 1)
                         if line:
                             yield json.loads(line)
+        except aiohttp.ClientSSLError as e:
+            raise Unavailable(f"watch stream from manager {addr}: {_tls_reason(e)}") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
-            raise Unavailable(f"watch stream from {addr} ended: {e or 'timed out'}") from None
+            raise Unavailable(f"watch stream from manager {addr} ended ({unreachable_reason(e)}); "
+                              f"{DATA_PLANE_HINT}") from None
+        finally:
+            self._release(s)
 
 
 class NodeAgent:
@@ -212,14 +326,15 @@ class NodeAgent:
     async def _heartbeats(self) -> None:
         while True:
             try:
-                resp = await self.call("POST", "/heartbeat", {"Addr": self.advertise})
+                resp = codec.convert(await self.call("POST", "/heartbeat", {"Addr": self.advertise}),
+                                     HeartbeatAnswer, "heartbeat answer from the manager")
                 if self.problem:
                     log.info("manager reachable again")
                 self.problem = None
-                self.period = resp.get("Period", self.period)
-                if resp.get("Role") and resp["Role"] != self.role:
+                self.period = resp.period
+                if resp.role != self.role:
                     log.info("role changed by a manager; renewing the certificate now",
-                             extra={"from": self.role, "to": resp["Role"]})
+                             extra={"from": self.role, "to": resp.role})
                     await self.renew()
             except Forbidden as e:
                 self.problem = str(e)
@@ -234,9 +349,10 @@ class NodeAgent:
 
     async def renew(self) -> None:
         key = pki.new_node_key()
-        resp = await self.call("POST", "/renew", {"CSR": pki.make_csr(key).decode()})
+        resp = codec.convert(await self.call("POST", "/renew", {"CSR": pki.make_csr(key).decode()}),
+                             RenewAnswer, "renewal answer from the manager")
         f = files(self.dir)
-        cert = resp["Certificate"].encode()
+        cert = resp.certificate.encode()
         pki.verify_node_cert(pki.load_pem(f["ca"]), cert)
         save_node_pair(self.dir, pki.key_to_pem(key), cert)
         self.client.reset()

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 
 from aiohttp import web
@@ -45,6 +46,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def secure_root(root: str) -> None:
+    """The root and everything in it lose group and other permissions: the local store (and its WAL)
+    holds the join tokens, the swarm directory the node's key. New files are private by the daemon's
+    umask; this repairs what an older version or another umask left. Public certificates (*.crt) keep
+    their read bits; other file systems mounted inside (namespace files) are not ours to change."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    os.chmod(root, 0o700)
+    dev = os.lstat(root).st_dev
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+                if (st.st_dev != dev or stat.S_ISLNK(st.st_mode) or not st.st_mode & 0o077
+                        or (name.endswith(".crt") and stat.S_ISREG(st.st_mode))):
+                    continue
+                os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+            except FileNotFoundError:
+                pass
+
+
 def socket_path(host: str) -> str:
     if not host.startswith("unix://"):
         raise NetweftError(f"unsupported -H {host!r}: only unix:///PATH is supported")
@@ -55,6 +77,8 @@ class Daemon:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.sock = socket_path(args.host)
+        for root in (args.data_root, args.exec_root):
+            secure_root(root)
         self.pools = [parse_pool(p) for p in (args.default_address_pool or [DEFAULT_POOL])]
         self.engine = Engine(args.data_root, args.exec_root, self.pools)
         self.hostname = args.hostname or socket.gethostname()
@@ -102,10 +126,19 @@ class Daemon:
             return
         os.chown(self.sock, 0, gid)
         os.chmod(self.sock, 0o660)
+        # A socket inside the (private) exec root, as by default: let the group through to it, not list it.
+        root = os.path.realpath(self.args.exec_root)
+        d = os.path.dirname(os.path.realpath(self.sock))
+        while d == root or d.startswith(root + os.sep):
+            os.chown(d, 0, gid)
+            os.chmod(d, 0o710)
+            d = os.path.dirname(d)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Whatever the caller's umask: every file the daemon makes (store, keys, tokens) is root's alone.
+    os.umask(0o077)
     logs.setup(args.log_level)
     if os.geteuid() != 0:
         print("netweftd: must run as root (it programs the kernel's network)", file=sys.stderr)

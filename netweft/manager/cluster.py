@@ -2,8 +2,8 @@
 
 Until managers replicate (the HA issue), the first manager is the leader: it holds the store.
 Managers that join later hold a manager certificate and forward administrative calls to it.
-Every call but GET /ca and POST /join needs a node certificate of this cluster; the role in the
-certificate decides what the peer may do, and a removed node is refused at once.
+Every call but GET /ca and POST /join needs a node certificate of this cluster; each route declares
+the roles that may call it (manager/auth.py), and a removed node is refused and disconnected at once.
 """
 from __future__ import annotations
 
@@ -18,16 +18,18 @@ from datetime import datetime, timedelta, timezone
 from aiohttp import web
 
 from netweft.store.local import Store, get_setting, put_setting
-from netweft.errors import Conflict, Forbidden, InvalidRequest, NetweftError, NotFound, Unauthorized
+from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
 from netweft import pki
+from netweft.manager import auth
+from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
+from netweft.model.cluster import HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 from netweft.manager.tlsserver import serve_tls
 
 log = logging.getLogger("netweft.manager")
 
 HEARTBEAT_MISSES = 3          # a node is Down after this many missed heartbeats
-OPEN_PATHS = ("/ca", "/join")  # reachable without a node certificate
 MIN_CERT_EXPIRY = timedelta(seconds=10)
 WATCH_PING = 2.0              # seconds between keep-alive lines on an idle watch stream
 
@@ -48,6 +50,8 @@ def utcnow() -> str:
 
 class Manager:
     """The leader's cluster state and API. Pure state operations are plain methods; the API wraps them."""
+
+    admission: auth.Admission | None = None  # the API's guard, once the API is built
 
     def __init__(self, store: Store, swarm_dir: str, node_id: str):
         self.store, self.dir, self.node_id = store, swarm_dir, node_id
@@ -268,8 +272,11 @@ class Manager:
             self.store.put("settings", "cluster", "cluster", cluster)
         self.last_seen.pop(node["ID"], None)
         self.overlays.purge_node(node["ID"])
+        # Its open connections (a watch stream, kept-alive calls) end now, not at their next request.
+        closed = self.admission.disconnect(node["ID"]) if self.admission is not None else 0
         log.info("node removed; its certificate is refused from now on", extra={"node": node["ID"],
-                                                                              "hostname": name})
+                                                                              "hostname": name,
+                                                                              "connections_closed": closed})
 
     def update_node(self, ref: str, role: str | None, availability: str | None, labels_add: dict | None,
                     labels_rm: list | None = None) -> dict:
@@ -344,8 +351,8 @@ class Manager:
         await resp.write_eof()
         return resp
 
-    def _peer(self, request: web.Request) -> tuple[pki.NodeIdentity, dict]:
-        """Who is calling: verified certificate -> identity -> a current, not removed node."""
+    def _peer(self, request: web.Request) -> tuple[pki.NodeIdentity, dict, str]:
+        """Who is calling: verified certificate -> identity -> a current, not removed node, and its role now."""
         ssl_obj = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_obj.getpeercert(binary_form=True) if ssl_obj else None
         if not der:
@@ -362,29 +369,13 @@ class Manager:
         node = self.store.get("nodes", ident.node_id)
         if node is None:
             raise Forbidden(f"node {ident.node_id} is not a member of this cluster")
-        return ident, node
+        return ident, node, node["Spec"]["Role"]
 
     def build_app(self) -> web.Application:
         routes = web.RouteTableDef()
 
-        @web.middleware
-        async def guard(request: web.Request, handler):
-            peer = request.remote
-            try:
-                if request.path not in OPEN_PATHS:
-                    ident, node = self._peer(request)
-                    # Both the certificate and the node's current role: a demoted manager's old
-                    # certificate (one that is never renewed) must not keep the role.
-                    if request.path.startswith("/admin/") and (ident.role != "manager"
-                                                               or node["Spec"]["Role"] != "manager"):
-                        raise Forbidden("this call needs a manager certificate; worker certificates reach "
-                                        "only agent calls (heartbeat, renew, leave)")
-                    request["ident"], request["node"] = ident, node
-                return await handler(request)
-            except NetweftError as e:
-                log.warning("cluster call refused", extra={"peer": peer, "path": request.path,
-                                                           "status": e.status, "reason": str(e)})
-                return web.json_response({"message": str(e)}, status=e.status)
+        # Rate limit, declared roles (both the certificate's and the store's), body limits: see auth.py.
+        self.admission = auth.Admission(self._peer)
 
         async def body(request) -> dict:
             try:
@@ -396,49 +387,58 @@ class Manager:
             return data
 
         @routes.get("/ca")
+        @allow(OPEN)
         async def ca(request):
             return web.Response(body=self.ca.cert_pem, content_type="application/x-pem-file")
 
         @routes.post("/join")
+        @allow(OPEN)
         async def join(request):
-            b = await body(request)
-            return web.json_response(self.join(str(b.get("Token", "")), str(b.get("CSR", "")),
-                                               str(b.get("Hostname", "")) or "unknown",
-                                               str(b.get("AdvertiseAddr") or request.remote)))
+            b = await auth.read_body(request, JoinRequest)
+            return web.json_response(self.join(b.token, b.csr, b.hostname, b.advertise_addr or request.remote))
 
         @routes.post("/renew")
+        @allow(WORKER)
         async def renew(request):
-            b = await body(request)
-            return web.json_response(self.renew(request["node"], str(b.get("CSR", ""))))
+            b = await auth.read_body(request, RenewRequest)
+            return web.json_response(self.renew(request["node"], b.csr))
 
         @routes.post("/heartbeat")
+        @allow(WORKER)
         async def heartbeat(request):
-            b = await body(request)
-            return web.json_response(self.heartbeat(request["node"], b.get("Addr")))
+            b = await auth.read_body(request, HeartbeatRequest)
+            return web.json_response(self.heartbeat(request["node"], b.addr))
 
         @routes.post("/leave")
+        @allow(WORKER)
         async def leave(request):
+            await auth.read_body(request, LeaveRequest, empty_ok=True)
             self.leave(request["node"])
             return web.json_response({})
 
         @routes.get("/admin/swarm")
+        @allow(MANAGER)
         async def a_swarm(request):
             return web.json_response(self.inspect())
 
         @routes.get("/admin/nodes")
+        @allow(MANAGER)
         async def a_nodes(request):
             return web.json_response(self.nodes())
 
         @routes.get("/admin/nodes/{ref}")
+        @allow(MANAGER)
         async def a_node(request):
             return web.json_response(self.node_view(self.node(request.match_info["ref"])))
 
         @routes.delete("/admin/nodes/{ref}")
+        @allow(MANAGER)
         async def a_node_rm(request):
             self.remove_node(request.match_info["ref"], request.query.get("force") in ("1", "true"))
             return web.json_response({})
 
         @routes.post("/admin/nodes/{ref}/update")
+        @allow(MANAGER)
         async def a_node_update(request):
             b = await body(request)
             return web.json_response(self.update_node(request.match_info["ref"], b.get("Role"),
@@ -446,45 +446,54 @@ class Manager:
                                                       b.get("LabelsRemove")))
 
         @routes.post("/admin/join-token/rotate")
+        @allow(MANAGER)
         async def a_rotate(request):
             return web.json_response({"Token": self.rotate_token(request.query.get("role", ""))})
 
         @routes.get("/watch")
+        @allow(WORKER)
         async def watch(request):
             return await self._watch(request)
 
         @routes.get("/networks/{ref}")
+        @allow(WORKER)
         async def net_get(request):
             return web.json_response(self.overlays.network(request.match_info["ref"]))
 
         @routes.post("/endpoints")
+        @allow(WORKER)
         async def ep_create(request):
             return web.json_response(self.overlays.create_endpoint(request["node"], await body(request)))
 
         @routes.delete("/endpoints/{id}")
+        @allow(WORKER)
         async def ep_delete(request):
             self.overlays.delete_endpoint(request["node"], request.match_info["id"])
             return web.json_response({})
 
         @routes.post("/admin/networks")
+        @allow(MANAGER)
         async def a_net_create(request):
             return web.json_response(self.overlays.create_network(await body(request)))
 
         @routes.delete("/admin/networks/{ref}")
+        @allow(MANAGER)
         async def a_net_rm(request):
             self.overlays.remove_network(request.match_info["ref"])
             return web.json_response({})
 
         @routes.post("/admin/synthetic")
+        @allow(MANAGER)
         async def a_synthetic(request):
             b = await body(request)
             return web.json_response({"Count": self.overlays.bulk_endpoints(
                 request["node"], str(b.get("NetworkID", "")), int(b.get("Count", 0)), str(b.get("VTEP", "")))})
 
         @routes.delete("/admin/synthetic")
+        @allow(MANAGER)
         async def a_synthetic_rm(request):
             return web.json_response({"Count": self.overlays.purge_node(f"synthetic-{request.query.get('vtep')}")})
 
-        app = web.Application(middlewares=[guard], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[self.admission.middleware], client_max_size=auth.BODY_LIMIT)
         app.add_routes(routes)
         return app

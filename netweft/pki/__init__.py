@@ -196,6 +196,27 @@ def ca_digest(ca_cert: Union[PemLike, x509.Certificate]) -> str:
     return _base36(int.from_bytes(hashlib.sha256(der).digest(), "big"), DIGEST_LEN)
 
 
+_ONE_PEM_CERT = re.compile(rb"\s*(-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----)\s*")
+
+
+def single_ca_certificate(pem: PemLike) -> bytes:
+    """The one CA certificate in `pem`, re-encoded: what a joining node may check against its token,
+    trust and save. Anything else is refused: a bundle of several certificates would let whoever
+    serves it slip its own CA in beside the one the token names (swarmkit hashes the whole bundle
+    for the same reason)."""
+    try:
+        raw = _as_bytes(pem)
+    except (TypeError, UnicodeEncodeError):
+        raise InvalidRequest("expected one PEM CA certificate, got something else") from None
+    blocks = raw.count(b"-----BEGIN")
+    if blocks != 1:
+        raise InvalidRequest(f"expected exactly one PEM CA certificate, got {blocks} PEM blocks")
+    m = _ONE_PEM_CERT.fullmatch(raw)
+    if m is None:
+        raise InvalidRequest("expected exactly one PEM CA certificate and nothing else")
+    return RootCA.from_pem(m.group(1)).cert_pem  # refuses a certificate that is not a CA
+
+
 def create_root_ca(cluster_id: str, expiry: timedelta = timedelta(days=3650)) -> RootCA:
     if not cluster_id:
         raise InvalidRequest("cluster ID must not be empty")

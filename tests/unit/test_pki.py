@@ -111,6 +111,42 @@ def test_signing_without_key_refused(ca):
         issue(public_only)
 
 
+def test_single_ca_certificate_is_the_one_cert_re_encoded(ca):
+    assert pki.single_ca_certificate(ca.cert_pem) == ca.cert_pem
+    assert pki.single_ca_certificate(ca.cert_pem.decode()) == ca.cert_pem
+    assert pki.single_ca_certificate(b"\n  " + ca.cert_pem + b"\n\n") == ca.cert_pem
+    assert pki.single_ca_certificate(ca.cert_pem.replace(b"\n", b"\r\n")) == ca.cert_pem
+
+
+def test_single_ca_certificate_refuses_an_appended_ca(ca, other_ca):
+    # A man in the middle serves the real CA (whose digest the token names) plus its own.
+    for bundle in (ca.cert_pem + other_ca.cert_pem, other_ca.cert_pem + ca.cert_pem, ca.cert_pem + ca.cert_pem):
+        with pytest.raises(InvalidRequest, match="exactly one PEM CA certificate, got 2 PEM blocks"):
+            pki.single_ca_certificate(bundle)
+
+
+@pytest.mark.parametrize("junk", [
+    b"", b"hello", b"junk\n{cert}", b"{cert}junk", b"{cert}-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+])
+def test_single_ca_certificate_refuses_anything_else(ca, junk):
+    with pytest.raises(InvalidRequest) as e:
+        pki.single_ca_certificate(junk.replace(b"{cert}", ca.cert_pem))
+    assert "\n" not in str(e.value)
+
+
+def test_single_ca_certificate_refuses_a_node_certificate(ca):
+    with pytest.raises(InvalidRequest, match="not a CA"):
+        pki.single_ca_certificate(issue(ca)[0])
+
+
+@pytest.mark.parametrize("value", [None, 5, "\u00e9", ["x"]])
+def test_single_ca_certificate_refuses_non_pem_values(value):
+    with pytest.raises(InvalidRequest):
+        pki.single_ca_certificate(value)
+
+
 # ---------------------------------------------------------------- join tokens
 
 def test_token_format_and_match(ca):
