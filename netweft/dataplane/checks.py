@@ -5,7 +5,9 @@ changes.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable
 
@@ -13,6 +15,7 @@ from netweft.errors import InvalidRequest
 from netweft.model.objects import Peer
 
 IFNAMSIZ = 15
+_MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
 
 
 def check_ifname(name: str, what: str = "interface name") -> str:
@@ -39,12 +42,12 @@ def parse_interface(address: str) -> ipaddress.IPv4Interface:
 
 def parse_mac(mac: str) -> str:
     """A unicast MAC address written as six hex pairs, in lower case."""
-    parts = mac.lower().split(":") if isinstance(mac, str) else []
-    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
+    low = mac.lower() if isinstance(mac, str) else ""
+    if not _MAC_RE.match(low):
         raise InvalidRequest(f"invalid MAC address {mac!r}")
-    if int(parts[0], 16) & 1:
+    if int(low[:2], 16) & 1:
         raise InvalidRequest(f"MAC address {mac} is multicast")
-    return ":".join(parts)
+    return low
 
 
 def ipv4(address: str, what: str = "IPv4 address") -> str:
@@ -65,8 +68,29 @@ def check_mtu(mtu: int) -> int:
     return int_in(mtu, 68, 65535, "MTU")
 
 
+def check_path(path: str, what: str = "namespace path") -> str:
+    """An absolute path for a pinned namespace."""
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or path.rstrip("/") == "":
+        raise InvalidRequest(f"invalid {what} {path!r} (an absolute file path)")
+    return path
+
+
+def default_tmp_name(vni: int) -> str:
+    """Host-namespace name a new VXLAN device has before it moves into its sandbox (VNI is unique per
+    host and port, so this is too)."""
+    return f"nwt-vx{vni:06x}"
+
+
 def make_peer(ip: str, mac: str, vtep: str) -> Peer:
     """A Peer in canonical form (what the kernel reports back), or InvalidRequest."""
+    try:
+        return _canonical_peer(ip, mac, vtep)
+    except TypeError:  # an unhashable field (a list...): not a peer
+        raise InvalidRequest(f"invalid peer {(ip, mac, vtep)!r}") from None
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the same peers reach every host: checked once (Peers are immutable)
+def _canonical_peer(ip: str, mac: str, vtep: str) -> Peer:
     return Peer(ipv4(ip, "peer IP"), parse_mac(mac), ipv4(vtep, "VTEP address"))
 
 

@@ -38,16 +38,20 @@ class BridgeRule:
 
 
 def _check(table: str, networks: list[BridgeRule]) -> None:
-    if not _TABLE_RE.match(table):
+    if not isinstance(table, str) or not _TABLE_RE.match(table):
         raise InvalidRequest(f"invalid nftables table name {table!r}")
     seen = set()
     for n in networks:
-        if not n.bridge or len(n.bridge.encode()) > _IFNAMSIZ or "/" in n.bridge or n.bridge.strip() != n.bridge:
+        if not isinstance(n, BridgeRule):
+            raise InvalidRequest(f"expected a BridgeRule, got {n!r}")
+        if not isinstance(n.bridge, str) or not n.bridge or len(n.bridge.encode()) > _IFNAMSIZ or "/" in n.bridge or n.bridge.strip() != n.bridge:
             raise InvalidRequest(f"invalid bridge name {n.bridge!r}")
         if n.bridge in seen:
             raise InvalidRequest(f"bridge {n.bridge} listed twice")
         seen.add(n.bridge)
         try:
+            if not isinstance(n.subnet, str):
+                raise ValueError
             ipaddress.IPv4Network(n.subnet, strict=False)
         except ValueError:
             raise InvalidRequest(f"invalid subnet {n.subnet!r} for bridge {n.bridge}") from None
@@ -134,6 +138,8 @@ def render_overlay_firewall(gwbridge: str, gw_subnet: str, table: str = OVERLAY_
     """
     check_ifname(gwbridge, "gateway bridge name")
     try:
+        if not isinstance(gw_subnet, str):
+            raise TypeError
         net = ipaddress.IPv4Network(gw_subnet, strict=False)
     except (ValueError, TypeError):
         raise InvalidRequest(f"invalid gateway bridge subnet {gw_subnet!r}") from None

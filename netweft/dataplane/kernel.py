@@ -29,7 +29,7 @@ import socket
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netweft.dataplane import netns
-from netweft.dataplane.checks import check_mtu, ipv4
+from netweft.dataplane.checks import check_mtu, check_path, ipv4
 from netweft.dataplane.firewall import BridgeRule, render_firewall
 from netweft.dataplane.nlutil import (RT_TABLE_MAIN, HostHandles, check_ifname, delete_link, describe,
                                       ensure_container_end, ensure_ipv4, ensure_mtu, ensure_up, ensure_veth,
@@ -68,12 +68,19 @@ class Kernel(HostHandles):
     # Namespaces go through the kernel thread too, so they stay ordered with the links in them.
     # (netns's own errors already name the namespace, so only other OSErrors get the prefix.)
     def create_netns(self, path: str) -> None:
+        """A namespace pinned at `path`, its loopback up (as in every container engine)."""
+        check_path(path)
         try:
             netns.create_netns(path)
         except OSError as e:
             raise KernelError(f"create network namespace {path}: {describe(e)}") from None
+        with failing(f"create network namespace {path}: bring up lo"), netns_iproute(path) as (_, ipr):
+            lo = get_link(ipr, "lo")
+            if lo is not None:
+                ensure_up(ipr, lo)
 
     def delete_netns(self, path: str) -> None:
+        check_path(path)
         try:
             netns.delete_netns(path)
         except OSError as e:

@@ -39,7 +39,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netweft.dataplane import netns
 from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)
-from netweft.dataplane.checks import check_peers, int_in as _int_in, ipv4 as _ipv4, make_peer, peer_tables
+from netweft.dataplane.checks import (check_path, check_peers, default_tmp_name, int_in as _int_in, ipv4 as _ipv4,
+                                      make_peer, peer_tables)
 from netweft.dataplane.firewall import (OVERLAY_TABLE, render_delete_overlay_firewall,  # noqa: F401
                                         render_overlay_firewall)
 from netweft.dataplane.nlbatch import NeighBatch, open_route_socket
@@ -83,12 +84,6 @@ class _Sandbox:
         with contextlib.suppress(OSError):
             self.nl.close()
         os.close(self.fd)
-
-
-def default_tmp_name(vni: int) -> str:
-    """Host-namespace name a new VXLAN device has before it moves into its sandbox (VNI is unique per
-    host and port, so this is too)."""
-    return f"nwt-vx{vni:06x}"
 
 
 # ---- the data plane -----------------------------------------------------------------------------
@@ -166,10 +161,12 @@ class Overlay(HostHandles):
         """The sandbox namespace at `path` with br0 (holding `gateway_cidr`) and vxlan0 (VNI `vni`,
         source `local_ip`, UDP `port`, socket in the host namespace), all with `mtu`, all up.
 
-        Repairs whatever is partly there; a vxlan0 with other settings is recreated. Returns True if
+        Repairs whatever is partly there or was deleted by hand: the namespace, br0 (its endpoint veths
+        are put back on it), vxlan0 (recreated if missing or with other settings). Returns True if
         vxlan0 was (re)created: the peers live on it, so they must be programmed (again).
         `tmp_name` is vxlan0's name in the host namespace before the move (default from the VNI).
         """
+        check_path(path, "sandbox path")
         _int_in(vni, 1, 2**24 - 1, "VNI")
         _int_in(mtu, 68, 65535, "MTU")
         _int_in(port, 1, 65535, "VXLAN port")
@@ -178,7 +175,8 @@ class Overlay(HostHandles):
         tmp_name = check_ifname(tmp_name or default_tmp_name(vni), "temporary VXLAN name")
         self._claim_thread()
 
-        netns.create_netns(path)
+        with failing(f"sandbox {path}"):
+            netns.create_netns(path)
         sb = self._sandbox(path)
         ipr = sb.ipr
         with failing(f"sandbox {path}: bridge {SANDBOX_BRIDGE}"):
@@ -193,6 +191,11 @@ class Overlay(HostHandles):
             if vx.get("master") != br:
                 ipr.link("set", index=vx["index"], master=br)
             ensure_up(ipr, vx)
+        with failing(f"sandbox {path}: endpoint ports"):
+            # A br0 deleted by hand took its ports along: every veth in a sandbox is an endpoint on br0.
+            for link in ipr.link("dump"):
+                if link_kind(link) == "veth" and link.get("master") != br:
+                    ipr.link("set", index=link["index"], master=br)
         with failing(f"sandbox {path}: bring up lo"):
             ensure_up(ipr, get_link(ipr, "lo"))
         self._no_bridge_netfilter(sb)
@@ -271,7 +274,9 @@ class Overlay(HostHandles):
             ipr.link("del", index=link["index"])
             link = None
         if link is None:
-            ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
+            # No MTU here: only an MTU set afterwards sticks; one given at creation is not "set by the
+            # user" for the kernel, and the bridge falls back to 1500 when its last port leaves.
+            ipr.link("add", ifname=name, kind="bridge")
             link = get_link(ipr, name)
         ensure_mtu(ipr, link, mtu)  # set explicitly, so the bridge does not follow its ports
         ensure_ipv4(ipr, link["index"], gateway)
@@ -285,6 +290,9 @@ class Overlay(HostHandles):
         socket in the host namespace are gone when this returns (a namespace is destroyed
         asynchronously). Idempotent.
         """
+        check_path(path, "sandbox path")
+        if tmp_name is not None:
+            check_ifname(tmp_name, "temporary VXLAN name")
         self._claim_thread()
         if netns.is_netns(path):
             sb = self._sandbox(path)
@@ -299,10 +307,11 @@ class Overlay(HostHandles):
                         with ignore(errno.ENODEV):
                             sb.ipr.link("del", index=link["index"])
         self._forget(path)
-        netns.delete_netns(path)
+        with failing(f"delete sandbox {path}"):
+            netns.delete_netns(path)
         if tmp_name is not None:
             with failing(f"delete sandbox {path}: leftover {tmp_name}"):
-                self._delete_tmp_vxlan(check_ifname(tmp_name, "temporary VXLAN name"))
+                self._delete_tmp_vxlan(tmp_name)
 
     # ---- endpoints ------------------------------------------------------------------------------
 

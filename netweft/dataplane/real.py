@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from netweft.dataplane import netns
 from netweft.dataplane.api import DataPlane
+from netweft.dataplane.checks import check_path
 from netweft.dataplane.firewall import BridgeRule
 from netweft.dataplane.kernel import Kernel
 from netweft.dataplane.overlay import Overlay
@@ -28,6 +29,10 @@ from netweft.errors import KernelError
 from netweft.model.objects import Peer
 
 T = TypeVar("T")
+
+
+def _sandbox(path: str) -> str:
+    return check_path(path, "sandbox path")
 
 
 class RealDataPlane(DataPlane):
@@ -91,12 +96,13 @@ class RealDataPlane(DataPlane):
     # ---- namespaces -------------------------------------------------------------------------------
 
     async def create_netns(self, path: str) -> None:
-        await self._kcall("create_netns", path)
+        await self._kcall("create_netns", check_path(path))
 
     async def delete_netns(self, path: str) -> None:
-        await self._kcall("delete_netns", path)
+        await self._kcall("delete_netns", check_path(path))
 
     async def list_netns(self, directory: str) -> list[str]:
+        check_path(directory, "directory")
         # Through the kernel thread too, so it sees every namespace created or deleted before it.
         return await self._run(lambda: [os.path.basename(p) for p in netns.list_netns(directory)])
 
@@ -127,7 +133,7 @@ class RealDataPlane(DataPlane):
 
     async def ensure_endpoint(self, netns_path: str, bridge: str, host_ifname: str, ifname: str,
                               address: str, mac: str, mtu: int, gateway: str | None) -> None:
-        await self._kcall("ensure_endpoint", netns_path, bridge, host_ifname, ifname, address, mac, mtu, gateway)
+        await self._kcall("ensure_endpoint", check_path(netns_path), bridge, host_ifname, ifname, address, mac, mtu, gateway)
 
     async def delete_endpoint(self, host_ifname: str) -> None:
         await self._kcall("delete_endpoint", host_ifname)
@@ -142,35 +148,35 @@ class RealDataPlane(DataPlane):
 
     async def ensure_sandbox(self, path: str, vni: int, gateway_cidr: str, mtu: int, local_ip: str,
                              port: int, tmp_name: str) -> bool:
-        return await self._ovcall("ensure_sandbox", path, vni, gateway_cidr, mtu, local_ip, port, tmp_name)
+        return await self._ovcall("ensure_sandbox", _sandbox(path), vni, gateway_cidr, mtu, local_ip, port, tmp_name)
 
     async def delete_sandbox(self, path: str, tmp_name: str | None = None) -> None:
-        await self._ovcall("delete_sandbox", path, tmp_name)
+        await self._ovcall("delete_sandbox", _sandbox(path), tmp_name)
 
     async def ensure_overlay_endpoint(self, sandbox_path: str, netns_path: str, host_ifname: str, ifname: str,
                                       address: str, mac: str, mtu: int) -> None:
-        await self._ovcall("ensure_endpoint", sandbox_path, netns_path, host_ifname, ifname, address, mac, mtu)
+        await self._ovcall("ensure_endpoint", _sandbox(sandbox_path), check_path(netns_path), host_ifname, ifname, address, mac, mtu)
 
     async def delete_overlay_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
-        await self._ovcall("delete_endpoint", sandbox_path, host_ifname)
+        await self._ovcall("delete_endpoint", _sandbox(sandbox_path), host_ifname)
 
     async def list_overlay_endpoints(self, sandbox_path: str) -> list[str]:
-        return await self._ovcall("list_endpoints", sandbox_path)
+        return await self._ovcall("list_endpoints", _sandbox(sandbox_path))
 
     async def add_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None:
         peers = list(peers)  # the caller's iterable is consumed here, not in another thread
-        await self._ovcall("add_peers", sandbox_path, peers)
+        await self._ovcall("add_peers", _sandbox(sandbox_path), peers)
 
     async def remove_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None:
         peers = list(peers)
-        await self._ovcall("remove_peers", sandbox_path, peers)
+        await self._ovcall("remove_peers", _sandbox(sandbox_path), peers)
 
     async def list_peers(self, sandbox_path: str) -> set[Peer]:
-        return await self._ovcall("list_peers", sandbox_path)
+        return await self._ovcall("list_peers", _sandbox(sandbox_path))
 
     async def sync_peers(self, sandbox_path: str, wanted: Iterable[Peer]) -> int:
         wanted = list(wanted)
-        return await self._ovcall("sync_peers", sandbox_path, wanted)
+        return await self._ovcall("sync_peers", _sandbox(sandbox_path), wanted)
 
     # ---- the gateway bridge ---------------------------------------------------------------------------
 
@@ -182,7 +188,7 @@ class RealDataPlane(DataPlane):
 
     async def ensure_gw_endpoint(self, netns_path: str, bridge: str, host_ifname: str, ifname: str,
                                  address: str, mac: str, mtu: int, gateway_ip: str) -> None:
-        await self._ovcall("ensure_gw_endpoint", netns_path, bridge, host_ifname, ifname, address, mac, mtu,
+        await self._ovcall("ensure_gw_endpoint", check_path(netns_path), bridge, host_ifname, ifname, address, mac, mtu,
                            gateway_ip)
 
     async def delete_gw_endpoint(self, host_ifname: str) -> None:

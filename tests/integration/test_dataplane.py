@@ -653,3 +653,146 @@ def test_real_dataplane_through_the_async_interface(make_ns, nsdir):
     asyncio.run(main())
     assert "nwtgw" not in sh(h, "ip", "-o", "link").stdout
     assert TABLE not in sh(h, "nft", "list", "tables").stdout
+
+
+# ---- the contract: the fake data plane reports what the real one does ---------------------------------
+
+def _real_state(paths: dict[str, str]) -> dict:
+    """What the kernel holds, in the fake's terms: per namespace, link -> (kind, mtu, master, addresses, up)."""
+    out = {}
+    for key, path in paths.items():
+        if key != "host" and not netns.is_netns(path):
+            continue
+        addrs = {a["ifname"]: sorted(f'{i["local"]}/{i["prefixlen"]}' for i in a.get("addr_info", []))
+                 for a in ip_json(path, "-4", "addr", "show")}
+        links = {}
+        for l in ip_json(path, "-d", "link", "show"):
+            if l["ifname"] == "lo" or l["ifname"].startswith("nwtul"):
+                continue
+            links[l["ifname"]] = (l.get("linkinfo", {}).get("info_kind", "device"), l["mtu"], l.get("master"),
+                                  addrs.get(l["ifname"], []), "UP" in l["flags"])
+        out[key] = (links, default_route(path)[:1] if key != "host" else None)
+    tables = {t["table"]["name"] for t in json.loads(sh(paths["host"], "nft", "-j", "list", "tables").stdout)["nftables"]
+              if "table" in t}
+    forward = sh(paths["host"], "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+    return {"ns": out, "tables": tables, "forward": forward}
+
+
+def _fake_state(fake, paths: dict[str, str]) -> dict:
+    out = {}
+    for key, path in paths.items():
+        if key != "host" and path not in fake.netns_paths():
+            continue
+        ns = None if key == "host" else path
+        links = {n: (l.kind, l.mtu, l.master, sorted(l.addresses), l.up) for n, l in fake.links(ns).items()
+                 if n != "lo" and not n.startswith("nwtul")}
+        route = fake.default_route(path) if key != "host" else None
+        out[key] = (links, [route] if route else [] if key != "host" else None)
+    return {"ns": out, "tables": set(fake.tables), "forward": fake.ip_forward}
+
+
+def _diff(real: dict, fake: dict) -> list[str]:
+    out = [f"{k}: real {real[k]} fake {fake[k]}" for k in ("tables", "forward") if real[k] != fake[k]]
+    for ns in sorted(set(real["ns"]) | set(fake["ns"])):
+        r, f = real["ns"].get(ns, ({}, None)), fake["ns"].get(ns, ({}, None))
+        for name in sorted(set(r[0]) | set(f[0])):
+            if r[0].get(name) != f[0].get(name):
+                out.append(f"{ns}/{name}: real {r[0].get(name)} fake {f[0].get(name)}")
+        if r[1] != f[1]:
+            out.append(f"{ns} default route: real {r[1]} fake {f[1]}")
+    return out
+
+
+def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
+    """One sequence of calls, refusals included, on the real data plane (in a test namespace) and on the
+    fake: after every step both give the same answer or refusal, report the same through list_* and hold
+    the same links, addresses, MTUs, routes and tables."""
+    from netweft.dataplane.fake import FakeDataPlane
+    from netweft.dataplane.real import RealDataPlane
+    from netweft.model.objects import Peer
+
+    h = make_ns("host")
+    sh(h, "ip", "link", "add", "nwtul0", "type", "veth", "peer", "name", "nwtul1")
+    sh(h, "ip", "addr", "add", "192.0.2.1/24", "dev", "nwtul0")
+    sh(h, "ip", "link", "set", "nwtul0", "mtu", "1400", "up")
+    fake = FakeDataPlane()
+    fake.add_host_interface("nwtul0", "192.0.2.1/24", mtu=1400)
+    fake.add_link("nwtul1", "veth", mtu=1400)
+    ctrs, sbs = os.path.join(nsdir, "ctr"), os.path.join(nsdir, "sb")
+    c1, c2, c3 = (os.path.join(ctrs, f"nwt-c{i}") for i in (1, 2, 3))
+    sb1, sb2 = os.path.join(sbs, "nwt-sb1"), os.path.join(sbs, "nwt-sb2")
+    paths = {"host": h, "c1": c1, "c2": c2, "c3": c3, "sb1": sb1, "sb2": sb2}
+    p1, p2 = Peer("198.18.1.11", "02:00:00:00:01:11", "192.0.2.11"), Peer("198.18.1.12", "02:00:00:00:01:12", "192.0.2.12")
+    rule = BridgeRule("nwb0", "198.18.0.0/24", internal=False, masquerade=True)
+    steps = [
+        ("create_netns", c1), ("create_netns", c2), ("create_netns", c3),
+        ("ensure_bridge", "nwb0", "198.18.0.1/24", 1500, None),
+        ("ensure_endpoint", c1, "nwb0", "nwv-c1", "eth0", "198.18.0.2/24", "02:42:c6:12:00:02", 1500, "198.18.0.1"),
+        ("apply_firewall", TABLE, [rule]),
+        ("set_ip_forward", True),
+        ("ensure_sandbox", sb1, 4242, "198.18.1.1/24", 1350, "192.0.2.1", 4789, "nwtx4242"),
+        ("ensure_sandbox", sb1, 4242, "198.18.1.1/24", 1350, "192.0.2.1", 4789, "nwtx4242"),
+        ("ensure_overlay_endpoint", sb1, c2, "nwv-o2", "eth0", "198.18.1.2/24", "02:00:c6:12:01:02", 1350),
+        ("ensure_overlay_endpoint", sb1, c3, "nwv-o3", "eth0", "198.18.1.3/24", "02:00:c6:12:01:03", 1350),
+        ("sync_peers", sb1, {p1, p2}),
+        ("ensure_gwbridge", "nwtgw", "198.19.255.1/24", 1400),
+        ("ensure_gw_endpoint", c2, "nwtgw", "nwtg-o2", "eth1", "198.19.255.2/24", "02:00:c6:13:ff:02", 1400,
+         "198.19.255.1"),
+        ("apply_overlay_firewall", "nwtgw", "198.19.255.0/24"),
+        # Kernel refusals.
+        ("ensure_sandbox", sb2, 4242, "198.18.2.1/24", 1350, "192.0.2.1", 4789, "nwtx4242"),   # VNI in use
+        ("ensure_overlay_endpoint", sb1, c3, "nwv-o9", "lo", "198.18.1.9/24", "02:00:c6:12:01:09", 1350),
+        ("ensure_bridge", "nwtul0", None, 1500, None),
+        ("ensure_endpoint", c1, "nwb9", "nwv-c9", "eth9", "198.18.0.9/24", "02:42:c6:12:00:09", 1500, None),
+        ("ensure_gw_endpoint", os.path.join(ctrs, "absent"), "nwtgw", "nwtg-o9", "eth1", "198.19.255.9/24",
+         "02:00:c6:13:ff:09", 1400, "198.19.255.1"),
+        ("add_peers", os.path.join(sbs, "absent"), [p1]),
+        ("delete_bridge", "nwtgw-x", None),
+        ("delete_endpoint", "nwtgw"),
+        # Malformed arguments.
+        ("ensure_bridge", "nwb0", "198.18.0.1", 1500, None),
+        ("ensure_sandbox", sb1, 4242, "198.18.1.1/24", 1350, "192.0.2.1", 70000, "nwtx4242"),
+        ("sync_peers", sb1, [p1, Peer(p1.ip, p2.mac, p2.vtep)]),
+        ("create_netns", "relative"),
+        # Changes and teardown.
+        ("remove_peers", sb1, [p1]),
+        ("delete_overlay_endpoint", sb1, "nwv-o3"),
+        ("delete_gw_endpoint", "nwtg-o2"),
+        ("delete_endpoint", "nwv-c1"),
+        ("delete_netns", c1),
+        ("delete_sandbox", sb2, None),
+        ("delete_sandbox", sb1, "nwtx4242"),
+        ("delete_overlay_firewall",),
+        ("delete_gwbridge", "nwtgw"),
+        ("apply_firewall", TABLE, []),
+        ("delete_bridge", "nwb0", None),
+    ]
+
+    async def outcome(dp, method, args):
+        try:
+            return ("ok", await getattr(dp, method)(*args))
+        except (InvalidRequest, KernelError) as e:
+            assert "\n" not in str(e)
+            return (type(e).__name__, None)
+
+    async def observe(dp) -> dict:
+        return {"links": await dp.list_links("nw"), "addresses": await dp.ipv4_addresses(),
+                "routes": await dp.host_routes("nwb"), "mtu": await dp.underlay_mtu("192.0.2.1"),
+                "netns": (await dp.list_netns(ctrs), await dp.list_netns(sbs)),
+                "exists": [await dp.link_exists(n) for n in ("nwb0", "nwtgw", "nwv-c1", "nwtx4242", "a/b")],
+                "endpoints": [await dp.list_overlay_endpoints(s) for s in (sb1, sb2)],
+                "peers": [await dp.list_peers(s) for s in (sb1, sb2)]}
+
+    async def main():
+        real = RealDataPlane(os.path.join(nsdir, "run"), host_netns=h)
+        try:
+            for method, *args in steps:
+                got_real, got_fake = await outcome(real, method, args), await outcome(fake, method, args)
+                assert got_real == got_fake, f"{method}{tuple(args)}: real {got_real}, fake {got_fake}"
+                assert await observe(real) == await observe(fake), f"after {method}{tuple(args)}"
+                real_state, fake_state = _real_state(paths), _fake_state(fake, paths)
+                assert real_state == fake_state, f"after {method}{tuple(args)}: {_diff(real_state, fake_state)}"
+        finally:
+            await real.close()
+
+    asyncio.run(main())
