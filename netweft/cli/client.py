@@ -56,25 +56,48 @@ class Client:
         except PermissionError:
             raise DaemonUnreachable(f"permission denied on {self.path}: run as root or as a member "
                                     "of the netweft group") from None
+        except TimeoutError:
+            raise DaemonUnreachable(f"netweftd at {self.path} did not answer within {self.timeout:g} s; "
+                                    "its log may say why") from None
+        except (OSError, http.client.HTTPException):  # reset, closed mid-answer: the daemon stopped or crashed
+            raise DaemonUnreachable(f"netweftd at {self.path} closed the connection without answering; "
+                                    "is it still running? Its log may say why") from None
+
+    @staticmethod
+    def _read(conn, resp) -> bytes:
+        try:
+            return resp.read()
+        except TimeoutError:
+            raise DaemonUnreachable("netweftd stopped answering in the middle of a reply; its log may say why") from None
+        except (OSError, http.client.HTTPException):
+            raise DaemonUnreachable("netweftd closed the connection in the middle of a reply; "
+                                    "is it still running?") from None
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _error(resp, raw: bytes) -> ApiError:
+        try:
+            msg = json.loads(raw)["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = raw.decode(errors="replace").strip().splitlines()[0] if raw.strip() else resp.reason
+        return ApiError(resp.status, str(msg))
 
     def call(self, method: str, path: str, body: dict | None = None, **query):
         q = {k: v for k, v in query.items() if v is not None}
         url = path + ("?" + urlencode(q) if q else "")
         conn, resp = self._open(method, url, body)
-        try:
-            raw = resp.read()
-        finally:
-            conn.close()
+        raw = self._read(conn, resp)
         if resp.status >= 400:
-            try:
-                msg = json.loads(raw)["message"]
-            except (ValueError, KeyError, TypeError):
-                msg = raw.decode(errors="replace").strip() or resp.reason
-            raise ApiError(resp.status, msg)
+            raise self._error(resp, raw)
         if not raw:
             return None
         if resp.getheader("Content-Type", "").startswith("application/json"):
-            return json.loads(raw)
+            try:
+                return json.loads(raw)
+            except ValueError:
+                raise DaemonUnreachable(f"netweftd at {self.path} answered {method} {path} with broken JSON; "
+                                        "is something else listening on its socket?") from None
         return raw
 
     def stream(self, path: str, **query):
@@ -83,14 +106,13 @@ class Client:
         conn, resp = self._open("GET", path + ("?" + urlencode(q) if q else ""), None)
         try:
             if resp.status >= 400:
-                raw = resp.read()
-                try:
-                    msg = json.loads(raw)["message"]
-                except (ValueError, KeyError, TypeError):
-                    msg = raw.decode(errors="replace")
-                raise ApiError(resp.status, msg)
+                raise self._error(resp, resp.read())
             while True:
-                chunk = resp.read1(65536)
+                try:
+                    chunk = resp.read1(65536)
+                except (OSError, http.client.HTTPException):
+                    raise DaemonUnreachable("netweftd closed the connection while streaming; "
+                                            "is it still running?") from None
                 if not chunk:
                     break
                 yield chunk

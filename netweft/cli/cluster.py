@@ -6,7 +6,7 @@ import json
 import click
 
 from netweft.cli.client import ref
-from netweft.cli.main import api, cli, dump, table, validate
+from netweft.cli.main import api, cli, dump, inspect_each, table, validate
 
 
 @cli.group()
@@ -128,13 +128,9 @@ def node_ls(ctx, quiet, fmt):
 @click.argument("nodes", nargs=-1, required=True)
 @click.pass_context
 def node_inspect(ctx, nodes):
-    """Show nodes as JSON ('self' is this node)."""
+    """Show nodes as JSON ('self' is this node); a missing one is reported and the exit code is 1."""
     c = api(ctx)
-    out = []
-    for n in nodes:
-        n = _self_id(ctx) if n == "self" else n
-        out.append(c.call("GET", f"/nodes/{ref(n)}"))
-    dump(out)
+    inspect_each(lambda n: c.call("GET", f"/nodes/{ref(_self_id(ctx) if n == 'self' else n)}"), nodes)
 
 
 @node.command("rm")

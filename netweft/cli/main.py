@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import datetime
 
 import click
 
@@ -23,7 +24,7 @@ def dump(obj) -> None:
 
 
 class Group(click.Group):
-    """Turns every error into one clear line and a non-zero exit."""
+    """Turns every error into one clear line and a non-zero exit (never a traceback)."""
 
     def invoke(self, ctx):
         try:
@@ -31,6 +32,36 @@ class Group(click.Group):
         except (ApiError, DaemonUnreachable, NetweftError) as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except BrokenPipeError:  # `netweft ... | head`: the reader is gone, nothing left to say
+            sys.stderr.close()
+            sys.exit(1)
+
+
+def once(ctx, param, values):
+    """A flag that takes one value: given twice, it is refused rather than silently reduced to the last."""
+    if len(values) > 1:
+        raise NetweftError(f"{param.opts[0]} given {len(values)} times ({', '.join(values)}): a network has one "
+                           f"IPv4 subnet here, give {param.opts[0]} once")
+    return values[0] if values else None
+
+
+def inspect_each(path_of, names) -> None:
+    """Docker's inspect: print what was found (`[]` if nothing), then one error line per missing name, exit 1."""
+    found, missing = [], []
+    for n in names:
+        try:
+            found.append(path_of(n))
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            missing.append(str(e))
+    dump(found)
+    if missing:
+        for msg in missing:
+            click.echo(f"Error: {msg}", err=True)
+        sys.exit(1)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,15 +93,17 @@ def network():
 
 @network.command("create")
 @click.option("-d", "--driver", default="bridge", show_default=True, help="bridge (local) or overlay (swarm)")
-@click.option("--subnet", help="CIDR, e.g. 198.18.0.0/24 (default: from the daemon's address pool)")
-@click.option("--gateway", help="gateway IP inside the subnet (default: its first address)")
-@click.option("--ip-range", help="allocate container IPs from this sub-range only")
+@click.option("--subnet", multiple=True, callback=once,
+              help="CIDR, e.g. 198.18.0.0/24 (default: from the daemon's address pool)")
+@click.option("--gateway", multiple=True, callback=once, help="gateway IP inside the subnet (default: its first address)")
+@click.option("--ip-range", multiple=True, callback=once,
+              help="hand out container IPs from this sub-range only (--ip may still pin any address of the subnet)")
 @click.option("--aux-address", multiple=True, metavar="NAME=IP", help="reserve an address; repeatable")
 @click.option("--internal", is_flag=True, help="no traffic in or out of the network")
 @click.option("--attachable", is_flag=True, help="(overlay) allow plain containers to attach")
 @click.option("--label", multiple=True, metavar="K=V", help="metadata; repeatable")
 @click.option("-o", "--opt", multiple=True, metavar="K=V",
-              help="driver options; repeatable. Any driver: com.docker.network.driver.mtu=N. "
+              help="driver options; repeatable; others are refused. Any driver: com.docker.network.driver.mtu=N. "
                    "bridge: com.docker.network.bridge.name=NAME, parent=IFACE (bridge a host interface: "
                    "containers sit on that LAN, no NAT). overlay: com.docker.network.driver.overlay.vxlanid_list=VNI")
 @click.argument("name")
@@ -91,26 +124,47 @@ def parse_filters(items) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("name", "driver", "label", "id", "scope"):
-            raise click.UsageError(f"invalid filter {item!r}: use name=, driver=, label=, id= or scope=")
+        if not sep or key not in ("name", "driver", "label", "id", "scope", "type"):
+            raise click.UsageError(f"invalid filter {item!r}: use name=, driver=, label=, id=, scope= or type=")
         out.setdefault(key, []).append(value)
     return out
+
+
+def go_time(iso: str) -> str:
+    """An ISO time as Go prints one (Docker's CreatedAt): 2024-05-01 10:11:12.123456 +0000 UTC."""
+    try:
+        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return iso or ""
+    frac = f"{t.microsecond:06d}".rstrip("0")
+    return t.strftime("%Y-%m-%d %H:%M:%S") + (f".{frac}" if frac else "") + " +0000 UTC"
+
+
+def network_line(n: dict, no_trunc: bool) -> dict:
+    """One network as `docker network ls --format json` prints it: Docker's keys, every value a string."""
+    return {"CreatedAt": go_time(n.get("Created", "")), "Driver": n["Driver"],
+            "ID": n["Id"] if no_trunc else n["Id"][:12], "IPv4": "true",
+            "IPv6": str(bool(n.get("EnableIPv6"))).lower(), "Internal": str(bool(n.get("Internal"))).lower(),
+            "Labels": ",".join(f"{k}={v}" for k, v in (n.get("Labels") or {}).items()),
+            "Name": n["Name"], "Scope": n["Scope"]}
 
 
 @network.command("ls")
 @click.option("-q", "--quiet", is_flag=True, help="only IDs")
 @click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
-              help="name=, driver=, label=K[=V], id=, scope=; repeatable")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+              help="name=PART, driver=, label=K[=V], id=PREFIX, scope=local|swarm, type=custom|builtin; repeatable "
+                   "(values of one key: any; different keys: all)")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="json: one object per line with Docker's keys (ID, Name, Driver, Scope, ...)")
 @click.option("--no-trunc", is_flag=True, help="full IDs")
 @click.pass_context
 def network_ls(ctx, quiet, filters, fmt, no_trunc):
-    """List networks."""
+    """List networks (with the predefined host and none, as Docker does), sorted by name."""
     f = parse_filters(filters)
-    nets = api(ctx).call("GET", "/networks", filters=json.dumps(f) if f else None)
-    if fmt == "json":
+    nets = sorted(api(ctx).call("GET", "/networks", filters=json.dumps(f) if f else None), key=lambda n: n["Name"])
+    if fmt == "json" and not quiet:
         for n in nets:
-            click.echo(json.dumps(n))
+            click.echo(json.dumps(network_line(n, no_trunc), sort_keys=True))
         return
     ids = [n["Id"] if no_trunc else n["Id"][:12] for n in nets]
     if quiet:
@@ -125,8 +179,8 @@ def network_ls(ctx, quiet, filters, fmt, no_trunc):
 @click.argument("names", nargs=-1, required=True)
 @click.pass_context
 def network_inspect(ctx, names):
-    """Show networks as JSON."""
-    dump([api(ctx).call("GET", f"/networks/{ref(n)}") for n in names])
+    """Show networks as JSON; a missing one is reported and the exit code is 1, the others still shown."""
+    inspect_each(lambda n: api(ctx).call("GET", f"/networks/{ref(n)}"), names)
 
 
 @network.command("rm")
@@ -236,8 +290,8 @@ def ps(ctx, all_, quiet):
 @click.argument("names", nargs=-1, required=True)
 @click.pass_context
 def inspect(ctx, names):
-    """Show containers as JSON."""
-    dump([api(ctx).call("GET", f"/containers/{ref(n)}/json") for n in names])
+    """Show containers as JSON; a missing one is reported and the exit code is 1, the others still shown."""
+    inspect_each(lambda n: api(ctx).call("GET", f"/containers/{ref(n)}/json"), names)
 
 
 @cli.command()
@@ -262,7 +316,10 @@ def exec_(ctx, name, cmd):
     if not ctr["State"]["Running"]:
         raise click.ClickException(f"container {ctr['Name']!r} is not running; start it with `netweft start`")
     argv = exec_argv(ctr["State"]["Pid"], list(cmd))
-    os.execvp(argv[0], argv)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        raise NetweftError(f"cannot run {argv[0]} to enter the container: {e.strerror}") from None
 
 
 @cli.command()

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -18,6 +19,9 @@ from netweft.agent import node as agent
 from netweft.agent.overlay import OverlayAgent
 from netweft.store.local import get_setting, put_setting
 from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
+from netweft.model import api as m
+from netweft.model import codec
+from netweft import validate
 from netweft.ipam.address import parse_network
 from netweft import pki
 from netweft.manager.cluster import MIN_CERT_EXPIRY, Manager
@@ -118,13 +122,14 @@ class Swarm:
             if text in addrs:
                 if not addrs[text]:
                     raise InvalidRequest(f"interface {text!r} has no IPv4 address to advertise")
-                return addrs[text][0]
+                return validate.parse_node_address(addrs[text][0], f"--advertise-addr (interface {text})")
             try:
                 ipaddress.IPv4Address(text)
             except ValueError:
                 raise InvalidRequest(f"invalid --advertise-addr {text!r}: not an IPv4 address nor an interface "
                                      "of this host") from None
-            return text
+            # It becomes this node's VTEP on every host: it must mean this host from everywhere.
+            return validate.parse_node_address(text, "--advertise-addr")
         flat = [a for v in ours.values() for a in v]
         if len(flat) == 1:
             return flat[0]
@@ -134,31 +139,31 @@ class Swarm:
                              f"({', '.join(flat)}); use --advertise-addr")
 
     # --------------------------------------------------------------------- init
-    async def init(self, req: dict) -> dict:
+    async def init(self, req: m.SwarmInit) -> dict:
         if self.state() is not None:
             raise Conflict("this node is already part of a swarm; use `netweft swarm leave` first")
-        advertise = await self._advertise(req.get("AdvertiseAddr"))
-        listen = parse_listen(req.get("ListenAddr"))
+        advertise = await self._advertise(req.AdvertiseAddr)
+        listen = parse_listen(req.ListenAddr)
         spec = dict(DEFAULT_SPEC)
-        if req.get("CertExpiry"):
-            expiry = pki.parse_duration(str(req["CertExpiry"]))
+        if req.CertExpiry:
+            expiry = pki.parse_duration(req.CertExpiry)
             if expiry < MIN_CERT_EXPIRY:
                 raise InvalidRequest(f"--cert-expiry must be at least {int(MIN_CERT_EXPIRY.total_seconds())}s")
             spec["CertExpiry"] = expiry.total_seconds()
-        if req.get("HeartbeatPeriod"):
-            hb = pki.parse_duration(str(req["HeartbeatPeriod"])).total_seconds()
+        if req.HeartbeatPeriod:
+            hb = pki.parse_duration(req.HeartbeatPeriod).total_seconds()
             if not 0.1 <= hb <= 3600:
                 raise InvalidRequest("--dispatcher-heartbeat must be between 100ms and 1h")
             spec["HeartbeatPeriod"] = hb
-        if req.get("DataPathPort"):
-            port = int(req["DataPathPort"])
+        if req.DataPathPort:
+            port = req.DataPathPort
             if not 1024 <= port <= 49151:
                 raise InvalidRequest("--data-path-port must be between 1024 and 49151")
             spec["DataPathPort"] = port
-        if req.get("DefaultAddrPool"):
-            spec["DefaultAddrPool"] = [str(parse_network(p, "default address pool")) for p in req["DefaultAddrPool"]]
-        if req.get("SubnetSize"):
-            size = int(req["SubnetSize"])
+        if req.DefaultAddrPool:
+            spec["DefaultAddrPool"] = [str(parse_network(p, "default address pool")) for p in req.DefaultAddrPool]
+        if req.SubnetSize:
+            size = req.SubnetSize
             smallest = max(parse_network(p).prefixlen for p in spec["DefaultAddrPool"])
             if not smallest <= size <= 29:
                 raise InvalidRequest(f"--default-addr-pool-mask-length must be between {smallest} and 29")
@@ -194,15 +199,14 @@ class Swarm:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # --------------------------------------------------------------------- join
-    async def join(self, req: dict) -> dict:
+    async def join(self, req: m.SwarmJoin) -> dict:
         if self.state() is not None:
             raise Conflict("this node is already part of a swarm; use `netweft swarm leave` first")
-        token = str(req.get("JoinToken") or "")
-        remotes = req.get("RemoteAddrs") or []
+        token, remotes = req.JoinToken, req.RemoteAddrs
         if not token or not remotes:
             raise InvalidRequest("swarm join needs --token TOKEN and a manager address")
         addr = agent.parse_manager_addr(remotes[0])
-        advertise = await self._advertise(req["AdvertiseAddr"]) if req.get("AdvertiseAddr") else None
+        advertise = await self._advertise(req.AdvertiseAddr) if req.AdvertiseAddr else None
         if advertise is None:
             try:
                 advertise = await self._advertise(None)
@@ -274,19 +278,19 @@ class Swarm:
     # ------------------------------------------------------------------ routes
     def routes(self) -> web.RouteTableDef:
         routes = web.RouteTableDef()
-        from netweft.daemon.api import body
+        from netweft.daemon.api import body, params
 
         @routes.post("/swarm/init")
         async def init(request):
-            return web.json_response(await self.init(await body(request)))
+            return web.json_response(await self.init(await body(request, m.SwarmInit)))
 
         @routes.post("/swarm/join")
         async def join(request):
-            return web.json_response(await self.join(await body(request)))
+            return web.json_response(await self.join(await body(request, m.SwarmJoin)))
 
         @routes.post("/swarm/leave")
         async def leave(request):
-            await self.leave(request.query.get("force") in ("1", "true"))
+            await self.leave(params(request, m.ForceQuery).force)
             return web.json_response({})
 
         @routes.get("/swarm")
@@ -296,7 +300,7 @@ class Swarm:
 
         @routes.post("/swarm/join-token/rotate")
         async def rotate(request):
-            role = request.query.get("role", "")
+            role = params(request, m.RotateQuery).role
             q = f"/join-token/rotate?role={role}"
             return web.json_response(await self.admin("POST", q, local=lambda: {"Token": self.manager.rotate_token(role)}))
 
@@ -304,25 +308,25 @@ class Swarm:
         async def nodes(request):
             return web.json_response(await self.admin("GET", "/nodes", local=lambda: self.manager.nodes()))
 
+        # A forwarded path carries the ref quoted: "x?force=1" names a node, it adds no parameter.
         @routes.get("/nodes/{ref}")
         async def node(request):
             ref = request.match_info["ref"]
             return web.json_response(await self.admin(
-                "GET", f"/nodes/{ref}", local=lambda: self.manager.node_view(self.manager.node(ref))))
+                "GET", f"/nodes/{quote(ref, safe='')}", local=lambda: self.manager.node_view(self.manager.node(ref))))
 
         @routes.delete("/nodes/{ref}")
         async def node_rm(request):
-            ref, force = request.match_info["ref"], request.query.get("force") in ("1", "true")
-            await self.admin("DELETE", f"/nodes/{ref}?force={int(force)}",
+            ref, force = request.match_info["ref"], params(request, m.ForceQuery).force
+            await self.admin("DELETE", f"/nodes/{quote(ref, safe='')}?force={int(force)}",
                              local=lambda: self.manager.remove_node(ref, force))
             return web.json_response({})
 
         @routes.post("/nodes/{ref}/update")
         async def node_update(request):
-            ref, b = request.match_info["ref"], await body(request)
+            ref, b = request.match_info["ref"], await body(request, m.NodeUpdate)
             return web.json_response(await self.admin(
-                "POST", f"/nodes/{ref}/update", b,
-                local=lambda: self.manager.update_node(ref, b.get("Role"), b.get("Availability"),
-                                                       b.get("LabelsAdd"), b.get("LabelsRemove"))))
+                "POST", f"/nodes/{quote(ref, safe='')}/update", codec.to_builtins(b),
+                local=lambda: self.manager.update_node(ref, b.Role, b.Availability, b.LabelsAdd, b.LabelsRemove)))
 
         return routes

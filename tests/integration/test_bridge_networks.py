@@ -54,9 +54,11 @@ def test_management_network_hostnames_and_fixed_ips(daemon):
         "controller01": "198.18.10.11/24", "compute01": "198.18.10.21/24"}
     ls = d.cli("network", "ls").stdout
     assert "mgmt" in ls and "bridge" in ls
-    assert d.cli("network", "ls", "-q").stdout.split() == [n["Id"][:12]]
+    assert n["Id"][:12] in d.cli("network", "ls", "-q").stdout.split()
     assert d.cli("network", "ls", "--filter", "label=role=other", "-q").stdout.strip() == ""
-    assert [json.loads(l)["Name"] for l in d.cli("network", "ls", "--format", "json").stdout.splitlines()] == ["mgmt"]
+    assert d.cli("network", "ls", "--filter", "type=custom", "-q").stdout.split() == [n["Id"][:12]]
+    assert [json.loads(l)["Name"] for l in d.cli("network", "ls", "--format", "json").stdout.splitlines()] == [
+        "host", "mgmt", "none"]
 
 
 def test_networks_are_isolated(daemon):
@@ -201,7 +203,7 @@ def test_logs_ps_stop_start_rm(daemon):
     d.cli("rm", "-f", "long", "once")
     assert d.cli("ps", "-a", "-q").stdout.strip() == ""
     d.cli("network", "rm", "life")
-    assert d.cli("network", "ls", "-q").stdout.strip() == ""
+    assert d.cli("network", "ls", "--filter", "type=custom", "-q").stdout.strip() == ""
 
 
 def test_default_pool_and_prune(daemon):
@@ -214,4 +216,4 @@ def test_default_pool_and_prune(daemon):
     run(d, "user", "p2")
     out = d.cli("network", "prune", "-f").stdout
     assert "p1" in out and "p2" not in out
-    assert d.cli("network", "ls", "--format", "json").stdout.count("\n") == 1
+    assert d.cli("network", "ls", "--filter", "type=custom", "--format", "json").stdout.count("\n") == 1
