@@ -559,3 +559,120 @@ def test_errors_are_one_clear_line(lab):
 
     with pytest.raises(KernelError, match=r"^add neighbour 198\.18\.0\.9 lladdr .*: No such device"):
         a.call(refused)
+
+
+# ---- drift: what an operator deletes by hand, the next ensure_* puts back (issue 7, item 12) ------------
+
+def test_a_vxlan_device_deleted_by_hand_is_recreated_and_reported(lab):
+    (a, sa, ca), (b, sb, cb) = two_hosts(lab)
+    a.ov.add_peers(sa, [PEER_B])
+    b.ov.add_peers(sb, [PEER_A])
+    assert ping(ca, "198.18.0.3")
+    in_ns(sa, "ip", "link", "del", "vxlan0", check=True)
+    assert a.ov.list_peers(sa) == set()          # the peers lived on it
+    assert not ping(ca, "198.18.0.3", attempts=1)
+    # Recreated, and reported as such: its peers must be programmed again.
+    assert a.ov.ensure_sandbox(sa, VNI, "198.18.0.1/24", 1450, A_IP, PORT) is True
+    vx = links(sa)["vxlan0"]
+    assert vx["master"] == "br0" and "link_netnsid" in vx and PORT in udp_ports(a.path)
+    assert a.ov.sync_peers(sa, {PEER_B}) == 2
+    assert ping(ca, "198.18.0.3") and ping(cb, "198.18.0.2")
+    assert a.ov.ensure_sandbox(sa, VNI, "198.18.0.1/24", 1450, A_IP, PORT) is False
+
+
+def test_a_sandbox_bridge_deleted_by_hand_comes_back_with_its_ports(lab):
+    (a, sa, ca), (b, sb, cb) = two_hosts(lab)
+    a.ov.add_peers(sa, [PEER_B])
+    b.ov.add_peers(sb, [PEER_A])
+    in_ns(sa, "ip", "link", "del", "br0", check=True)
+    assert "master" not in links(sa)["vxlan0"] and "master" not in links(sa)["ve-a"]
+    assert not ping(ca, "198.18.0.3", attempts=1)
+    # vxlan0 and its peers stayed: nothing to re-add.
+    assert a.ov.ensure_sandbox(sa, VNI, "198.18.0.1/24", 1450, A_IP, PORT) is False
+    l = links(sa)
+    assert l["vxlan0"]["master"] == "br0" and l["ve-a"]["master"] == "br0" and l["br0"]["mtu"] == 1450
+    assert ("198.18.0.1", 24) in dict(addrs(sa))["br0"]
+    assert ping(ca, "198.18.0.3") and ping(ca, "198.18.0.1")
+
+
+def test_a_sandbox_deleted_by_hand_is_recreated_and_reported(lab):
+    (a, sa, ca), (b, sb, cb) = two_hosts(lab)
+    netns.delete_netns(sa)   # unmounted: the namespace goes with vxlan0, br0 and the endpoint's veth
+    assert a.ov.ensure_sandbox(sa, VNI, "198.18.0.1/24", 1450, A_IP, PORT) is True
+    a.ov.ensure_endpoint(sa, ca, "ve-a", "eth0", "198.18.0.2/24", MAC_A, 1450)
+    a.ov.add_peers(sa, [PEER_B])
+    b.ov.add_peers(sb, [PEER_A])
+    assert ping(ca, "198.18.0.3")
+
+
+def test_an_endpoint_veth_deleted_by_hand_is_recreated(lab):
+    (a, sa, ca), (b, sb, cb) = two_hosts(lab)
+    a.ov.add_peers(sa, [PEER_B])
+    b.ov.add_peers(sb, [PEER_A])
+    in_ns(sa, "ip", "link", "del", "ve-a", check=True)
+    assert "eth0" not in links(ca) and a.ov.list_endpoints(sa) == []
+    a.ov.ensure_endpoint(sa, ca, "ve-a", "eth0", "198.18.0.2/24", MAC_A, 1450)
+    assert a.ov.list_endpoints(sa) == ["ve-a"] and links(ca)["eth0"]["address"] == MAC_A
+    assert ping(ca, "198.18.0.3")
+
+
+def test_peer_entries_deleted_by_hand_are_put_back(lab):
+    (a, sa, ca), (b, sb, cb) = two_hosts(lab)
+    a.ov.add_peers(sa, [PEER_B])
+    b.ov.add_peers(sb, [PEER_A])
+    in_ns(sa, "bridge", "fdb", "del", MAC_B, "dev", "vxlan0", "dst", B_IP, "self", check=True)
+    in_ns(sb, "ip", "neigh", "del", "198.18.0.2", "dev", "vxlan0", check=True)
+    assert a.ov.list_peers(sa) == set() and b.ov.list_peers(sb) == set()
+    assert a.ov.sync_peers(sa, {PEER_B}) == 1 and b.ov.sync_peers(sb, {PEER_A}) == 1
+    assert ping(ca, "198.18.0.3")
+
+
+def test_gateway_bridge_parts_deleted_by_hand_are_put_back(lab):
+    a = lab.host("a")
+    outside_world(lab, a)   # 203.0.113.2, reached only through masquerade
+    gw = "nwt-gw"
+    sbox, ctr = lab.path("sb"), lab.container("ctr")
+
+    def ensure_all() -> None:
+        a.ov.ensure_gwbridge(gw, "198.19.255.1/24", 1500)
+        a.ov.ensure_sandbox(sbox, 101, "198.18.1.1/24", 1350, "203.0.113.129", PORT)
+        a.ov.ensure_endpoint(sbox, ctr, "ve", "eth0", "198.18.1.2/24", "02:00:00:00:01:02", 1350)
+        a.ov.ensure_gw_endpoint(ctr, gw, "gw-c1", "eth1", "198.19.255.2/24", "02:00:00:00:ff:01", 1500,
+                                "198.19.255.1")
+        a.ov.apply_overlay_firewall(gw, "198.19.255.0/24")
+
+    def rules() -> list[dict]:
+        table = json.loads(in_ns(a.path, "nft", "-j", "list", "table", "inet", OVERLAY_TABLE, check=True).stdout)
+        return [item["rule"] for item in table["nftables"] if "rule" in item]
+
+    ensure_all()
+    full = [r["comment"] for r in rules()]
+    assert ping(ctr, "203.0.113.2")
+
+    # The container's port on the gateway bridge: its default route went with it.
+    a.ip("link", "del", "gw-c1")
+    assert "default" not in in_ns(ctr, "ip", "route", check=True).stdout
+    ensure_all()
+    assert "default via 198.19.255.1 dev eth1" in in_ns(ctr, "ip", "route", check=True).stdout
+    assert ping(ctr, "203.0.113.2")
+
+    # The gateway bridge itself: its ports are left detached.
+    a.ip("link", "del", gw)
+    assert not ping(ctr, "203.0.113.2", attempts=1)
+    ensure_all()
+    port = links(a.path)["gw-c1"]
+    assert port["master"] == gw and port["linkinfo"]["info_slave_data"]["isolated"] is True
+    assert ping(ctr, "203.0.113.2")
+
+    # One rule (the masquerade: the outside has no route back), then the whole table.
+    masq = next(r for r in rules() if r["comment"].startswith("masquerade"))
+    sh("ip", "netns", "exec", a.name, "nft", "delete", "rule", "inet", OVERLAY_TABLE, "postrouting",
+       "handle", str(masq["handle"]))
+    assert not ping(ctr, "203.0.113.2", attempts=1)
+    a.ov.apply_overlay_firewall(gw, "198.19.255.0/24")
+    assert [r["comment"] for r in rules()] == full
+    assert ping(ctr, "203.0.113.2")
+    sh("ip", "netns", "exec", a.name, "nft", "delete", "table", "inet", OVERLAY_TABLE)
+    a.ov.apply_overlay_firewall(gw, "198.19.255.0/24")
+    assert [r["comment"] for r in rules()] == full
+    assert ping(ctr, "203.0.113.2")
