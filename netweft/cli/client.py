@@ -79,8 +79,8 @@ class Client:
     def _error(resp, raw: bytes) -> ApiError:
         try:
             msg = json.loads(raw)["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = raw.decode(errors="replace").strip().splitlines()[0] if raw.strip() else resp.reason
+        except (ValueError, KeyError, TypeError):  # not netweftd's JSON: its text would be some library's
+            msg = f"netweftd answered {resp.status} {resp.reason} without an explanation; its log may say more"
         return ApiError(resp.status, str(msg))
 
     def call(self, method: str, path: str, body: dict | None = None, **query):

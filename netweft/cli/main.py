@@ -109,7 +109,14 @@ def network():
 @click.argument("name")
 @click.pass_context
 def network_create(ctx, driver, subnet, gateway, ip_range, aux_address, internal, attachable, label, opt, name):
-    """Create a network."""
+    """Create a network.
+
+    \b
+    Examples:
+      netweft network create --subnet 198.18.0.0/24 --ip-range 198.18.0.128/25 mgmt
+      netweft network create --subnet 192.0.2.0/24 --gateway 192.0.2.1 -o parent=eth1 lan
+      netweft network create -d overlay --attachable ov      # on a swarm manager
+    """
     labels = validate.parse_key_values(list(label), "label")
     options = validate.parse_key_values(list(opt), "option", allow_bare=True)
     aux = validate.parse_key_values(list(aux_address), "aux-address")
@@ -238,7 +245,8 @@ def network_disconnect(ctx, net, container):
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("-d", "--detach", is_flag=True, help="run in the background and print the container ID")
 @click.option("--name", help="container name (default: generated)")
-@click.option("--hostname", help="hostname inside the container (default: its short ID)")
+@click.option("--hostname", help="hostname inside the container (default: its short ID; the host's with "
+                                 "--network host); a dotted name's first label resolves too")
 @click.option("--network", "--net", "network_", default=None, metavar="NET|host|none",
               help="network to join first (gives the default route); default none")
 @click.option("--ip", help="IPv4 address on that network (default: allocated)")

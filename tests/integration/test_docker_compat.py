@@ -171,3 +171,18 @@ def test_unknown_driver_options_are_refused_with_the_known_ones(daemon):
     msg = one_line_error(d.cli("network", "create", "--subnet", "198.18.60.0/24", "-o", "parent=lo", "n", check=False))
     assert "'lo' is the loopback interface" in msg and "cannot be a bridge port" in msg
     assert d.cli("network", "ls", "--format", "json").stdout == before
+
+
+def test_inspect_shows_ipamconfig_for_a_requested_address(daemon):
+    d = daemon
+    d.cli("network", "create", "--subnet", "198.18.61.0/24", "a")
+    d.cli("network", "create", "--subnet", "198.18.62.0/24", "b")
+    d.cli("run", "-d", "--name", "asked", "--network", "a", "--ip", "198.18.61.20", "--", "sleep", "1000")
+    d.cli("run", "-d", "--name", "given", "--network", "a", "--", "sleep", "1000")
+    d.cli("network", "connect", "--ip", "198.18.62.30", "b", "asked")
+    d.cli("network", "connect", "b", "given")
+    asked = inspect(d, "inspect", "asked")["NetworkSettings"]["Networks"]
+    given = inspect(d, "inspect", "given")["NetworkSettings"]["Networks"]
+    assert asked["a"]["IPAMConfig"] == {"IPv4Address": "198.18.61.20"}
+    assert asked["b"]["IPAMConfig"] == {"IPv4Address": "198.18.62.30"}
+    assert given["a"]["IPAMConfig"] is None and given["b"]["IPAMConfig"] is None

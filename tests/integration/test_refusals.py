@@ -102,3 +102,46 @@ def test_daemon_rejects_bad_pool_flag(tmp_path):
                         "--exec-root", str(tmp_path / "r"), "--default-address-pool", "base=nope"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode != 0 and "address pool" in r.stderr
+
+
+def _fake_daemon(path: Path, answer: bytes | None):
+    """A unix-socket server standing in for a broken netweftd: it answers `answer` raw, or hangs up."""
+    import socket
+    import threading
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                if answer is not None:
+                    conn.sendall(answer)
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+@pytest.mark.parametrize("answer,words", [
+    (None, "closed the connection"),
+    (b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 39\r\n\r\nTraceback (most recent call last):\n  x\n",
+     "answered 500 Internal Server Error without an explanation"),   # a non-JSON error: not its text
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\n{nope", "broken JSON"),
+    (b"garbage\r\n\r\n", "closed the connection"),
+])
+def test_cli_never_prints_library_internals(tmp_path, answer, words):
+    sock = tmp_path / "broken.sock"
+    srv = _fake_daemon(sock, answer)
+    try:
+        cli = str(Path(sys.executable).parent / "netweft")
+        r = subprocess.run([cli, "-H", f"unix://{sock}", "network", "ls"], capture_output=True, text=True, timeout=60)
+    finally:
+        srv.close()
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and "http.client" not in r.stderr and "Exception" not in r.stderr
