@@ -84,7 +84,9 @@ class DataPlane(abc.ABC):
     async def ensure_sandbox(self, path: str, vni: int, gateway_cidr: str, mtu: int, local_ip: str,
                              port: int, tmp_name: str) -> bool:
         """Sandbox namespace at `path` with br0 (`gateway_cidr`) and vxlan0 (VNI, source `local_ip`, UDP
-        `port`, socket in the host namespace). True if vxlan0 was (re)created: its peers must be re-added."""
+        `port`, socket in the host namespace). Repairs what was deleted or changed by hand (the namespace,
+        br0 with its ports back on it, vxlan0). True if vxlan0 was (re)created: its peers are gone with the
+        old one and must be programmed again (sync_peers)."""
 
     @abc.abstractmethod
     async def delete_sandbox(self, path: str, tmp_name: str | None = None) -> None: ...
@@ -108,7 +110,9 @@ class DataPlane(abc.ABC):
     async def remove_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None: ...
 
     @abc.abstractmethod
-    async def list_peers(self, sandbox_path: str) -> set[Peer]: ...
+    async def list_peers(self, sandbox_path: str) -> set[Peer]:
+        """Remote endpoints programmed in the sandbox (none if it or its vxlan0 is missing), read back in
+        canonical form: equal to the peers given."""
 
     @abc.abstractmethod
     async def sync_peers(self, sandbox_path: str, wanted: Iterable[Peer]) -> int:
@@ -129,7 +133,9 @@ class DataPlane(abc.ABC):
     async def delete_gw_endpoint(self, host_ifname: str) -> None: ...
 
     @abc.abstractmethod
-    async def apply_overlay_firewall(self, gwbridge: str, gw_subnet: str) -> None: ...
+    async def apply_overlay_firewall(self, gwbridge: str, gw_subnet: str) -> None:
+        """Atomically replace table `inet netweft-ov`: no routing between the gateway bridge's ports, MSS
+        clamp, masquerade of `gw_subnet`. Re-applying repairs a rule or the table deleted by hand."""
 
     @abc.abstractmethod
     async def delete_overlay_firewall(self) -> None: ...

@@ -280,6 +280,8 @@ BAD_ARGUMENTS = [
     ("ensure_overlay_endpoint", (SB, CTR, "nwv1", "eth0", "198.18.1.2/33", "02:00:00:00:00:01", 1350)),
     ("add_peers", (SB, [("198.18.1.3", "02:00:00:00:00:03", VTEP)])),
     ("add_peers", (SB, [Peer("198.18.1.3", "02:00:00:00:00", VTEP)])),
+    ("add_peers", (SB, [Peer(["198.18.1.3"], "02:00:00:00:00:03", VTEP)])),      # a Struct made in Python
+    ("add_peers", (SB, [Peer("198.18.1.03", "02:00:00:00:00:03", VTEP)])),
     ("sync_peers", (SB, [P1, Peer(P1.ip, P2.mac, P2.vtep)])),
     ("ensure_gwbridge", (GWBRIDGE, "198.19.0.1/24", 65536)),
     ("ensure_gw_endpoint", (CTR, GWBRIDGE, "nwg1", "eth1", "198.19.0.2/24", "02:00:00:00:00:01", 1400, "x")),

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from netweft.dataplane.firewall import BridgeRule, render_firewall
+from netweft.dataplane.firewall import (OVERLAY_TABLE, BridgeRule, render_delete_overlay_firewall, render_firewall,
+                                        render_overlay_firewall)
 from netweft.errors import InvalidRequest
 
 
@@ -122,7 +123,7 @@ def test_bad_bridge_name(bridge):
         render_firewall("t", [BridgeRule(bridge, "198.18.0.0/24", False, False)])
 
 
-@pytest.mark.parametrize("subnet", ["", "198.18.0.0/33", "fd00::/64", "example.com"])
+@pytest.mark.parametrize("subnet", ["", "198.18.0.0/33", "fd00::/64", "example.com", 5, None])
 def test_bad_subnet(subnet):
     # A malformed address would otherwise reach libnftables, which tries to resolve it as a host name.
     with pytest.raises(InvalidRequest):
@@ -132,3 +133,37 @@ def test_bad_subnet(subnet):
 def test_duplicate_bridge():
     with pytest.raises(InvalidRequest):
         render_firewall("t", [A, BridgeRule("nw-a", "198.18.9.0/24", False, False)])
+
+
+@pytest.mark.parametrize("rule", [{"bridge": "nw-a", "subnet": "198.18.0.0/24"}, ("nw-a", "198.18.0.0/24", False, True)])
+def test_only_bridge_rules(rule):
+    with pytest.raises(InvalidRequest):
+        render_firewall("t", [rule])
+
+
+# ---- the overlays' gateway bridge --------------------------------------------------------------------------
+
+def test_overlay_table_replaces_itself_and_clamps_mss_both_ways():
+    doc = render_overlay_firewall("nw_gwbridge", "198.19.0.7/24")
+    assert cmds(doc)[:3] == [{"add": {"table": {"family": "inet", "name": OVERLAY_TABLE}}},
+                             {"delete": {"table": {"family": "inet", "name": OVERLAY_TABLE}}},
+                             {"add": {"table": {"family": "inet", "name": OVERLAY_TABLE}}}]
+    forward = rules(doc, "forward")
+    assert [matches(r)[:2] for r in forward] == [
+        [("iifname", "==", "nw_gwbridge"), ("oifname", "==", "nw_gwbridge")],
+        [("iifname", "==", "nw_gwbridge"), ("tcp flags", "in", "syn")],
+        [("oifname", "==", "nw_gwbridge"), ("tcp flags", "in", "syn")],
+    ]
+    assert "drop" in matches(forward[0]) and all("mangle" in matches(r) for r in forward[1:])
+    [masq] = rules(doc, "postrouting")
+    assert matches(masq) == [("ip saddr", "==", {"prefix": {"addr": "198.19.0.0", "len": 24}}),
+                             ("oifname", "!=", "nw_gwbridge"), "masquerade"]
+    assert cmds(render_delete_overlay_firewall())[1] == {"delete": {"table": {"family": "inet", "name": OVERLAY_TABLE}}}
+
+
+@pytest.mark.parametrize("gwbridge,subnet", [("x" * 16, "198.19.0.0/24"), ("a b", "198.19.0.0/24"),
+                                             ("nw_gwbridge", "198.19.0.0/33"), ("nw_gwbridge", 5),
+                                             ("nw_gwbridge", "gateway")])
+def test_overlay_table_refuses_bad_arguments(gwbridge, subnet):
+    with pytest.raises(InvalidRequest):
+        render_overlay_firewall(gwbridge, subnet)
