@@ -186,9 +186,10 @@ def root_untouched():
 def nsdir():
     d = tempfile.mkdtemp(prefix="nwt-")
     yield d
-    for p in netns.list_netns(d):  # in case a test's own cleanup did not run
-        netns.delete_netns(p)
-    shutil.rmtree(d, ignore_errors=True)
+    for sub, _, _ in os.walk(d):  # in case a test's own cleanup did not run, at any depth
+        for p in netns.list_netns(sub):
+            netns.delete_netns(p)
+    shutil.rmtree(d)  # fails loudly if a namespace is still mounted here
 
 
 @pytest.fixture
@@ -794,5 +795,7 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
                 assert real_state == fake_state, f"after {method}{tuple(args)}: {_diff(real_state, fake_state)}"
         finally:
             await real.close()
+            for path in (c1, c2, c3, sb1, sb2):
+                netns.delete_netns(path)
 
     asyncio.run(main())
