@@ -6,6 +6,7 @@ are refused with a pointer to a manager, as Docker does.
 """
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import os
@@ -71,7 +72,7 @@ class Swarm:
         if st is None:
             return
         if st.get("Leader"):
-            self.manager = Manager(self.store, self.dir, st["NodeID"])
+            self.manager = Manager(self.dir, st["NodeID"])
             await self.manager.start(tuple(st["ListenAddr"]))
         else:
             self.agent = agent.NodeAgent(self.dir, st["Managers"], st["AdvertiseAddr"], st["HeartbeatPeriod"],
@@ -169,12 +170,13 @@ class Swarm:
                 raise InvalidRequest(f"--default-addr-pool-mask-length must be between {smallest} and 29")
             spec["SubnetSize"] = size
         t0 = time.monotonic()
-        node_id = Manager.init_cluster(self.store, self.dir, self.daemon.hostname, advertise, listen, spec)
-        st = {"NodeID": node_id, "ClusterID": get_setting(self.store, "cluster")["ID"], "Role": "manager",
+        created = await Manager.init_cluster(self.dir, self.daemon.hostname, advertise, listen, spec)
+        node_id = created["node_id"]
+        st = {"NodeID": node_id, "ClusterID": created["cluster_id"], "Role": "manager",
               "Leader": True, "AdvertiseAddr": advertise, "ListenAddr": list(listen),
               "Managers": [f"{advertise}:{listen[1]}"], "HeartbeatPeriod": spec["HeartbeatPeriod"],
               "DataPathPort": spec["DataPathPort"]}
-        self.manager = Manager(self.store, self.dir, node_id)
+        self.manager = Manager(self.dir, node_id)
         try:
             await self.manager.start(listen)
         except BaseException:
@@ -185,16 +187,14 @@ class Swarm:
         await self._start_overlay(st)
         log.info("swarm initialised", extra={"node": node_id, "advertise": advertise,
                                              "ms": round((time.monotonic() - t0) * 1000)})
-        return {"NodeID": node_id, "JoinTokens": get_setting(self.store, "cluster")["JoinTokens"],
+        tokens = created["join_tokens"]
+        return {"NodeID": node_id, "JoinTokens": {"Worker": tokens["worker"], "Manager": tokens["manager"]},
                 "ManagerAddr": f"{advertise}:{listen[1]}"}
 
     def _forget(self) -> None:
+        """This host is no longer in a swarm. The cluster store (the leader's) lives in the swarm directory
+        and goes with it; the host's own database keeps only host state."""
         with self.store.tx():
-            for kind in ("nodes", "swnetworks", "swendpoints"):
-                for obj in self.store.list(kind):
-                    self.store.delete(kind, obj["ID"])
-            self.store.delete("settings", "revision")
-            self.store.delete("settings", "cluster")
             self.store.delete("settings", "swarm")
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -259,7 +259,8 @@ class Swarm:
         if st is None:
             raise Unavailable(NOT_IN_SWARM)
         if self.manager is not None:
-            return local()
+            result = local()
+            return await result if inspect.isawaitable(result) else result
         if st["Role"] != "manager":
             # An expired certificate is the more urgent news: it says how to get back in (rejoin).
             problem = self.agent.problem if self.agent is not None else None
@@ -302,7 +303,9 @@ class Swarm:
         async def rotate(request):
             role = params(request, m.RotateQuery).role
             q = f"/join-token/rotate?role={role}"
-            return web.json_response(await self.admin("POST", q, local=lambda: {"Token": self.manager.rotate_token(role)}))
+            async def rotated():
+                return {"Token": await self.manager.rotate_token(role)}
+            return web.json_response(await self.admin("POST", q, local=rotated))
 
         @routes.get("/nodes")
         async def nodes(request):

@@ -15,14 +15,20 @@ import secrets
 import time
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 from aiohttp import web
 
-from netweft.store.local import Store, get_setting, put_setting
-from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
+from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized, Unavailable
 from netweft import pki
 from netweft.manager import auth
 from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
+from netweft.manager.watch import CLUSTER, NODES, ClusterState, Hub
+from netweft.model import codec
+from netweft.model.objects import Labels, Node, ShortText
+from netweft.model.watch import EndpointRequest
+from netweft.store.api import ClusterStore, Compare, Delete, Put
+from netweft.store.sqlite import SQLiteStore
 from netweft.model.cluster import HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 from netweft.manager.tlsserver import serve_tls
@@ -31,7 +37,7 @@ log = logging.getLogger("netweft.manager")
 
 HEARTBEAT_MISSES = 3          # a node is Down after this many missed heartbeats
 MIN_CERT_EXPIRY = timedelta(seconds=10)
-WATCH_PING = 2.0              # seconds between keep-alive lines on an idle watch stream
+STORE_FILE = "cluster.db"     # the cluster store, in the swarm directory (mode 0600: it holds the tokens)
 
 
 def new_node_id() -> str:
@@ -53,8 +59,8 @@ class Manager:
 
     admission: auth.Admission | None = None  # the API's guard, once the API is built
 
-    def __init__(self, store: Store, swarm_dir: str, node_id: str):
-        self.store, self.dir, self.node_id = store, swarm_dir, node_id
+    def __init__(self, swarm_dir: str, node_id: str):
+        self.dir, self.node_id = swarm_dir, node_id
         repair_node_pair(swarm_dir)
         f = files(swarm_dir)
         self.ca = pki.RootCA.from_pem(pki.load_pem(f["ca"]), pki.load_pem(f["ca_key"]))
@@ -63,13 +69,17 @@ class Manager:
         self.tasks: list[asyncio.Task] = []
         # Heartbeats are kept in memory; the store only sees Ready/Down transitions.
         self.last_seen: dict[str, float] = {}
-        self.overlays = Overlays(store, self.spec)
+        # The cluster's own store (not the host's local database); opened by start().
+        self.store: ClusterStore | None = None
+        self.hub: Hub | None = None
+        self.overlays: Overlays | None = None
 
     # ------------------------------------------------------------------ setup
     @staticmethod
-    def init_cluster(store: Store, swarm_dir: str, hostname: str, advertise: str, listen: tuple[str, int],
-                     spec: dict) -> str:
-        """Create the root CA, the tokens and this node as the first manager; returns the node ID."""
+    async def init_cluster(swarm_dir: str, hostname: str, advertise: str, listen: tuple[str, int],
+                           spec: dict) -> dict:
+        """Create the root CA, the tokens and this node as the first manager, in a new cluster store.
+        Returns {"node_id", "cluster_id", "join_tokens"}."""
         cluster_id = new_node_id()
         node_id = new_node_id()
         ca = pki.create_root_ca(cluster_id)
@@ -84,64 +94,91 @@ class Manager:
         pki.save_pem(f["key"], pki.key_to_pem(key), private=True)
         pki.save_pem(f["cert"], cert)
         digest = ca.digest()
-        cluster = {"ID": cluster_id, "CreatedAt": utcnow(), "Spec": spec,
-                   "JoinTokens": {"Worker": pki.make_join_token(digest), "Manager": pki.make_join_token(digest)},
-                   "Leader": {"NodeID": node_id, "Addr": f"{advertise}:{listen[1]}"}, "Revoked": {}}
+        manager_addr = f"{advertise}:{listen[1]}"
+        cluster = {"id": cluster_id, "created": utcnow(), "spec": spec,
+                   "join_tokens": {"worker": pki.make_join_token(digest), "manager": pki.make_join_token(digest)},
+                   "leader": {"node_id": node_id, "addr": manager_addr}, "revoked": {}}
         ident = pki.cert_identity(cert)
-        node = {"ID": node_id, "CreatedAt": utcnow(), "UpdatedAt": utcnow(),
-                "Spec": {"Role": "manager", "Availability": "active", "Labels": {}},
-                "Description": {"Hostname": hostname},
-                "Status": {"State": "ready", "Addr": advertise},
-                "ManagerStatus": {"Leader": True, "Reachability": "reachable", "Addr": f"{advertise}:{listen[1]}"},
-                "Certificate": {"Serial": str(ident.serial), "NotAfter": ident.not_after.isoformat()}}
-        with store.tx():
-            store.put("settings", "cluster", "cluster", cluster)
-            store.put("nodes", node_id, None, node)
-        return node_id
+        node = Node(id=node_id, hostname=hostname, role="manager", addr=advertise, manager_addr=manager_addr,
+                    created=utcnow(), updated=utcnow(), cert_serial=str(ident.serial),
+                    cert_not_after=ident.not_after.isoformat())
+        store = await SQLiteStore.open(os.path.join(swarm_dir, STORE_FILE))
+        try:
+            r = await store.txn([Compare(CLUSTER, "cluster", 0)],
+                                [Put(CLUSTER, "cluster", codec.encode(cluster)), Put(NODES, node_id, codec.encode(node))])
+        finally:
+            await store.close()
+        if not r.ok:
+            raise Conflict(f"{swarm_dir} already holds a cluster store; `netweft swarm leave --force` first")
+        return {"node_id": node_id, "cluster_id": cluster_id, "join_tokens": cluster["join_tokens"]}
+
+    @property
+    def state(self) -> ClusterState:
+        return self.hub.state
 
     def cluster(self) -> dict:
-        return get_setting(self.store, "cluster")
+        return self.state.get(CLUSTER, "cluster")
 
     def spec(self) -> dict:
-        return self.cluster()["Spec"]
+        return self.cluster()["spec"]
 
     async def start(self, listen: tuple[str, int]) -> None:
-        f = files(self.dir)
-        ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
-                                                pki.load_pem(f["key"]), require_client_cert=False)
-        # Watch streams never end by themselves: stop() ends them, and shutdown waits briefly.
-        self.runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        await self.runner.setup()
+        self.store = await SQLiteStore.open(os.path.join(self.dir, STORE_FILE))
         try:
-            self.server = await serve_tls(self.runner, listen[0], listen[1], ctx)
-        except OSError as e:
-            await self.runner.cleanup()
-            raise Conflict(f"cannot listen on {listen[0]}:{listen[1]}: {e.strerror}; "
-                           "choose another --listen-addr") from None
+            self.hub = Hub(self.store)
+            await self.hub.start()
+            if self.state.get(CLUSTER, "cluster") is None:
+                raise Unavailable(f"the cluster store in {self.dir} holds no cluster; "
+                                  "leave the swarm (`netweft swarm leave --force`) and init or join again")
+            self.overlays = Overlays(self.hub, self.spec)
+            f = files(self.dir)
+            ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
+                                                    pki.load_pem(f["key"]), require_client_cert=False)
+            # Watch streams never end by themselves: stop() ends them, and shutdown waits briefly.
+            self.runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
+                                        shutdown_timeout=2.0)
+            await self.runner.setup()
+            try:
+                self.server = await serve_tls(self.runner, listen[0], listen[1], ctx)
+            except OSError as e:
+                await self.runner.cleanup()
+                self.runner = None
+                raise Conflict(f"cannot listen on {listen[0]}:{listen[1]}: {e.strerror}; "
+                               "choose another --listen-addr") from None
+        except BaseException:
+            if self.hub is not None:
+                await self.hub.stop()
+            await self.store.close()
+            raise
         now = time.monotonic()
-        for node in self.store.list("nodes"):  # grace after a restart: nobody is Down yet
-            self.last_seen[node["ID"]] = now
+        for node in self.state.nodes():  # grace after a restart: nobody is Down yet
+            self.last_seen[node.id] = now
         self.tasks = [asyncio.ensure_future(self._monitor()), asyncio.ensure_future(self._renew_own_cert())]
-        log.info("cluster API listening", extra={"addr": f"{listen[0]}:{listen[1]}"})
+        log.info("cluster API listening", extra={"addr": f"{listen[0]}:{listen[1]}", "rev": self.state.rev})
 
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
-        for q in list(self.overlays.watchers):
-            q.put_nowait(None)  # ends that watch stream: its agent reconnects to the next manager life
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.server is not None:
             self.server.close()
+        if self.hub is not None:
+            self.hub.close_watchers()  # their agents resume from their revisions at the next manager life
+        if self.server is not None:
             await self.server.wait_closed()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.hub is not None:
+            await self.hub.stop()
+        if self.store is not None:
+            await self.store.close()
 
     # ------------------------------------------------------------ node lookup
-    def node(self, ref: str) -> dict:
-        node = self.store.get("nodes", ref)
+    def node(self, ref: str) -> Node:
+        node = self.state.get(NODES, ref)
         if node is None:
-            nodes = self.store.list("nodes")
-            hits = [n for n in nodes if n["Description"]["Hostname"] == ref] or \
-                   [n for n in nodes if n["ID"].startswith(ref)]
+            nodes = self.state.nodes()
+            hits = [n for n in nodes if n.hostname == ref] or [n for n in nodes if n.id.startswith(ref)]
             if len(hits) > 1:
                 raise Conflict(f"node reference {ref!r} is ambiguous; use the node ID")
             node = hits[0] if hits else None
@@ -149,70 +186,93 @@ class Manager:
             raise NotFound(f"node {ref!r} not found; see `netweft node ls`")
         return node
 
-    def _save(self, node: dict) -> None:
-        node["UpdatedAt"] = utcnow()
-        with self.store.tx():
-            self.store.put("nodes", node["ID"], None, node)
+    async def _update(self, node_id: str, change) -> Node:
+        """Compare-and-write one node: change(node) returns the new node, or None for no change."""
+        def plan():
+            node = self.state.get(NODES, node_id)
+            if node is None:
+                raise NotFound(f"node {node_id!r} not found; see `netweft node ls`")
+            new = change(node)
+            if new is None:
+                return [], [], node
+            new = msgspec.structs.replace(new, updated=utcnow())
+            return [Compare(NODES, node_id, self.state.mod_rev(NODES, node_id))], \
+                [Put(NODES, node_id, codec.encode(new))], new
+        node, _ = await self.hub.commit(plan)
+        return node
 
     # ------------------------------------------------------- agent operations
-    def join(self, token: str, csr_pem: str, hostname: str, addr: str) -> dict:
+    async def join(self, token: str, csr_pem: str, hostname: str, addr: str) -> dict:
         pki.parse_join_token(token)  # malformed -> InvalidRequest with the reason
-        cluster = self.cluster()
-        tokens = cluster["JoinTokens"]
-        if pki.secret_matches(token, tokens["Worker"]):
-            role = "worker"
-        elif pki.secret_matches(token, tokens["Manager"]):
-            role = "manager"
-        else:
-            raise Unauthorized("invalid join token: it matches neither the current worker nor manager token "
-                               "(was it rotated?); get one with `netweft swarm join-token worker` on a manager")
         node_id = new_node_id()
-        cert = self._sign(csr_pem, node_id, role, addr)
-        ident = pki.cert_identity(cert)
-        node = {"ID": node_id, "CreatedAt": utcnow(), "UpdatedAt": utcnow(),
-                "Spec": {"Role": role, "Availability": "active", "Labels": {}},
-                "Description": {"Hostname": hostname}, "Status": {"State": "ready", "Addr": addr},
-                "Certificate": {"Serial": str(ident.serial), "NotAfter": ident.not_after.isoformat()}}
-        if role == "manager":
-            node["ManagerStatus"] = {"Leader": False, "Reachability": "reachable", "Addr": f"{addr}:2377"}
-        self._save(node)
+
+        def plan():  # the token is checked against the same cluster state the new node is written to
+            cluster = self.cluster()
+            tokens = cluster["join_tokens"]
+            if pki.secret_matches(token, tokens["worker"]):
+                role = "worker"
+            elif pki.secret_matches(token, tokens["manager"]):
+                role = "manager"
+            else:
+                raise Unauthorized("invalid join token: it matches neither the current worker nor manager token "
+                                   "(was it rotated?); get one with `netweft swarm join-token worker` on a manager")
+            cert = self._sign(csr_pem, node_id, role, addr)
+            ident = pki.cert_identity(cert)
+            node = Node(id=node_id, hostname=hostname, role=role, addr=addr,
+                        manager_addr=f"{addr}:2377" if role == "manager" else "", created=utcnow(),
+                        updated=utcnow(), cert_serial=str(ident.serial), cert_not_after=ident.not_after.isoformat())
+            return [Compare(CLUSTER, "cluster", self.state.mod_rev(CLUSTER, "cluster")), Compare(NODES, node_id, 0)], \
+                [Put(NODES, node_id, codec.encode(node))], (node, cert, cluster)
+        (node, cert, cluster), _ = await self.hub.commit(plan)
         self.last_seen[node_id] = time.monotonic()
-        log.info("node joined", extra={"node": node_id, "hostname": hostname, "role": role, "addr": addr})
-        return {"NodeID": node_id, "Role": role, "ClusterID": cluster["ID"], "Certificate": cert.decode(),
-                "CACert": self.ca.cert_pem.decode(), "Managers": [cluster["Leader"]["Addr"]],
-                "HeartbeatPeriod": self.spec()["HeartbeatPeriod"], "DataPathPort": self.spec()["DataPathPort"]}
+        log.info("node joined", extra={"node": node_id, "hostname": hostname, "role": node.role, "addr": addr})
+        return {"NodeID": node_id, "Role": node.role, "ClusterID": cluster["id"], "Certificate": cert.decode(),
+                "CACert": self.ca.cert_pem.decode(), "Managers": [cluster["leader"]["addr"]],
+                "HeartbeatPeriod": cluster["spec"]["HeartbeatPeriod"],
+                "DataPathPort": cluster["spec"]["DataPathPort"]}
 
     def _sign(self, csr_pem: str, node_id: str, role: str, addr: str | None) -> bytes:
         expiry = timedelta(seconds=self.spec()["CertExpiry"])
         ips = [addr] if role == "manager" and addr else []
-        return pki.sign_node_cert(self.ca, csr_pem.encode(), node_id, role, self.cluster()["ID"], expiry,
+        return pki.sign_node_cert(self.ca, csr_pem.encode(), node_id, role, self.cluster()["id"], expiry,
                                   ip_sans=ips)
 
-    def renew(self, node: dict, csr_pem: str) -> dict:
-        role = node["Spec"]["Role"]  # the desired role: a promotion or demotion lands with the renewal
-        cert = self._sign(csr_pem, node["ID"], role, node["Status"]["Addr"])
-        ident = pki.cert_identity(cert)
-        node["Certificate"] = {"Serial": str(ident.serial), "NotAfter": ident.not_after.isoformat()}
-        self._save(node)
-        log.info("node certificate renewed", extra={"node": node["ID"], "role": role,
-                                                    "not_after": ident.not_after.isoformat()})
-        return {"Certificate": cert.decode(), "Role": role}
+    async def renew(self, node: Node, csr_pem: str) -> dict:
+        out = {}
 
-    def heartbeat(self, node: dict, addr: str | None) -> dict:
-        self.last_seen[node["ID"]] = time.monotonic()
-        if node["Status"]["State"] != "ready" or (addr and node["Status"]["Addr"] != addr):
-            node["Status"] = {"State": "ready", "Addr": addr or node["Status"]["Addr"]}
-            self._save(node)
-            log.info("node ready", extra={"node": node["ID"], "hostname": node["Description"]["Hostname"]})
-        return {"Period": self.spec()["HeartbeatPeriod"], "Role": node["Spec"]["Role"],
-                "Availability": node["Spec"]["Availability"]}
+        def change(n: Node) -> Node:
+            # The desired role: a promotion or demotion lands with the renewal.
+            cert = self._sign(csr_pem, n.id, n.role, n.addr)
+            ident = pki.cert_identity(cert)
+            out.update(Certificate=cert.decode(), Role=n.role, not_after=ident.not_after.isoformat())
+            return msgspec.structs.replace(n, cert_serial=str(ident.serial), cert_not_after=out["not_after"])
+        await self._update(node.id, change)
+        log.info("node certificate renewed", extra={"node": node.id, "role": out["Role"],
+                                                    "not_after": out["not_after"]})
+        return {"Certificate": out["Certificate"], "Role": out["Role"]}
 
-    def leave(self, node: dict) -> None:
-        node["Status"]["State"] = "down"
-        self.last_seen.pop(node["ID"], None)
-        self._save(node)
-        self.overlays.purge_node(node["ID"])
-        log.info("node left", extra={"node": node["ID"], "hostname": node["Description"]["Hostname"]})
+    async def heartbeat(self, node: Node, addr: str | None) -> dict:
+        self.last_seen[node.id] = time.monotonic()
+        if node.state != "ready" or (addr and node.addr != addr):
+            node = await self._update(node.id, lambda n: msgspec.structs.replace(n, state="ready",
+                                                                                 addr=addr or n.addr))
+            log.info("node ready", extra={"node": node.id, "hostname": node.hostname})
+        return {"Period": self.spec()["HeartbeatPeriod"], "Role": node.role, "Availability": node.availability}
+
+    async def leave(self, node: Node) -> None:
+        """The node is Down and its endpoints are gone from every host's tables, in one revision."""
+        self.last_seen.pop(node.id, None)
+
+        def plan():
+            n = self.state.get(NODES, node.id)
+            if n is None:
+                raise NotFound(f"node {node.id!r} not found")
+            compares, ops, count = self.overlays.purge_plan(node.id)
+            down = msgspec.structs.replace(n, state="down", updated=utcnow())
+            return compares + [Compare(NODES, n.id, self.state.mod_rev(NODES, n.id))], \
+                ops + [Put(NODES, n.id, codec.encode(down))], count
+        count, _ = await self.hub.commit(plan)
+        log.info("node left", extra={"node": node.id, "hostname": node.hostname, "endpoints_purged": count})
 
     async def _monitor(self) -> None:
         while True:
@@ -220,15 +280,20 @@ class Manager:
             await asyncio.sleep(min(1.0, period / 4))
             limit = HEARTBEAT_MISSES * period
             now = time.monotonic()
-            for node in self.store.list("nodes"):
-                if node["ID"] == self.node_id or node["Status"]["State"] != "ready":
+            for node in self.state.nodes():
+                if node.id == self.node_id or node.state != "ready":
                     continue
-                if now - self.last_seen.get(node["ID"], now) > limit:
-                    node["Status"]["State"] = "down"
-                    self._save(node)
+                if now - self.last_seen.get(node.id, now) > limit:
+                    try:
+                        await self._update(node.id, lambda n: msgspec.structs.replace(n, state="down")
+                                           if n.state == "ready" else None)
+                    except NotFound:
+                        continue  # removed meanwhile
+                    except Exception as e:  # the store failing: say so, try again next round
+                        log.error("could not mark a node down", extra={"node": node.id, "reason": str(e)})
+                        continue
                     log.warning("node down: missed heartbeats",
-                                extra={"node": node["ID"], "hostname": node["Description"]["Hostname"],
-                                       "after_s": limit})
+                                extra={"node": node.id, "hostname": node.hostname, "after_s": limit})
 
     async def _renew_own_cert(self) -> None:
         """The leader signs its own renewals: same timing rule as every node (50-80 % of the lifetime)."""
@@ -238,120 +303,108 @@ class Manager:
             at = pki.renewal_time(ident.not_before + pki.CLOCK_SKEW, ident.not_after)  # not_before is backdated
             await asyncio.sleep(max(0.0, (at - datetime.now(timezone.utc)).total_seconds()))
             key = pki.new_node_key()
-            node = self.node(self.node_id)
-            cert = self.renew(node, pki.make_csr(key).decode())["Certificate"]
+            cert = (await self.renew(self.node(self.node_id), pki.make_csr(key).decode()))["Certificate"]
             save_node_pair(self.dir, pki.key_to_pem(key), cert.encode())
             self.ctx.load_cert_chain(f["cert"], f["key"])  # new handshakes present the renewed certificate
 
     # ---------------------------------------------------- admin operations
     def nodes(self) -> list[dict]:
-        return [self.node_view(n) for n in self.store.list("nodes")]
+        return [self.node_view(n) for n in self.state.nodes()]
 
-    def node_view(self, node: dict) -> dict:
-        view = dict(node)
-        if node["ID"] == self.node_id:
-            view["Status"] = {**node["Status"], "State": "ready"}
+    def node_view(self, node: Node) -> dict:
+        """Docker's shape of a node (`node ls`, `node inspect`): made here, at the API edge."""
+        view = {"ID": node.id, "CreatedAt": node.created, "UpdatedAt": node.updated,
+                "Spec": {"Role": node.role, "Availability": node.availability, "Labels": dict(node.labels)},
+                "Description": {"Hostname": node.hostname},
+                "Status": {"State": "ready" if node.id == self.node_id else node.state, "Addr": node.addr},
+                "Certificate": {"Serial": node.cert_serial, "NotAfter": node.cert_not_after}}
+        if node.role == "manager":
+            view["ManagerStatus"] = {"Leader": node.id == self.cluster()["leader"]["node_id"],
+                                     "Reachability": "reachable", "Addr": node.manager_addr or f"{node.addr}:2377"}
         return view
 
-    def remove_node(self, ref: str, force: bool) -> None:
+    async def remove_node(self, ref: str, force: bool) -> None:
         node = self.node(ref)
-        name = node["Description"]["Hostname"]
-        if node["ID"] == self.node_id:
+        name = node.hostname
+        if node.id == self.node_id:
             raise Conflict(f"node {name!r} is the leader (this manager); it cannot remove itself: "
                            "use `netweft swarm leave --force` on it")
-        if node["Spec"]["Role"] == "manager" and not force:
+        if node.role == "manager" and not force:
             raise Conflict(f"node {name!r} is a manager; demote it first (`netweft node demote {name}`) "
                            "or use --force")
-        if node["Status"]["State"] == "ready" and not force:
+        if node.state == "ready" and not force:
             raise Conflict(f"node {name!r} is not down and can't be removed; stop its daemon first "
                            "or use --force")
-        cluster = self.cluster()
-        cluster["Revoked"][node["ID"]] = utcnow()
-        with self.store.tx():
-            self.store.delete("nodes", node["ID"])
-            self.store.put("settings", "cluster", "cluster", cluster)
-        self.last_seen.pop(node["ID"], None)
-        self.overlays.purge_node(node["ID"])
+
+        def plan():  # the node, its endpoints and its revocation go in one revision
+            if self.state.get(NODES, node.id) is None:
+                raise NotFound(f"node {ref!r} not found; see `netweft node ls`")
+            cluster = self.cluster()
+            cluster = {**cluster, "revoked": {**cluster["revoked"], node.id: utcnow()}}
+            compares, ops, count = self.overlays.purge_plan(node.id)
+            compares += [Compare(NODES, node.id, self.state.mod_rev(NODES, node.id)),
+                         Compare(CLUSTER, "cluster", self.state.mod_rev(CLUSTER, "cluster"))]
+            ops += [Delete(NODES, node.id), Put(CLUSTER, "cluster", codec.encode(cluster))]
+            return compares, ops, count
+        count, _ = await self.hub.commit(plan)
+        self.last_seen.pop(node.id, None)
+        self.hub.disconnect(node.id)
         # Its open connections (a watch stream, kept-alive calls) end now, not at their next request.
-        closed = self.admission.disconnect(node["ID"]) if self.admission is not None else 0
-        log.info("node removed; its certificate is refused from now on", extra={"node": node["ID"],
+        closed = self.admission.disconnect(node.id) if self.admission is not None else 0
+        log.info("node removed; its certificate is refused from now on", extra={"node": node.id,
                                                                               "hostname": name,
+                                                                              "endpoints_purged": count,
                                                                               "connections_closed": closed})
 
-    def update_node(self, ref: str, role: str | None, availability: str | None, labels_add: dict | None,
-                    labels_rm: list | None = None) -> dict:
+    async def update_node(self, ref: str, role: str | None, availability: str | None, labels_add: dict | None,
+                          labels_rm: list | None = None) -> dict:
         node = self.node(ref)
-        if role is not None:
-            if role not in pki.ROLES:
-                raise InvalidRequest(f"invalid role {role!r}: use manager or worker")
-            if node["ID"] == self.node_id and role != "manager":
-                raise Conflict("the leader cannot be demoted: it holds the cluster store "
-                               "(several managers come with the HA issue)")
-            node["Spec"]["Role"] = role
-            if role == "manager":
-                node["ManagerStatus"] = {"Leader": False, "Reachability": "reachable",
-                                         "Addr": f"{node['Status']['Addr']}:2377"}
-            else:
-                node.pop("ManagerStatus", None)
-        if availability is not None:
-            if availability not in ("active", "pause", "drain"):
-                raise InvalidRequest(f"invalid availability {availability!r}: use active, pause or drain")
-            node["Spec"]["Availability"] = availability
-        for k in labels_rm or []:
-            node["Spec"]["Labels"].pop(k, None)
-        node["Spec"]["Labels"].update(labels_add or {})
-        self._save(node)
-        return self.node_view(node)
+        if role is not None and role not in pki.ROLES:
+            raise InvalidRequest(f"invalid role {str(role)[:40]!r}: use manager or worker")
+        if node.id == self.node_id and role not in (None, "manager"):
+            raise Conflict("the leader cannot be demoted: it holds the cluster store "
+                           "(several managers come with the HA issue)")
+        if availability is not None and availability not in ("active", "pause", "drain"):
+            raise InvalidRequest(f"invalid availability {str(availability)[:40]!r}: use active, pause or drain")
+        labels_add = codec.convert(labels_add or {}, Labels, "labels to add")
+        labels_rm = codec.convert(labels_rm or [], list[ShortText], "labels to remove")
 
-    def rotate_token(self, role: str) -> str:
+        def change(n: Node) -> Node:
+            labels = {k: v for k, v in n.labels.items() if k not in labels_rm}
+            labels.update(labels_add)
+            new_role = role or n.role
+            return msgspec.structs.replace(
+                n, role=new_role, availability=availability or n.availability,
+                labels=codec.convert(labels, Labels, "labels"),
+                manager_addr=(n.manager_addr or f"{n.addr}:2377") if new_role == "manager" else "")
+        return self.node_view(await self._update(node.id, change))
+
+    async def rotate_token(self, role: str) -> str:
         if role not in pki.ROLES:
-            raise InvalidRequest(f"invalid role {role!r}: use worker or manager")
-        cluster = self.cluster()
-        key = role.capitalize()
-        cluster["JoinTokens"][key] = pki.make_join_token(self.ca.digest())
-        put_setting(self.store, "cluster", cluster)
+            raise InvalidRequest(f"invalid role {role[:40]!r}: use worker or manager")
+        token = pki.make_join_token(self.ca.digest())
+
+        def plan():
+            cluster = self.cluster()
+            cluster = {**cluster, "join_tokens": {**cluster["join_tokens"], role: token}}
+            return [Compare(CLUSTER, "cluster", self.state.mod_rev(CLUSTER, "cluster"))], \
+                [Put(CLUSTER, "cluster", codec.encode(cluster))], None
+        await self.hub.commit(plan)
         log.info("join token rotated; the old one is refused from now on", extra={"role": role})
-        return cluster["JoinTokens"][key]
+        return token
 
     def inspect(self) -> dict:
+        """Docker's shape of the swarm (`swarm inspect`; the CLI leaves the tokens out)."""
         c = self.cluster()
         _, not_after = pki.validity(self.ca.cert)
-        return {"ID": c["ID"], "CreatedAt": c["CreatedAt"], "Spec": c["Spec"], "Leader": c["Leader"],
+        return {"ID": c["id"], "CreatedAt": c["created"], "Spec": c["spec"],
+                "Leader": {"NodeID": c["leader"]["node_id"], "Addr": c["leader"]["addr"]},
                 "RootCA": {"Digest": self.ca.digest(), "NotAfter": not_after.isoformat(),
                            "CertPEM": self.ca.cert_pem.decode()},
-                "JoinTokens": c["JoinTokens"]}
+                "JoinTokens": {"Worker": c["join_tokens"]["worker"], "Manager": c["join_tokens"]["manager"]}}
 
     # ------------------------------------------------------------ the API
-    async def _watch(self, request: web.Request) -> web.StreamResponse:
-        """Newline-delimited JSON: what the watcher missed (or a snapshot), then live batches, pings between."""
-        try:
-            since = int(request.query.get("since", "0"))
-        except ValueError:
-            raise InvalidRequest("since must be a revision number") from None
-        q: asyncio.Queue = asyncio.Queue()
-        # No await between subscribing and reading the history: nothing can fall in between.
-        self.overlays.watchers.add(q)
-        try:
-            missed = self.overlays.since(since) if since else None
-            first = [self.overlays.snapshot()] if missed is None else missed
-            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-            await resp.prepare(request)
-            for batch in first:
-                await resp.write(json.dumps(batch).encode() + b"\n")
-            while True:
-                try:
-                    batch = await asyncio.wait_for(q.get(), WATCH_PING)
-                except asyncio.TimeoutError:
-                    batch = {"Type": "ping", "Rev": self.overlays.rev}
-                if batch is None:
-                    break
-                await resp.write(json.dumps(batch).encode() + b"\n")
-        finally:
-            self.overlays.watchers.discard(q)
-        await resp.write_eof()
-        return resp
-
-    def _peer(self, request: web.Request) -> tuple[pki.NodeIdentity, dict, str]:
+    def _peer(self, request: web.Request) -> tuple[pki.NodeIdentity, Node, str]:
         """Who is calling: verified certificate -> identity -> a current, not removed node, and its role now."""
         ssl_obj = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_obj.getpeercert(binary_form=True) if ssl_obj else None
@@ -362,14 +415,14 @@ class Manager:
             ident = pki.verify_node_cert(self.ca.cert_pem, der)
         except InvalidRequest as e:
             raise Unauthorized(str(e)) from None
-        cluster = self.cluster()
-        if ident.node_id in cluster["Revoked"]:
+        revoked = self.cluster()["revoked"]
+        if ident.node_id in revoked:
             raise Forbidden(f"node {ident.node_id} was removed from the cluster on "
-                            f"{cluster['Revoked'][ident.node_id]}; it must leave and join again with a token")
-        node = self.store.get("nodes", ident.node_id)
+                            f"{revoked[ident.node_id]}; it must leave and join again with a token")
+        node = self.state.get(NODES, ident.node_id)
         if node is None:
             raise Forbidden(f"node {ident.node_id} is not a member of this cluster")
-        return ident, node, node["Spec"]["Role"]
+        return ident, node, node.role
 
     def build_app(self) -> web.Application:
         routes = web.RouteTableDef()
@@ -395,25 +448,26 @@ class Manager:
         @allow(OPEN)
         async def join(request):
             b = await auth.read_body(request, JoinRequest)
-            return web.json_response(self.join(b.token, b.csr, b.hostname, b.advertise_addr or request.remote))
+            return web.json_response(await self.join(b.token, b.csr, b.hostname,
+                                                     b.advertise_addr or request.remote))
 
         @routes.post("/renew")
         @allow(WORKER)
         async def renew(request):
             b = await auth.read_body(request, RenewRequest)
-            return web.json_response(self.renew(request["node"], b.csr))
+            return web.json_response(await self.renew(request["node"], b.csr))
 
         @routes.post("/heartbeat")
         @allow(WORKER)
         async def heartbeat(request):
             b = await auth.read_body(request, HeartbeatRequest)
-            return web.json_response(self.heartbeat(request["node"], b.addr))
+            return web.json_response(await self.heartbeat(request["node"], b.addr))
 
         @routes.post("/leave")
         @allow(WORKER)
         async def leave(request):
             await auth.read_body(request, LeaveRequest, empty_ok=True)
-            self.leave(request["node"])
+            await self.leave(request["node"])
             return web.json_response({})
 
         @routes.get("/admin/swarm")
@@ -434,65 +488,56 @@ class Manager:
         @routes.delete("/admin/nodes/{ref}")
         @allow(MANAGER)
         async def a_node_rm(request):
-            self.remove_node(request.match_info["ref"], request.query.get("force") in ("1", "true"))
+            await self.remove_node(request.match_info["ref"], request.query.get("force") in ("1", "true"))
             return web.json_response({})
 
         @routes.post("/admin/nodes/{ref}/update")
         @allow(MANAGER)
         async def a_node_update(request):
             b = await body(request)
-            return web.json_response(self.update_node(request.match_info["ref"], b.get("Role"),
-                                                      b.get("Availability"), b.get("LabelsAdd"),
-                                                      b.get("LabelsRemove")))
+            return web.json_response(await self.update_node(request.match_info["ref"], b.get("Role"),
+                                                            b.get("Availability"), b.get("LabelsAdd"),
+                                                            b.get("LabelsRemove")))
 
         @routes.post("/admin/join-token/rotate")
         @allow(MANAGER)
         async def a_rotate(request):
-            return web.json_response({"Token": self.rotate_token(request.query.get("role", ""))})
+            return web.json_response({"Token": await self.rotate_token(request.query.get("role", ""))})
 
         @routes.get("/watch")
         @allow(WORKER)
         async def watch(request):
-            return await self._watch(request)
+            return await self.hub.serve(request, request["node"])
 
         @routes.get("/networks/{ref}")
         @allow(WORKER)
         async def net_get(request):
-            return web.json_response(self.overlays.network(request.match_info["ref"]))
+            return web.Response(body=self.overlays.network_bytes(request.match_info["ref"]),
+                                content_type="application/json")
 
         @routes.post("/endpoints")
         @allow(WORKER)
         async def ep_create(request):
-            return web.json_response(self.overlays.create_endpoint(request["node"], await body(request)))
+            req = await auth.read_body(request, EndpointRequest)
+            return web.Response(body=await self.overlays.create_endpoint(request["node"].id, req),
+                                content_type="application/json")
 
         @routes.delete("/endpoints/{id}")
         @allow(WORKER)
         async def ep_delete(request):
-            self.overlays.delete_endpoint(request["node"], request.match_info["id"])
+            await self.overlays.delete_endpoint(request["node"].id, request.match_info["id"])
             return web.json_response({})
 
         @routes.post("/admin/networks")
         @allow(MANAGER)
         async def a_net_create(request):
-            return web.json_response(self.overlays.create_network(await body(request)))
+            return web.json_response(await self.overlays.create_network(await request.read()))
 
         @routes.delete("/admin/networks/{ref}")
         @allow(MANAGER)
         async def a_net_rm(request):
-            self.overlays.remove_network(request.match_info["ref"])
+            await self.overlays.remove_network(request.match_info["ref"])
             return web.json_response({})
-
-        @routes.post("/admin/synthetic")
-        @allow(MANAGER)
-        async def a_synthetic(request):
-            b = await body(request)
-            return web.json_response({"Count": self.overlays.bulk_endpoints(
-                request["node"], str(b.get("NetworkID", "")), int(b.get("Count", 0)), str(b.get("VTEP", "")))})
-
-        @routes.delete("/admin/synthetic")
-        @allow(MANAGER)
-        async def a_synthetic_rm(request):
-            return web.json_response({"Count": self.overlays.purge_node(f"synthetic-{request.query.get('vtep')}")})
 
         app = web.Application(middlewares=[self.admission.middleware], client_max_size=auth.BODY_LIMIT)
         app.add_routes(routes)

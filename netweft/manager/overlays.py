@@ -1,215 +1,324 @@
-"""Cluster-wide overlay networks and endpoints on the manager, and the watch stream that carries them.
+"""Cluster-wide overlay networks and their endpoints: the allocations (subnet, VNI, address, MAC).
 
-Every change happens in one store transaction together with the new revision, so two allocations
-can never hand out the same address or VNI, and a revision names exactly one state. Agents watch
-from a revision: they get what they missed (or a snapshot if it is too old), then live changes.
+Every change is one compare-and-write transaction on the cluster store (Hub.commit): it reads the
+manager's view, decides, and lands only if what it decided from is unchanged, else it decides again.
+What an allocation decides from is covered by a guard object whose revision moves with it:
+
+    allocations/networks        the set of networks (names, subnets, VNIs)
+    allocations/net/<id>        the endpoints of one network (addresses, MACs)
+    allocations/node/<id>       the endpoints of one node (so a node's purge misses none)
+
+so two managers (with etcd) can never hand out the same thing. Within this process a lock keeps
+its own requests from conflicting with each other.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
-from collections import deque
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 
 from netweft import validate
-from netweft.store.local import Store
-from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, PoolExhausted
 from netweft.ipam import address as ipam
+from netweft.manager.watch import ALLOCATIONS, ENDPOINTS, NETWORKS, NODES, Hub
+from netweft.model import codec
+from netweft.model.api import NetworkCreate
+from netweft.model.objects import NAME_PATTERN, Endpoint, Hostname, Network
+from netweft.model.watch import EndpointRequest
+from netweft.store.api import Compare, Delete, Put
 
 log = logging.getLogger("netweft.manager.overlays")
 
 VNI_FIRST = 4096
 VNI_LAST = (1 << 24) - 1
-HISTORY = 50_000          # events kept for resuming watchers; older ones get a snapshot
+OPTIONS = (validate.MTU_OPT, validate.VXLANID_OPT)
+GUARD = b"{}"   # a guard's value does not matter, only its revision
+NETWORKS_GUARD = "networks"
+
+_NAME = re.compile(NAME_PATTERN)
+
+
+def net_guard(net_id: str) -> str:
+    return f"net/{net_id}"
+
+
+def node_guard(node_id: str) -> str:
+    return f"node/{node_id}"
 
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def subnet_config(net: Network) -> ipam.SubnetConfig:
+    return ipam.SubnetConfig(subnet=IPv4Network(net.subnet), gateway=IPv4Address(net.gateway),
+                             ip_range=IPv4Network(net.ip_range) if net.ip_range else None,
+                             aux={k: IPv4Address(v) for k, v in net.aux_addresses.items()})
+
+
+class _Taken:
+    """Addresses in use, as integers, asked with IPv4Address (what ipam.check_requested_ip does)."""
+
+    def __init__(self, ints: set[int]):
+        self.ints = ints
+
+    def __contains__(self, ip: IPv4Address) -> bool:
+        return int(ip) in self.ints
+
+
 class Overlays:
-    def __init__(self, store: Store, spec_fn):
-        self.store, self.spec = store, spec_fn
-        rev = store.get("settings", "revision")
-        self.rev = rev["Rev"] if rev else 0
-        self.first_kept = self.rev + 1  # events before this revision are not in memory (restart, trimming)
-        self.history: deque[dict] = deque()
-        self.watchers: set[asyncio.Queue] = set()
+    def __init__(self, hub: Hub, spec_fn):
+        self.hub, self.spec = hub, spec_fn
+        self._lock = asyncio.Lock()
 
-    # --------------------------------------------------------------- events
-    def _commit(self, puts: list[tuple[str, dict]], deletes: list[tuple[str, dict]]) -> None:
-        """Write objects and the new revision in one transaction, then tell the watchers."""
-        events = []
-        with self.store.tx():
-            for kind, obj in puts:
-                self.store.put(kind, obj["ID"], obj.get("Name") if kind == "swnetworks" else None, obj)
-                events.append((kind, "put", obj))
-            for kind, obj in deletes:
-                self.store.delete(kind, obj["ID"])
-                events.append((kind, "delete", obj))
-            rev = self.rev + 1
-            self.store.put("settings", "revision", "revision", {"Rev": rev})
-            batch = {"Type": "events", "Rev": rev,
-                     "Events": [{"Kind": "network" if k == "swnetworks" else "endpoint", "Action": a, "Object": o}
-                                for k, a, o in events]}
-            # The revision and the watchers move only once the write is durable (one commit per change).
-            self.store.on_commit(lambda: self._publish(batch))
-
-    def _publish(self, batch: dict) -> None:
-        self.rev = batch["Rev"]
-        self.history.append(batch)
-        while len(self.history) > HISTORY:
-            self.first_kept = self.history.popleft()["Rev"] + 1
-        for q in list(self.watchers):
-            q.put_nowait(batch)
-
-    def snapshot(self) -> dict:
-        return {"Type": "snapshot", "Rev": self.rev, "Networks": self.store.list("swnetworks"),
-                "Endpoints": self.store.list("swendpoints")}
-
-    def since(self, rev: int) -> list[dict] | None:
-        """Batches after rev, or None when some of them are no longer known (the watcher needs a snapshot)."""
-        if rev == self.rev:
-            return []
-        if rev > self.rev or rev + 1 < self.first_kept:
-            return None
-        return [b for b in self.history if b["Rev"] > rev]
+    @property
+    def state(self):
+        return self.hub.state
 
     # ------------------------------------------------------------- networks
-    def network(self, ref: str) -> dict:
-        net = self.store.find("swnetworks", ref)
+    def network(self, ref: str) -> Network:
+        net = self.state.find_network(ref)
         if net is None:
             raise NotFound(f"network {ref!r} not found; see `netweft network ls`")
         return net
 
-    def endpoints(self, net_id: str | None = None) -> list[dict]:
-        eps = self.store.list("swendpoints")
-        return [e for e in eps if net_id is None or e["NetworkID"] == net_id]
+    def network_bytes(self, ref: str) -> bytes:
+        """GET /networks/{ref}: the stored Network JSON, as it is."""
+        return self.state.kinds[NETWORKS][self.network(ref).id].raw
 
-    def create_network(self, req: dict) -> dict:
-        with self.store.tx():  # the checks and the write see one state
-            return self._create_network(req)
+    async def create_network(self, body) -> dict:
+        """A new overlay network from a Docker-shaped NetworkCreate (a dict, JSON bytes, or the struct);
+        returns the Network as plain JSON types. The engine of the leader calls this directly."""
+        if isinstance(body, (bytes, str)):
+            req = codec.decode(body, NetworkCreate, "network create request")
+        elif isinstance(body, NetworkCreate):
+            req = body
+        else:
+            req = codec.convert(body, NetworkCreate, "network create request")
+        spec = self._check_request(req)
+        async with self._lock:
+            net, _ = await self.hub.commit(lambda: self._plan_network(req, spec))
+        log.info("overlay network created", extra={"network": net.name, "subnet": net.subnet, "vni": net.vni})
+        return codec.to_builtins(net)
 
-    def _create_network(self, req: dict) -> dict:
-        name = validate.check_name(req.get("Name", ""), "network")
-        if self.store.by_name("swnetworks", name):
-            raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
-        options = dict(req.get("Options") or {})
+    @staticmethod
+    def _check_request(req: NetworkCreate) -> dict:
+        """What can be refused without looking at the other networks. Returns the parsed options."""
+        if not _NAME.match(req.Name):
+            raise InvalidRequest(f"invalid network name {req.Name[:80]!r}: use letters, digits, '_', '.', '-' "
+                                 "(starting with a letter or digit, at most 64 characters)")
+        if req.Driver != "overlay":
+            raise InvalidRequest(f"the cluster creates overlay networks only, not {req.Driver[:40]!r}: "
+                                 "create other networks on the host itself")
+        if req.Ingress:
+            raise InvalidRequest("ingress networks are not supported yet (they come with services)")
+        if req.EnableIPv6:
+            raise InvalidRequest("IPv6 is not supported on overlay networks yet: create the network without --ipv6")
+        if req.IPAM.Driver not in ("", "default"):
+            raise InvalidRequest(f"IPAM driver {req.IPAM.Driver[:40]!r} is not supported: use the default one")
+        options = dict(req.Options)
         if validate.ENCRYPTED_OPT in options:
             raise InvalidRequest("encrypted overlay networks are not supported yet (this kernel has no IPsec ESP; "
                                  "WireGuard-based encryption is planned): create the network without -o encrypted")
-        unknown = set(options) - {validate.MTU_OPT, validate.VXLANID_OPT}
+        unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
-            raise InvalidRequest(f"unknown overlay option(s) {', '.join(sorted(unknown))}: supported are "
-                                 f"{validate.MTU_OPT} and {validate.VXLANID_OPT}")
-        mtu = validate.parse_mtu(options[validate.MTU_OPT]) if validate.MTU_OPT in options else None
-        labels = dict(req.get("Labels") or {})
-        if any(not k.strip() for k in labels):
-            raise InvalidRequest("invalid label: the key is empty; expected KEY=VALUE")
-        others = self.store.list("swnetworks")
-        vnis = {n["VNI"] for n in others}
+            raise InvalidRequest(f"unknown overlay option(s) {', '.join(o[:64] for o in unknown[:5])}: "
+                                 f"the known ones are {', '.join(OPTIONS)}")
+        out: dict = {"mtu": validate.parse_mtu(options[validate.MTU_OPT]) if validate.MTU_OPT in options else None,
+                     "vni": None, "options": options}
         if validate.VXLANID_OPT in options:
-            try:
-                vni = int(options[validate.VXLANID_OPT])
-            except ValueError:
-                raise InvalidRequest(f"invalid VXLAN ID {options[validate.VXLANID_OPT]!r}: expected a number") from None
+            text = options[validate.VXLANID_OPT]
+            if not (text.isascii() and text.isdigit()) or len(text) > 9:
+                raise InvalidRequest(f"invalid VXLAN ID {text[:32]!r}: expected a number")
+            vni = int(text)
             if not 1 <= vni <= VNI_LAST:
                 raise InvalidRequest(f"invalid VXLAN ID {vni}: it must be between 1 and {VNI_LAST}")
-            if vni in vnis:
-                raise Conflict(f"VXLAN ID {vni} is already used by another network")
-        else:
-            vni = next(v for v in range(VNI_FIRST, VNI_LAST + 1) if v not in vnis)
-        cfgs = (req.get("IPAM") or {}).get("Config") or [{}]
-        if len(cfgs) != 1:
+            out["vni"] = vni
+        if len(req.IPAM.Config) > 1:
             raise InvalidRequest("exactly one IPAM config (subnet) per network is supported")
-        c = cfgs[0]
-        taken = [(IPv4Network(o["IPAM"]["Config"][0]["Subnet"]), o["Name"]) for o in others]
-        if c.get("Subnet"):
-            subnet = ipam.parse_network(c["Subnet"])
-            for other, oname in taken:
-                if subnet.overlaps(other):
-                    raise Conflict(f"subnet {subnet} overlaps {other} of network {oname!r}; choose another subnet")
-        else:
-            if c.get("Gateway") or c.get("IPRange") or c.get("AuxiliaryAddresses"):
-                raise InvalidRequest("--gateway, --ip-range and --aux-address need --subnet")
-            spec = self.spec()
-            pools = [ipam.AddressPool(IPv4Network(p), spec["SubnetSize"]) for p in spec["DefaultAddrPool"]]
-            subnet = ipam.allocate_subnet(pools, [t for t, _ in taken])
-        cfg = ipam.build_subnet_config(subnet, c.get("Gateway") or None, c.get("IPRange") or None,
-                                       c.get("AuxiliaryAddresses") or {})
-        net = {"Name": name, "ID": secrets.token_hex(32), "Created": utcnow(), "Scope": "swarm",
-               "Driver": "overlay", "EnableIPv6": False,
-               "IPAM": {"Driver": "default", "Options": {}, "Config": [cfg.to_doc()]},
-               "Internal": bool(req.get("Internal")), "Attachable": bool(req.get("Attachable")),
-               "Ingress": False, "Options": options, "Labels": labels, "VNI": vni, "MTU": mtu}
-        self._commit([("swnetworks", net)], [])
-        log.info("overlay network created", extra={"network": name, "subnet": str(subnet), "vni": vni})
-        return net
+        c = req.IPAM.Config[0] if req.IPAM.Config else None
+        if c is not None and not c.Subnet and (c.Gateway or c.IPRange or c.AuxiliaryAddresses):
+            raise InvalidRequest("--gateway, --ip-range and --aux-address need --subnet")
+        if c is not None and c.Subnet:
+            out["cfg"] = ipam.build_subnet_config(ipam.parse_network(c.Subnet), c.Gateway or None,
+                                                  c.IPRange or None, dict(c.AuxiliaryAddresses))
+        return out
 
-    def remove_network(self, ref: str) -> None:
+    def _plan_network(self, req: NetworkCreate, spec: dict):
+        st = self.state
+        nets = st.networks()
+        if req.Name in st.names:
+            raise Conflict(f"network {req.Name!r} already exists; choose another name or remove it first")
+        if req.Name in st.kinds[NETWORKS]:
+            raise Conflict(f"network name {req.Name!r} is the ID of another network; choose another name")
+        vnis = {n.vni for n in nets}
+        vni = spec["vni"]
+        if vni is None:
+            vni = next((v for v in range(VNI_FIRST, VNI_LAST + 1) if v not in vnis), None)
+            if vni is None:
+                raise PoolExhausted("no VXLAN ID left; remove unused overlay networks")
+        elif vni in vnis:
+            raise Conflict(f"VXLAN ID {vni} is already used by another network")
+        taken = [(IPv4Network(n.subnet), n.name) for n in nets]
+        cfg = spec.get("cfg")
+        if cfg is not None:
+            for other, oname in taken:
+                if cfg.subnet.overlaps(other):
+                    raise Conflict(f"subnet {cfg.subnet} overlaps {other} of network {oname!r}; "
+                                   "choose another subnet")
+        else:
+            cluster = self.spec()
+            pools = [ipam.AddressPool(IPv4Network(p), cluster["SubnetSize"]) for p in cluster["DefaultAddrPool"]]
+            cfg = ipam.build_subnet_config(ipam.allocate_subnet(pools, [t for t, _ in taken]))
+        net_id = secrets.token_hex(32)
+        while net_id in st.names or net_id in st.kinds[NETWORKS]:
+            net_id = secrets.token_hex(32)
+        net = Network(id=net_id, name=req.Name, driver="overlay", scope="swarm", created=utcnow(),
+                      subnet=str(cfg.subnet), gateway=str(cfg.gateway),
+                      ip_range=str(cfg.ip_range) if cfg.ip_range else None,
+                      aux_addresses={k: str(v) for k, v in cfg.aux.items()},
+                      internal=req.Internal, attachable=req.Attachable, options=spec["options"],
+                      labels=dict(req.Labels), mtu=spec["mtu"], vni=vni)
+        compares = [Compare(ALLOCATIONS, NETWORKS_GUARD, st.mod_rev(ALLOCATIONS, NETWORKS_GUARD))]
+        ops = [Put(NETWORKS, net.id, codec.encode(net)), Put(ALLOCATIONS, NETWORKS_GUARD, GUARD),
+               Put(ALLOCATIONS, net_guard(net.id), GUARD)]
+        return compares, ops, net
+
+    async def remove_network(self, ref: str) -> None:
+        async with self._lock:
+            net, _ = await self.hub.commit(lambda: self._plan_remove(ref))
+        log.info("overlay network removed", extra={"network": net.name})
+
+    def _plan_remove(self, ref: str):
+        st = self.state
         net = self.network(ref)
-        eps = self.endpoints(net["ID"])
+        eps = st.endpoints_of(net.id)
         if eps:
-            where = sorted({f"{e['ContainerName']} on {e['Hostname']}" for e in eps})
-            raise Conflict(f"network {net['Name']!r} has endpoints ({', '.join(where[:5])}"
+            where = sorted({f"{e.owner.name or e.owner.id[:12]} on {e.hostname or e.node_id}" for e in eps})
+            raise Conflict(f"network {net.name!r} has endpoints ({', '.join(where[:5])}"
                            f"{' ...' if len(where) > 5 else ''}); disconnect or remove them first")
-        self._commit([], [("swnetworks", net)])
-        log.info("overlay network removed", extra={"network": net["Name"]})
+        compares = [Compare(NETWORKS, net.id, st.mod_rev(NETWORKS, net.id)),
+                    Compare(ALLOCATIONS, net_guard(net.id), st.mod_rev(ALLOCATIONS, net_guard(net.id))),
+                    Compare(ALLOCATIONS, NETWORKS_GUARD, st.mod_rev(ALLOCATIONS, NETWORKS_GUARD))]
+        ops = [Delete(NETWORKS, net.id), Delete(ALLOCATIONS, net_guard(net.id)),
+               Put(ALLOCATIONS, NETWORKS_GUARD, GUARD)]
+        return compares, ops, net
 
     # ------------------------------------------------------------ endpoints
-    def create_endpoint(self, node: dict, req: dict) -> dict:
-        with self.store.tx():  # the address is chosen and recorded in one transaction
-            return self._create_endpoint(node, req)
+    async def create_endpoint(self, node_id: str, req: EndpointRequest) -> bytes:
+        """POST /endpoints: an address on an overlay for one of the node's endpoints. Returns the
+        Attachment JSON: the endpoint, and its network with every endpoint at the creation's revision."""
+        aliases = codec.convert(req.aliases, list[Hostname], "endpoint request aliases")
+        ip = ipam.parse_address(req.ip) if req.ip else None
+        mac = ipam.parse_mac(req.mac) if req.mac else None
+        async with self._lock:
+            (ep, parts), rev = await self.hub.commit(lambda: self._plan_endpoint(node_id, req, ip, mac, aliases))
+        net_raw, ep_raw, others = parts
+        if ep is None:  # a retried request: the endpoint it made before, with the state now
+            rev = self.state.rev
+        return b'{"rev":%d,"endpoint":%s,"network":%s,"endpoints":[%s]}' % (rev, ep_raw, net_raw, b",".join(others))
 
-    def _create_endpoint(self, node: dict, req: dict) -> dict:
-        net = self.network(str(req.get("NetworkID", "")))
-        ctr_id = str(req.get("ContainerID", ""))
-        for e in self.endpoints(net["ID"]):
-            if e["NodeID"] == node["ID"] and e["ContainerID"] == ctr_id:
-                return e  # a retried request: same answer, nothing allocated twice
-        if not net["Attachable"] and not req.get("Service"):
-            raise Forbidden(f"network {net['Name']!r} is not attachable: it is kept for services; "
+    def _plan_endpoint(self, node_id: str, req: EndpointRequest, ip: IPv4Address | None, mac: str | None,
+                       aliases: list[str]):
+        st = self.state
+        node = st.get(NODES, node_id)
+        if node is None:
+            raise Forbidden(f"node {node_id} is not a member of this cluster")
+        net = st.get(NETWORKS, req.network_id)
+        if net is None:
+            raise NotFound(f"network {req.network_id!r} not found; see `netweft network ls`")
+        # Whatever the request says: only the managers will place service tasks on such a network.
+        if not net.attachable:
+            raise Forbidden(f"network {net.name!r} is not attachable: it is kept for services; "
                             "create it with --attachable to run plain containers on it")
-        aliases = [validate.check_hostname(a) for a in req.get("Aliases") or []]
-        cfg = ipam.SubnetConfig.from_doc(net["IPAM"]["Config"][0])
-        in_use = {IPv4Address(e["IP"]) for e in self.endpoints(net["ID"])}
-        ip = ipam.check_requested_ip(cfg, req["IPAddress"], in_use) if req.get("IPAddress") \
-            else ipam.allocate_ip(cfg, in_use)
-        ep = {"ID": secrets.token_hex(32), "NetworkID": net["ID"], "NodeID": node["ID"],
-              "Hostname": node["Description"]["Hostname"], "VTEP": node["Status"]["Addr"],
-              "IP": str(ip), "PrefixLen": cfg.subnet.prefixlen, "MAC": ipam.mac_for_ip(ip),
-              "ContainerID": ctr_id, "ContainerName": str(req.get("ContainerName", "")), "Aliases": aliases}
-        self._commit([("swendpoints", ep)], [])
-        return ep
+        eps = st.kinds[ENDPOINTS]
+        net_raw = st.kinds[NETWORKS][net.id].raw
+        known = st.owners.get((net.id, node.id, req.owner.kind, req.owner.id))
+        if known is not None:
+            others = [eps[e].raw for e in st.net_eps[net.id]]
+            return [], [], (None, (net_raw, eps[known].raw, others))
+        cfg = subnet_config(net)
+        used = st.net_ips[net.id]
+        if ip is not None:
+            ip = ipam.check_requested_ip(cfg, str(ip), _Taken(used))
+        else:
+            ip = self._lowest_free(net.id, cfg, used)
+        macs = st.net_macs[net.id]
+        if mac is not None:
+            if mac in macs:
+                raise Conflict(f"MAC address {mac} is already used on network {net.name!r}; choose another one")
+        else:
+            mac = ipam.mac_for_ip(ip)
+            while mac in macs:  # taken by an operator's choice for another address
+                mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+        ep = Endpoint(id=secrets.token_hex(32), network_id=net.id, node_id=node.id, hostname=node.hostname,
+                      vtep=node.addr, ip=str(ip), prefix_len=IPv4Network(net.subnet).prefixlen, mac=mac,
+                      owner=req.owner, aliases=aliases, ip_requested=req.ip is not None)
+        raw = codec.encode(ep)
+        # The network's endpoints at the creation's revision: those of now, and this one (the guard
+        # of the network's endpoints is compared, so none can change in between).
+        others = [eps[e].raw for e in st.net_eps.get(net.id, ())] + [raw]
+        compares = [Compare(NETWORKS, net.id, st.mod_rev(NETWORKS, net.id)),
+                    Compare(ALLOCATIONS, net_guard(net.id), st.mod_rev(ALLOCATIONS, net_guard(net.id))),
+                    Compare(NODES, node.id, st.mod_rev(NODES, node.id)),
+                    Compare(ALLOCATIONS, node_guard(node.id), st.mod_rev(ALLOCATIONS, node_guard(node.id)))]
+        ops = [Put(ENDPOINTS, ep.id, raw), Put(ALLOCATIONS, net_guard(net.id), GUARD),
+               Put(ALLOCATIONS, node_guard(node.id), GUARD)]
+        return compares, ops, (ep, (net_raw, raw, others))
 
-    def delete_endpoint(self, node: dict, ep_id: str) -> None:
-        ep = self.store.get("swendpoints", ep_id)
+    def _lowest_free(self, net_id: str, cfg: ipam.SubnetConfig, used: set[int]) -> IPv4Address:
+        """The lowest address of the ip-range (or subnet) neither reserved nor in use, searched from the
+        network's hint (no free address below it) so that filling a big network stays linear."""
+        first, last = ipam.usable_hosts(cfg.subnet)
+        if cfg.ip_range is not None:
+            first = max(first, int(cfg.ip_range.network_address))
+            last = min(last, int(cfg.ip_range.broadcast_address))
+        reserved = {int(a) for a in cfg.reserved()}
+        n = max(first, self.state.net_low.get(net_id, first))
+        while n <= last and (n in used or n in reserved):
+            n += 1
+        if n > last:
+            where = f"ip-range {cfg.ip_range}" if cfg.ip_range else f"subnet {cfg.subnet}"
+            raise PoolExhausted(f"no free address left in {where}; remove a container or use a larger subnet")
+        self.state.net_low[net_id] = n
+        return IPv4Address(n)
+
+    async def delete_endpoint(self, node_id: str, ep_id: str) -> None:
+        """DELETE /endpoints/{id}: idempotent; only the node that owns the endpoint may delete it."""
+        await self.hub.sync()  # an endpoint made a moment ago through another manager is known
+        async with self._lock:
+            await self.hub.commit(lambda: self._plan_delete(node_id, ep_id))
+
+    def _plan_delete(self, node_id: str, ep_id: str):
+        st = self.state
+        ep = st.get(ENDPOINTS, ep_id)
         if ep is None:
-            return  # already gone: deleting is idempotent
-        if ep["NodeID"] != node["ID"]:
-            raise Forbidden("this endpoint belongs to another node")
-        self._commit([], [("swendpoints", ep)])
+            return [], [], None  # already gone
+        if ep.node_id != node_id:
+            raise Forbidden(f"endpoint {ep_id[:12]} belongs to another node; a node deletes only its own")
+        compares = [Compare(ENDPOINTS, ep.id, st.mod_rev(ENDPOINTS, ep.id))]
+        ops = [Delete(ENDPOINTS, ep.id), Put(ALLOCATIONS, net_guard(ep.network_id), GUARD),
+               Put(ALLOCATIONS, node_guard(node_id), GUARD)]
+        return compares, ops, ep
 
-    def purge_node(self, node_id: str) -> int:
-        """A node left or was removed: its endpoints disappear from every host's tables."""
-        eps = [e for e in self.endpoints() if e["NodeID"] == node_id]
-        if eps:
-            self._commit([], [("swendpoints", e) for e in eps])
-            log.info("endpoints of a departed node purged", extra={"node": node_id, "count": len(eps)})
-        return len(eps)
+    def purge_plan(self, node_id: str) -> tuple[list[Compare], list, int]:
+        """Compares and ops that delete every endpoint of a node (it left or was removed)."""
+        st = self.state
+        eps = [e for net in st.node_nets.get(node_id, ()) for e in st.net_eps.get(net, {}).values()
+               if e.node_id == node_id]
+        compares = [Compare(ALLOCATIONS, node_guard(node_id), st.mod_rev(ALLOCATIONS, node_guard(node_id)))]
+        ops: list = [Delete(ENDPOINTS, e.id) for e in eps]
+        ops += [Put(ALLOCATIONS, net_guard(n), GUARD) for n in {e.network_id for e in eps}]
+        ops.append(Delete(ALLOCATIONS, node_guard(node_id)))
+        return compares, ops, len(eps)
 
-    def bulk_endpoints(self, node: dict, net_id: str, count: int, vtep: str) -> int:
-        """Synthetic remote endpoints for scale tests and benchmarks (manager certificate only)."""
-        net = self.network(net_id)
-        cfg = ipam.SubnetConfig.from_doc(net["IPAM"]["Config"][0])
-        in_use = {IPv4Address(e["IP"]) for e in self.endpoints(net["ID"])}
-        eps = []
-        for i, ip in enumerate(ipam.allocate_ips(cfg, in_use, count)):
-            eps.append({"ID": secrets.token_hex(32), "NetworkID": net["ID"], "NodeID": f"synthetic-{vtep}",
-                        "Hostname": f"synthetic-{vtep}", "VTEP": vtep, "IP": str(ip),
-                        "PrefixLen": cfg.subnet.prefixlen, "MAC": ipam.mac_for_ip(ip), "ContainerID": f"syn{i}",
-                        "ContainerName": f"syn{i}", "Aliases": []})
-        self._commit([("swendpoints", e) for e in eps], [])
-        return len(eps)
+    async def purge_node(self, node_id: str) -> int:
+        """A node's endpoints disappear from every host's tables."""
+        async with self._lock:
+            count, _ = await self.hub.commit(lambda: self.purge_plan(node_id))
+        if count:
+            log.info("endpoints of a departed node purged", extra={"node": node_id, "count": count})
+        return count

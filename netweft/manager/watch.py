@@ -1,0 +1,523 @@
+"""The managers' state in memory, and the watch that carries it to every agent (see netweft/model/watch.py).
+
+`ClusterState` holds the cluster store's objects at one revision (decoded, with their encoded bytes
+and mod revisions) and the indexes the manager reads: endpoints by network, networks by node, the
+addresses and MACs in use. `Hub` keeps it current by watching the store from its revision, and fans
+each revision out to the agents' watch streams:
+
+- each revision becomes a `Batch` whose events are encoded once (the stored bytes are the wire
+  form); a watcher gets the events of its scope, and watchers with the same selection share one frame;
+- each watcher has a bounded queue: one that falls too far behind is cut off (its stream closes with
+  one log line) and resumes from the revision it had;
+- a resume (?since=REV) is served from the store's change log, which survives restarts; a snapshot
+  only when that log no longer reaches back (or on a first connection).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import AsyncIterator, Iterable
+from ipaddress import IPv4Address
+
+import msgspec
+from aiohttp import web
+
+from netweft.errors import Conflict, InvalidRequest
+from netweft.model.objects import ID_PATTERN, Endpoint, Network, Node
+from netweft.store.api import Changes, ClusterStore, Compacted
+
+log = logging.getLogger("netweft.manager.watch")
+
+# Store kinds the manager keeps, and the watch's name of those it sends.
+NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS = "nodes", "networks", "endpoints", "cluster", "allocations"
+KINDS = (NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS)
+WATCHED = {NODES: b"node", NETWORKS: b"network", ENDPOINTS: b"endpoint"}
+_TYPES = {NODES: Node, NETWORKS: Network, ENDPOINTS: Endpoint}
+
+PING = 2.0                    # seconds between keep-alive lines on an idle stream
+QUEUE_FRAMES = 1024           # a watcher this many revisions behind is cut off...
+QUEUE_BYTES = 64 << 20        # ... or this many bytes behind
+WRITE_CHUNK = 1 << 20         # frames written to the socket together, up to this size
+MAX_ASKED = 1024              # networks a watcher may name in ?networks=
+
+_ID = re.compile(ID_PATTERN)
+_decoders = {kind: msgspec.json.Decoder(t) for kind, t in _TYPES.items()}
+_any = msgspec.json.Decoder()
+
+
+def decode(kind: str, raw: bytes):
+    return _decoders[kind].decode(raw) if kind in _decoders else _any.decode(raw)
+
+
+class Entry:
+    __slots__ = ("obj", "raw", "mod_rev")
+
+    def __init__(self, obj, raw: bytes, mod_rev: int):
+        self.obj, self.raw, self.mod_rev = obj, raw, mod_rev
+
+
+# ---------------------------------------------------------------------------- state
+class ClusterState:
+    """The store's objects at revision `rev`, and the indexes the manager needs."""
+
+    def __init__(self) -> None:
+        self.rev = 0
+        self.kinds: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+        self.net_eps: dict[str, dict[str, Endpoint]] = defaultdict(dict)   # network -> endpoint id -> endpoint
+        self.node_nets: dict[str, Counter] = defaultdict(Counter)          # node -> network -> endpoints on it
+        self.net_ips: dict[str, set[int]] = defaultdict(set)               # network -> addresses in use
+        self.net_macs: dict[str, set[str]] = defaultdict(set)              # network -> MACs in use
+        self.net_low: dict[str, int] = {}       # network -> no free address below this one (a search hint)
+        self.owners: dict[tuple[str, str, str, str], str] = {}             # (network, node, kind, id) -> endpoint
+        self.names: dict[str, str] = {}                                    # network name -> id
+
+    # ------------------------------------------------------------ reads
+    def get(self, kind: str, key: str):
+        e = self.kinds[kind].get(key)
+        return e.obj if e else None
+
+    def mod_rev(self, kind: str, key: str) -> int:
+        e = self.kinds[kind].get(key)
+        return e.mod_rev if e else 0
+
+    def nodes(self) -> list[Node]:
+        return [e.obj for e in self.kinds[NODES].values()]
+
+    def networks(self) -> list[Network]:
+        return [e.obj for e in self.kinds[NETWORKS].values()]
+
+    def find_network(self, ref: str) -> Network | None:
+        """Docker-style reference: full ID, name, or a unique ID prefix (3 characters at least)."""
+        nets = self.kinds[NETWORKS]
+        hit = nets.get(ref) or nets.get(self.names.get(ref, ""))
+        if hit is None and len(ref) >= 3:
+            hits = [e for k, e in nets.items() if k.startswith(ref)]
+            hit = hits[0] if len(hits) == 1 else None
+        return hit.obj if hit else None
+
+    def endpoints_of(self, net_id: str) -> list[Endpoint]:
+        return list(self.net_eps.get(net_id, {}).values())
+
+    def scope(self, node_id: str, asked: Iterable[str] = ()) -> set[str]:
+        """The networks a node watches: those it has endpoints on, and those it asked for (existing or not:
+        a network it asked for still reaches it when it is removed)."""
+        return set(self.node_nets.get(node_id, ())).union(asked)
+
+    # ------------------------------------------------------------ changes
+    def put(self, kind: str, key: str, raw: bytes, mod_rev: int):
+        obj = decode(kind, raw)
+        old = self.kinds[kind].get(key)
+        if old is not None:
+            self._unindex(kind, old.obj)
+        self.kinds[kind][key] = Entry(obj, raw, mod_rev)
+        self._index(kind, obj)
+        return obj
+
+    def delete(self, kind: str, key: str):
+        old = self.kinds[kind].pop(key, None)
+        if old is None:
+            return None
+        self._unindex(kind, old.obj)
+        return old.obj
+
+    def _index(self, kind: str, obj) -> None:
+        if kind == ENDPOINTS:
+            self.net_eps[obj.network_id][obj.id] = obj
+            self.node_nets[obj.node_id][obj.network_id] += 1
+            self.net_ips[obj.network_id].add(int(IPv4Address(obj.ip)))
+            self.net_macs[obj.network_id].add(obj.mac)
+            self.owners[(obj.network_id, obj.node_id, obj.owner.kind, obj.owner.id)] = obj.id
+        elif kind == NETWORKS:
+            self.names[obj.name] = obj.id
+
+    def _unindex(self, kind: str, obj) -> None:
+        if kind == ENDPOINTS:
+            eps = self.net_eps[obj.network_id]
+            eps.pop(obj.id, None)
+            if not eps:
+                del self.net_eps[obj.network_id]
+            nets = self.node_nets[obj.node_id]
+            nets[obj.network_id] -= 1
+            if nets[obj.network_id] <= 0:
+                del nets[obj.network_id]
+            if not nets:
+                del self.node_nets[obj.node_id]
+            ip = int(IPv4Address(obj.ip))
+            self.net_ips[obj.network_id].discard(ip)
+            self.net_macs[obj.network_id].discard(obj.mac)
+            if ip < self.net_low.get(obj.network_id, ip + 1):
+                self.net_low[obj.network_id] = ip
+            self.owners.pop((obj.network_id, obj.node_id, obj.owner.kind, obj.owner.id), None)
+        elif kind == NETWORKS:
+            if self.names.get(obj.name) == obj.id:
+                del self.names[obj.name]
+            for index in (self.net_ips, self.net_macs, self.net_low):
+                if not index.get(obj.id):
+                    index.pop(obj.id, None)
+
+
+# ---------------------------------------------------------------------------- batches
+def event_bytes(kind: str, action: str, raw: bytes) -> bytes:
+    """One watch event (NodeEvent/NetworkEvent/EndpointEvent), made from the stored object's bytes."""
+    return b'{"kind":"%s","action":"%s","object":%s}' % (WATCHED[kind], action.encode(), raw)
+
+
+class Batch:
+    """One revision's changes as the watch sends them, each event encoded once.
+
+    `events` is [(network id or None for a node event, encoded event)], in the store's order;
+    `touched[net]` the nodes whose endpoints on `net` changed (a node that loses its last endpoint
+    on a network still hears of it). `frame(nets)` is cached per selection."""
+
+    __slots__ = ("rev", "events", "touched", "has_nodes", "_frames")
+
+    def __init__(self, rev: int):
+        self.rev = rev
+        self.events: list[tuple[str | None, bytes]] = []
+        self.touched: dict[str, set[str]] = {}
+        self.has_nodes = False
+        self._frames: dict[frozenset, bytes | None] = {}
+
+    def add(self, kind: str, action: str, raw: bytes, obj) -> None:
+        net = None
+        if kind == ENDPOINTS:
+            net = obj.network_id
+            self.touched.setdefault(net, set()).add(obj.node_id)
+        elif kind == NETWORKS:
+            net = obj.id
+            self.touched.setdefault(net, set())
+        else:
+            self.has_nodes = True
+        self.events.append((net, event_bytes(kind, action, raw)))
+
+    def select(self, node_id: str, scope: set[str]) -> frozenset:
+        return frozenset(n for n, nodes in self.touched.items() if n in scope or node_id in nodes)
+
+    def frame(self, nets: frozenset) -> bytes | None:
+        """The Events line carrying node events and those of `nets`; None if that is nothing."""
+        if nets in self._frames:
+            return self._frames[nets]
+        picked = [b for n, b in self.events if n is None or n in nets]
+        out = (b'{"type":"events","rev":%d,"events":[%s]}\n' % (self.rev, b",".join(picked))) if picked else None
+        self._frames[nets] = out
+        return out
+
+
+# ---------------------------------------------------------------------------- watchers
+class Watcher:
+    """One open watch stream: a bounded queue of (rev, frame) between the hub and the socket."""
+
+    def __init__(self, node_id: str, hostname: str, asked: frozenset[str],
+                 max_frames: int = QUEUE_FRAMES, max_bytes: int = QUEUE_BYTES):
+        self.node_id, self.hostname, self.asked = node_id, hostname, asked
+        self.max_frames, self.max_bytes = max_frames, max_bytes
+        self.frames: deque[tuple[int, bytes]] = deque()
+        self.size = 0
+        self.ready = asyncio.Event()
+        self.ended: str | None = None      # why the stream ends, once it must
+        self.rev = 0                       # the last revision handed to the socket
+        self.since = self.start = 0        # asked from; subscribed at
+        self.first: bytes | None = None    # the snapshot to send first, if it gets one
+
+    def offer(self, rev: int, frame: bytes) -> bool:
+        """Queue a frame; False (and nothing queued) if that would pass the bounds."""
+        if self.frames and (len(self.frames) >= self.max_frames or self.size + len(frame) > self.max_bytes):
+            return False
+        self.frames.append((rev, frame))
+        self.size += len(frame)
+        self.ready.set()
+        return True
+
+    def end(self, reason: str) -> None:
+        """The stream closes: what is queued is dropped (the agent resumes from the revision it has)."""
+        if self.ended is None:
+            self.ended = reason
+            self.frames.clear()
+            self.size = 0
+            self.ready.set()
+
+    def take(self, limit: int = WRITE_CHUNK) -> list[tuple[int, bytes]]:
+        out, size = [], 0
+        while self.frames and (not out or size + len(self.frames[0][1]) <= limit):
+            rev, frame = self.frames.popleft()
+            self.size -= len(frame)
+            size += len(frame)
+            out.append((rev, frame))
+        if not self.frames:
+            self.ready.clear()
+        return out
+
+
+def parse_query(query) -> tuple[int, frozenset[str]]:
+    """?since=REV&networks=ID,ID -> (since, the networks asked for)."""
+    text = query.get("since", "0")
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise InvalidRequest(f"invalid since {text[:32]!r}: expected a revision number (0 or more)")
+    names = [n for n in query.get("networks", "").split(",") if n]
+    if len(names) > MAX_ASKED:
+        raise InvalidRequest(f"too many networks in ?networks= ({len(names)}): at most {MAX_ASKED}")
+    for n in names:
+        if not _ID.match(n):
+            raise InvalidRequest(f"invalid network ID {n[:80]!r} in ?networks=: expected lowercase letters and digits")
+    return int(text), frozenset(names)
+
+
+# ---------------------------------------------------------------------------- the hub
+class Hub:
+    """Keeps a ClusterState current from the store's watch and serves the agents' watch streams."""
+
+    def __init__(self, store: ClusterStore, max_frames: int = QUEUE_FRAMES, max_bytes: int = QUEUE_BYTES,
+                 ping: float = PING):
+        self.store, self.ping = store, ping
+        self.state = ClusterState()
+        self.watchers: set[Watcher] = set()
+        self.max_frames, self.max_bytes = max_frames, max_bytes
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self._load()
+        self._task = asyncio.ensure_future(self._follow())
+
+    def close_watchers(self, reason: str = "the manager is stopping") -> None:
+        """End every watch stream (their agents resume from their revisions, here or elsewhere)."""
+        for w in list(self.watchers):
+            self._end(w, reason)
+
+    async def stop(self, reason: str = "the manager is stopping") -> None:
+        self.close_watchers(reason)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.cancel()
+        self._waiters.clear()
+
+    async def _load(self) -> None:
+        """Every object at one revision (retried until the kinds were read at the same one)."""
+        while True:
+            lists = [await self.store.list(kind) for kind in KINDS]
+            if len({rev for rev, _ in lists}) == 1:
+                break
+        state = ClusterState()
+        for kind, (_, records) in zip(KINDS, lists):
+            for r in records:
+                try:
+                    state.put(kind, r.key, r.value, r.mod_rev)
+                except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                    log.error("unreadable object in the cluster store skipped",
+                              extra={"kind": kind, "key": r.key, "reason": str(e)})
+        state.rev = lists[0][0]
+        self.state = state
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async for changes in self.store.watch(self.state.rev):
+                    self.apply(changes)
+                return  # the store closed
+            except asyncio.CancelledError:
+                raise
+            except Compacted:
+                # Only if this manager stalled past the whole kept history: start over from a listing.
+                log.warning("the cluster store's history moved past this manager's view; reloading")
+                await self._load()
+                for w in list(self.watchers):
+                    self._end(w, "the manager reloaded its view of the cluster store")
+            except Exception as e:  # the store failing (disk, lock): say so, keep trying
+                log.error("reading the cluster store's changes failed; retrying", extra={"reason": str(e)})
+                await asyncio.sleep(1.0)
+
+    async def wait(self, rev: int) -> None:
+        """Until the state holds revision rev (read-your-writes after a transaction)."""
+        if self.state.rev >= rev:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((rev, fut))
+        await fut
+
+    async def sync(self) -> None:
+        """Until the state holds every revision the store has now."""
+        await self.wait(await self.store.revision())
+
+    async def commit(self, plan, tries: int = 100):
+        """Compare-and-write with retries: plan() reads self.state and returns (compares, ops, result) or
+        raises a refusal; the ops land only if the compares hold, else the state catches up and plan() runs
+        again. Returns (result, revision); the state holds that revision when this returns."""
+        for _ in range(tries):
+            compares, ops, result = plan()
+            r = await self.store.txn(compares, ops)
+            await self.wait(r.rev)
+            if r.ok:
+                return result, r.rev
+        raise Conflict("the cluster store is too busy to complete this change (it kept changing underneath); "
+                       "retry")
+
+    # ------------------------------------------------------------ changes
+    def apply(self, changes: Changes) -> Batch:
+        """Apply one revision to the state and hand its batch to the watchers (all in one step of the loop)."""
+        batch = Batch(changes.rev)
+        for ev in changes.events:
+            try:
+                if ev.action == "put":
+                    obj = self.state.put(ev.kind, ev.key, ev.value, ev.rev)
+                else:
+                    obj = self.state.delete(ev.kind, ev.key)
+                    if obj is None and ev.kind in WATCHED:
+                        obj = decode(ev.kind, ev.value)
+            except (msgspec.ValidationError, msgspec.DecodeError, KeyError) as e:
+                log.error("unreadable change in the cluster store skipped",
+                          extra={"kind": ev.kind, "key": ev.key, "rev": ev.rev, "reason": str(e)})
+                continue
+            if ev.kind in WATCHED:
+                batch.add(ev.kind, ev.action, ev.value, obj)
+        self.state.rev = changes.rev
+        self._publish(batch)
+        still = []
+        for rev, fut in self._waiters:
+            if rev <= changes.rev:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((rev, fut))
+        self._waiters = still
+        return batch
+
+    def _publish(self, batch: Batch) -> None:
+        if not batch.events:
+            return
+        for w in list(self.watchers):
+            nets = batch.select(w.node_id, self.state.scope(w.node_id, w.asked))
+            frame = batch.frame(nets) if (nets or batch.has_nodes) else None
+            if frame is not None and not w.offer(batch.rev, frame):
+                self._end(w, f"cut off: more than {len(w.frames)} revisions ({w.size >> 10} KiB) behind; "
+                             "it resumes from its revision")
+
+    def _end(self, w: Watcher, reason: str) -> None:
+        self.watchers.discard(w)
+        w.end(reason)
+
+    def disconnect(self, node_id: str, reason: str = "the node was removed") -> int:
+        """End every watch stream of a node; returns how many."""
+        mine = [w for w in self.watchers if w.node_id == node_id]
+        for w in mine:
+            self._end(w, reason)
+        return len(mine)
+
+    # ------------------------------------------------------------ what a watcher is sent first
+    def snapshot(self, node_id: str, asked: Iterable[str] = ()) -> bytes:
+        """The node's whole scope at the current revision, as one Snapshot line."""
+        st = self.state
+        nets = [n for n in st.scope(node_id, asked) if n in st.kinds[NETWORKS]]
+        nodes = b",".join(e.raw for e in st.kinds[NODES].values())
+        networks = b",".join(st.kinds[NETWORKS][n].raw for n in sorted(nets))
+        eps = b",".join(st.kinds[ENDPOINTS][ep].raw for n in sorted(nets) for ep in st.net_eps.get(n, ()))
+        return b'{"type":"snapshot","rev":%d,"nodes":[%s],"networks":[%s],"endpoints":[%s]}\n' % (
+            st.rev, nodes, networks, eps)
+
+    async def missed(self, node_id: str, asked: frozenset[str], since: int, until: int):
+        """The Events lines of revisions (since, until] for a resuming node, from the store's change log:
+        node events, and those of the networks in its current scope or of its own endpoints.
+        Raises Compacted when the log no longer reaches back to since."""
+        if since >= until:
+            return
+        scope = self.state.scope(node_id, asked)
+        async with contextlib.aclosing(self.store.watch(since)) as changes:
+            async for c in changes:
+                if c.rev > until:
+                    break
+                batch = Batch(c.rev)
+                for ev in c.events:
+                    if ev.kind in WATCHED:
+                        try:
+                            batch.add(ev.kind, ev.action, ev.value, decode(ev.kind, ev.value))
+                        except (msgspec.ValidationError, msgspec.DecodeError):
+                            continue
+                frame = batch.frame(batch.select(node_id, scope)) if batch.events else None
+                if frame is not None:
+                    yield c.rev, frame
+                if c.rev >= until:
+                    break
+
+    # ------------------------------------------------------------ the stream
+    def subscribe(self, node_id: str, hostname: str, since: int, asked: frozenset[str] = frozenset()) -> Watcher:
+        """A new watcher of node_id from revision `since`. From now on every new revision reaches its
+        queue; what it gets first is decided here, before any await, so that a snapshot is exactly
+        the state at the subscription's revision (`w.start`)."""
+        w = Watcher(node_id, hostname, asked, self.max_frames, self.max_bytes)
+        self.watchers.add(w)
+        w.since, w.start = since, self.state.rev
+        w.first = self.snapshot(node_id, asked) if since == 0 or since > w.start else None
+        return w
+
+    async def frames(self, w: Watcher) -> AsyncIterator[bytes]:
+        """What the stream of w carries: the snapshot or the missed events, then each batch of its scope
+        as it comes, and a ping when there was nothing for `ping` seconds. Ends when w is ended."""
+        mode = "snapshot" if w.first is not None else ("events" if w.since < w.start else "nothing")
+        if w.first is None and w.since < w.start:
+            try:
+                async for rev, frame in self.missed(w.node_id, w.asked, w.since, w.start):
+                    yield frame
+                    w.rev = rev
+            except Compacted:
+                # The change log no longer reaches back to its revision: a snapshot of now instead.
+                mode, w.first, w.start = "snapshot", self.snapshot(w.node_id, w.asked), self.state.rev
+                w.frames = deque((r, f) for r, f in w.frames if r > w.start)
+                w.size = sum(len(f) for _, f in w.frames)
+        if w.first is not None:
+            yield w.first
+        w.rev = max(w.rev, w.start)
+        log.info("watch opened", extra={"node": w.node_id, "hostname": w.hostname, "since": w.since,
+                                        "rev": w.start, "sent": mode})
+        while True:
+            if not w.frames and w.ended is None:
+                try:
+                    async with asyncio.timeout(self.ping):
+                        await w.ready.wait()
+                except TimeoutError:
+                    # Nothing for this node since its last line: it holds every revision up to now.
+                    w.rev = max(w.rev, self.state.rev)
+                    yield b'{"type":"ping","rev":%d}\n' % w.rev
+                    continue
+            if w.ended is not None:
+                return
+            chunk = w.take()
+            yield b"".join(f for _, f in chunk)
+            w.rev = chunk[-1][0]
+
+    async def serve(self, request: web.Request, node: Node) -> web.StreamResponse:
+        """GET /watch?since=REV[&networks=ID,...] for `node` (the caller, by its certificate)."""
+        since, asked = parse_query(request.query)
+        w = self.subscribe(node.id, node.hostname, since, asked)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        t0 = time.monotonic()
+        lines = self.frames(w)
+        try:
+            await resp.prepare(request)
+            async for data in lines:
+                await resp.write(data)
+            await resp.write_eof()
+        except ConnectionError:
+            # A worker restarting or leaving: one line (below), never a traceback.
+            w.ended = w.ended or "the node disconnected"
+        except asyncio.CancelledError:
+            w.ended = w.ended or "the manager is stopping"
+            raise
+        finally:
+            await lines.aclose()
+            self._end(w, "closed")
+            self._closed_line(w, t0)
+        return resp
+
+    @staticmethod
+    def _closed_line(w: Watcher, t0: float) -> None:
+        level = logging.WARNING if w.ended.startswith("cut off") else logging.INFO
+        log.log(level, "watch closed", extra={"node": w.node_id, "hostname": w.hostname, "rev": w.rev,
+                                              "reason": w.ended, "s": round(time.monotonic() - t0, 1)})

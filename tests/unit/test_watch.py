@@ -1,0 +1,377 @@
+"""The manager's watch (netweft/manager/watch.py) and allocations (netweft/manager/overlays.py) on a real
+SQLite cluster store, without sockets: scope per node, resume from a revision (also across a restart),
+snapshot fallback, the bounded queue, one encoding per batch, Attachments, and the refusals."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+import pytest
+
+from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from netweft.manager.overlays import Overlays
+from netweft.manager.watch import Hub
+from netweft.model import codec
+from netweft.model.objects import Node, Owner
+from netweft.model.watch import Attachment, EndpointRequest, Events, Ping, Snapshot, WatchMessage
+from netweft.store import sqlite as sqlite_store
+from netweft.store.api import Put
+from netweft.store.sqlite import SQLiteStore
+
+SPEC = {"DefaultAddrPool": ["198.18.0.0/15"], "SubnetSize": 24}
+message = msgspec.json.Decoder(WatchMessage)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+class Manager:
+    """A store, its hub and the overlay allocations: what the cluster API runs on, minus HTTP."""
+
+    @classmethod
+    async def open(cls, path, **hub_opts) -> "Manager":
+        m = cls()
+        m.store = await SQLiteStore.open(str(path))
+        m.hub = Hub(m.store, **hub_opts)
+        await m.hub.start()
+        m.ov = Overlays(m.hub, lambda: SPEC)
+        return m
+
+    async def close(self):
+        await self.hub.stop()
+        await self.store.close()
+
+    async def node(self, name: str, addr: str) -> str:
+        node = Node(id=name, hostname=name, role="worker", addr=addr)
+        r = await self.store.txn([], [Put("nodes", node.id, codec.encode(node))])
+        await self.hub.wait(r.rev)
+        return node.id
+
+    async def net(self, name: str, subnet: str | None = None, **extra) -> str:
+        body = {"Name": name, "Driver": "overlay", "Attachable": True, **extra}
+        if subnet:
+            body["IPAM"] = {"Config": [{"Subnet": subnet}]}
+        return (await self.ov.create_network(body))["id"]
+
+    async def attach(self, node: str, net: str, owner: str, **req) -> Attachment:
+        raw = await self.ov.create_endpoint(node, EndpointRequest(network_id=net, owner=Owner(kind="netweft", id=owner),
+                                                                  **req))
+        return codec.decode(raw, Attachment)
+
+
+def pending(w) -> list:
+    """Decoded messages queued for a watcher (as its stream would send them next)."""
+    return [message.decode(line) for _, frame in w.frames for line in frame.splitlines()]
+
+
+def ids(msgs, kind) -> list[str]:
+    return [e.object.id for m in msgs if isinstance(m, Events) for e in m.events
+            if type(e).__name__.lower().startswith(kind)]
+
+
+async def take(gen, n: int, timeout=5.0) -> list:
+    out = []
+    while len(out) < n:
+        data = await asyncio.wait_for(gen.__anext__(), timeout)
+        out += [message.decode(line) for line in data.splitlines()]
+    return out
+
+
+# ------------------------------------------------------------------ scope
+
+def test_each_node_hears_of_nodes_and_of_the_networks_it_has_endpoints_on_or_asked_for(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b, c = [await m.node(n, f"192.0.2.{i}") for i, n in enumerate("abc", 1)]
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        await m.attach(a, n1, "ca")
+        await m.attach(b, n2, "cb")
+        wa = m.hub.subscribe(a, "a", m.hub.state.rev)
+        wb = m.hub.subscribe(b, "b", m.hub.state.rev)
+        wc = m.hub.subscribe(c, "c", m.hub.state.rev)
+        wx = m.hub.subscribe(c, "c", m.hub.state.rev, frozenset({n1}))  # c asks for n1 by ID
+
+        att = await m.attach(c, n1, "cc")  # c's first endpoint on n1: n1 enters c's scope
+        assert ids(pending(wa), "endpoint") == [att.endpoint.id]
+        assert ids(pending(wb), "endpoint") == []
+        assert ids(pending(wc), "endpoint") == [att.endpoint.id]
+        assert ids(pending(wx), "endpoint") == [att.endpoint.id]
+        await m.ov.delete_endpoint(c, att.endpoint.id)  # ...and leaves it with its last one: still told
+        assert ids(pending(wc), "endpoint") == [att.endpoint.id] * 2
+        assert ids(pending(wb), "endpoint") == []
+        await m.node("d", "192.0.2.4")  # nodes reach everyone
+        for w in (wa, wb, wc):
+            assert ids(pending(w), "node") == ["d"]
+        # A network nobody has endpoints on reaches only those who asked for it, its removal too.
+        n3 = await m.net("n3", "198.18.3.0/24")
+        wy = m.hub.subscribe(a, "a", m.hub.state.rev, frozenset({n3}))
+        await m.ov.remove_network(n3)
+        assert [type(e).__name__ for msg in pending(wy) for e in msg.events] == ["NetworkEvent"]
+        assert not any("NetworkEvent" == type(e).__name__ for msg in pending(wa) for e in msg.events)
+        await m.close()
+    run(main())
+
+
+def test_a_snapshot_holds_every_node_and_only_the_nodes_networks_with_their_endpoints(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        e1 = (await m.attach(a, n1, "x")).endpoint.id
+        e2 = (await m.attach(b, n1, "y")).endpoint.id
+        await m.attach(b, n2, "z")
+        w = m.hub.subscribe(a, "a", 0)
+        snap = message.decode(w.first)
+        assert isinstance(snap, Snapshot) and snap.rev == m.hub.state.rev
+        assert {n.id for n in snap.nodes} == {a, b}
+        assert [n.id for n in snap.networks] == [n1]
+        assert {e.id for e in snap.endpoints} == {e1, e2}
+        await m.close()
+    run(main())
+
+
+def test_watchers_with_one_selection_share_one_encoded_frame(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        await m.attach(a, n1, "x")
+        await m.attach(b, n1, "y")
+        ws = [m.hub.subscribe(node, node, m.hub.state.rev) for node in (a, b, a)]
+        await m.node("c", "192.0.2.3")
+        await m.attach("c", n1, "z")
+        frames = [[f for _, f in w.frames] for w in ws]
+        assert len(frames[0]) == 2
+        for i in range(2):  # the same bytes object, not equal copies
+            assert frames[0][i] is frames[1][i] is frames[2][i]
+        await m.close()
+    run(main())
+
+
+# ------------------------------------------------------------------ resume and snapshot fallback
+
+def test_resume_sends_the_missed_events_of_the_current_scope_then_live_ones_and_pings(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db", ping=0.05)
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        await m.attach(a, n1, "x")
+        since = m.hub.state.rev  # the agent of a had this, then lost its stream
+        mine = (await m.attach(b, n1, "y")).endpoint.id
+        await m.attach(b, n2, "z")  # not in a's scope
+        w = m.hub.subscribe(a, "a", since)
+        assert w.first is None
+        gen = m.hub.frames(w)
+        msgs = await take(gen, 1)
+        assert [type(x).__name__ for x in msgs] == ["Events"] and ids(msgs, "endpoint") == [mine]
+        assert msgs[0].rev == since + 1
+        later = (await m.attach(b, n1, "later")).endpoint.id
+        msgs = await take(gen, 1)
+        assert ids(msgs, "endpoint") == [later]
+        msgs = await take(gen, 1)  # nothing more for a: a ping with the current revision
+        assert isinstance(msgs[0], Ping) and msgs[0].rev == m.hub.state.rev
+        await gen.aclose()
+        await m.close()
+    run(main())
+
+
+def test_revision_and_history_survive_a_manager_restart_so_agents_resume_with_events(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        await m.attach(a, n1, "x")
+        since = m.hub.state.rev
+        missed = (await m.attach(b, n1, "y")).endpoint.id
+        before = m.hub.state.rev
+        await m.close()
+
+        m = await Manager.open(tmp_path / "c.db")  # the leader's daemon restarted
+        assert m.hub.state.rev == before
+        w = m.hub.subscribe(a, "a", since)
+        assert w.first is None  # no snapshot
+        msgs = await take(m.hub.frames(w), 1)
+        assert isinstance(msgs[0], Events) and ids(msgs, "endpoint") == [missed]
+        # New revisions continue the old sequence.
+        assert (await m.attach(b, n1, "z")).rev == before + 1
+        await m.close()
+    run(main())
+
+
+def test_a_resume_from_before_the_kept_history_gets_a_snapshot(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "COMPACT_EVERY", 2)
+    async def main():
+        m = cls_store = await Manager.open(tmp_path / "c.db")
+        m.store.history = 3
+        a = await m.node("a", "192.0.2.1")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        await m.attach(a, n1, "x")
+        for i in range(6):
+            await m.node(f"n{i}", f"192.0.2.{10 + i}")
+        w = m.hub.subscribe(a, "a", 1)
+        msgs = await take(m.hub.frames(w), 1)
+        assert isinstance(msgs[0], Snapshot) and msgs[0].rev == m.hub.state.rev
+        assert len(msgs[0].nodes) == 7 and [n.id for n in msgs[0].networks] == [n1]
+        # A revision from the future (another cluster's store) gets one too.
+        assert m.hub.subscribe(a, "a", 10_000).first is not None
+        await cls_store.close()
+    run(main())
+
+
+# ------------------------------------------------------------------ bounded queue
+
+def test_a_slow_watcher_is_cut_off_and_resumes_from_its_revision(tmp_path, caplog):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db", max_frames=3)
+        a = await m.node("a", "192.0.2.1")
+        w = m.hub.subscribe(a, "a", m.hub.state.rev)
+        gen = m.hub.frames(w)
+        got = await take(gen, 0)  # (nothing yet: the generator starts when asked)
+        await m.node("b", "192.0.2.2")
+        got = await take(gen, 1)
+        had = w.rev = got[-1].rev
+        for i in range(5):  # the agent reads nothing meanwhile
+            await m.node(f"x{i}", f"192.0.2.{20 + i}")
+        assert w.ended and w.ended.startswith("cut off") and w not in m.hub.watchers
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(gen.__anext__(), 5)
+        # It comes back from the revision it had: the missed events, not a snapshot.
+        w2 = m.hub.subscribe(a, "a", had)
+        msgs = await take(m.hub.frames(w2), 5)
+        assert [n for n in ids(msgs, "node")] == [f"x{i}" for i in range(5)]
+        await m.close()
+    run(main())
+
+
+def test_queue_bounds_count_frames_and_bytes():
+    from netweft.manager.watch import Watcher
+    w = Watcher("a", "a", frozenset(), max_frames=10, max_bytes=100)
+    assert w.offer(1, b"x" * 300)  # one frame always fits, however big
+    assert not w.offer(2, b"y")
+    w.take()
+    assert all(w.offer(i, b"z" * 10) for i in range(10)) and not w.offer(11, b"z")
+
+
+# ------------------------------------------------------------------ allocations and attachments
+
+def test_an_attachment_carries_the_network_at_the_creations_revision(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        first = await m.attach(a, n1, "x", aliases=["web"])
+        assert (first.endpoint.ip, first.endpoint.mac, first.endpoint.vtep) == ("198.18.1.2", "02:42:c6:12:01:02",
+                                                                               "192.0.2.1")
+        att = await m.attach(b, n1, "y", ip="198.18.1.50", mac="02:00:00:00:00:50")
+        assert att.rev == m.hub.state.rev and att.network.id == n1
+        assert {e.id for e in att.endpoints} == {first.endpoint.id, att.endpoint.id}
+        assert att.endpoint.ip_requested and att.endpoint.mac == "02:00:00:00:00:50"
+        assert (await m.attach(b, n1, "z")).endpoint.ip == "198.18.1.3"  # lowest free
+        # A retried request gets the endpoint it made, not a second one.
+        again = await m.attach(b, n1, "y")
+        assert again.endpoint.id == att.endpoint.id and len(m.hub.state.endpoints_of(n1)) == 3
+        await m.close()
+    run(main())
+
+
+def test_addresses_are_reused_lowest_first_after_a_delete(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a = await m.node("a", "192.0.2.1")
+        n1 = await m.net("n1", "198.18.1.0/28")
+        eps = [(await m.attach(a, n1, f"c{i}")).endpoint for i in range(5)]
+        assert [e.ip for e in eps] == [f"198.18.1.{i}" for i in range(2, 7)]
+        await m.ov.delete_endpoint(a, eps[1].id)
+        assert (await m.attach(a, n1, "again")).endpoint.ip == "198.18.1.3"
+        assert (await m.attach(a, n1, "next")).endpoint.ip == "198.18.1.7"
+        await m.close()
+    run(main())
+
+
+def test_two_managers_on_one_store_never_hand_out_an_address_twice(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "POLL", 0.02)
+    async def main():
+        m1 = await Manager.open(tmp_path / "c.db")
+        a = await m1.node("a", "192.0.2.1")
+        n1 = await m1.net("n1", "198.18.1.0/24")
+        m2 = await Manager.open(tmp_path / "c.db")  # a second manager: its own view, the same store
+        atts = await asyncio.gather(*((m1 if i % 2 else m2).attach(a, n1, f"c{i}") for i in range(30)))
+        ips = [x.endpoint.ip for x in atts]
+        assert len(set(ips)) == 30
+        await m1.hub.sync()
+        assert len(m1.hub.state.endpoints_of(n1)) == 30
+        # Both views agree on the networks too: a name taken through one is refused through the other.
+        await m2.net("n2", "198.18.2.0/24")
+        await m1.hub.sync()
+        with pytest.raises(Conflict, match="already exists"):
+            await m1.net("n2", "198.18.3.0/24")
+        await m2.close()
+        await m1.close()
+    run(main())
+
+
+def test_refusals(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1 = await m.net("n1", "198.18.1.0/24", Options={"com.docker.network.driver.overlay.vxlanid_list": "5000"})
+        svc = (await m.ov.create_network({"Name": "svc", "Driver": "overlay"}))["id"]  # not attachable
+        x = await m.attach(a, n1, "x", mac="02:00:00:00:00:01")
+        rev = m.hub.state.rev
+        cases = [
+            (m.attach(b, svc, "y"), Forbidden, "not attachable"),
+            (m.attach(b, n1, "y", mac="02:00:00:00:00:01"), Conflict, "MAC address 02:00:00:00:00:01 is already used"),
+            (m.attach(b, n1, "y", ip=x.endpoint.ip), Conflict, "already in use"),
+            (m.attach(b, n1, "y", ip="198.18.9.9"), InvalidRequest, "not inside"),
+            (m.attach(b, n1, "y", mac="01:00:00:00:00:01"), InvalidRequest, "multicast"),
+            (m.attach(b, n1, "y", aliases=["bad name"]), InvalidRequest, "aliases"),
+            (m.attach(b, n1, "y", aliases=["web\n"]), InvalidRequest, "aliases"),
+            (m.attach("ghost", n1, "y"), Forbidden, "not a member"),
+            (m.attach(b, "f" * 64, "y"), NotFound, "not found"),
+            (m.net(n1), Conflict, "is the ID of another network"),
+            (m.net("n1"), Conflict, "already exists"),
+            (m.net("n9", "198.18.1.128/25"), Conflict, "overlaps"),
+            (m.net("n9", Options={"com.docker.network.driver.overlay.vxlanid_list": "5000"}), Conflict,
+             "already used"),
+            (m.net("n9", Options={"foo": "bar"}), InvalidRequest, "unknown overlay option(s) foo"),
+            (m.net("n9", Options={"encrypted": ""}), InvalidRequest, "not supported yet"),
+            (m.net("n9\n"), InvalidRequest, "invalid network name"),
+            (m.ov.create_network({"Name": 5}), InvalidRequest, "$.Name"),
+            (m.ov.create_network({"Name": "n9", "Driver": "bridge"}), InvalidRequest, "overlay networks only"),
+            (m.ov.remove_network("n1"), Conflict, "has endpoints"),
+            (m.ov.delete_endpoint(b, x.endpoint.id), Forbidden, "another node"),
+        ]
+        for coro, error, words in cases:
+            with pytest.raises(error) as e:
+                await coro
+            assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert m.hub.state.rev == rev  # nothing was written
+        await m.ov.delete_endpoint(a, "0" * 64)  # deleting what is gone is fine
+        await m.close()
+    run(main())
+
+
+def test_a_worker_request_cannot_carry_fields_that_bypass_the_attachable_check():
+    # "Service" (or anything else unknown) is refused before anything is looked at.
+    body = json.dumps({"network_id": "a" * 64, "owner": {"kind": "netweft", "id": "c"}, "Service": True})
+    with pytest.raises(InvalidRequest, match="Service"):
+        codec.decode(body, EndpointRequest)
+
+
+def test_purging_a_node_removes_all_its_endpoints_in_one_revision(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        for net in (n1, n2):
+            await m.attach(a, net, "x")
+            await m.attach(b, net, "y")
+        w = m.hub.subscribe(a, "a", m.hub.state.rev)
+        assert await m.ov.purge_node(b) == 2
+        msgs = pending(w)
+        assert len(msgs) == 1 and [e.action for e in msgs[0].events] == ["delete", "delete"]
+        assert {e.node_id for net in (n1, n2) for e in m.hub.state.endpoints_of(net)} == {a}
+        await m.close()
+    run(main())
