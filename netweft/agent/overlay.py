@@ -1,10 +1,21 @@
-"""The overlay agent: the cluster's overlay state on this host, and the kernel made to match it.
+"""The overlay agent: this host's share of the cluster's overlay state, and the kernel made to match it.
 
-It keeps a local copy of every overlay network and endpoint, fed by the manager's watch stream
-(a snapshot, then changes with revisions; a reconnect resumes from the last revision). The copy
-is saved, so after a restart the data plane is reconciled from it even with no manager in reach.
-Sandboxes exist only on hosts with local endpoints; remote endpoints are static FDB + neighbour
-entries, changed incrementally per event and fully re-synced after a snapshot or a restart.
+The local copy: the nodes, the overlay networks in this host's scope (netweft/model/watch.py) with their
+endpoints, each network with the revision it is current at, and the stream's revision. It is saved in
+the local store, so a restarted agent reconciles with no manager in reach. This host's own overlay
+endpoints are first-class records in the local store (kind "endpoints"), whoever owns them (a netweft
+container, a CNI attachment): the agent programs every record and deletes none it did not remove.
+
+Three things change the kernel, one network at a time, under that network's lock:
+- attach and detach. An attach holds the lock from before POST /endpoints until its endpoint is
+  programmed. The answer (an Attachment) carries the network's state at revision R; it replaces the
+  copy's if newer, and the network's watch events that arrive meanwhile are held and then applied only
+  above R. So no attach computes peers while events of its network are being applied (issue 7, item 11).
+- watch events, applied to the copy one object at a time as they arrive (an object that cannot be
+  decoded is logged once and skipped, the others go on), then programmed as a delta of peers by the
+  network's flush.
+- the periodic resync: desired vs observed for every sandbox and the gateway bridge (agent/reconcile.py),
+  which repairs drift and retries whatever failed.
 """
 from __future__ import annotations
 
@@ -12,352 +23,783 @@ import asyncio
 import logging
 import os
 import time
-from collections import defaultdict
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
 from urllib.parse import quote
 
-from netweft.dataplane.overlay import GWBRIDGE, Peer
-from netweft.store.local import get_setting, put_setting
-from netweft.errors import Forbidden, NetweftError, Unavailable
+import msgspec
+
+from netweft.agent import reconcile
+from netweft.agent.reconcile import DesiredNetwork, Gateway, GwPort, ObservedNetwork, Port
+from netweft.agent.watcher import Watcher
+from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
+from netweft.errors import InvalidRequest, NetweftError, NotFound, Unavailable
 from netweft.ipam import address as ipam
+from netweft.model.codec import convert, to_builtins
+from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, Revision, Sandbox
+from netweft.model.watch import Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent
+from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting
 
 log = logging.getLogger("netweft.agent.overlay")
 
-SANDBOX_VETH = "nwv"   # container's port in the sandbox
-GW_VETH = "nwg"        # container's port on the gateway bridge (host namespace)
+SANDBOX_VETH = "nwv"   # an endpoint's port in its sandbox
+GW_VETH = "nwg"        # an endpoint's port on the gateway bridge (host namespace)
 VXLAN_TMP = "nwx"      # a VXLAN device's name in the host namespace before it moves into its sandbox
 CACHE_KEY = "overlay-cache"
+RESYNC_PERIOD = 3.0    # seconds between full resyncs (drift repair, retries)
+RETRY_BAD_FIRST, RETRY_BAD_CAP = 3.0, 60.0   # a fresh snapshot while some record could not be applied
+
+
+class OverlayHost(Protocol):
+    """What the overlay agent needs from the engine that runs it, and no more."""
+    store: Store            # the host's local store: endpoint records, the agent's saved copy
+    sandbox_dir: str        # where the sandbox namespaces are pinned
+
+    async def gateway_subnet(self) -> tuple[str, str]:
+        """(subnet, gateway IP) of the gateway bridge: chosen once among the host's free subnets, kept."""
+
+    async def gateway_released(self) -> None:
+        """The gateway bridge is gone (this host left its swarm)."""
+
+
+@dataclass
+class NetState:
+    """One network of the copy: its state at `rev`, and the peer changes not programmed yet."""
+    network: Network
+    rev: int
+    endpoints: dict[str, Endpoint]
+    pending: dict[Peer, bool] = field(default_factory=dict)   # peer -> add (True) or remove (False)
+
+
+class _NetCopy(msgspec.Struct):
+    network: Network
+    rev: Revision
+    endpoints: list[Endpoint] = []
+
+
+class _Saved(msgspec.Struct):
+    """The copy as saved in the local store."""
+    rev: Revision = 0
+    nodes: list[Node] = []
+    networks: list[_NetCopy] = []
+    pending_release: list[str] = []
 
 
 class OverlayAgent:
-    def __init__(self, engine, client, node_id: str, vtep: str, port: int):
-        self.engine, self.client = engine, client
+    def __init__(self, host: OverlayHost, dataplane: DataPlane, client, node_id: str, vtep: str, port: int):
+        self.host, self.dp, self.client = host, dataplane, client
+        self.store = host.store
         self.node_id, self.vtep, self.port = node_id, vtep, port
-        self.sandbox_dir = os.path.join(engine.exec_root, "sandboxes")
+        self.sandbox_dir = host.sandbox_dir
         os.makedirs(self.sandbox_dir, mode=0o700, exist_ok=True)
-        cache = get_setting(engine.store, CACHE_KEY) or {}
-        self.rev: int = cache.get("Rev", 0)
-        self.networks: dict[str, dict] = {n["ID"]: n for n in cache.get("Networks", [])}
-        self.endpoints: dict[str, dict] = {e["ID"]: e for e in cache.get("Endpoints", [])}
-        # Endpoints removed here while no manager was reachable: released when one is.
-        self.pending_release: list[str] = cache.get("PendingRelease", [])
-        self.task: asyncio.Task | None = None
-        self.connected = asyncio.Event()
-        self._save_pending = False
-        self._mtu: dict[str, int] = {}
-        self._gw: dict | None = None  # the gateway bridge, once ensured in this life of the agent
+        self.nets: dict[str, NetState] = {}
+        self.nodes: dict[str, Node] = {}
+        self.rev = 0                     # the stream's position
+        self.bad_rev: int | None = None  # the first revision holding an object that could not be applied
+        self.pending_release: list[str] = []   # endpoints removed while no manager was reachable
+        self.local: dict[str, Endpoint] = {}   # this host's overlay endpoint records (the store's, mirrored)
+        self._locks: dict[str, asyncio.Lock] = {}       # per network, by sandbox name
+        self._held: dict[str, list] = {}                # per network: stream items held during an attach
+        self._flushing: set[str] = set()
+        self._gw_lock = asyncio.Lock()
+        self._gw_claims: dict[str, str] = {}            # gateway port -> IP, of attaches in progress
+        self._gw: Gateway | None = None
+        self._gw_ensured = False
+        self._underlay_mtu: int | None = None
+        self._logged: set[str] = set()
+        self._save_handle: asyncio.Handle | None = None
+        self._want_snapshot = False
+        self._retry_bad = RETRY_BAD_FIRST
+        self._retry_bad_at = 0.0
+        self.tasks: list[asyncio.Task] = []
+        self.watcher = Watcher(client, since=self._since, handle=self.on_message, on_connect=self._on_connect)
+        self._load()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        await self.reconcile()
-        self.task = asyncio.ensure_future(self._watch_loop())
+        await self.resync()
+        self.tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(self._resync_loop())]
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks = []
         self._save()
 
+    @property
+    def connected(self) -> asyncio.Event:
+        return self.watcher.connected
+
+    def _load(self) -> None:
+        doc = get_setting(self.store, CACHE_KEY)
+        if doc is not None:
+            try:
+                saved = convert(doc, _Saved, "saved overlay state")
+            except InvalidRequest as e:
+                log.warning("the saved overlay state is unreadable; starting from a fresh snapshot",
+                            extra={"reason": str(e)})
+                saved = _Saved()
+            self.rev = saved.rev
+            self.nodes = {n.id: n for n in saved.nodes}
+            self.nets = {c.network.id: NetState(c.network, c.rev, {e.id: e for e in c.endpoints})
+                         for c in saved.networks}
+            self.pending_release = list(saved.pending_release)
+        for doc in self.store.list(ENDPOINTS):
+            if not doc.get("node_id"):
+                continue  # a local (bridge) network's endpoint: the engine's
+            try:
+                ep = convert(doc, Endpoint, "endpoint record")
+            except InvalidRequest as e:
+                self._once(f"record {doc.get('id')}", "an endpoint record is unreadable; left as it is",
+                           reason=str(e))
+                continue
+            self.local[ep.id] = ep
+
     def _save(self) -> None:
-        self._save_pending = False
-        put_setting(self.engine.store, CACHE_KEY, {"Rev": self.rev, "Networks": list(self.networks.values()),
-                                                   "Endpoints": list(self.endpoints.values()),
-                                                   "PendingRelease": self.pending_release})
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
+        # The saved revision moves only past what was applied: not past an object that could not be.
+        rev = self.rev if self.bad_rev is None else max(0, self.bad_rev - 1)
+        saved = _Saved(rev=rev, nodes=list(self.nodes.values()),
+                       networks=[_NetCopy(ns.network, ns.rev, list(ns.endpoints.values()))
+                                 for ns in self.nets.values()],
+                       pending_release=list(self.pending_release))
+        put_setting(self.store, CACHE_KEY, to_builtins(saved))
 
     def _save_soon(self) -> None:
         # Saving lags by a moment at most: resuming from a slightly older revision replays idempotent events.
-        if not self._save_pending:
-            self._save_pending = True
-            asyncio.get_running_loop().call_later(0.2, self._save)
+        if self._save_handle is None:
+            self._save_handle = asyncio.get_running_loop().call_later(0.2, self._save)
 
-    # ------------------------------------------------------------------ the watch
-    async def _watch_loop(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                async for batch in self.client.stream(f"/watch?since={self.rev}"):
-                    backoff = 0.1
-                    if not self.connected.is_set():
-                        self.connected.set()
-                        await self._release_pending()
-                    await self.apply(batch)
-            except asyncio.CancelledError:
-                raise
-            except Forbidden as e:
-                log.error("the manager refuses this node's watch; overlays stay as they are until it rejoins",
-                          extra={"reason": str(e)})
-                return
-            except NetweftError as e:
-                log.warning("watch interrupted; the data plane keeps its last state", extra={"reason": str(e)})
-            except Exception:
-                log.exception("watch failed; retrying")
-            self.connected.clear()
-            await asyncio.sleep(backoff)
-            backoff = min(2.0, backoff * 2)
-
-    async def apply(self, batch: dict) -> None:
-        kind = batch.get("Type")
-        if kind == "ping" or batch.get("Rev", 0) <= self.rev and kind != "snapshot":
+    def _once(self, key: str, message: str, **extra) -> None:
+        """Log a problem once per agent life (the resync retries it every few seconds)."""
+        if key in self._logged:
             return
-        if kind == "snapshot":
-            self.networks = {n["ID"]: n for n in batch["Networks"]}
-            self.endpoints = {e["ID"]: e for e in batch["Endpoints"]}
-            self.rev = batch["Rev"]
-            self._save_soon()
-            await self.reconcile()
-            return
-        add: dict[str, list[Peer]] = defaultdict(list)
-        remove: dict[str, list[Peer]] = defaultdict(list)
-        for ev in batch["Events"]:
-            obj = ev["Object"]
-            if ev["Kind"] == "network":
-                if ev["Action"] == "put":
-                    self.networks[obj["ID"]] = obj
-                else:
-                    self.networks.pop(obj["ID"], None)
-                continue
-            old = self.endpoints.pop(obj["ID"], None)
-            if old is not None and old["NodeID"] != self.node_id:
-                remove[old["NetworkID"]].append(self.peer(old))
-            if ev["Action"] == "put":
-                self.endpoints[obj["ID"]] = obj
-                if obj["NodeID"] != self.node_id:
-                    add[obj["NetworkID"]].append(self.peer(obj))
-        self.rev = batch["Rev"]
-        self._save_soon()
-        active = self.local_networks()
-        for net_id, peers in remove.items():
-            if net_id in active:
-                await self.engine.kov("remove_peers", self.sandbox(net_id), peers)
-        for net_id, peers in add.items():
-            if net_id in active:
-                await self.engine.kov("add_peers", self.sandbox(net_id), peers)
+        if len(self._logged) > 10_000:
+            self._logged.clear()
+        self._logged.add(key)
+        log.warning(message, extra=extra)
 
-    # ------------------------------------------------------------------ views
-    @staticmethod
-    def peer(ep: dict) -> Peer:
-        return Peer(ip=ep["IP"], mac=ep["MAC"], vtep=ep["VTEP"])
-
+    # ------------------------------------------------------------------ views (for the engine)
     def sandbox(self, net_id: str) -> str:
         return os.path.join(self.sandbox_dir, net_id[:12])
 
-    def find_network(self, ref: str) -> dict | None:
-        hit = self.networks.get(ref) or next((n for n in self.networks.values() if n["Name"] == ref), None)
-        if hit is None and len(ref) >= 3:
-            hits = [n for n in self.networks.values() if n["ID"].startswith(ref)]
-            hit = hits[0] if len(hits) == 1 else None
-        return self.docker_view(hit) if hit else None
+    def networks(self) -> list[Network]:
+        """The overlay networks in this host's scope."""
+        return [ns.network for ns in self.nets.values()]
 
-    async def fetch_network(self, ref: str) -> dict | None:
-        """Look a network up at the manager (the watch stream may be a few ms behind); None if unknown."""
+    def find_network(self, ref: str) -> Network | None:
+        """A network of the copy by ID, name or unique ID prefix."""
+        if ref in self.nets:
+            return self.nets[ref].network
+        hit = next((ns.network for ns in self.nets.values() if ns.network.name == ref), None)
+        if hit is None and len(ref) >= 3:
+            hits = [ns.network for ns in self.nets.values() if ns.network.id.startswith(ref)]
+            hit = hits[0] if len(hits) == 1 else None
+        return hit
+
+    async def fetch_network(self, ref: str) -> Network | None:
+        """A network looked up at the managers (it need not be in this host's scope); None if unknown."""
         try:
-            net = await self.client.call("GET", f"/networks/{quote(ref, safe='')}")
+            doc = await self.client.call("GET", f"/networks/{quote(ref, safe='')}")
         except NetweftError as e:
-            if getattr(e, "status", None) == 404:
+            if getattr(e, "status", None) == 404 or isinstance(e, NotFound):
                 return None
             raise
-        self.networks.setdefault(net["ID"], net)
-        return self.docker_view(net)
+        return convert(doc, Network, "network from the manager")
+
+    async def fetch_networks(self) -> list[Network] | None:
+        """Every overlay network of the cluster, from the managers; None if they cannot list them."""
+        try:
+            docs = await self.client.call("GET", "/networks")
+        except NetweftError as e:
+            if getattr(e, "status", None) in (404, 405):
+                return None
+            raise
+        return convert(docs, list[Network], "networks from the manager")
+
+    def peers_view(self, net_id: str) -> list[tuple[str, str]]:
+        """(hostname, VTEP) of every host with an endpoint on the network, as far as the copy knows."""
+        ns = self.nets.get(net_id)
+        if ns is None:
+            return []
+        return sorted({(e.hostname, self._vtep(e) or "") for e in ns.endpoints.values()})
+
+    # ------------------------------------------------------------------ peers
+    def _vtep(self, ep: Endpoint) -> str | None:
+        node = self.nodes.get(ep.node_id)
+        return node.addr if node is not None else ep.vtep
+
+    def _peer(self, ep: Endpoint | None) -> Peer | None:
+        """The endpoint as this host programs it, or None for its own endpoints (and unreachable ones)."""
+        if ep is None or ep.node_id == self.node_id:
+            return None
+        vtep = self._vtep(ep)
+        return Peer(ep.ip, ep.mac, vtep) if vtep else None
+
+    def remote_peers(self, net_id: str) -> frozenset[Peer]:
+        ns = self.nets.get(net_id)
+        if ns is None:
+            return frozenset()
+        return frozenset(p for p in map(self._peer, ns.endpoints.values()) if p is not None)
 
     @staticmethod
-    def docker_view(net: dict) -> dict:
-        view = {k: v for k, v in net.items() if k not in ("ID", "VNI", "MTU")}
-        return {"Name": net["Name"], "Id": net["ID"], **view,
-                "Options": {**net["Options"], "com.docker.network.driver.overlay.vxlanid_list": str(net["VNI"])}}
+    def _delta(ns: NetState, old: Peer | None, new: Peer | None) -> None:
+        if old == new:
+            return
+        if old is not None:
+            ns.pending[old] = False
+        if new is not None:
+            ns.pending[new] = True
 
-    def local_containers(self) -> list[tuple[dict, dict]]:
-        """(container, endpoint) of every local overlay endpoint, from the local store."""
+    def _local_networks(self) -> set[str]:
+        return {e.network_id for e in self.local.values()}
+
+    # ------------------------------------------------------------------ the watch
+    def _since(self) -> int:
+        return 0 if self._want_snapshot else self.rev
+
+    def _on_connect(self) -> None:
+        if self.pending_release:
+            asyncio.ensure_future(self._release_pending())
+
+    def _bad(self, rev: int, what: str, reason: str) -> None:
+        self._once(f"bad {what} {reason}", f"a {what} from the watch could not be applied; skipped, retried "
+                   "by a later resync", reason=reason, rev=rev)
+        self.bad_rev = rev if self.bad_rev is None else min(self.bad_rev, rev)
+
+    def on_message(self, msg: dict) -> None:
+        """One line of the watch: applied to the copy at once, object by object; the kernel follows."""
+        rev = msg.get("rev") if isinstance(msg, dict) else None
+        if not isinstance(rev, int) or isinstance(rev, bool) or rev < 0:
+            self._bad(self.rev + 1, "message", "no revision")
+            return
+        kind = msg.get("type")
+        if kind == "ping":
+            self.rev = max(self.rev, rev)   # nothing in this host's scope changed up to rev
+            return
+        if kind == "snapshot":
+            self._on_snapshot(msg, rev)
+        elif kind == "events" and isinstance(msg.get("events"), list):
+            touched: set[str] = set()
+            for raw in msg["events"]:
+                try:
+                    ev = convert(raw, Event, "watch event")
+                except InvalidRequest as e:
+                    self._bad(rev, "watch event", str(e))
+                    continue
+                self._route(rev, ev, touched)
+            self._finish(rev, touched)
+        else:
+            self._bad(rev, "message", f"unknown message type {str(kind)[:40]!r}")
+            return
+        self._save_soon()
+
+    def _route(self, rev: int, ev, touched: set[str]) -> None:
+        if isinstance(ev, NodeEvent):
+            self._apply_node(ev, touched)
+            return
+        net_id = ev.object.id if isinstance(ev, NetworkEvent) else ev.object.network_id
+        held = self._held.get(net_id)
+        if held is not None:
+            held.append((rev, ev))   # an attach of this network is installing its state
+            return
+        self._apply(rev, ev, touched)
+
+    def _apply(self, rev: int, ev, touched: set[str]) -> None:
+        """One network or endpoint event, if newer than the network's state."""
+        if isinstance(ev, NetworkEvent):
+            net = ev.object
+            ns = self.nets.get(net.id)
+            if ev.action == "put":
+                if ns is None:
+                    self.nets[net.id] = NetState(net, rev - 1, {})   # enters the scope; its endpoints follow
+                elif rev > ns.rev:
+                    ns.network = net
+            elif ns is not None and rev > ns.rev and net.id not in self._local_networks():
+                del self.nets[net.id]
+            touched.add(net.id)
+            return
+        ep = ev.object
+        ns = self.nets.get(ep.network_id)
+        if ns is None or rev <= ns.rev:
+            return   # not in this host's scope, or already in its state (an attachment covered it)
+        old = ns.endpoints.get(ep.id)
+        if ev.action == "put":
+            ns.endpoints[ep.id] = ep
+            self._delta(ns, self._peer(old), self._peer(ep))
+        else:
+            ns.endpoints.pop(ep.id, None)
+            self._delta(ns, self._peer(old), None)
+        touched.add(ep.network_id)
+
+    def _apply_node(self, ev: NodeEvent, touched: set[str]) -> None:
+        node_id = ev.object.id
+        affected = [(ns, e) for ns in self.nets.values() for e in ns.endpoints.values() if e.node_id == node_id]
+        before = [self._peer(e) for _, e in affected]
+        if ev.action == "put":
+            self.nodes[node_id] = ev.object
+        else:
+            self.nodes.pop(node_id, None)
+        for (ns, e), old in zip(affected, before):
+            self._delta(ns, old, self._peer(e))
+            touched.add(ns.network.id)
+
+    def _finish(self, rev: int, touched: set[str]) -> None:
+        """After a whole message at rev: every network not being attached is current at rev."""
+        for net_id, ns in self.nets.items():
+            if net_id not in self._held:
+                ns.rev = max(ns.rev, rev)
+        self.rev = max(self.rev, rev)
+        for net_id in touched:
+            self._schedule_flush(net_id)
+
+    def _on_snapshot(self, msg: dict, rev: int) -> None:
+        self._want_snapshot = False
+        self.bad_rev = None
+        nodes, networks, endpoints = ([self._decode(msg, key, t, rev) for key, t in
+                                       (("nodes", Node), ("networks", Network), ("endpoints", Endpoint))])
+        by_net: dict[str, list[Endpoint]] = {}
+        for e in endpoints:
+            by_net.setdefault(e.network_id, []).append(e)
+        before = {net_id: self.remote_peers(net_id) for net_id in self.nets if net_id not in self._held}
+        self.nodes = {n.id: n for n in nodes}
+        listed = set()
+        for net in networks:
+            listed.add(net.id)
+            if net.id in self._held:
+                self._held[net.id].append((rev, ("state", net, by_net.get(net.id, []))))
+                continue
+            self._set_state(net, rev, by_net.get(net.id, []))
+        for net_id in list(self.nets):
+            ns = self.nets[net_id]
+            if net_id in listed or net_id in self._held or ns.rev > rev:
+                continue
+            if net_id in self._local_networks():
+                self._once(f"unlisted {net_id}", "a network with endpoints on this host is not in the manager's "
+                           "snapshot; it is kept as it is", network=ns.network.name)
+            else:
+                del self.nets[net_id]
+        for net_id, ns in self.nets.items():
+            if net_id in self._held:
+                continue
+            old, new = before.get(net_id, frozenset()), self.remote_peers(net_id)
+            for p in old - new:
+                ns.pending[p] = False
+            for p in new - old:
+                ns.pending[p] = True
+            ns.rev = max(ns.rev, rev)
+            self._schedule_flush(net_id)
+        self.rev = rev
+        log.info("watch snapshot applied", extra={"rev": rev, "networks": len(self.nets)})
+
+    def _decode(self, msg: dict, key: str, type_, rev: int) -> list:
+        items = msg.get(key)
+        if not isinstance(items, list):
+            self._bad(rev, "snapshot", f"no list of {key}")
+            return []
         out = []
-        for ctr in self.engine.store.list("containers"):
-            for ep in ctr["NetworkSettings"]["Networks"].values():
-                if ep.get("Driver") == "overlay":
-                    out.append((ctr, ep))
+        for raw in items:
+            try:
+                out.append(convert(raw, type_, f"{type_.__name__.lower()} in the snapshot"))
+            except InvalidRequest as e:
+                self._bad(rev, type_.__name__.lower(), str(e))
         return out
 
-    def local_networks(self) -> set[str]:
-        return {ep["NetworkID"] for _, ep in self.local_containers()}
+    def _set_state(self, net: Network, rev: int, endpoints: list[Endpoint]) -> NetState:
+        """The network's whole state at rev, unless the copy holds a newer one; peer changes become pending."""
+        ns = self.nets.get(net.id)
+        if ns is not None and ns.rev > rev:
+            return ns
+        if ns is None:
+            ns = self.nets[net.id] = NetState(net, rev, {})
+        old = self.remote_peers(net.id)
+        ns.network, ns.rev, ns.endpoints = net, rev, {e.id: e for e in endpoints}
+        new = self.remote_peers(net.id)
+        for p in old - new:
+            ns.pending[p] = False
+        for p in new - old:
+            ns.pending[p] = True
+        return ns
 
-    def remote_peers(self, net_id: str) -> set[Peer]:
-        return {self.peer(e) for e in self.endpoints.values()
-                if e["NetworkID"] == net_id and e["NodeID"] != self.node_id}
+    def _release_held(self, net_id: str) -> None:
+        """Apply what the stream brought for this network while its attach ran, above the state installed."""
+        items = self._held.pop(net_id, [])
+        touched: set[str] = set()
+        current = None
+        for rev, item in items:
+            if current is not None and rev != current:
+                self._bump(net_id, current)
+            current = rev
+            if isinstance(item, tuple):
+                _, net, eps = item
+                self._set_state(net, rev, eps)
+                touched.add(net_id)
+            else:
+                self._apply(rev, item, touched)
+        if current is not None:
+            self._bump(net_id, current)
+        self._schedule_flush(net_id)
 
-    def view(self, net: dict) -> dict:
-        """Docker-shaped inspect: local Containers, and Peers (hosts with endpoints on the network)."""
-        prefix = IPv4Network(net["IPAM"]["Config"][0]["Subnet"]).prefixlen
-        containers = {ctr["Id"]: {"Name": ctr["Name"], "EndpointID": ep["EndpointID"], "MacAddress": ep["MacAddress"],
-                                  "IPv4Address": f"{ep['IPAddress']}/{prefix}", "IPv6Address": ""}
-                      for ctr, ep in self.local_containers() if ep["NetworkID"] == net["Id"]}
-        peers = sorted({(e["Hostname"], e["VTEP"]) for e in self.endpoints.values() if e["NetworkID"] == net["Id"]})
-        return {**net, "Containers": containers, "Peers": [{"Name": h, "IP": ip} for h, ip in peers]}
+    def _bump(self, net_id: str, rev: int) -> None:
+        ns = self.nets.get(net_id)
+        if ns is not None:
+            ns.rev = max(ns.rev, rev)
 
-    # ------------------------------------------------------------------ kernel
-    async def uplink_mtu(self) -> int:
-        """The MTU of the host's underlay interface: egress through the gateway bridge leaves by it."""
-        if "uplink" not in self._mtu:
-            self._mtu["uplink"] = await self.engine.kov("underlay_mtu", self.vtep)
-        return self._mtu["uplink"]
+    # ------------------------------------------------------------------ programming peers
+    def _lock(self, net_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(net_id[:12], asyncio.Lock())
 
-    async def mtu(self, net: dict) -> int:
-        if net.get("MTU"):
-            return net["MTU"]
-        if self.vtep not in self._mtu:
-            self._mtu[self.vtep] = await self.engine.kov("default_mtu", self.vtep)
-        return self._mtu[self.vtep]
+    def _schedule_flush(self, net_id: str) -> None:
+        ns = self.nets.get(net_id)
+        if ns is None or not ns.pending or net_id in self._flushing:
+            return
+        self._flushing.add(net_id)
+        asyncio.ensure_future(self._flush(net_id))
 
-    async def ensure_sandbox(self, net: dict) -> None:
-        cfg = net["IPAM"]["Config"][0]
-        gw = f"{cfg['Gateway']}/{IPv4Network(cfg['Subnet']).prefixlen}"
-        path = self.sandbox(net["ID"])
-        await self.engine.kov("ensure_sandbox", path, net["VNI"], gw, await self.mtu(net), self.vtep,
-                              self.port, f"{VXLAN_TMP}{net['VNI']:06x}")
-
-    async def ensure_gwbridge(self) -> dict:
-        """The gateway bridge and its firewall: programmed once per agent life (and at every reconcile)."""
-        if self._gw is not None:
-            return self._gw
-        gw = get_setting(self.engine.store, "gwbridge")
-        if gw is None:
-            taken = [IPv4Network(n["IPAM"]["Config"][0]["Subnet"]) for n in self.engine.store.list("networks")]
-            taken += await self.engine.k("host_routes", "nw-")
-            subnet = ipam.allocate_subnet(self.engine.pools, taken)
-            gw = {"Subnet": str(subnet), "Gateway": str(next(subnet.hosts()))}
-            put_setting(self.engine.store, "gwbridge", gw)
-            await self.engine._apply_firewall(self.engine.store.list("networks"))
-        prefix = IPv4Network(gw["Subnet"]).prefixlen
-        await self.engine.kov("ensure_gwbridge", GWBRIDGE, f"{gw['Gateway']}/{prefix}", await self.uplink_mtu())
-        await self.engine.kov("apply_overlay_firewall", GWBRIDGE, gw["Subnet"])
-        self._gw = gw
-        return gw
-
-    async def program_endpoint(self, ctr: dict, net: dict, ep: dict) -> None:
-        """Sandbox, container port, gateway port: everything of one local endpoint. Idempotent."""
-        await self.ensure_sandbox(net)
-        mtu = await self.mtu(net)
-        ns = self.engine.netns_path(ctr["Id"])
-        await self.engine.kov("ensure_endpoint", self.sandbox(net["ID"]), ns, ep["HostInterface"], ep["Interface"],
-                              f"{ep['IPAddress']}/{ep['IPPrefixLen']}", ep["MacAddress"], mtu)
-        if ep.get("GwInterface"):
-            gw = await self.ensure_gwbridge()
-            prefix = IPv4Network(gw["Subnet"]).prefixlen
-            await self.engine.kov("ensure_gw_endpoint", ns, GWBRIDGE, ep["GwHostInterface"], ep["GwInterface"],
-                                  f"{ep['GwIP']}/{prefix}", ipam.mac_for_ip(IPv4Address(ep["GwIP"])),
-                                  await self.uplink_mtu(),
-                                  gw["Gateway"])
-
-    async def reconcile(self) -> None:
-        """Level-triggered: make every sandbox, port and peer table match the local copy."""
-        t0 = time.monotonic()
-        self._gw = None  # a reconcile checks the gateway bridge again
-        wanted = set()
-        for ctr, ep in self.local_containers():
-            net = self.networks.get(ep["NetworkID"])
-            if net is None:
-                log.warning("endpoint of an unknown overlay network kept as it is",
-                            extra={"container": ctr["Name"], "network": ep["NetworkID"]})
-                continue
-            wanted.add(net["ID"])
-            await self.program_endpoint(ctr, net, ep)
-        changed = 0
-        for net_id in wanted:
-            changed += await self.engine.kov("sync_peers", self.sandbox(net_id), self.remote_peers(net_id))
-        for name in os.listdir(self.sandbox_dir):
-            if not any(n[:12] == name for n in wanted):
-                log.info("removing stale overlay sandbox", extra={"sandbox": name})
-                await self.engine.kov("delete_sandbox", os.path.join(self.sandbox_dir, name))
-        gw_ports = {ep.get("GwHostInterface") for _, ep in self.local_containers()}
-        for name in await self.engine.k("list_links", GW_VETH):
-            if name not in gw_ports:
-                await self.engine.kov("delete_gw_endpoint", name)
-        for name in await self.engine.k("list_links", VXLAN_TMP):
-            log.info("removing stale VXLAN device", extra={"link": name})
-            await self.engine.kov("delete_sandbox", os.path.join(self.sandbox_dir, "none"), name)
-        log.info("overlays reconciled", extra={"networks": len(wanted), "peer_changes": changed,
-                                               "ms": round((time.monotonic() - t0) * 1000)})
-
-    # ------------------------------------------------------------------ attach
-    async def attach(self, ctr: dict, net: dict, ip: str | None, aliases: list[str], ifname: str,
-                     first: bool) -> dict:
-        raw = self.networks[net["Id"]]
-        ep = await self.client.call("POST", "/endpoints", {
-            "NetworkID": net["Id"], "ContainerID": ctr["Id"], "ContainerName": ctr["Name"],
-            "IPAddress": ip, "Aliases": aliases})
-        # Our own endpoint is in the copy now, whatever the stream's timing.
-        self.endpoints[ep["ID"]] = ep
-        rec = {"NetworkID": net["Id"], "EndpointID": ep["ID"], "IPAddress": ep["IP"], "IPPrefixLen": ep["PrefixLen"],
-               "Gateway": "", "MacAddress": ep["MAC"], "Aliases": ep["Aliases"], "Interface": ifname,
-               "HostInterface": SANDBOX_VETH + ep["ID"][:12], "Driver": "overlay"}
+    async def _flush(self, net_id: str) -> None:
         try:
-            if first and not raw["Internal"]:
-                rec.update(await self._gw_port(ep["ID"], ifname))
-            new_sandbox = net["Id"] not in self.local_networks()
-            await self.program_endpoint(ctr, raw, rec)
-            if new_sandbox:
-                await self.engine.kov("sync_peers", self.sandbox(net["Id"]), self.remote_peers(net["Id"]))
-        except BaseException:
-            await self._unprogram(ctr, rec, last=net["Id"] not in self.local_networks())
-            await self._release(ep["ID"])
-            raise
-        return rec
+            async with self._lock(net_id):
+                while True:
+                    ns = self.nets.get(net_id)
+                    if ns is None or not ns.pending:
+                        break
+                    if net_id not in self._local_networks():
+                        ns.pending.clear()   # no sandbox here: the copy is all there is to update
+                        break
+                    await self._flush_locked(ns)
+        finally:
+            self._flushing.discard(net_id)
 
-    async def _gw_port(self, ep_id: str, ifname: str) -> dict:
-        gw = await self.ensure_gwbridge()
-        cfg = ipam.build_subnet_config(IPv4Network(gw["Subnet"]), gw["Gateway"])
-        used = {IPv4Address(ep["GwIP"]) for _, ep in self.local_containers() if ep.get("GwIP")}
-        ip = ipam.allocate_ip(cfg, used)
-        n = int(ifname[3:]) + 1
-        return {"GwInterface": f"eth{n}", "GwHostInterface": GW_VETH + ep_id[:12], "GwIP": str(ip),
-                "Gateway": gw["Gateway"]}
+    async def _flush_locked(self, ns: NetState) -> None:
+        ops, ns.pending = ns.pending, {}
+        if not ops:
+            return
+        path = self.sandbox(ns.network.id)
+        remove = [p for p, add in ops.items() if not add]
+        add = [p for p, add in ops.items() if add]
+        try:
+            if remove:
+                await self.dp.remove_peers(path, remove)
+            if add:
+                await self.dp.add_peers(path, add)
+        except Exception as e:  # the copy holds them: the next resync programs them
+            self._once(f"flush {ns.network.id} {e}", "could not program peers of an overlay; the resync retries",
+                       network=ns.network.name, reason=str(e))
 
-    async def _unprogram(self, ctr: dict, ep: dict, last: bool) -> None:
-        await self.engine.kov("delete_endpoint", self.sandbox(ep["NetworkID"]), ep["HostInterface"])
-        if ep.get("GwHostInterface"):
-            await self.engine.kov("delete_gw_endpoint", ep["GwHostInterface"])
-        if last:
-            await self.engine.kov("delete_sandbox", self.sandbox(ep["NetworkID"]))
+    # ------------------------------------------------------------------ desired state
+    async def _mtu(self, net: Network) -> int:
+        if net.mtu:
+            return net.mtu
+        return await self._uplink_mtu() - VXLAN_OVERHEAD
+
+    async def _uplink_mtu(self) -> int:
+        if self._underlay_mtu is None:
+            self._underlay_mtu = await self.dp.underlay_mtu(self.vtep)
+        return self._underlay_mtu
+
+    def _sandbox_spec(self, net: Network, mtu: int) -> Sandbox:
+        if net.vni is None:
+            raise InvalidRequest(f"overlay network {net.name!r} has no VNI")
+        prefix = IPv4Network(net.subnet).prefixlen
+        return Sandbox(network_id=net.id, path=self.sandbox(net.id), vni=net.vni,
+                       gateway_cidr=f"{net.gateway}/{prefix}", mtu=mtu)
+
+    @staticmethod
+    def _port(ep: Endpoint, mtu: int) -> Port:
+        return Port(ep.id, ep.sandbox_key, ep.host_ifname, ep.ifname, f"{ep.ip}/{ep.prefix_len}", ep.mac, mtu)
+
+    def _desired(self, ns: NetState, local: list[Endpoint], mtu: int) -> DesiredNetwork:
+        """Synchronous on purpose: peers and the pending changes they cover are taken at one instant."""
+        ns.pending.clear()
+        return DesiredNetwork(sandbox=self._sandbox_spec(ns.network, mtu), local_ip=self.vtep, port=self.port,
+                              tmp_name=f"{VXLAN_TMP}{ns.network.vni:06x}",
+                              ports=tuple(self._port(e, mtu) for e in sorted(local, key=lambda e: e.id)),
+                              peers=self.remote_peers(ns.network.id))
+
+    async def _gateway(self) -> Gateway:
+        if self._gw is None:
+            subnet, gateway = await self.host.gateway_subnet()
+            prefix = IPv4Network(subnet).prefixlen
+            self._gw = Gateway(GWBRIDGE, f"{gateway}/{prefix}", subnet, await self._uplink_mtu())
+        return self._gw
+
+    async def _gw_port(self, ep: Endpoint) -> GwPort:
+        gw = await self._gateway()
+        prefix = IPv4Network(gw.subnet).prefixlen
+        return GwPort(ep.id, ep.sandbox_key, ep.gw_host_ifname, ep.gw_ifname, f"{ep.gw_ip}/{prefix}",
+                      ipam.mac_for_ip(IPv4Address(ep.gw_ip)), gw.mtu, ep.gateway)
+
+    # ------------------------------------------------------------------ resync
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_PERIOD)
+            try:
+                await self.resync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._once(f"resync {e}", "overlay resync failed; retrying", reason=str(e))
+            if self.bad_rev is not None and time.monotonic() >= self._retry_bad_at and self.connected.is_set():
+                # Something the watch brought could not be applied: take a fresh snapshot (backing off).
+                self._want_snapshot = True
+                self._retry_bad_at = time.monotonic() + self._retry_bad
+                self._retry_bad = min(RETRY_BAD_CAP, self._retry_bad * 2)
+                self.watcher.restart()
+            elif self.bad_rev is None:
+                self._retry_bad = RETRY_BAD_FIRST
+
+    async def resync(self) -> None:
+        """Level-triggered: make every sandbox, port, peer table and the gateway bridge match the copy and
+        the local records; delete what no record wants. One network at a time, under its lock."""
+        t0 = time.monotonic()
+        observed = set(await self.dp.list_netns(self.sandbox_dir))
+        names = {e.network_id[:12]: e.network_id for e in self.local.values()}
+        repaired = failed = 0
+        for name in sorted(set(names) | observed):
+            async with self._locks.setdefault(name, asyncio.Lock()):
+                out = await self._resync_network(name, names.get(name), name in observed)
+            if out is not None:
+                repaired += sum(1 for s in out.done if not s.op.startswith("ensure_"))
+                failed += len(out.failed)
+        async with self._gw_lock:
+            out = await self._resync_gateway()
+        repaired += sum(1 for s in out.done if s.op.startswith("delete"))
+        failed += len(out.failed)
+        for name in await self.dp.list_links(VXLAN_TMP):
+            log.info("removing a stale VXLAN device", extra={"link": name})
+            await self.dp.delete_sandbox(os.path.join(self.sandbox_dir, "none"), name)
+        if repaired or failed:
+            log.info("overlays resynced", extra={"repaired": repaired, "failed": failed,
+                                                 "ms": round((time.monotonic() - t0) * 1000)})
+
+    async def _resync_network(self, name: str, net_id: str | None, exists: bool) -> reconcile.Outcome | None:
+        path = os.path.join(self.sandbox_dir, name)
+        local = [e for e in self.local.values() if net_id and e.network_id == net_id]
+        if net_id is not None and not local:
+            net_id = None   # its last endpoint went while we waited for the lock
+        desired = None
+        if net_id is not None:
+            ns = self.nets.get(net_id)
+            if ns is None:
+                self._once(f"unknown {net_id}", "endpoints of an overlay network this host does not know are kept "
+                           "as they are", network=net_id)
+                return None
+            try:
+                mtu = await self._mtu(ns.network)
+                desired = self._desired(ns, local, mtu)
+            except NetweftError as e:
+                self._once(f"desired {net_id} {e}", "cannot program an overlay network", network=ns.network.name,
+                           reason=str(e))
+                return None
+        obs = await self._observe(path, exists)
+        if desired is None and obs.exists:
+            log.info("removing a stale overlay sandbox", extra={"sandbox": name})
+        out = await reconcile.execute(self.dp, reconcile.plan_network(path, desired, obs))
+        self._report(out)
+        return out
+
+    async def _observe(self, path: str, exists: bool) -> ObservedNetwork:
+        if not exists:
+            return ObservedNetwork(False)
+        try:
+            ports = frozenset(await self.dp.list_overlay_endpoints(path))
+        except NetweftError:
+            ports = None
+        try:
+            peers = frozenset(await self.dp.list_peers(path))
+        except NetweftError:
+            peers = None   # no VXLAN device: the plan programs the whole table once it is back
+        return ObservedNetwork(True, ports, peers)
+
+    async def _resync_gateway(self) -> reconcile.Outcome:
+        eps = [e for e in self.local.values() if e.gw_host_ifname]
+        gw_ports, gateway = [], None
+        if eps:
+            try:
+                gateway = await self._gateway()
+                gw_ports = [await self._gw_port(e) for e in eps]
+            except NetweftError as e:
+                self._once(f"gateway {e}", "cannot program the gateway bridge", reason=str(e))
+                return reconcile.Outcome()
+        observed = set(await self.dp.list_links(GW_VETH))
+        out = await reconcile.execute(self.dp, reconcile.plan_gateway(gateway, gw_ports, observed,
+                                                                     keep=set(self._gw_claims)))
+        self._report(out)
+        return out
+
+    def _report(self, out: reconcile.Outcome) -> None:
+        for step, e in out.failed:
+            self._once(f"{step!r} {e}", "an overlay step failed; the resync retries it", step=repr(step)[:200],
+                       reason=str(e))
+
+    # ------------------------------------------------------------------ attach, detach
+    async def attach(self, owner: Owner, network_id: str, netns: str, ifname: str, *, gw_ifname: str | None,
+                     ip: str | None = None, mac: str | None = None, aliases: list[str] | tuple = ()) -> Endpoint:
+        """An endpoint of `owner` on an overlay: an address from the managers, then programmed here and
+        recorded in the local store. `gw_ifname`: also a port on the gateway bridge with the default route."""
+        req = EndpointRequest(network_id=network_id, owner=owner, ip=ip, mac=mac, aliases=list(aliases))
+        async with self._lock(network_id):
+            self._held[network_id] = []
+            try:
+                answer = await self.client.call("POST", "/endpoints", to_builtins(req))
+                att = convert(answer, Attachment, "answer of the manager to POST /endpoints")
+                if att.endpoint.network_id != network_id or att.network.id != network_id:
+                    raise InvalidRequest("the manager answered POST /endpoints with another network")
+            except BaseException:
+                self._release_held(network_id)
+                raise
+            new_here = network_id not in self._local_networks()
+            self._set_state(att.network, att.rev, att.endpoints).endpoints.setdefault(att.endpoint.id, att.endpoint)
+            self._release_held(network_id)
+            self._save_soon()
+            ep = att.endpoint
+            ep = msgspec.structs.replace(ep, sandbox_key=netns, ifname=ifname, host_ifname=SANDBOX_VETH + ep.id[:12])
+            try:
+                if gw_ifname:
+                    gw = await self._gateway()
+                    ep = msgspec.structs.replace(ep, gw_ifname=gw_ifname, gw_host_ifname=GW_VETH + ep.id[:12],
+                                                 gw_ip=self._claim_gw_ip(GW_VETH + ep.id[:12], gw),
+                                                 gateway=gw.cidr.split("/")[0])
+                await self._program(ep, new_here)
+                self._put_record(ep)
+            except BaseException as e:
+                log.warning("overlay attach failed; undoing it", extra={"network": network_id, "reason": str(e)})
+                await self._unprogram(ep, last=new_here)
+                if new_here:
+                    self.nets.pop(network_id, None)
+                asyncio.ensure_future(self._release_quietly(ep.id))
+                raise
+            finally:
+                if ep.gw_host_ifname:
+                    self._gw_claims.pop(ep.gw_host_ifname, None)
+        return ep
+
+    def _claim_gw_ip(self, port: str, gw: Gateway) -> str:
+        """A free address on the gateway bridge: taken and claimed at one instant (no await in between)."""
+        cfg = ipam.build_subnet_config(IPv4Network(gw.subnet), gw.cidr.split("/")[0])
+        used = {IPv4Address(e.gw_ip) for e in self.local.values() if e.gw_ip}
+        used |= {IPv4Address(ip) for ip in self._gw_claims.values()}
+        ip = str(ipam.allocate_ip(cfg, used))
+        self._gw_claims[port] = ip
+        return ip
+
+    async def _program(self, ep: Endpoint, new_sandbox: bool) -> None:
+        """Sandbox, port and (first endpoint of the network here) the whole peer table; caller holds the lock."""
+        ns = self.nets[ep.network_id]
+        mtu = await self._mtu(ns.network)
+        sb = self._sandbox_spec(ns.network, mtu)
+        created = await self.dp.ensure_sandbox(sb.path, sb.vni, sb.gateway_cidr, mtu, self.vtep, self.port,
+                                               f"{VXLAN_TMP}{sb.vni:06x}")
+        p = self._port(ep, mtu)
+        await self.dp.ensure_overlay_endpoint(sb.path, p.netns, p.host_ifname, p.ifname, p.address, p.mac, p.mtu)
+        if ep.gw_host_ifname:
+            gp = await self._gw_port(ep)
+            async with self._gw_lock:
+                if not self._gw_ensured:  # once per agent life; the resync checks it again
+                    await self.dp.ensure_gwbridge(self._gw.bridge, self._gw.cidr, self._gw.mtu)
+                    await self.dp.apply_overlay_firewall(self._gw.bridge, self._gw.subnet)
+                    self._gw_ensured = True
+                await self.dp.ensure_gw_endpoint(gp.netns, self._gw.bridge, gp.host_ifname, gp.ifname, gp.address,
+                                                 gp.mac, gp.mtu, gp.gateway_ip)
+        if new_sandbox or created:
+            ns.pending.clear()
+            await self.dp.sync_peers(sb.path, self.remote_peers(ep.network_id))
+        else:
+            await self._flush_locked(ns)
+
+    async def _unprogram(self, ep: Endpoint, last: bool) -> None:
+        """Best effort: what stays behind is stale to the next resync, which removes it."""
+        path = self.sandbox(ep.network_id)
+        try:
+            if ep.host_ifname:
+                await self.dp.delete_overlay_endpoint(path, ep.host_ifname)
+            if ep.gw_host_ifname:
+                async with self._gw_lock:
+                    await self.dp.delete_gw_endpoint(ep.gw_host_ifname)
+            if last:
+                await self.dp.delete_sandbox(path)
+        except NetweftError as e:
+            self._once(f"unprogram {ep.id} {e}", "could not remove an overlay endpoint from the kernel; the resync "
+                       "retries", endpoint=ep.id, reason=str(e))
+
+    def _put_record(self, ep: Endpoint) -> None:
+        with self.store.tx():
+            self.store.put(ENDPOINTS, ep.id, endpoint_name(ep.owner, ep.network_id), to_builtins(ep))
+        self.local[ep.id] = ep
+
+    def _delete_record(self, ep_id: str) -> None:
+        with self.store.tx():
+            self.store.delete(ENDPOINTS, ep_id)
+        self.local.pop(ep_id, None)
+
+    async def detach(self, ep: Endpoint) -> None:
+        """Remove a local endpoint here now, and release its address at the managers (later if none is
+        reachable)."""
+        async with self._lock(ep.network_id):
+            self._delete_record(ep.id)
+            last = ep.network_id not in self._local_networks()
+            await self._unprogram(ep, last)
+            if last:   # the network leaves this host's scope with its last endpoint here
+                self.nets.pop(ep.network_id, None)
+            self._save_soon()
+        try:
+            await self._release(ep.id)
+        except Unavailable as e:
+            log.warning("no manager reachable: the endpoint is gone here and its address is released when one is",
+                        extra={"endpoint": ep.id, "reason": str(e)})
+            self.pending_release.append(ep.id)
+            self._save()
+        except NetweftError as e:
+            log.warning("the manager refused to release an endpoint", extra={"endpoint": ep.id, "reason": str(e)})
 
     async def _release(self, ep_id: str) -> None:
         try:
             await self.client.call("DELETE", f"/endpoints/{ep_id}")
         except NetweftError as e:
+            if getattr(e, "status", None) != 404:
+                raise
+
+    async def _release_quietly(self, ep_id: str) -> None:
+        try:
+            await self._release(ep_id)
+        except Unavailable:
+            self.pending_release.append(ep_id)
+            self._save_soon()
+        except NetweftError as e:
             log.warning("could not release an endpoint at the manager", extra={"endpoint": ep_id, "reason": str(e)})
-            raise
-        self.endpoints.pop(ep_id, None)
 
     async def _release_pending(self) -> None:
         while self.pending_release:
-            await self._release(self.pending_release[0])
-            self.pending_release.pop(0)
+            ep_id = self.pending_release[0]
+            try:
+                await self._release(ep_id)
+            except Unavailable:
+                return   # again at the next connection
+            except NetweftError as e:
+                log.warning("the manager refused to release an endpoint", extra={"endpoint": ep_id, "reason": str(e)})
+            if self.pending_release and self.pending_release[0] == ep_id:
+                self.pending_release.pop(0)
             self._save()
-            log.info("endpoint removed while no manager was reachable is now released")
+            log.info("an endpoint removed while no manager was reachable is now released", extra={"endpoint": ep_id})
 
-    async def detach(self, ctr: dict, ep: dict) -> None:
-        """Release the address at the manager; if none is reachable, remove locally now and release later."""
-        try:
-            await self._release(ep["EndpointID"])
-        except Unavailable as e:
-            log.warning("no manager reachable: the endpoint goes here now and is released when one is",
-                        extra={"endpoint": ep["EndpointID"], "reason": str(e)})
-            self.pending_release.append(ep["EndpointID"])
-            self._save()
-        others = [e for c, e in self.local_containers()
-                  if e["NetworkID"] == ep["NetworkID"] and e["EndpointID"] != ep["EndpointID"]]
-        await self._unprogram(ctr, ep, last=not others)
-
+    # ------------------------------------------------------------------ leaving
     async def teardown(self) -> None:
-        """This node leaves the swarm: every overlay endpoint, sandbox and the gateway bridge go."""
+        """This host leaves the swarm: every overlay endpoint record, sandbox and the gateway bridge go."""
         await self.stop()
-        for ctr, ep in self.local_containers():
-            await self._unprogram(ctr, ep, last=False)
-            ctr = self.engine.store.get("containers", ctr["Id"])
-            ctr["NetworkSettings"]["Networks"] = {k: v for k, v in ctr["NetworkSettings"]["Networks"].items()
-                                                  if v.get("EndpointID") != ep["EndpointID"]}
-            with self.engine.store.tx():
-                self.engine.store.put("containers", ctr["Id"], ctr["Name"], ctr)
-        for name in os.listdir(self.sandbox_dir):
-            await self.engine.kov("delete_sandbox", os.path.join(self.sandbox_dir, name))
-        await self.engine.kov("delete_overlay_firewall")
-        await self.engine.kov("delete_gwbridge", GWBRIDGE)
-        self._gw = None
-        with self.engine.store.tx():
-            self.engine.store.delete("settings", CACHE_KEY)
-            self.engine.store.delete("settings", "gwbridge")
+        for ep in list(self.local.values()):
+            await self._unprogram(ep, last=False)
+            self._delete_record(ep.id)
+        for name in await self.dp.list_netns(self.sandbox_dir):
+            await self.dp.delete_sandbox(os.path.join(self.sandbox_dir, name))
+        for name in await self.dp.list_links(GW_VETH):
+            await self.dp.delete_gw_endpoint(name)
+        await self.dp.delete_overlay_firewall()
+        await self.dp.delete_gwbridge(GWBRIDGE)
+        self.nets.clear()
+        with self.store.tx():
+            self.store.delete("settings", CACHE_KEY)
+        await self.host.gateway_released()

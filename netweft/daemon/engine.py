@@ -1,7 +1,16 @@
 """The local engine: networks, endpoints and containers of one host.
 
-Every mutating request runs under one lock and in the order validate -> kernel -> store,
-undoing kernel changes if a later step fails, so a refused request changes nothing.
+Objects are the model's (netweft.model.objects): a local network is a Network (driver bridge) in the
+local store; every endpoint of this host, on a local network or an overlay, is a first-class Endpoint
+record (kind "endpoints") with its Owner: a netweft container today, another runtime next. A container
+document holds what the runtime needs; its endpoints are the records it owns. The Docker-shaped views
+(inspect, NetworkSettings, a network's Containers) are built from those objects here, at the API edge.
+
+The kernel is reached only through the injected DataPlane. A request changes the kernel first and the
+store last, undoing kernel changes when a later step fails, so a refused request changes nothing.
+The engine's lock guards short check-and-write sections (names, addresses, the firewall); it is never
+held across a call to a manager (issue 7, item 22): an overlay attach waits only on its own network in
+the agent, and a `run` on a local network goes on meanwhile.
 """
 from __future__ import annotations
 
@@ -10,18 +19,19 @@ import logging
 import os
 import secrets
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 
 from netweft import validate
+from netweft.agent.overlay import OverlayAgent
+from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
-from netweft.dataplane.kernel import Kernel
-from netweft.dataplane.overlay import GWBRIDGE, Overlay
-from netweft.errors import Conflict, InvalidRequest, NotFound
+from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, Unavailable
 from netweft.ipam import address as ipam
+from netweft.model.codec import convert, to_builtins
+from netweft.model.objects import Endpoint, Network, Owner
 from netweft.runtime import container as runtime
-from netweft.store.local import Store
+from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, owner_prefix, put_setting
 
 log = logging.getLogger("netweft.engine")
 
@@ -30,6 +40,7 @@ BRIDGE_PREFIX = "nw-"
 VETH_PREFIX = "nwv"
 SPECIAL_MODES = ("host", "none")
 DEFAULT_MTU = 1500
+FORMAT = 2            # the shape of the local store's documents (2: model objects, endpoint records)
 
 
 def now() -> str:
@@ -40,57 +51,77 @@ def new_id() -> str:
     return secrets.token_hex(32)
 
 
+class OverlayHost:
+    """The narrow view of the engine that the overlay agent gets (agent.overlay.OverlayHost)."""
+
+    def __init__(self, engine: "Engine"):
+        self._engine = engine
+        self.store = engine.store
+        self.sandbox_dir = os.path.join(engine.exec_root, "sandboxes")
+
+    async def gateway_subnet(self) -> tuple[str, str]:
+        return await self._engine.gateway_subnet()
+
+    async def gateway_released(self) -> None:
+        await self._engine.gateway_released()
+
+
 class Engine:
-    def __init__(self, data_root: str, exec_root: str, pools: list[ipam.AddressPool]):
+    def __init__(self, data_root: str, exec_root: str, pools: list[ipam.AddressPool], dataplane: DataPlane):
         self.data_root, self.exec_root, self.pools = data_root, exec_root, pools
+        self.dp = dataplane
         self.netns_dir = os.path.join(exec_root, "netns")
         self.ctr_dir = os.path.join(data_root, "containers")
         for d in (self.netns_dir, self.ctr_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self.store = Store(os.path.join(data_root, "netweft.db"))
         self.lock = asyncio.Lock()
-        # One thread owns every netlink and nftables handle: they are bound to the thread's netns.
-        self._kx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
-        self.kernel: Kernel | None = None
-        self.overlay_kernel: Overlay | None = None  # made in the kernel thread on first use
-        self.swarm = None           # the daemon's Swarm role, set by the daemon
-        self.overlay_agent = None   # an OverlayAgent while this node is in a swarm
-
-    async def k(self, fn_name: str, *args, **kwargs):
-        """Run one Kernel method in the kernel thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._kx, lambda: getattr(self.kernel, fn_name)(*args, **kwargs))
-
-    async def kov(self, fn_name: str, *args, **kwargs):
-        """Run one Overlay (VXLAN data plane) method in the kernel thread."""
-        def call():
-            if self.overlay_kernel is None:
-                self.overlay_kernel = Overlay()
-            return getattr(self.overlay_kernel, fn_name)(*args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._kx, call)
+        self.overlay_host = OverlayHost(self)
+        self.swarm = None                              # the daemon's Swarm role, set by the daemon
+        self.overlay_agent: OverlayAgent | None = None  # while this node is in a swarm
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.kernel = await loop.run_in_executor(self._kx, Kernel, self.exec_root)
+        self._check_format()
         await self.reconcile()
 
     async def close(self) -> None:
-        if self.kernel is not None:
-            await self.k("close")
-        if self.overlay_kernel is not None:
-            await self.kov("close")
-        self._kx.shutdown(wait=True)
         self.store.close()
 
+    def _check_format(self) -> None:
+        """State written by an older netweft (before endpoints were records) is not migrated: pre-release,
+        it is discarded once, and the reconcile removes what it left in the kernel."""
+        if (get_setting(self.store, "format") or {}).get("Version") == FORMAT:
+            return
+        old = self.store.list("networks") + self.store.list("containers")
+        if old:
+            log.warning("discarding local networks and containers of an older netweft (no migration before "
+                        "the first release)", extra={"documents": len(old)})
+        with self.store.tx():
+            for kind in ("networks", "containers", ENDPOINTS):
+                self.store.clear(kind)
+            self.store.delete("settings", "overlay-cache")
+            self.store.put("settings", "format", "format", {"Version": FORMAT})
+
     # ---------------------------------------------------------------- lookups
-    async def network(self, ref: str) -> dict:
-        net = self.store.find("networks", ref)
-        if net is None and self.overlay_agent is not None:
-            # Not in the local copy yet (created a moment ago elsewhere)? Ask the manager.
+    def _local_networks(self) -> list[Network]:
+        out = []
+        for doc in self.store.list("networks"):
+            try:
+                out.append(convert(doc, Network, "stored network"))
+            except InvalidRequest as e:
+                log.warning("a stored network is unreadable; ignored", extra={"reason": str(e)})
+        return out
+
+    async def network(self, ref: str) -> Network:
+        doc = self.store.find("networks", ref)
+        if doc is not None:
+            return convert(doc, Network, "stored network")
+        if self.overlay_agent is not None:
+            # Not in this host's scope (no endpoint here yet)? Ask the managers.
             net = self.overlay_agent.find_network(ref) or await self.overlay_agent.fetch_network(ref)
-        if net is None:
-            raise NotFound(f"network {ref!r} not found; see `netweft network ls`")
-        return net
+            if net is not None:
+                return net
+        raise NotFound(f"network {ref!r} not found; see `netweft network ls`")
 
     def container(self, ref: str) -> dict:
         ctr = self.store.find("containers", ref)
@@ -98,14 +129,34 @@ class Engine:
             raise NotFound(f"container {ref!r} not found; see `netweft ps -a`")
         return ctr
 
-    def endpoints_on(self, net_id: str) -> list[tuple[dict, dict]]:
-        """(container, endpoint) pairs attached to a network."""
+    def endpoints_of(self, ctr_id: str) -> list[Endpoint]:
+        """The endpoints a netweft container owns, in interface order."""
+        eps = []
+        for doc in self.store.with_name_prefix(ENDPOINTS, owner_prefix("netweft", ctr_id)):
+            try:
+                eps.append(convert(doc, Endpoint, "endpoint record"))
+            except InvalidRequest as e:
+                log.warning("an endpoint record is unreadable; ignored", extra={"reason": str(e)})
+        return sorted(eps, key=lambda e: (len(e.ifname or ""), e.ifname or ""))
+
+    def endpoints_on(self, net_id: str) -> list[Endpoint]:
+        """This host's endpoints on a network, whoever owns them."""
         out = []
-        for ctr in self.store.list("containers"):
-            for ep in ctr["NetworkSettings"]["Networks"].values():
-                if ep["NetworkID"] == net_id:
-                    out.append((ctr, ep))
+        for doc in self.store.list(ENDPOINTS):
+            if doc.get("network_id") == net_id:
+                try:
+                    out.append(convert(doc, Endpoint, "endpoint record"))
+                except InvalidRequest:
+                    pass
         return out
+
+    def _put_endpoint(self, ep: Endpoint) -> None:
+        with self.store.tx():
+            self.store.put(ENDPOINTS, ep.id, endpoint_name(ep.owner, ep.network_id), to_builtins(ep))
+
+    def _delete_endpoint_record(self, ep_id: str) -> None:
+        with self.store.tx():
+            self.store.delete(ENDPOINTS, ep_id)
 
     def ctr_state_dir(self, ctr_id: str) -> str:
         return os.path.join(self.ctr_dir, ctr_id)
@@ -115,272 +166,354 @@ class Engine:
 
     # --------------------------------------------------------------- networks
     async def create_network(self, req: dict) -> dict:
+        name = validate.check_name(req.get("Name", ""), "network")
+        driver = req.get("Driver") or "bridge"
+        if name in SPECIAL_MODES:
+            raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
+        if driver == "overlay":
+            return await self._create_overlay(req, name)
+        if driver != "bridge":
+            raise InvalidRequest(f"unknown driver {driver!r}: use -d bridge or -d overlay")
+        overlays = await self._overlays_for_checks(name)   # may ask a manager: before the lock
         async with self.lock:
-            name = validate.check_name(req.get("Name", ""), "network")
-            if self.store.by_name("networks", name) or name in SPECIAL_MODES or \
-                    (self.overlay_agent is not None and self.overlay_agent.find_network(name)):
+            if self.store.by_name("networks", name) or any(o.name == name for o in overlays):
                 raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
-            driver = req.get("Driver") or "bridge"
-            if driver == "overlay":
-                return await self._create_overlay(req)
-            if driver != "bridge":
-                raise InvalidRequest(f"unknown driver {driver!r}: use -d bridge or -d overlay")
-            options = dict(req.get("Options") or {})
-            labels = dict(req.get("Labels") or {})
-            for k in labels:
-                if not k.strip():
-                    raise InvalidRequest("invalid label: the key is empty; expected KEY=VALUE")
-            mtu = validate.parse_mtu(options[validate.MTU_OPT]) if validate.MTU_OPT in options else DEFAULT_MTU
-            parent = options.get(validate.PARENT_OPT) or None
-            net_id = new_id()
-            bridge = options.get(validate.BRIDGE_NAME_OPT) or BRIDGE_PREFIX + net_id[:12]
-            validate.check_ifname(bridge, "bridge name")
-            if parent:
-                validate.check_ifname(parent, "parent interface")
-            others = self.store.list("networks")
-            for other in others:
-                if other["bridge"] == bridge:
-                    raise Conflict(f"bridge name {bridge!r} is already used by network {other['Name']!r}")
-                if parent and other.get("parent") == parent:
-                    raise Conflict(f"parent interface {parent!r} is already used by network {other['Name']!r}")
-            if await self.k("link_exists", bridge):
-                raise Conflict(f"an interface named {bridge!r} already exists on this host; choose another bridge name")
-            if parent and not await self.k("link_exists", parent):
-                raise InvalidRequest(f"parent interface {parent!r} does not exist on this host")
-
-            ipam_cfg = (req.get("IPAM") or {}).get("Config") or [{}]
-            if len(ipam_cfg) != 1:
-                raise InvalidRequest("exactly one IPAM config (subnet) per network is supported")
-            c = ipam_cfg[0]
-            # Overlay subnets count too: a container on both would get two routes to one prefix.
-            taken = [(IPv4Network(o["IPAM"]["Config"][0]["Subnet"]), f"network {o['Name']!r}")
-                     for o in self.all_networks()]
-            routes = [] if parent else [(r, "a route of this host") for r in await self.k("host_routes", BRIDGE_PREFIX)]
-            if c.get("Subnet"):
-                subnet = ipam.parse_network(c["Subnet"])
-                for other, what in taken + routes:
-                    if subnet.overlaps(other):
-                        raise Conflict(f"subnet {subnet} overlaps {other} of {what}; choose another subnet")
-            else:
-                if c.get("Gateway") or c.get("IPRange") or c.get("AuxiliaryAddresses"):
-                    raise InvalidRequest("--gateway, --ip-range and --aux-address need --subnet")
-                subnet = ipam.allocate_subnet(self.pools, [t for t, _ in taken + routes])
-            cfg = ipam.build_subnet_config(subnet, c.get("Gateway") or None, c.get("IPRange") or None,
-                                           c.get("AuxiliaryAddresses") or {})
-            net = {
-                "Name": name, "Id": net_id, "Created": now(), "Scope": "local", "Driver": "bridge",
-                "EnableIPv6": False,
-                "IPAM": {"Driver": "default", "Options": {}, "Config": [cfg.to_doc()]},
-                "Internal": bool(req.get("Internal")), "Attachable": bool(req.get("Attachable", True)),
-                "Ingress": False, "Options": options, "Labels": labels,
-                "bridge": bridge, "mtu": mtu, "parent": parent,
-            }
+            net = await self._new_bridge_network(req, name, overlays)
+            others = self._local_networks()
             try:
                 await self._program_network(net)
                 await self._apply_firewall(others + [net])
             except BaseException:
-                await self.k("delete_bridge", bridge, parent)
+                await self.dp.delete_bridge(net.bridge, net.parent)
                 await self._apply_firewall(others)
                 raise
             with self.store.tx():
-                self.store.put("networks", net_id, name, net)
-            log.info("network created", extra={"network": name, "id": net_id, "subnet": str(subnet)})
-            return net
+                self.store.put("networks", net.id, name, to_builtins(net))
+        log.info("network created", extra={"network": name, "id": net.id, "subnet": net.subnet})
+        return self.network_view(net)
 
-    async def _create_overlay(self, req: dict) -> dict:
+    async def _overlays_for_checks(self, name: str) -> list[Network]:
+        """Overlays a new local network must not clash with (name, subnet): the cluster's, from the managers,
+        with those known here (without a reachable manager, only those)."""
+        if self.overlay_agent is None:
+            return []
+        known = {n.id: n for n in self.overlay_agent.networks()}
+        try:
+            listed = await self.overlay_agent.fetch_networks()
+            if listed is None:   # a manager that cannot list: at least the name
+                same = await self.overlay_agent.fetch_network(name)
+                listed = [same] if same is not None and same.name == name else []
+        except Unavailable:
+            listed = []
+        known.update((n.id, n) for n in listed)
+        return list(known.values())
+
+    async def _new_bridge_network(self, req: dict, name: str, overlays: list[Network]) -> Network:
+        options = dict(req.get("Options") or {})
+        labels = dict(req.get("Labels") or {})
+        for k in labels:
+            if not k.strip():
+                raise InvalidRequest("invalid label: the key is empty; expected KEY=VALUE")
+        mtu = validate.parse_mtu(options[validate.MTU_OPT]) if validate.MTU_OPT in options else None
+        parent = options.get(validate.PARENT_OPT) or None
+        net_id = new_id()
+        bridge = options.get(validate.BRIDGE_NAME_OPT) or BRIDGE_PREFIX + net_id[:12]
+        validate.check_ifname(bridge, "bridge name")
+        if parent:
+            validate.check_ifname(parent, "parent interface")
+        others = self._local_networks()
+        for other in others:
+            if other.bridge == bridge:
+                raise Conflict(f"bridge name {bridge!r} is already used by network {other.name!r}")
+            if parent and other.parent == parent:
+                raise Conflict(f"parent interface {parent!r} is already used by network {other.name!r}")
+        if await self.dp.link_exists(bridge):
+            raise Conflict(f"an interface named {bridge!r} already exists on this host; choose another bridge name")
+        if parent and not await self.dp.link_exists(parent):
+            raise InvalidRequest(f"parent interface {parent!r} does not exist on this host")
+        ipam_cfg = (req.get("IPAM") or {}).get("Config") or [{}]
+        if len(ipam_cfg) != 1:
+            raise InvalidRequest("exactly one IPAM config (subnet) per network is supported")
+        c = ipam_cfg[0]
+        # Overlay subnets count too: a container on both would get two routes to one prefix.
+        taken = [(IPv4Network(o.subnet), f"network {o.name!r}") for o in others + overlays]
+        routes = [] if parent else [(r, "a route of this host") for r in await self.dp.host_routes(BRIDGE_PREFIX)]
+        if c.get("Subnet"):
+            subnet = ipam.parse_network(c["Subnet"])
+            for other, what in taken + routes:
+                if subnet.overlaps(other):
+                    raise Conflict(f"subnet {subnet} overlaps {other} of {what}; choose another subnet")
+        else:
+            if c.get("Gateway") or c.get("IPRange") or c.get("AuxiliaryAddresses"):
+                raise InvalidRequest("--gateway, --ip-range and --aux-address need --subnet")
+            subnet = ipam.allocate_subnet(self.pools, [t for t, _ in taken + routes])
+        cfg = ipam.build_subnet_config(subnet, c.get("Gateway") or None, c.get("IPRange") or None,
+                                       c.get("AuxiliaryAddresses") or {})
+        return Network(id=net_id, name=name, driver="bridge", scope="local", created=now(), subnet=str(cfg.subnet),
+                       gateway=str(cfg.gateway), ip_range=str(cfg.ip_range) if cfg.ip_range else None,
+                       aux_addresses={k: str(v) for k, v in cfg.aux.items()}, internal=bool(req.get("Internal")),
+                       attachable=bool(req.get("Attachable", True)), options=options, labels=labels, mtu=mtu,
+                       bridge=bridge, parent=parent)
+
+    async def _create_overlay(self, req: dict, name: str) -> dict:
         if self.swarm is None or self.swarm.state() is None:
             raise InvalidRequest("overlay networks need a swarm: run `netweft swarm init` (or join one) first")
-        if self.store.by_name("networks", req.get("Name", "")):
-            raise Conflict(f"network {req.get('Name')!r} already exists; choose another name or remove it first")
-        net = await self.swarm.admin("POST", "/networks", req,
-                                     local=lambda: self.swarm.manager.overlays.create_network(req))
-        if self.overlay_agent is not None:  # known here at once, whatever the watch stream's timing
-            self.overlay_agent.networks[net["ID"]] = net
-        return self.overlay_agent.docker_view(net) if self.overlay_agent else {**net, "Id": net["ID"]}
+        if self.store.by_name("networks", name):
+            raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
+        doc = await _awaited(self.swarm.admin("POST", "/networks", req,
+                                              local=lambda: self.swarm.manager.overlays.create_network(req)))
+        return self.network_view(convert(doc, Network, "network from the manager"))
 
-    async def _program_network(self, net: dict) -> None:
-        cfg = ipam.SubnetConfig.from_doc(net["IPAM"]["Config"][0])
+    async def _program_network(self, net: Network) -> None:
         # On a parent (LAN) network the gateway is a router on that LAN, not us.
-        address = None if net.get("parent") else f"{cfg.gateway}/{cfg.subnet.prefixlen}"
-        await self.k("ensure_bridge", net["bridge"], address, net["mtu"], net.get("parent"))
+        prefix = IPv4Network(net.subnet).prefixlen
+        address = None if net.parent else f"{net.gateway}/{prefix}"
+        await self.dp.ensure_bridge(net.bridge, address, net.mtu or DEFAULT_MTU, net.parent)
 
-    async def _apply_firewall(self, nets: list[dict]) -> None:
-        rules = [BridgeRule(bridge=n["bridge"], subnet=n["IPAM"]["Config"][0]["Subnet"], internal=n["Internal"],
-                            masquerade=not n["Internal"] and not n.get("parent")) for n in nets]
-        gw = self.store.get("settings", "gwbridge")
+    async def _apply_firewall(self, nets: list[Network]) -> None:
+        rules = [BridgeRule(bridge=n.bridge, subnet=n.subnet, internal=n.internal,
+                            masquerade=not n.internal and not n.parent) for n in nets]
+        gw = get_setting(self.store, "gwbridge")
         if gw is not None:
             # The overlays' gateway bridge is one of ours too: no forwarding between it and bridge networks.
             # (Its masquerade lives in the overlay table.)
             rules.append(BridgeRule(bridge=GWBRIDGE, subnet=gw["Subnet"], internal=False, masquerade=False))
         if any(r.masquerade for r in rules):
-            await self.k("set_ip_forward", True)
-        await self.k("apply_firewall", FIREWALL_TABLE, rules)
+            await self.dp.set_ip_forward(True)
+        await self.dp.apply_firewall(FIREWALL_TABLE, rules)
 
-    def network_view(self, net: dict) -> dict:
-        """Docker-shaped inspect output: the stored document plus live Containers."""
-        if net["Driver"] == "overlay":
-            return self.overlay_agent.view(net)
-        view = {k: v for k, v in net.items() if k not in ("bridge", "mtu", "parent")}
-        prefix = IPv4Network(net["IPAM"]["Config"][0]["Subnet"]).prefixlen
-        view["Containers"] = {
-            ctr["Id"]: {"Name": ctr["Name"], "EndpointID": ep["EndpointID"], "MacAddress": ep["MacAddress"],
-                        "IPv4Address": f"{ep['IPAddress']}/{prefix}", "IPv6Address": ""}
-            for ctr, ep in self.endpoints_on(net["Id"])}
+    async def gateway_subnet(self) -> tuple[str, str]:
+        """The gateway bridge's subnet (for the overlay agent): a free one of the pools, chosen once."""
+        async with self.lock:
+            gw = get_setting(self.store, "gwbridge")
+            if gw is None:
+                nets = self._local_networks()
+                overlays = self.overlay_agent.networks() if self.overlay_agent is not None else []
+                taken = [IPv4Network(n.subnet) for n in nets + overlays]
+                taken += await self.dp.host_routes(BRIDGE_PREFIX)
+                subnet = ipam.allocate_subnet(self.pools, taken)
+                gw = {"Subnet": str(subnet), "Gateway": str(next(subnet.hosts()))}
+                put_setting(self.store, "gwbridge", gw)
+                await self._apply_firewall(nets)
+            return gw["Subnet"], gw["Gateway"]
+
+    async def gateway_released(self) -> None:
+        async with self.lock:
+            with self.store.tx():
+                self.store.delete("settings", "gwbridge")
+            await self._apply_firewall(self._local_networks())
+
+    # ------------------------------------------------------------------ views
+    def network_view(self, net: Network) -> dict:
+        """Docker-shaped inspect output: the network and this host's endpoints on it (and, for an overlay,
+        the hosts with endpoints on it)."""
+        cfg = {"Subnet": net.subnet, "IPRange": net.ip_range or "", "Gateway": net.gateway,
+               "AuxiliaryAddresses": dict(net.aux_addresses)}
+        options = dict(net.options)
+        if net.driver == "overlay" and net.vni is not None:
+            options[validate.VXLANID_OPT] = str(net.vni)
+        prefix = IPv4Network(net.subnet).prefixlen
+        containers = {}
+        for ep in self.endpoints_on(net.id):
+            name = ep.owner.name
+            if ep.owner.kind == "netweft":
+                ctr = self.store.get("containers", ep.owner.id)
+                name = ctr["Name"] if ctr else name
+            containers[ep.owner.id] = {"Name": name, "EndpointID": ep.id, "MacAddress": ep.mac,
+                                       "IPv4Address": f"{ep.ip}/{prefix}", "IPv6Address": ""}
+        view = {"Name": net.name, "Id": net.id, "Created": net.created, "Scope": net.scope, "Driver": net.driver,
+                "EnableIPv6": False, "IPAM": {"Driver": "default", "Options": {}, "Config": [cfg]},
+                "Internal": net.internal, "Attachable": net.attachable, "Ingress": net.ingress,
+                "Options": options, "Labels": dict(net.labels), "Containers": containers}
+        if net.driver == "overlay":
+            peers = self.overlay_agent.peers_view(net.id) if self.overlay_agent is not None else []
+            view["Peers"] = [{"Name": h, "IP": ip} for h, ip in peers]
         return view
 
-    def all_networks(self) -> list[dict]:
-        nets = self.store.list("networks")
+    def _network_name(self, net_id: str) -> str:
+        doc = self.store.get("networks", net_id)
+        if doc is not None:
+            return doc["name"]
+        net = self.overlay_agent.find_network(net_id) if self.overlay_agent is not None else None
+        return net.name if net is not None else net_id
+
+    @staticmethod
+    def endpoint_view(ep: Endpoint) -> dict:
+        """Docker's EndpointSettings of one endpoint (plus the interface names netweft chose)."""
+        view = {"NetworkID": ep.network_id, "EndpointID": ep.id, "IPAddress": ep.ip, "IPPrefixLen": ep.prefix_len,
+                "Gateway": ep.gateway or "", "MacAddress": ep.mac, "Aliases": list(ep.aliases),
+                "IPAMConfig": {"IPv4Address": ep.ip} if ep.ip_requested else None,
+                "Interface": ep.ifname, "HostInterface": ep.host_ifname}
+        if ep.node_id:
+            view.update({"Driver": "overlay", "GwInterface": ep.gw_ifname, "GwHostInterface": ep.gw_host_ifname,
+                         "GwIP": ep.gw_ip})
+        return view
+
+    def all_networks(self) -> list[Network]:
+        nets = self._local_networks()
         if self.overlay_agent is not None:
-            nets += [self.overlay_agent.docker_view(n) for n in self.overlay_agent.networks.values()]
+            nets += self.overlay_agent.networks()
         return nets
 
     def list_networks(self, filters: dict[str, list[str]] | None = None) -> list[dict]:
-        out = []
-        for net in self.all_networks():
-            if filters and not _matches(net, filters):
-                continue
-            out.append(self.network_view(net))
-        return out
+        views = [self.network_view(n) for n in self.all_networks()]
+        return [v for v in views if not filters or _matches(v, filters)]
 
     async def remove_network(self, ref: str) -> None:
+        net = await self.network(ref)
+        if net.driver == "overlay":   # the managers decide (and refuse while endpoints exist anywhere)
+            await _awaited(self.swarm.admin("DELETE", f"/networks/{net.id}",
+                                            local=lambda: self.swarm.manager.overlays.remove_network(net.id)))
+            return
         async with self.lock:
-            net = await self.network(ref)
-            if net["Driver"] == "overlay":
-                await self.swarm.admin("DELETE", f"/networks/{net['Id']}", local=lambda:
-                                       self.swarm.manager.overlays.remove_network(net["Id"]))
-                self.overlay_agent.networks.pop(net["Id"], None)
-                return
-            attached = [ctr["Name"] for ctr, _ in self.endpoints_on(net["Id"])]
+            attached = [self._owner_name(e) for e in self.endpoints_on(net.id)]
             if attached:
-                raise Conflict(f"network {net['Name']!r} has containers attached ({', '.join(attached)}); "
+                raise Conflict(f"network {net.name!r} has containers attached ({', '.join(attached)}); "
                                "disconnect or remove them first")
-            rest = [n for n in self.store.list("networks") if n["Id"] != net["Id"]]
+            rest = [n for n in self._local_networks() if n.id != net.id]
             await self._apply_firewall(rest)
-            await self.k("delete_bridge", net["bridge"], net.get("parent"))
+            await self.dp.delete_bridge(net.bridge, net.parent)
             with self.store.tx():
-                self.store.delete("networks", net["Id"])
-            log.info("network removed", extra={"network": net["Name"], "id": net["Id"]})
+                self.store.delete("networks", net.id)
+        log.info("network removed", extra={"network": net.name, "id": net.id})
+
+    def _owner_name(self, ep: Endpoint) -> str:
+        if ep.owner.kind == "netweft":
+            ctr = self.store.get("containers", ep.owner.id)
+            if ctr is not None:
+                return ctr["Name"]
+        return ep.owner.name or f"{ep.owner.kind} {ep.owner.id[:12]}"
 
     async def prune_networks(self) -> list[str]:
         removed = []
-        for net in self.store.list("networks"):  # swarm networks are pruned on a manager, not per host
-            if not self.endpoints_on(net["Id"]):
-                await self.remove_network(net["Id"])
-                removed.append(net["Name"])
+        for net in self._local_networks():  # swarm networks are pruned on a manager, not per host
+            if not self.endpoints_on(net.id):
+                try:
+                    await self.remove_network(net.id)
+                except Conflict:
+                    continue   # a container joined it meanwhile
+                removed.append(net.name)
         return removed
 
     # -------------------------------------------------------------- endpoints
     async def connect(self, net_ref: str, ctr_ref: str, ip: str | None = None,
                       aliases: list[str] | None = None, mac: str | None = None) -> dict:
-        async with self.lock:
-            net, ctr = await self.network(net_ref), self.container(ctr_ref)
-            ep = await self._connect(net, ctr, ip, aliases or [], mac)
-            self._write_hosts(ctr)
-            with self.store.tx():
-                self.store.put("containers", ctr["Id"], ctr["Name"], ctr)
-            return ep
+        net, ctr = await self.network(net_ref), self.container(ctr_ref)
+        ep = await self._connect(net, ctr, ip, aliases or [], mac)
+        self._write_hosts(ctr)
+        return self.endpoint_view(ep)
 
-    async def _connect(self, net: dict, ctr: dict, ip: str | None, aliases: list[str], mac: str | None) -> dict:
-        """Allocate and program one endpoint; records it in ctr (the caller stores ctr)."""
+    async def _connect(self, net: Network, ctr: dict, ip: str | None, aliases: list[str], mac: str | None) -> Endpoint:
+        """Allocate, record and program one endpoint of a container."""
         mode = ctr["HostConfig"]["NetworkMode"]
         if mode in SPECIAL_MODES:
             raise InvalidRequest(f"container {ctr['Name']!r} uses --network {mode}; it cannot join other networks")
-        nets = ctr["NetworkSettings"]["Networks"]
-        if net["Name"] in nets:
-            raise Conflict(f"container {ctr['Name']!r} is already connected to network {net['Name']!r}")
+        existing = self.endpoints_of(ctr["Id"])
+        if any(e.network_id == net.id for e in existing):
+            raise Conflict(f"container {ctr['Name']!r} is already connected to network {net.name!r}")
         for a in aliases:
             validate.check_hostname(a)
-        used_if = {e["Interface"] for e in nets.values()} | {e["GwInterface"] for e in nets.values()
-                                                              if e.get("GwInterface")}
-        if net["Driver"] == "overlay":
-            ifname = next(f"eth{i}" for i in range(len(used_if) + 2) if f"eth{i}" not in used_if)
-            ep = await self.overlay_agent.attach(ctr, net, ip, aliases, ifname, first=not nets)
-            nets[net["Name"]] = ep
-            log.info("endpoint attached", extra={"network": net["Name"], "container": ctr["Name"],
-                                                 "ip": ep["IPAddress"]})
+        used_if = {e.ifname for e in existing} | {e.gw_ifname for e in existing if e.gw_ifname}
+        free = (f"eth{i}" for i in range(len(used_if) + 3) if f"eth{i}" not in used_if)
+        ifname = next(free)
+        first = not existing
+        owner = Owner(kind="netweft", id=ctr["Id"], name=ctr["Name"])
+        netns = self.netns_path(ctr["Id"])
+        if net.driver == "overlay":
+            if self.overlay_agent is None:
+                raise Unavailable("this node is not part of a swarm (any more): it cannot join overlay networks")
+            ep = await self.overlay_agent.attach(owner, net.id, netns, ifname,
+                                                 gw_ifname=next(free) if first and not net.internal else None,
+                                                 ip=ip, mac=mac, aliases=aliases)
+            log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
             return ep
-        cfg = ipam.SubnetConfig.from_doc(net["IPAM"]["Config"][0])
-        in_use = {IPv4Address(e["IPAddress"]) for _, e in self.endpoints_on(net["Id"])}
-        addr = ipam.check_requested_ip(cfg, ip, in_use) if ip else ipam.allocate_ip(cfg, in_use)
-        mac = ipam.parse_mac(mac) if mac else ipam.mac_for_ip(addr)
-        ifname = next(f"eth{i}" for i in range(len(used_if) + 1) if f"eth{i}" not in used_if)
-        first = not nets
-        gateway = str(cfg.gateway) if first and not net["Internal"] else None
-        ep_id = new_id()
-        ep = {"NetworkID": net["Id"], "EndpointID": ep_id, "IPAddress": str(addr),
-              "IPPrefixLen": cfg.subnet.prefixlen, "Gateway": str(cfg.gateway) if gateway else "",
-              "MacAddress": mac, "Aliases": aliases, "Interface": ifname,
-              "HostInterface": VETH_PREFIX + ep_id[:12]}
+        async with self.lock:   # the address is chosen and recorded at one instant
+            on_net = self.endpoints_on(net.id)
+            cfg = ipam.build_subnet_config(IPv4Network(net.subnet), net.gateway, net.ip_range, net.aux_addresses)
+            in_use = {IPv4Address(e.ip) for e in on_net}
+            addr = ipam.check_requested_ip(cfg, ip, in_use) if ip else ipam.allocate_ip(cfg, in_use)
+            mac = ipam.parse_mac(mac) if mac else ipam.mac_for_ip(addr)
+            if any(e.mac == mac for e in on_net):
+                raise Conflict(f"MAC address {mac} is already used on network {net.name!r}; choose another one")
+            ep_id = new_id()
+            ep = Endpoint(id=ep_id, network_id=net.id, ip=str(addr), prefix_len=cfg.subnet.prefixlen, mac=mac,
+                          owner=owner, aliases=list(aliases), ip_requested=bool(ip), sandbox_key=netns,
+                          ifname=ifname, host_ifname=VETH_PREFIX + ep_id[:12],
+                          gateway=net.gateway if first and not net.internal else None)
+            self._put_endpoint(ep)
         try:
-            await self._program_endpoint(ctr, net, ep)
+            await self._program_endpoint(net, ep)
         except BaseException:
-            await self.k("delete_endpoint", ep["HostInterface"])
+            await self.dp.delete_endpoint(ep.host_ifname)
+            self._delete_endpoint_record(ep.id)
             raise
-        nets[net["Name"]] = ep
-        log.info("endpoint attached", extra={"network": net["Name"], "container": ctr["Name"], "ip": str(addr)})
+        log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
         return ep
 
-    async def _program_endpoint(self, ctr: dict, net: dict, ep: dict) -> None:
-        await self.k("ensure_endpoint", self.netns_path(ctr["Id"]), net["bridge"], ep["HostInterface"],
-                     ep["Interface"], f"{ep['IPAddress']}/{ep['IPPrefixLen']}", ep["MacAddress"], net["mtu"],
-                     ep["Gateway"] or None)
+    async def _program_endpoint(self, net: Network, ep: Endpoint) -> None:
+        await self.dp.ensure_endpoint(ep.sandbox_key, net.bridge, ep.host_ifname, ep.ifname,
+                                      f"{ep.ip}/{ep.prefix_len}", ep.mac, net.mtu or DEFAULT_MTU, ep.gateway)
 
     async def disconnect(self, net_ref: str, ctr_ref: str) -> None:
-        async with self.lock:
-            net, ctr = await self.network(net_ref), self.container(ctr_ref)
-            ep = ctr["NetworkSettings"]["Networks"].get(net["Name"])
-            if ep is None:
-                raise NotFound(f"container {ctr['Name']!r} is not connected to network {net['Name']!r}")
-            await self._delete_endpoint(ctr, ep)
-            del ctr["NetworkSettings"]["Networks"][net["Name"]]
-            self._write_hosts(ctr)
-            with self.store.tx():
-                self.store.put("containers", ctr["Id"], ctr["Name"], ctr)
+        net, ctr = await self.network(net_ref), self.container(ctr_ref)
+        ep = next((e for e in self.endpoints_of(ctr["Id"]) if e.network_id == net.id), None)
+        if ep is None:
+            raise NotFound(f"container {ctr['Name']!r} is not connected to network {net.name!r}")
+        await self._delete_endpoint(ep)
+        self._write_hosts(ctr)
+
+    async def _delete_endpoint(self, ep: Endpoint) -> None:
+        if ep.node_id:   # an overlay endpoint
+            if self.overlay_agent is None:
+                self._delete_endpoint_record(ep.id)   # its data plane left with the swarm
+            else:
+                await self.overlay_agent.detach(ep)
+            return
+        await self.dp.delete_endpoint(ep.host_ifname)
+        self._delete_endpoint_record(ep.id)
 
     # ------------------------------------------------------------- containers
     async def create_container(self, req: dict, start: bool = True) -> dict:
-        async with self.lock:
-            ctr_id = new_id()
-            name = req.get("Name") or f"ctr-{ctr_id[:8]}"
-            validate.check_name(name, "container")
+        ctr_id = new_id()
+        name = req.get("Name") or f"ctr-{ctr_id[:8]}"
+        validate.check_name(name, "container")
+        hostname = validate.check_hostname(req.get("Hostname") or ctr_id[:12])
+        cmd = req.get("Cmd") or []
+        if not cmd:
+            raise InvalidRequest("no command given: netweft run [OPTIONS] -- CMD [ARGS...]")
+        mode = req.get("NetworkMode") or "none"
+        net = None
+        if mode not in SPECIAL_MODES:
+            net = await self.network(mode)
+        elif req.get("IPAddress") or req.get("MacAddress") or req.get("Aliases"):
+            raise InvalidRequest(f"--ip, --mac-address and --network-alias need a network, not --network {mode}")
+        state_dir = self.ctr_state_dir(ctr_id)
+        ctr = {
+            "Id": ctr_id, "Name": name, "Created": now(),
+            "Config": {"Hostname": hostname, "Cmd": cmd, "Env": req.get("Env") or {}},
+            "HostConfig": {"NetworkMode": mode},
+            "NetworkSettings": {"SandboxKey": "" if mode == "host" else self.netns_path(ctr_id)},
+            "LogPath": os.path.join(state_dir, "log"),
+        }
+        async with self.lock:   # recorded first: the name is taken from now on
             if self.store.by_name("containers", name):
                 raise Conflict(f"container name {name!r} is already in use; remove it or choose another name")
-            hostname = validate.check_hostname(req.get("Hostname") or ctr_id[:12])
-            cmd = req.get("Cmd") or []
-            if not cmd:
-                raise InvalidRequest("no command given: netweft run [OPTIONS] -- CMD [ARGS...]")
-            mode = req.get("NetworkMode") or "none"
-            net = None
-            if mode not in SPECIAL_MODES:
-                net = await self.network(mode)
-            elif req.get("IPAddress") or req.get("MacAddress") or req.get("Aliases"):
-                raise InvalidRequest(f"--ip, --mac-address and --network-alias need a network, not --network {mode}")
-            state_dir = self.ctr_state_dir(ctr_id)
-            ctr = {
-                "Id": ctr_id, "Name": name, "Created": now(),
-                "Config": {"Hostname": hostname, "Cmd": cmd, "Env": req.get("Env") or {}},
-                "HostConfig": {"NetworkMode": mode},
-                "NetworkSettings": {"SandboxKey": "" if mode == "host" else self.netns_path(ctr_id),
-                                    "Networks": {}},
-                "LogPath": os.path.join(state_dir, "log"),
-            }
             os.makedirs(state_dir, mode=0o700)
-            try:
-                if mode != "host":
-                    await self.k("create_netns", self.netns_path(ctr_id))
-                if net is not None:
-                    await self._connect(net, ctr, req.get("IPAddress"), req.get("Aliases") or [],
-                                        req.get("MacAddress"))
-                self._write_hosts(ctr)
-                runtime.write_resolv(os.path.join(state_dir, "resolv.conf"), *_host_resolvers())
-                if start:
-                    await self._start_process(ctr)
-            except BaseException:
-                await self._teardown_container(ctr)
-                raise
             with self.store.tx():
                 self.store.put("containers", ctr_id, name, ctr)
-            return self.container_view(ctr)
+        try:
+            if mode != "host":
+                await self.dp.create_netns(self.netns_path(ctr_id))
+            if net is not None:
+                await self._connect(net, ctr, req.get("IPAddress"), req.get("Aliases") or [], req.get("MacAddress"))
+            self._write_hosts(ctr)
+            runtime.write_resolv(os.path.join(state_dir, "resolv.conf"), *_host_resolvers())
+            if start:
+                await self._start_process(ctr)
+        except BaseException:
+            await self._teardown_container(ctr)
+            raise
+        return self.container_view(ctr)
 
     async def _start_process(self, ctr: dict) -> None:
         """Start the container's process off the event loop: starting a shim takes tens of ms."""
@@ -405,17 +538,16 @@ class Engine:
         names = [ctr["Config"]["Hostname"]]
         if ctr["Name"] != ctr["Config"]["Hostname"]:
             names.append(ctr["Name"])
-        entries = [(ep["IPAddress"], names + ep["Aliases"]) for ep in ctr["NetworkSettings"]["Networks"].values()]
+        entries = [(ep.ip, names + list(ep.aliases)) for ep in self.endpoints_of(ctr["Id"])]
         runtime.write_hosts(os.path.join(self.ctr_state_dir(ctr["Id"]), "hosts"), ctr["Config"]["Hostname"], entries)
 
     async def start_container(self, ref: str) -> dict:
-        async with self.lock:
-            ctr = self.container(ref)
-            status, _ = runtime.status(self.ctr_state_dir(ctr["Id"]))
-            if status == "running":
-                raise Conflict(f"container {ctr['Name']!r} is already running")
-            await self._start_process(ctr)
-            return self.container_view(ctr)
+        ctr = self.container(ref)
+        status, _ = runtime.status(self.ctr_state_dir(ctr["Id"]))
+        if status == "running":
+            raise Conflict(f"container {ctr['Name']!r} is already running")
+        await self._start_process(ctr)
+        return self.container_view(ctr)
 
     async def stop_container(self, ref: str, timeout: float = 10) -> None:
         ctr = self.container(ref)
@@ -428,35 +560,27 @@ class Engine:
             if not force:
                 raise Conflict(f"container {ctr['Name']!r} is running; stop it first or use rm -f")
             await self.stop_container(ctr["Id"], timeout=0)
-        async with self.lock:
-            await self._teardown_container(ctr)
-            with self.store.tx():
-                self.store.delete("containers", ctr["Id"])
-            log.info("container removed", extra={"container": ctr["Name"], "id": ctr["Id"]})
-
-    async def _delete_endpoint(self, ctr: dict, ep: dict) -> None:
-        if ep.get("Driver") == "overlay":
-            if self.overlay_agent is None:
-                raise Conflict("this node left its swarm; its overlay endpoints are already gone")
-            await self.overlay_agent.detach(ctr, ep)
-        else:
-            await self.k("delete_endpoint", ep["HostInterface"])
+        await self._teardown_container(ctr)
+        log.info("container removed", extra={"container": ctr["Name"], "id": ctr["Id"]})
 
     async def _teardown_container(self, ctr: dict) -> None:
-        for ep in list(ctr["NetworkSettings"]["Networks"].values()):
-            if ep.get("Driver") == "overlay" and self.overlay_agent is None:
-                continue  # the swarm is gone and with it the overlay's data plane
-            await self._delete_endpoint(ctr, ep)
+        """Endpoints, namespace, files, then the document: what a crash half way leaves is still removable."""
+        for ep in self.endpoints_of(ctr["Id"]):
+            await self._delete_endpoint(ep)
         if ctr["HostConfig"]["NetworkMode"] != "host":
-            await self.k("delete_netns", self.netns_path(ctr["Id"]))
+            await self.dp.delete_netns(self.netns_path(ctr["Id"]))
         shutil.rmtree(self.ctr_state_dir(ctr["Id"]), ignore_errors=True)
+        with self.store.tx():
+            self.store.delete("containers", ctr["Id"])
 
     def container_view(self, ctr: dict) -> dict:
         status, value = runtime.status(self.ctr_state_dir(ctr["Id"]))
         state = {"Status": {"running": "running", "exited": "exited"}.get(status, "created"),
                  "Running": status == "running", "Pid": value if status == "running" else 0,
                  "ExitCode": value if status == "exited" else 0}
-        return {**ctr, "State": state}
+        networks = {self._network_name(ep.network_id): self.endpoint_view(ep) for ep in self.endpoints_of(ctr["Id"])}
+        settings = {**ctr.get("NetworkSettings", {}), "Networks": networks}
+        return {**ctr, "NetworkSettings": settings, "State": state}
 
     def list_containers(self, all: bool = False) -> list[dict]:
         views = [self.container_view(c) for c in self.store.list("containers")]
@@ -464,39 +588,66 @@ class Engine:
 
     # -------------------------------------------------------------- reconcile
     async def reconcile(self) -> None:
-        """Make the kernel match the store: after a restart, a crash or a reboot. Idempotent."""
+        """Make the kernel match the store: after a restart, a crash or a reboot. Idempotent. Overlay
+        endpoints are the overlay agent's; endpoints of other owners are programmed, never removed."""
         async with self.lock:
-            nets = self.store.list("networks")
-            by_id = {n["Id"]: n for n in nets}
+            nets = self._local_networks()
+            by_id = {n.id: n for n in nets}
             for net in nets:
                 await self._program_network(net)
             await self._apply_firewall(nets)
-            wanted_links = {n["bridge"] for n in nets}
+            wanted_links = {n.bridge for n in nets}
             wanted_ns = set()
-            for ctr in self.store.list("containers"):
+            containers = {c["Id"]: c for c in self.store.list("containers")}
+            for ctr in containers.values():
                 if ctr["HostConfig"]["NetworkMode"] == "host":
                     continue
                 path = self.netns_path(ctr["Id"])
                 wanted_ns.add(os.path.basename(path))
-                await self.k("create_netns", path)
-                for ep in ctr["NetworkSettings"]["Networks"].values():
-                    if ep.get("Driver") == "overlay":
-                        continue  # the overlay agent reconciles these
-                    wanted_links.add(ep["HostInterface"])
-                    await self._program_endpoint(ctr, by_id[ep["NetworkID"]], ep)
-            for name in await self.k("list_links", VETH_PREFIX):
+                await self.dp.create_netns(path)
+            for doc in self.store.list(ENDPOINTS):
+                if doc.get("node_id"):
+                    continue   # an overlay endpoint: the overlay agent's
+                try:
+                    ep = convert(doc, Endpoint, "endpoint record")
+                except InvalidRequest as e:
+                    log.warning("an endpoint record is unreadable; left as it is", extra={"reason": str(e)})
+                    continue
+                net = by_id.get(ep.network_id)
+                orphan = ep.owner.kind == "netweft" and ep.owner.id not in containers
+                if net is None or orphan:
+                    log.info("removing an endpoint record without its network or container", extra={"endpoint": ep.id})
+                    self._delete_endpoint_record(ep.id)
+                    continue
+                wanted_links.add(ep.host_ifname)
+                try:
+                    await self._program_endpoint(net, ep)
+                except NetweftError as e:   # its owner's namespace may be gone: the others still go on
+                    log.warning("could not program an endpoint", extra={"endpoint": ep.id, "reason": str(e)})
+            for name in await self.dp.list_links(VETH_PREFIX):
                 if name not in wanted_links:
                     log.info("removing stale endpoint link", extra={"link": name})
-                    await self.k("delete_endpoint", name)
-            for name in await self.k("list_links", BRIDGE_PREFIX):
+                    await self.dp.delete_endpoint(name)
+            for name in await self.dp.list_links(BRIDGE_PREFIX):
                 if name not in wanted_links:
                     log.info("removing stale bridge", extra={"link": name})
-                    await self.k("delete_bridge", name, None)
-            for name in os.listdir(self.netns_dir):
+                    await self.dp.delete_bridge(name, None)
+            for name in await self.dp.list_netns(self.netns_dir):
                 if name not in wanted_ns:
                     log.info("removing stale namespace", extra={"netns": name})
-                    await self.k("delete_netns", os.path.join(self.netns_dir, name))
+                    await self.dp.delete_netns(os.path.join(self.netns_dir, name))
+            for name in os.listdir(self.ctr_dir):
+                if name not in containers:   # files of a container an older life could not finish removing
+                    await asyncio.get_running_loop().run_in_executor(None, runtime.stop, self.ctr_state_dir(name), 0)
+                    shutil.rmtree(self.ctr_state_dir(name), ignore_errors=True)
             log.info("reconciled", extra={"networks": len(nets)})
+
+
+async def _awaited(value):
+    """A manager call's result: the leader's own manager answers with a coroutine, a forwarded call with data."""
+    while asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        value = await value
+    return value
 
 
 def _matches(net: dict, filters: dict[str, list[str]]) -> bool:
@@ -531,5 +682,3 @@ def _host_resolvers() -> tuple[list[str], list[str]]:
     except OSError:
         pass
     return servers, search
-
-

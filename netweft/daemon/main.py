@@ -16,6 +16,7 @@ from netweft import __version__
 from netweft.daemon import logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
+from netweft.dataplane.real import RealDataPlane
 from netweft.daemon.swarm import Swarm
 from netweft.errors import NetweftError
 from netweft.ipam.address import parse_pool
@@ -80,7 +81,9 @@ class Daemon:
         for root in (args.data_root, args.exec_root):
             secure_root(root)
         self.pools = [parse_pool(p) for p in (args.default_address_pool or [DEFAULT_POOL])]
-        self.engine = Engine(args.data_root, args.exec_root, self.pools)
+        # The one data plane of this host, injected into the engine (and through it, the overlay agent).
+        self.dataplane = RealDataPlane(args.exec_root)
+        self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
         self.hostname = args.hostname or socket.gethostname()
         self.swarm = Swarm(self)
         self.extra_routes: list = [self.swarm.routes()]
@@ -92,6 +95,7 @@ class Daemon:
                 "Swarm": self.swarm.info()}
 
     async def run(self) -> None:
+        await self.dataplane.start()
         await self.engine.start()
         await self.swarm.start()
         app = build_app(self)
@@ -117,6 +121,7 @@ class Daemon:
         await runner.cleanup()
         await self.swarm.stop()
         await self.engine.close()
+        await self.dataplane.close()
 
     def _share_with_group(self) -> None:
         import grp

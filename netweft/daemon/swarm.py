@@ -86,7 +86,8 @@ class Swarm:
             client = self.agent.client
         else:
             client = self._leader_client = agent.ClusterClient(self.dir, st["Managers"])
-        self.overlay = OverlayAgent(self.daemon.engine, client, st["NodeID"], st["AdvertiseAddr"],
+        engine = self.daemon.engine
+        self.overlay = OverlayAgent(engine.overlay_host, engine.dp, client, st["NodeID"], st["AdvertiseAddr"],
                                     st["DataPathPort"])
         self.daemon.engine.overlay_agent = self.overlay
         await self.overlay.start()
@@ -117,7 +118,7 @@ class Swarm:
         put_setting(self.store, "swarm", st)
 
     async def _advertise(self, text: str | None) -> str:
-        addrs = await self.daemon.engine.k("ipv4_addresses")
+        addrs = await self.daemon.engine.dp.ipv4_addresses()
         ours = {k: v for k, v in addrs.items() if not k.startswith(("nw", "docker", "veth"))}
         if text:
             if text in addrs:

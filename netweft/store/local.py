@@ -1,4 +1,9 @@
-"""The daemon's state: JSON documents in SQLite, one table per kind, names unique per kind."""
+"""The daemon's state: JSON documents in SQLite, one table per kind, names unique per kind.
+
+Kind "endpoints" holds this host's endpoints (netweft.model.objects.Endpoint as builtins), whoever owns
+them; each is named by `endpoint_name` (owner and network), so an owner has at most one endpoint per
+network and its endpoints are found by name prefix.
+"""
 from __future__ import annotations
 
 import json
@@ -6,7 +11,8 @@ import os
 import sqlite3
 from contextlib import contextmanager
 
-KINDS = ("networks", "containers", "settings", "nodes", "swnetworks", "swendpoints")
+ENDPOINTS = "endpoints"
+KINDS = ("networks", "containers", ENDPOINTS, "settings")
 
 
 class Store:
@@ -80,8 +86,28 @@ class Store:
     def list(self, kind: str) -> list[dict]:
         return [json.loads(r[0]) for r in self.db.execute(f"SELECT doc FROM {kind} ORDER BY rowid")]
 
+    def with_name_prefix(self, kind: str, prefix: str) -> list[dict]:
+        """Documents whose name starts with prefix (taken literally), in name order."""
+        rows = self.db.execute(f"SELECT doc FROM {kind} WHERE substr(name, 1, ?) = ? ORDER BY name",
+                               (len(prefix), prefix)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def clear(self, kind: str) -> None:
+        """Delete every document of a kind (inside the caller's transaction, if any)."""
+        self.db.execute(f"DELETE FROM {kind}")
+
     def close(self) -> None:
         self.db.close()
+
+
+def endpoint_name(owner, network_id: str) -> str:
+    """The unique name of an endpoint record: its owner (kind and ID) and its network."""
+    return f"{owner_prefix(owner.kind, owner.id)}{network_id}"
+
+
+def owner_prefix(kind: str, owner_id: str) -> str:
+    """The name prefix of every endpoint record of one owner."""
+    return f"{kind}/{owner_id}/"
 
 
 def get_setting(store: Store, key: str) -> dict | None:
