@@ -86,6 +86,19 @@ class _Saved(msgspec.Struct):
     pending_release: list[str] = []
 
 
+def _repairs(out: reconcile.Outcome) -> int:
+    """Steps of a resync that changed something: drift repaired, or work that had failed done now."""
+    n = 0
+    for step, result in out.done:
+        if step.op.startswith("delete_") or step.op in ("add_peers", "remove_peers"):
+            n += 1
+        elif step.op == "sync_peers" and result:
+            n += 1
+        elif step.op == "ensure_sandbox" and result is True:
+            n += 1
+    return n
+
+
 class OverlayAgent:
     def __init__(self, host: OverlayHost, dataplane: DataPlane, client, node_id: str, vtep: str, port: int):
         self.host, self.dp, self.client = host, dataplane, client
@@ -260,7 +273,11 @@ class OverlayAgent:
 
     # ------------------------------------------------------------------ the watch
     def _since(self) -> int:
-        return 0 if self._want_snapshot else self.rev
+        # A snapshot when asked for, or when a local endpoint's network is missing from the copy (a crash
+        # before the copy was saved): resuming would bring only that network's later changes.
+        if self._want_snapshot or any(e.network_id not in self.nets for e in self.local.values()):
+            return 0
+        return self.rev
 
     def _on_connect(self) -> None:
         if self.pending_release:
@@ -556,18 +573,17 @@ class OverlayAgent:
         """Level-triggered: make every sandbox, port, peer table and the gateway bridge match the copy and
         the local records; delete what no record wants. One network at a time, under its lock."""
         t0 = time.monotonic()
-        observed = set(await self.dp.list_netns(self.sandbox_dir))
         names = {e.network_id[:12]: e.network_id for e in self.local.values()}
         repaired = failed = 0
-        for name in sorted(set(names) | observed):
+        for name in sorted(set(names) | set(await self.dp.list_netns(self.sandbox_dir))):
             async with self._locks.setdefault(name, asyncio.Lock()):
-                out = await self._resync_network(name, names.get(name), name in observed)
+                out = await self._resync_network(name)
             if out is not None:
-                repaired += sum(1 for s in out.done if not s.op.startswith("ensure_"))
+                repaired += _repairs(out)
                 failed += len(out.failed)
         async with self._gw_lock:
             out = await self._resync_gateway()
-        repaired += sum(1 for s in out.done if s.op.startswith("delete"))
+        repaired += _repairs(out)
         failed += len(out.failed)
         for name in await self.dp.list_links(VXLAN_TMP):
             log.info("removing a stale VXLAN device", extra={"link": name})
@@ -576,13 +592,15 @@ class OverlayAgent:
             log.info("overlays resynced", extra={"repaired": repaired, "failed": failed,
                                                  "ms": round((time.monotonic() - t0) * 1000)})
 
-    async def _resync_network(self, name: str, net_id: str | None, exists: bool) -> reconcile.Outcome | None:
+    async def _resync_network(self, name: str) -> reconcile.Outcome | None:
+        """One sandbox, under its network's lock: everything is looked at afresh here (an attach or a detach
+        may have run while this waited for the lock)."""
         path = os.path.join(self.sandbox_dir, name)
-        local = [e for e in self.local.values() if net_id and e.network_id == net_id]
-        if net_id is not None and not local:
-            net_id = None   # its last endpoint went while we waited for the lock
+        local = [e for e in self.local.values() if e.network_id[:12] == name]
+        exists = name in await self.dp.list_netns(self.sandbox_dir)
         desired = None
-        if net_id is not None:
+        if local:
+            net_id = local[0].network_id
             ns = self.nets.get(net_id)
             if ns is None:
                 self._once(f"unknown {net_id}", "endpoints of an overlay network this host does not know are kept "
@@ -590,6 +608,8 @@ class OverlayAgent:
                 return None
             try:
                 mtu = await self._mtu(ns.network)
+                while ns.pending and exists:   # what the watch brought is programmed first: the diff is drift
+                    await self._flush_locked(ns)
                 desired = self._desired(ns, local, mtu)
             except NetweftError as e:
                 self._once(f"desired {net_id} {e}", "cannot program an overlay network", network=ns.network.name,

@@ -139,7 +139,7 @@ def plan_gateway(gateway: Gateway | None, gw_ports: list[GwPort], observed_gw_po
 
 @dataclass
 class Outcome:
-    done: list[Step] = field(default_factory=list)
+    done: list[tuple[Step, object]] = field(default_factory=list)   # each with what its call returned
     failed: list[tuple[Step, Exception]] = field(default_factory=list)
     skipped: list[Step] = field(default_factory=list)
 
@@ -160,5 +160,5 @@ async def execute(dataplane, steps: list[Step]) -> Outcome:
             failed.add(step.group)
             out.failed.append((step, e))
             continue
-        out.done.append(step)
+        out.done.append((step, result))
     return out
