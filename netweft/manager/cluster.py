@@ -104,8 +104,8 @@ class Manager:
                     cert_not_after=ident.not_after.isoformat())
         store = await SQLiteStore.open(os.path.join(swarm_dir, STORE_FILE))
         try:
-            r = await store.txn([Compare(CLUSTER, "cluster", 0)],
-                                [Put(CLUSTER, "cluster", codec.encode(cluster)), Put(NODES, node_id, codec.encode(node))])
+            r = await store.txn([Compare(CLUSTER, "cluster", 0)], [Put(CLUSTER, "cluster", codec.encode(cluster)),
+                                                                    Put(NODES, node_id, codec.encode(node))])
         finally:
             await store.close()
         if not r.ok:

@@ -203,8 +203,8 @@ def test_revision_and_history_survive_a_manager_restart_so_agents_resume_with_ev
 def test_a_resume_from_before_the_kept_history_gets_a_snapshot(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_store, "COMPACT_EVERY", 2)
     async def main():
-        m = cls_store = await Manager.open(tmp_path / "c.db")
-        m.store.history = 3
+        m = await Manager.open(tmp_path / "c.db")
+        m.store.history = 3  # the change log keeps 3 revisions
         a = await m.node("a", "192.0.2.1")
         n1 = await m.net("n1", "198.18.1.0/24")
         await m.attach(a, n1, "x")
@@ -216,19 +216,18 @@ def test_a_resume_from_before_the_kept_history_gets_a_snapshot(tmp_path, monkeyp
         assert len(msgs[0].nodes) == 7 and [n.id for n in msgs[0].networks] == [n1]
         # A revision from the future (another cluster's store) gets one too.
         assert m.hub.subscribe(a, "a", 10_000).first is not None
-        await cls_store.close()
+        await m.close()
     run(main())
 
 
 # ------------------------------------------------------------------ bounded queue
 
-def test_a_slow_watcher_is_cut_off_and_resumes_from_its_revision(tmp_path, caplog):
+def test_a_slow_watcher_is_cut_off_and_resumes_from_its_revision(tmp_path):
     async def main():
         m = await Manager.open(tmp_path / "c.db", max_frames=3)
         a = await m.node("a", "192.0.2.1")
         w = m.hub.subscribe(a, "a", m.hub.state.rev)
         gen = m.hub.frames(w)
-        got = await take(gen, 0)  # (nothing yet: the generator starts when asked)
         await m.node("b", "192.0.2.2")
         got = await take(gen, 1)
         had = w.rev = got[-1].rev
@@ -240,7 +239,7 @@ def test_a_slow_watcher_is_cut_off_and_resumes_from_its_revision(tmp_path, caplo
         # It comes back from the revision it had: the missed events, not a snapshot.
         w2 = m.hub.subscribe(a, "a", had)
         msgs = await take(m.hub.frames(w2), 5)
-        assert [n for n in ids(msgs, "node")] == [f"x{i}" for i in range(5)]
+        assert ids(msgs, "node") == [f"x{i}" for i in range(5)]
         await m.close()
     run(main())
 
@@ -375,3 +374,36 @@ def test_purging_a_node_removes_all_its_endpoints_in_one_revision(tmp_path):
         assert {e.node_id for net in (n1, n2) for e in m.hub.state.endpoints_of(net)} == {a}
         await m.close()
     run(main())
+
+
+def test_an_unreadable_object_in_the_store_is_skipped_and_the_rest_goes_on(tmp_path, caplog):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a = await m.node("a", "192.0.2.1")
+        w = m.hub.subscribe(a, "a", m.hub.state.rev)
+        r = await m.store.txn([], [Put("endpoints", "bad", b'{"id": 5}'), Put("services", "x", b"{}")])
+        await m.hub.wait(r.rev)
+        await m.node("b", "192.0.2.2")
+        assert ids(pending(w), "node") == ["b"]
+        assert m.hub.state.get("endpoints", "bad") is None
+        await m.close()
+    run(main())
+    errors = [r.msg for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["unreadable change in the cluster store skipped"]
+
+
+@pytest.mark.parametrize("query, words", [({"since": "abc"}, "invalid since"), ({"since": "-1"}, "invalid since"),
+                                          ({"since": "1" * 40}, "invalid since"),
+                                          ({"networks": "ABC"}, "invalid network ID"),
+                                          ({"networks": ",".join(["a"] * 2000)}, "too many networks")])
+def test_watch_query_refusals_are_one_line(query, words):
+    from netweft.manager.watch import parse_query
+    with pytest.raises(InvalidRequest, match=words) as e:
+        parse_query(query)
+    assert "\n" not in str(e.value)
+
+
+def test_watch_query():
+    from netweft.manager.watch import parse_query
+    assert parse_query({}) == (0, frozenset())
+    assert parse_query({"since": "42", "networks": "ab1,cd2,"}) == (42, frozenset({"ab1", "cd2"}))
