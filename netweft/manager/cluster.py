@@ -8,7 +8,6 @@ the roles that may call it (manager/auth.py), and a removed node is refused and 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -25,6 +24,7 @@ from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
 from netweft.manager.watch import CLUSTER, NODES, ClusterState, Hub
 from netweft.model import codec
+from netweft.model.api import NodeUpdate
 from netweft.model.objects import Labels, Node, ShortText
 from netweft.model.watch import EndpointRequest
 from netweft.store.api import ClusterStore, Compare, Delete, Put
@@ -430,15 +430,6 @@ class Manager:
         # Rate limit, declared roles (both the certificate's and the store's), body limits: see auth.py.
         self.admission = auth.Admission(self._peer)
 
-        async def body(request) -> dict:
-            try:
-                data = await request.json()
-            except (json.JSONDecodeError, ValueError):
-                raise InvalidRequest("request body is not valid JSON") from None
-            if not isinstance(data, dict):
-                raise InvalidRequest("request body must be a JSON object")
-            return data
-
         @routes.get("/ca")
         @allow(OPEN)
         async def ca(request):
@@ -494,10 +485,9 @@ class Manager:
         @routes.post("/admin/nodes/{ref}/update")
         @allow(MANAGER)
         async def a_node_update(request):
-            b = await body(request)
-            return web.json_response(await self.update_node(request.match_info["ref"], b.get("Role"),
-                                                            b.get("Availability"), b.get("LabelsAdd"),
-                                                            b.get("LabelsRemove")))
+            b = await auth.read_body(request, NodeUpdate)
+            return web.json_response(await self.update_node(request.match_info["ref"], b.Role, b.Availability,
+                                                            b.LabelsAdd, b.LabelsRemove))
 
         @routes.post("/admin/join-token/rotate")
         @allow(MANAGER)
