@@ -165,14 +165,6 @@ class SQLiteStore(ClusterStore):
             self._db.execute("DELETE FROM events WHERE rev <= ?", (upto,))
             self._db.execute("UPDATE meta SET v = ? WHERE k = 'compacted'", (upto,))
 
-    async def compact(self, upto: int) -> None:
-        """Trim the change log now (tests; the store trims by itself as it goes)."""
-        def run():
-            self._db.execute("BEGIN IMMEDIATE")
-            self._compact(upto)
-            self._db.execute("COMMIT")
-        await self._run(run)
-
     # ---------------------------------------------------------------- watch
     def _notify(self) -> None:
         for ev in self._wake:
