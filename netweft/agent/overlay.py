@@ -355,6 +355,10 @@ class OverlayAgent:
 
     def _apply_node(self, ev: NodeEvent, touched: set[str]) -> None:
         node_id = ev.object.id
+        old = self.nodes.get(node_id)
+        if ev.action == "put" and old is not None and old.addr == ev.object.addr:
+            self.nodes[node_id] = ev.object   # its VTEP is the same: no peer changes
+            return
         affected = [(ns, e) for ns in self.nets.values() for e in ns.endpoints.values() if e.node_id == node_id]
         before = [self._peer(e) for _, e in affected]
         if ev.action == "put":
@@ -636,7 +640,10 @@ class OverlayAgent:
         return ObservedNetwork(True, ports, peers)
 
     async def _resync_gateway(self) -> reconcile.Outcome:
+        # Records and claims at one instant: an attach's port is in one or the other (its claim goes only
+        # once its record is in), and no port is made while this holds the gateway lock.
         eps = [e for e in self.local.values() if e.gw_host_ifname]
+        keep = set(self._gw_claims)
         gw_ports, gateway = [], None
         if eps:
             try:
@@ -646,8 +653,7 @@ class OverlayAgent:
                 self._once(f"gateway {e}", "cannot program the gateway bridge", reason=str(e))
                 return reconcile.Outcome()
         observed = set(await self.dp.list_links(GW_VETH))
-        out = await reconcile.execute(self.dp, reconcile.plan_gateway(gateway, gw_ports, observed,
-                                                                     keep=set(self._gw_claims)))
+        out = await reconcile.execute(self.dp, reconcile.plan_gateway(gateway, gw_ports, observed, keep=keep))
         self._report(out)
         return out
 
