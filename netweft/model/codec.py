@@ -42,6 +42,8 @@ def decode(data: bytes | str, type_: type[T], what: str = "request body") -> T:
         raise InvalidRequest(f"invalid {what}: {_words(str(e))}") from None
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"{what} is not valid JSON: {e}") from None
+    except RecursionError:  # msgspec descends even into fields it ignores
+        raise InvalidRequest(f"{what} is nested too deeply") from None
 
 
 def convert(obj: object, type_: type[T], what: str = "request") -> T:
@@ -50,6 +52,8 @@ def convert(obj: object, type_: type[T], what: str = "request") -> T:
         return msgspec.convert(obj, type_)
     except msgspec.ValidationError as e:
         raise InvalidRequest(f"invalid {what}: {_words(str(e))}") from None
+    except RecursionError:
+        raise InvalidRequest(f"{what} is nested too deeply") from None
 
 
 def encode(obj: object) -> bytes:
