@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from netweft import __version__
+from netweft import __version__, validate
 from netweft.daemon import logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
@@ -78,13 +78,20 @@ class Daemon:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.sock = socket_path(args.host)
+        name = args.hostname or socket.gethostname()
+        try:
+            self.hostname = validate.check_hostname(name)
+        except NetweftError:
+            raise NetweftError(f"this host's name {name!r} is not a valid cluster node name (letters, digits, "
+                               "'-' and dots, at most 64 characters); start netweftd with --hostname NAME") from None
+        # Namespace paths are kept in the store and handed to the kernel: always absolute.
+        args.data_root, args.exec_root = os.path.abspath(args.data_root), os.path.abspath(args.exec_root)
         for root in (args.data_root, args.exec_root):
             secure_root(root)
         self.pools = [parse_pool(p) for p in (args.default_address_pool or [DEFAULT_POOL])]
         # The one data plane of this host, injected into the engine (and through it, the overlay agent).
         self.dataplane = RealDataPlane(args.exec_root)
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
-        self.hostname = args.hostname or socket.gethostname()
         self.swarm = Swarm(self)
         self.extra_routes: list = [self.swarm.routes()]
 

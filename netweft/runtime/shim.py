@@ -133,6 +133,8 @@ def _child(spec, err_w):
         # dispositions survive exec, so restore the defaults for the command.
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        # The daemon's umask 077 protects its secrets; a container's files follow Docker's default.
+        os.umask(0o022)
         if spec.get("netns"):
             try:
                 fd = os.open(spec["netns"], os.O_RDONLY)
