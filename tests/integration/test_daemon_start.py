@@ -28,6 +28,7 @@ def test_a_container_does_not_inherit_the_daemons_umask(daemon):
         probes = []
         while not probes and time.monotonic() < deadline:
             probes = [p for p in os.listdir("/tmp") if p.startswith("nwt-umask-probe.")]
+            time.sleep(0.05)
         assert probes, "the container did not start"
         assert all(os.stat(f"/tmp/{p}").st_mode & 0o777 == 0o644 for p in probes)
     finally:
