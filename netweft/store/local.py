@@ -88,8 +88,9 @@ class Store:
 
     def with_name_prefix(self, kind: str, prefix: str) -> list[dict]:
         """Documents whose name starts with prefix (taken literally), in name order."""
-        rows = self.db.execute(f"SELECT doc FROM {kind} WHERE substr(name, 1, ?) = ? ORDER BY name",
-                               (len(prefix), prefix)).fetchall()
+        # A range on the name's unique index (names compare as UTF-8 bytes; U+10FFFF sorts after any other).
+        rows = self.db.execute(f"SELECT doc FROM {kind} WHERE name >= ? AND name < ? ORDER BY name",
+                               (prefix, prefix + "\U0010ffff")).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def clear(self, kind: str) -> None:

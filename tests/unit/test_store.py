@@ -30,3 +30,13 @@ def test_rollback_discards_writes_and_callbacks(tmp_path):
     with s.tx():
         s.put("networks", "c", "c", {})  # the store is usable after a rollback
     assert len(s.list("networks")) == 1
+
+
+def test_documents_are_found_by_name_prefix_taken_literally(tmp_path):
+    s = Store(str(tmp_path / "db"))
+    with s.tx():
+        for name in ("netweft/abc/n1", "netweft/abc/n2", "netweft/abcd/n1", "netweft/ab%/n1", "cni/abc/n1"):
+            s.put("endpoints", name.replace("/", "-"), name, {"name": name})
+    assert [d["name"] for d in s.with_name_prefix("endpoints", "netweft/abc/")] == ["netweft/abc/n1", "netweft/abc/n2"]
+    assert [d["name"] for d in s.with_name_prefix("endpoints", "netweft/ab%/")] == ["netweft/ab%/n1"]
+    assert s.with_name_prefix("endpoints", "docker/") == []
