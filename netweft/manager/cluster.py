@@ -499,6 +499,13 @@ class Manager:
         async def watch(request):
             return await self.hub.serve(request, request["node"])
 
+        @routes.get("/networks")
+        @allow(WORKER)
+        async def net_list(request):
+            # Every overlay, also outside the caller's watch scope: a host refuses a local network that
+            # would clash with one by name or subnet.
+            return web.Response(body=codec.encode(self.overlays.state.networks()), content_type="application/json")
+
         @routes.get("/networks/{ref}")
         @allow(WORKER)
         async def net_get(request):
