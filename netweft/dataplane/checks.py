@@ -45,9 +45,23 @@ def parse_mac(mac: str) -> str:
     low = mac.lower() if isinstance(mac, str) else ""
     if not _MAC_RE.match(low):
         raise InvalidRequest(f"invalid MAC address {mac!r}")
+    # The zero MAC as a peer's would be the VXLAN default destination (all flooding to one VTEP).
+    if low == "ff:ff:ff:ff:ff:ff":
+        raise InvalidRequest(f"MAC address {mac} is the broadcast address")
     if int(low[:2], 16) & 1:
         raise InvalidRequest(f"MAC address {mac} is multicast")
+    if low == "00:00:00:00:00:00":
+        raise InvalidRequest(f"MAC address {mac} is all zeros")
     return low
+
+
+def unicast_mac(mac: str) -> bool:
+    """True for a well-formed MAC that can be a host's (not zero, broadcast or multicast)."""
+    try:
+        parse_mac(mac)
+    except InvalidRequest:
+        return False
+    return True
 
 
 def ipv4(address: str, what: str = "IPv4 address") -> str:
@@ -96,11 +110,17 @@ def _canonical_peer(ip: str, mac: str, vtep: str) -> Peer:
 
 def check_peers(peers: Iterable[Peer]) -> list[Peer]:
     """The peers, each a netweft.model.objects.Peer, in canonical form. (A Struct made in Python is not
-    validated by msgspec, so every field is checked here.)"""
+    validated by msgspec, so every field is checked here.)
+
+    A peer whose MAC is well formed but not a host's (zero, broadcast, multicast) is left out rather
+    than refused: programmed, it would take the network's flooded traffic; refused, one such record
+    (forged, or stored before managers refused it) would stop every other peer of its network."""
     out = []
     for p in peers:
         if not isinstance(p, Peer):
             raise InvalidRequest(f"expected a Peer, got {p!r}")
+        if isinstance(p.mac, str) and _MAC_RE.match(p.mac.lower()) and not unicast_mac(p.mac):
+            continue
         out.append(make_peer(p.ip, p.mac, p.vtep))
     return out
 

@@ -156,9 +156,16 @@ def parse_mac(text: str) -> str:
     parts = text.lower().split(":")
     if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
         raise InvalidRequest(f"invalid MAC address {text!r}: expected six hex pairs such as 02:42:c6:12:00:05")
+    mac = ":".join(parts)
+    # Not a host's address: as a peer's MAC, the zero MAC would become the VXLAN default destination
+    # (every host's broadcast flooded to one VTEP), and broadcast or multicast MACs steal flooded traffic.
+    if mac == "ff:ff:ff:ff:ff:ff":
+        raise InvalidRequest(f"invalid MAC address {text!r}: it is the broadcast address")
     if int(parts[0], 16) & 1:
         raise InvalidRequest(f"invalid MAC address {text!r}: it is a multicast address")
-    return ":".join(parts)
+    if mac == "00:00:00:00:00:00":
+        raise InvalidRequest(f"invalid MAC address {text!r}: the all-zero address is not a host's address")
+    return mac
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,15 @@ def test_mac_from_ip_and_parse():
             ipam.parse_mac(bad)
 
 
+@pytest.mark.parametrize("mac, words", [("00:00:00:00:00:00", "all-zero"), ("FF:ff:ff:ff:ff:ff", "broadcast"),
+                                        ("33:33:00:00:00:01", "multicast")])
+def test_macs_that_are_no_hosts_are_refused(mac, words):
+    # As a peer's MAC, 00:..:00 is the VXLAN default destination: every host's flooding would go to one VTEP.
+    with pytest.raises(InvalidRequest, match=words) as e:
+        ipam.parse_mac(mac)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("text,ok", [("1500", True), ("68", True), ("65535", True), ("67", False),
                                      ("65536", False), ("abc", False), ("-1", False)])
 def test_mtu_range(text, ok):

@@ -106,3 +106,26 @@ def test_node_address_accepts_unicast_ipv4(text):
 def test_node_address_refuses_what_other_hosts_cannot_reach(text, words):
     with pytest.raises(InvalidRequest, match=words):
         validate.parse_node_address(text, "advertise address")
+
+
+@pytest.mark.parametrize("mac, words", [("00:00:00:00:00:00", "all zeros"), ("ff:ff:ff:ff:ff:ff", "broadcast"),
+                                        ("01:00:5e:00:00:01", "multicast")])
+def test_the_data_plane_refuses_macs_that_are_no_hosts(mac, words):
+    from netweft.dataplane import checks
+    with pytest.raises(InvalidRequest, match=words) as e:
+        checks.parse_mac(mac)
+    assert "\n" not in str(e.value)
+
+
+def test_peers_whose_mac_is_no_hosts_are_left_out_of_the_peer_tables():
+    # A zero MAC in the FDB is the VXLAN default destination: one such record would take the network's
+    # flooding. Left out (not refused), so the network's other peers are still programmed.
+    from netweft.dataplane import checks
+    from netweft.model.objects import Peer
+    good = Peer("198.18.0.2", "02:42:c6:12:00:02", "192.0.2.1")
+    bad = [Peer("198.18.0.3", m, "192.0.2.66") for m in ("00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff",
+                                                         "01:00:5e:00:00:01")]
+    assert checks.check_peers([good, *bad]) == [good]
+    assert checks.peer_tables(checks.check_peers([good, *bad])) == ({good.ip: good.mac}, {good.mac: good.vtep})
+    with pytest.raises(InvalidRequest):  # malformed is still refused
+        checks.check_peers([Peer("198.18.0.4", "02:42", "192.0.2.1")])

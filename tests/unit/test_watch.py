@@ -325,6 +325,8 @@ def test_refusals(tmp_path):
             (m.attach(b, n1, "y", ip=x.endpoint.ip), Conflict, "already in use"),
             (m.attach(b, n1, "y", ip="198.18.9.9"), InvalidRequest, "not inside"),
             (m.attach(b, n1, "y", mac="01:00:00:00:00:01"), InvalidRequest, "multicast"),
+            (m.attach(b, n1, "y", mac="00:00:00:00:00:00"), InvalidRequest, "all-zero"),
+            (m.attach(b, n1, "y", mac="ff:ff:ff:ff:ff:ff"), InvalidRequest, "broadcast"),
             (m.attach(b, n1, "y", aliases=["bad name"]), InvalidRequest, "aliases"),
             (m.attach(b, n1, "y", aliases=["web\n"]), InvalidRequest, "aliases"),
             (m.attach("ghost", n1, "y"), Forbidden, "not a member"),
