@@ -19,6 +19,7 @@ import aiohttp
 
 from netweft.errors import Forbidden, InvalidRequest, NetweftError, Unavailable
 from netweft import pki
+from netweft.validate import HOSTNAME_RE
 from netweft.model import codec
 from netweft.model.cluster import HeartbeatAnswer, JoinAnswer, RenewAnswer
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
@@ -27,6 +28,7 @@ log = logging.getLogger("netweft.agent")
 
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
 CA_MAX_SIZE = 64 * 1024  # what GET /ca may send back: one certificate is ~1 KiB
+WATCH_LINE_MAX = 256 * 1024 * 1024   # one watch line (a snapshot of a big cluster); more is a broken stream
 # What a person should know when a manager cannot be reached from a running node.
 DATA_PLANE_HINT = "containers keep their networking; retry when it is back"
 JOIN_HINT = "check the manager address and that its daemon is running"
@@ -38,15 +40,36 @@ def manager_url(addr: str, path: str) -> str:
 
 
 def parse_manager_addr(text: str) -> str:
+    """HOST[:PORT] with HOST an IPv4 address or a hostname: it goes into a URL, so nothing else."""
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, "2377"
-    try:
-        p = int(port)
-        assert 0 < p < 65536
-    except (ValueError, AssertionError):
-        raise InvalidRequest(f"invalid manager address {text!r}: expected HOST[:PORT]") from None
-    return f"{host}:{p}"
+    if not port.isdigit() or not 0 < int(port) < 65536 or not HOSTNAME_RE.fullmatch(host):
+        raise InvalidRequest(f"invalid manager address {text!r}: expected HOST[:PORT], HOST an IPv4 address "
+                             "or a hostname, PORT 1-65535 (default 2377)")
+    return f"{host}:{int(port)}"
+
+
+class LineSplitter:
+    """Splits a byte stream into lines: each byte scanned once (a big snapshot stays linear), a line
+    longer than `limit` refused."""
+
+    def __init__(self, limit: int = WATCH_LINE_MAX):
+        self.buf, self.limit, self._scanned = bytearray(), limit, 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self.buf += chunk
+        lines, start, pos = [], 0, self._scanned
+        while (end := self.buf.find(b"\n", pos)) >= 0:
+            if end > start:
+                lines.append(bytes(self.buf[start:end]))
+            start = pos = end + 1
+        del self.buf[:start]
+        self._scanned = len(self.buf)
+        if len(self.buf) > self.limit:
+            raise InvalidRequest(f"a watch line is larger than {self.limit // (1024 * 1024)} MiB; "
+                                 "the stream is taken again")
+        return lines
 
 
 _ERRNO_WORDS = {errno.ECONNREFUSED: "connection refused", errno.EHOSTUNREACH: "no route to host",
@@ -266,13 +289,10 @@ class ClusterClient:
                     except (ValueError, KeyError, TypeError):
                         pass
                     raise (Forbidden if r.status in (401, 403) else NetweftError)(msg)
-                buf = b""
+                lines = LineSplitter()
                 async for chunk in r.content.iter_any():
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        if line:
-                            yield json.loads(line)
+                    for line in lines.feed(chunk):
+                        yield json.loads(line)
         except aiohttp.ClientSSLError as e:
             raise Unavailable(f"watch stream from manager {addr}: {_tls_reason(e)}") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 
 from netweft import pki
-from netweft.agent.node import ClusterClient
-from netweft.errors import Unavailable
+from netweft.agent.node import ClusterClient, LineSplitter, parse_manager_addr
+from netweft.errors import InvalidRequest, Unavailable
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 
 
@@ -164,3 +164,30 @@ def test_several_unreachable_managers_are_each_named(tmp_path):
     msg = asyncio.run(go())
     assert msg.startswith("no manager is reachable: ") and "\n" not in msg
     assert all(f"manager {a} is unreachable (connection refused)" in msg for a in addrs)
+
+
+# ------------------------------------------------------------------ what goes into a manager's URL, and its stream
+
+@pytest.mark.parametrize("text", ["x/y#z", "a b", ":2377", "", "mgr:0", "mgr:65536", "mgr:12a", "mgr\n",
+                                  "mgr:2377\n", "-mgr", "mgr..example", "user@mgr:2377"])
+def test_a_manager_address_is_an_ipv4_address_or_a_hostname_and_a_port(text):
+    with pytest.raises(InvalidRequest, match="invalid manager address .*expected HOST\\[:PORT\\]"):
+        parse_manager_addr(text)
+
+
+def test_a_manager_address_gets_the_default_port():
+    assert parse_manager_addr("192.0.2.11") == "192.0.2.11:2377"
+    assert parse_manager_addr("mgr-1.example:02400") == "mgr-1.example:2400"
+
+
+def test_watch_lines_are_split_across_chunks_and_an_endless_line_is_refused():
+    s = LineSplitter(limit=64)
+    assert s.feed(b'{"a"') == []
+    assert s.feed(b":1}") == []
+    assert s.feed(b'\n\n{"b":2}\n{"c"') == [b'{"a":1}', b'{"b":2}']
+    assert s.feed(b":3}\n") == [b'{"c":3}']
+    assert s.buf == bytearray()
+    for _ in range(8):
+        s.feed(b"x" * 8)          # 64 bytes and no end of line yet: still a line
+    with pytest.raises(InvalidRequest, match="a watch line is larger than"):
+        s.feed(b"x")
