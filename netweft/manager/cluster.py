@@ -37,6 +37,7 @@ log = logging.getLogger("netweft.manager")
 
 HEARTBEAT_MISSES = 3          # a node is Down after this many missed heartbeats
 MIN_CERT_EXPIRY = timedelta(seconds=10)
+RENEW_RETRY_FIRST, RENEW_RETRY_MAX = 1.0, 60.0   # seconds between retries of a failed renewal of the leader's
 STORE_FILE = "cluster.db"     # the cluster store, in the swarm directory (mode 0600: it holds the tokens)
 
 
@@ -296,16 +297,27 @@ class Manager:
                                 extra={"node": node.id, "hostname": node.hostname, "after_s": limit})
 
     async def _renew_own_cert(self) -> None:
-        """The leader signs its own renewals: same timing rule as every node (50-80 % of the lifetime)."""
+        """The leader signs its own renewals: same timing rule as every node (50-80 % of the lifetime).
+        A failed renewal (store, disk) is retried with backoff: this certificate is also the cluster
+        API's server certificate, so the task must never end before the manager does."""
         f = files(self.dir)
         while True:
             ident = pki.cert_identity(pki.load_pem(f["cert"]))
             at = pki.renewal_time(ident.not_before + pki.CLOCK_SKEW, ident.not_after)  # not_before is backdated
             await asyncio.sleep(max(0.0, (at - datetime.now(timezone.utc)).total_seconds()))
-            key = pki.new_node_key()
-            cert = (await self.renew(self.node(self.node_id), pki.make_csr(key).decode()))["Certificate"]
-            save_node_pair(self.dir, pki.key_to_pem(key), cert.encode())
-            self.ctx.load_cert_chain(f["cert"], f["key"])  # new handshakes present the renewed certificate
+            backoff = RENEW_RETRY_FIRST
+            while True:
+                try:
+                    key = pki.new_node_key()
+                    cert = (await self.renew(self.node(self.node_id), pki.make_csr(key).decode()))["Certificate"]
+                    save_node_pair(self.dir, pki.key_to_pem(key), cert.encode())
+                    self.ctx.load_cert_chain(f["cert"], f["key"])  # new handshakes present the renewed one
+                    break
+                except Exception as e:
+                    log.error("renewing the leader's certificate failed; retrying",
+                              extra={"reason": str(e) or type(e).__name__, "retry_s": backoff})
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RENEW_RETRY_MAX)
 
     # ---------------------------------------------------- admin operations
     def nodes(self) -> list[dict]:

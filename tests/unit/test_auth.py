@@ -426,3 +426,40 @@ def test_answers_ignore_unknown_fields_but_check_known_ones():
     with pytest.raises(InvalidRequest, match="Managers"):
         codec.convert({**join, "Managers": []}, JoinAnswer)
 
+
+
+# ------------------------------------------------------------------ the leader's own certificate
+
+def test_a_failed_renewal_of_the_leaders_certificate_is_retried_not_the_end(tmp_path, monkeypatch, caplog):
+    from netweft.manager import cluster
+    from netweft.pki.nodepair import files
+    monkeypatch.setattr(cluster, "RENEW_RETRY_FIRST", 0.05)
+    spec = {"CertExpiry": 3, "HeartbeatPeriod": 5.0, "DataPathPort": 4789, "DefaultAddrPool": ["198.18.0.0/15"],
+            "SubnetSize": 24}
+
+    async def main():
+        swarm = str(tmp_path / "swarm")
+        made = await cluster.Manager.init_cluster(swarm, "lead", "192.0.2.1", ("127.0.0.1", 0), spec)
+        m = cluster.Manager(swarm, made["node_id"])
+        first = pki.cert_identity(pki.load_pem(files(swarm)["cert"])).serial
+        failures = [OSError("disk full"), RuntimeError("store busy")]
+        real_renew = m.renew
+
+        async def flaky(node, csr):
+            if failures:
+                raise failures.pop(0)
+            return await real_renew(node, csr)
+        m.renew = flaky
+        await m.start(("127.0.0.1", 0))
+        try:
+            for _ in range(200):  # renewal at 50-80 % of 3 s, then two retries
+                if pki.cert_identity(pki.load_pem(files(swarm)["cert"])).serial != first:
+                    break
+                await asyncio.sleep(0.05)
+            assert pki.cert_identity(pki.load_pem(files(swarm)["cert"])).serial != first
+            assert not failures and all(not t.done() for t in m.tasks)  # the task goes on after a success too
+        finally:
+            await m.stop()
+    asyncio.run(main())
+    errors = [r for r in caplog.records if r.msg.startswith("renewing the leader's certificate failed")]
+    assert [r.reason for r in errors] == ["disk full", "store busy"]
