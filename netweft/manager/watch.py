@@ -452,7 +452,11 @@ class Hub:
     def subscribe(self, node_id: str, hostname: str, since: int, asked: frozenset[str] = frozenset()) -> Watcher:
         """A new watcher of node_id from revision `since`. From now on every new revision reaches its
         queue; what it gets first is decided here, before any await, so that a snapshot is exactly
-        the state at the subscription's revision (`w.start`)."""
+        the state at the subscription's revision (`w.start`).
+
+        One stream per node: a new one ends the node's older ones (an agent that reconnects has given
+        up on them; a node opening many would cost a snapshot and a queue each)."""
+        self.disconnect(node_id, "replaced by a newer watch stream of this node")
         w = Watcher(node_id, hostname, asked, self.max_frames, self.max_bytes)
         self.watchers.add(w)
         w.since, w.start = since, self.state.rev

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -346,6 +347,10 @@ def line_within(proc: subprocess.Popen, seconds: float) -> str | None:
 def test_node_rm_closes_the_removed_nodes_watch_and_connections_at_once(lab3):
     creds = node_files(lab3, "h2")
     spec = {"url": f"https://{MANAGER}/watch?since=0", **{k: v.decode() for k, v in creds.items()}}
+    # A node has one watch stream: h2's daemon is frozen so that its agent does not take the stream back
+    # from the test's (its connections stay open meanwhile, as the kernel keeps them).
+    h2d = int((lab3.host_dir("h2") / "netweftd.pid").read_text())
+    os.kill(h2d, signal.SIGSTOP)
     argv, env = lab3.exec_argv("h2", [sys.executable, "-c", _WATCH])
     watcher = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -369,6 +374,7 @@ def test_node_rm_closes_the_removed_nodes_watch_and_connections_at_once(lab3):
         r = cluster_call(lab3, "h2", "GET", "/watch?since=0", **creds)
         assert r.get("status") == 403 and "removed" in message(r), r
     finally:
+        os.kill(h2d, signal.SIGCONT)
         watcher.kill()
         watcher.wait(timeout=10)
     no_tracebacks(lab3)

@@ -91,7 +91,7 @@ def test_each_node_hears_of_nodes_and_of_the_networks_it_has_endpoints_on_or_ask
         wa = m.hub.subscribe(a, "a", m.hub.state.rev)
         wb = m.hub.subscribe(b, "b", m.hub.state.rev)
         wc = m.hub.subscribe(c, "c", m.hub.state.rev)
-        wx = m.hub.subscribe(c, "c", m.hub.state.rev, frozenset({n1}))  # c asks for n1 by ID
+        wx = m.hub.subscribe("e", "e", m.hub.state.rev, frozenset({n1}))  # e asks for n1 by ID
 
         att = await m.attach(c, n1, "cc")  # c's first endpoint on n1: n1 enters c's scope
         assert ids(pending(wa), "endpoint") == [att.endpoint.id]
@@ -137,9 +137,11 @@ def test_watchers_with_one_selection_share_one_encoded_frame(tmp_path):
         m = await Manager.open(tmp_path / "c.db")
         a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
         n1 = await m.net("n1", "198.18.1.0/24")
+        d = await m.node("d", "192.0.2.4")
         await m.attach(a, n1, "x")
         await m.attach(b, n1, "y")
-        ws = [m.hub.subscribe(node, node, m.hub.state.rev) for node in (a, b, a)]
+        await m.attach(d, n1, "w")
+        ws = [m.hub.subscribe(node, node, m.hub.state.rev) for node in (a, b, d)]
         await m.node("c", "192.0.2.3")
         await m.attach("c", n1, "z")
         frames = [[f for _, f in w.frames] for w in ws]
@@ -240,6 +242,27 @@ def test_a_slow_watcher_is_cut_off_and_resumes_from_its_revision(tmp_path):
         w2 = m.hub.subscribe(a, "a", had)
         msgs = await take(m.hub.frames(w2), 5)
         assert ids(msgs, "node") == [f"x{i}" for i in range(5)]
+        await m.close()
+    run(main())
+
+
+def test_a_node_has_one_watch_stream_a_new_one_ends_the_old(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        olds = [m.hub.subscribe(a, "a", 0, frozenset({n1})) for _ in range(5)]
+        wb = m.hub.subscribe(b, "b", 0)
+        new = m.hub.subscribe(a, "a", m.hub.state.rev)
+        assert [w for w in m.hub.watchers if w.node_id == a] == [new] and wb in m.hub.watchers
+        for w in olds:
+            assert w.ended == "replaced by a newer watch stream of this node" and not w.frames
+        with pytest.raises(StopAsyncIteration):  # the old stream ends after what it was sent first
+            gen = m.hub.frames(olds[0])
+            await asyncio.wait_for(gen.__anext__(), 5)
+            await asyncio.wait_for(gen.__anext__(), 5)
+        await m.node("c", "192.0.2.3")
+        assert ids(pending(new), "node") == ["c"] and ids(pending(wb), "node") == ["c"]
         await m.close()
     run(main())
 
