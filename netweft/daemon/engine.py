@@ -76,6 +76,7 @@ class Engine:
             os.makedirs(d, mode=0o700, exist_ok=True)
         self.store = Store(os.path.join(data_root, "netweft.db"))
         self.lock = asyncio.Lock()
+        self._ctr_locks: dict[str, asyncio.Lock] = {}   # one per container: its connects one at a time
         self.overlay_host = OverlayHost(self)
         self.swarm = None                              # the daemon's Swarm role, set by the daemon
         self.overlay_agent: OverlayAgent | None = None  # while this node is in a swarm
@@ -150,9 +151,9 @@ class Engine:
                     pass
         return out
 
-    def _put_endpoint(self, ep: Endpoint) -> None:
-        with self.store.tx():
-            self.store.put(ENDPOINTS, ep.id, endpoint_name(ep.owner, ep.network_id), to_builtins(ep))
+    def _insert_endpoint(self, ep: Endpoint) -> None:
+        with self.store.tx():   # a plain insert: a second record for one owner and network is refused
+            self.store.insert(ENDPOINTS, ep.id, endpoint_name(ep.owner, ep.network_id), to_builtins(ep))
 
     def _delete_endpoint_record(self, ep_id: str) -> None:
         with self.store.tx():
@@ -174,10 +175,12 @@ class Engine:
             return await self._create_overlay(req, name)
         if driver != "bridge":
             raise InvalidRequest(f"unknown driver {driver!r}: use -d bridge or -d overlay")
-        overlays = await self._overlays_for_checks(name)   # may ask a manager: before the lock
+        overlays = await self._overlays_for_checks()   # may ask a manager: before the lock
         async with self.lock:
             if self.store.by_name("networks", name) or any(o.name == name for o in overlays):
                 raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
+            if self.store.get("networks", name) or any(o.id == name for o in overlays):
+                raise Conflict(f"network name {name!r} is the ID of another network; choose another name")
             net = await self._new_bridge_network(req, name, overlays)
             others = self._local_networks()
             try:
@@ -192,17 +195,14 @@ class Engine:
         log.info("network created", extra={"network": name, "id": net.id, "subnet": net.subnet})
         return self.network_view(net)
 
-    async def _overlays_for_checks(self, name: str) -> list[Network]:
+    async def _overlays_for_checks(self) -> list[Network]:
         """Overlays a new local network must not clash with (name, subnet): the cluster's, from the managers,
         with those known here (without a reachable manager, only those)."""
         if self.overlay_agent is None:
             return []
         known = {n.id: n for n in self.overlay_agent.networks()}
         try:
-            listed = await self.overlay_agent.fetch_networks()
-            if listed is None:   # a manager that cannot list: at least the name
-                same = await self.overlay_agent.fetch_network(name)
-                listed = [same] if same is not None and same.name == name else []
+            listed = await self.overlay_agent.fetch_networks() or []
         except Unavailable:
             listed = []
         known.update((n.id, n) for n in listed)
@@ -229,8 +229,12 @@ class Engine:
                 raise Conflict(f"parent interface {parent!r} is already used by network {other.name!r}")
         if await self.dp.link_exists(bridge):
             raise Conflict(f"an interface named {bridge!r} already exists on this host; choose another bridge name")
-        if parent and not await self.dp.link_exists(parent):
-            raise InvalidRequest(f"parent interface {parent!r} does not exist on this host")
+        if parent:
+            info = await self.dp.link_info(parent)
+            if info is None:
+                raise InvalidRequest(f"parent interface {parent!r} does not exist on this host")
+            kind, master, loopback = info
+            validate.check_parent_link(parent, kind, master, loopback)
         ipam_cfg = (req.get("IPAM") or {}).get("Config") or [{}]
         if len(ipam_cfg) != 1:
             raise InvalidRequest("exactly one IPAM config (subnet) per network is supported")
@@ -355,9 +359,8 @@ class Engine:
             nets += self.overlay_agent.networks()
         return nets
 
-    def list_networks(self, filters: dict[str, list[str]] | None = None) -> list[dict]:
-        views = [self.network_view(n) for n in self.all_networks()]
-        return [v for v in views if not filters or _matches(v, filters)]
+    def list_networks(self) -> list[dict]:
+        return [self.network_view(n) for n in self.all_networks()]
 
     async def remove_network(self, ref: str) -> None:
         net = await self.network(ref)
@@ -403,8 +406,18 @@ class Engine:
         self._write_hosts(ctr)
         return self.endpoint_view(ep)
 
+    def _container_lock(self, ctr_id: str) -> asyncio.Lock:
+        return self._ctr_locks.setdefault(ctr_id, asyncio.Lock())
+
     async def _connect(self, net: Network, ctr: dict, ip: str | None, aliases: list[str], mac: str | None) -> Endpoint:
-        """Allocate, record and program one endpoint of a container."""
+        """Allocate, record and program one endpoint of a container. One connect of a container at a time:
+        the check "not yet connected" and the interface name stay true until its record is written. (A
+        container's own lock, not the engine's: an overlay attach may wait on a manager.)"""
+        async with self._container_lock(ctr["Id"]):
+            return await self._connect_locked(net, ctr, ip, aliases, mac)
+
+    async def _connect_locked(self, net: Network, ctr: dict, ip: str | None, aliases: list[str],
+                              mac: str | None) -> Endpoint:
         mode = ctr["HostConfig"]["NetworkMode"]
         if mode in SPECIAL_MODES:
             raise InvalidRequest(f"container {ctr['Name']!r} uses --network {mode}; it cannot join other networks")
@@ -440,7 +453,7 @@ class Engine:
                           owner=owner, aliases=list(aliases), ip_requested=bool(ip), sandbox_key=netns,
                           ifname=ifname, host_ifname=VETH_PREFIX + ep_id[:12],
                           gateway=net.gateway if first and not net.internal else None)
-            self._put_endpoint(ep)
+            self._insert_endpoint(ep)
         try:
             await self._program_endpoint(net, ep)
         except BaseException:
@@ -572,6 +585,7 @@ class Engine:
         shutil.rmtree(self.ctr_state_dir(ctr["Id"]), ignore_errors=True)
         with self.store.tx():
             self.store.delete("containers", ctr["Id"])
+        self._ctr_locks.pop(ctr["Id"], None)
 
     def container_view(self, ctr: dict) -> dict:
         status, value = runtime.status(self.ctr_state_dir(ctr["Id"]))
@@ -648,24 +662,6 @@ async def _awaited(value):
     while asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
         value = await value
     return value
-
-
-def _matches(net: dict, filters: dict[str, list[str]]) -> bool:
-    for key, values in filters.items():
-        if key == "name" and not any(v in net["Name"] for v in values):
-            return False
-        if key == "driver" and net["Driver"] not in values:
-            return False
-        if key == "id" and not any(net["Id"].startswith(v) for v in values):
-            return False
-        if key == "label":
-            for v in values:
-                k, sep, val = v.partition("=")
-                if k not in net["Labels"] or (sep and net["Labels"][k] != val):
-                    return False
-        if key == "scope" and net["Scope"] not in values:
-            return False
-    return True
 
 
 def _host_resolvers() -> tuple[list[str], list[str]]:

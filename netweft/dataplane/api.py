@@ -41,6 +41,12 @@ class DataPlane(abc.ABC):
     async def link_exists(self, name: str) -> bool: ...
 
     @abc.abstractmethod
+    async def link_info(self, name: str) -> tuple[str | None, str | None, bool] | None:
+        """(kind, master, is_loopback) of host link `name`: kind as the kernel names it ("bridge", "veth",
+        ...; None for a physical device or loopback), master the name of the bridge it is a port of (or
+        None). None if there is no such link."""
+
+    @abc.abstractmethod
     async def list_links(self, prefix: str) -> list[str]:
         """Names of host links starting with `prefix`, sorted."""
 

@@ -54,6 +54,7 @@ class FakeLink:
     vxlan: tuple[int, str, int] | None = None            # vxlan: (VNI, local IP, UDP port)
     neigh: dict[str, str] = field(default_factory=dict)  # vxlan: permanent neighbours ip -> mac
     fdb: dict[str, list[str]] = field(default_factory=dict)  # vxlan: mac -> VTEPs
+    loopback: bool = False              # lo
 
 
 def _op(fn):
@@ -73,7 +74,8 @@ def _op(fn):
 class FakeDataPlane(DataPlane):
     def __init__(self, *, yield_to_loop: bool = True):
         self.yield_to_loop = yield_to_loop
-        self._ns: dict[str, dict[str, FakeLink]] = {HOST: {"lo": FakeLink("lo", "device", 65536, up=True)}}
+        self._ns: dict[str, dict[str, FakeLink]] = {HOST: {"lo": FakeLink("lo", "device", 65536, up=True,
+                                                                          loopback=True)}}
         self._default: dict[str, tuple[str, str]] = {}    # namespace -> (gateway, device)
         self._routes: list[tuple[ipaddress.IPv4Network, str | None]] = []  # host routes added by a test
         self.tables: dict[str, dict] = {}                  # nftables table -> the libnftables JSON applied
@@ -321,6 +323,17 @@ class FakeDataPlane(DataPlane):
         except InvalidRequest:
             return False
         return name in self._ns[HOST]
+
+    @_op
+    def link_info(self, name: str) -> tuple[str | None, str | None, bool] | None:
+        try:
+            check_ifname(name)
+        except InvalidRequest:
+            return None
+        link = self._ns[HOST].get(name)
+        if link is None:
+            return None
+        return (None if link.kind == "device" else link.kind), link.master, link.loopback
 
     @_op
     def list_links(self, prefix: str) -> list[str]:

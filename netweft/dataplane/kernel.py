@@ -38,6 +38,9 @@ from netweft.dataplane.nlutil import (RT_TABLE_MAIN, HostHandles, check_ifname, 
 from netweft.errors import InvalidRequest, KernelError
 
 
+IFF_LOOPBACK = 0x8   # linux/if.h
+
+
 def _random_mac() -> str:
     # Locally administered, unicast.
     octets = [random.randrange(256) for _ in range(6)]
@@ -102,6 +105,20 @@ class Kernel(HostHandles):
             if link is None or not link.get("master"):
                 return None
             return self._link_name(link.get("master"))
+
+    def link_info(self, name: str) -> tuple[str | None, str | None, bool] | None:
+        """(kind, master name, is_loopback) of host link `name` (kind None for a physical device or
+        loopback); None if it does not exist (or cannot: a malformed name)."""
+        try:
+            check_ifname(name)
+        except InvalidRequest:
+            return None
+        with failing(f"look up link {name}"):
+            link = get_link(self._host, name)
+            if link is None:
+                return None
+            master = self._link_name(link.get("master")) if link.get("master") else None
+            return link_kind(link), master, bool(link["flags"] & IFF_LOOPBACK)
 
     def list_links(self, prefix: str) -> list[str]:
         """Names of host links starting with `prefix`, sorted."""

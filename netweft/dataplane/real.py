@@ -111,6 +111,9 @@ class RealDataPlane(DataPlane):
     async def link_exists(self, name: str) -> bool:
         return await self._kcall("link_exists", name)
 
+    async def link_info(self, name: str) -> tuple[str | None, str | None, bool] | None:
+        return await self._kcall("link_info", name)
+
     async def list_links(self, prefix: str) -> list[str]:
         return await self._kcall("list_links", prefix)
 

@@ -11,6 +11,8 @@ import os
 import sqlite3
 from contextlib import contextmanager
 
+from netweft.errors import Conflict
+
 ENDPOINTS = "endpoints"
 KINDS = ("networks", "containers", ENDPOINTS, "settings")
 
@@ -63,6 +65,13 @@ class Store:
         self.db.execute(f"INSERT OR REPLACE INTO {kind} (id, name, doc) VALUES (?, ?, ?)",
                         (id, name, json.dumps(doc)))
 
+    def insert(self, kind: str, id: str, name: str | None, doc: dict) -> None:
+        """A new document; Conflict if its id or name is taken (put would silently replace that one)."""
+        try:
+            self.db.execute(f"INSERT INTO {kind} (id, name, doc) VALUES (?, ?, ?)", (id, name, json.dumps(doc)))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"{kind} {name or id!r} already exists") from None
+
     def delete(self, kind: str, id: str) -> None:
         self.db.execute(f"DELETE FROM {kind} WHERE id = ?", (id,))
 
@@ -75,10 +84,11 @@ class Store:
         return json.loads(row[0]) if row else None
 
     def find(self, kind: str, ref: str) -> dict | None:
-        """Docker-style reference: full id, name, or unique id prefix."""
+        """Docker-style reference: full id, name, or unique id prefix (taken literally: not a LIKE pattern)."""
         doc = self.get(kind, ref) or self.by_name(kind, ref)
         if doc is None and len(ref) >= 3:
-            rows = self.db.execute(f"SELECT doc FROM {kind} WHERE id LIKE ?", (ref + "%",)).fetchall()
+            rows = self.db.execute(f"SELECT doc FROM {kind} WHERE substr(id, 1, ?) = ? LIMIT 2",
+                                   (len(ref), ref)).fetchall()
             if len(rows) == 1:
                 doc = json.loads(rows[0][0])
         return doc

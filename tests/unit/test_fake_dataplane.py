@@ -61,6 +61,11 @@ def test_a_bridge_network_is_kept_and_reported():
         await f.set_ip_forward(True)
         assert await f.link_exists("nw-a") and not await f.link_exists("nw-b")
         assert not await f.link_exists("not a name")
+        assert await f.link_info("nw-a") == ("bridge", None, False)
+        assert await f.link_info("nwva") == ("veth", "nw-a", False)
+        assert await f.link_info("eth0") == (None, None, False)   # a physical device: no kind
+        assert await f.link_info("lo") == (None, None, True)
+        assert await f.link_info("nw-b") is None and await f.link_info("not a name") is None
         assert await f.list_links("nw") == ["nw-a", "nwva"]
         assert await f.ipv4_addresses() == {"eth0": [VTEP], "nw-a": ["198.18.0.1"]}
         assert await f.host_routes("nw-") == [ipaddress.ip_network("192.0.2.0/24")]

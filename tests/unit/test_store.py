@@ -1,6 +1,7 @@
 """The store's transactions: atomic, re-entrant, with after-commit callbacks."""
 import pytest
 
+from netweft.errors import Conflict
 from netweft.store.local import Store
 
 
@@ -40,3 +41,23 @@ def test_documents_are_found_by_name_prefix_taken_literally(tmp_path):
     assert [d["name"] for d in s.with_name_prefix("endpoints", "netweft/abc/")] == ["netweft/abc/n1", "netweft/abc/n2"]
     assert [d["name"] for d in s.with_name_prefix("endpoints", "netweft/ab%/")] == ["netweft/ab%/n1"]
     assert s.with_name_prefix("endpoints", "docker/") == []
+
+
+def test_an_id_prefix_is_taken_literally_and_case_sensitively(tmp_path):
+    s = Store(str(tmp_path / "db"))
+    with s.tx():
+        s.put("containers", "abcdef01", "only", {"Id": "abcdef01"})
+    assert s.find("containers", "abcd") == {"Id": "abcdef01"}
+    for ref in ("%%%", "a%c", "___", "ab_d", "ABCD"):   # `netweft rm -f %%%` must not remove it
+        assert s.find("containers", ref) is None, ref
+
+
+def test_insert_never_replaces_a_document_of_that_id_or_name(tmp_path):
+    s = Store(str(tmp_path / "db"))
+    with s.tx():
+        s.insert("endpoints", "e1", "netweft/c1/n1", {"id": "e1"})
+    for id_, name in (("e2", "netweft/c1/n1"), ("e1", "netweft/c1/n2")):
+        with pytest.raises(Conflict, match="already exists"):
+            with s.tx():
+                s.insert("endpoints", id_, name, {"id": id_})
+    assert s.list("endpoints") == [{"id": "e1"}]
