@@ -8,7 +8,7 @@ to each RPC):
     async def heartbeat(request): ...
 
 OPEN routes need no certificate (GET /ca, POST /join): they are rate-limited per source address and
-take small bodies. MANAGER routes need a manager by both the certificate and the node's current role
+take small bodies. WORKER routes are rate-limited per node. MANAGER routes need a manager by both the certificate and the node's current role
 in the store, so a demoted manager's old certificate does not keep the role. A route that declares
 nothing is refused, whoever calls it.
 
@@ -38,6 +38,9 @@ _ROLES = (OPEN, WORKER, MANAGER)
 OPEN_BODY_LIMIT = 64 * 1024          # a join request is ~1 KiB
 BODY_LIMIT = 4 * 1024 * 1024         # authenticated calls: the largest (network create) is a few KiB
 OPEN_RATE, OPEN_BURST = 5.0, 20.0    # calls per second per source address on open routes; a join is 2
+# Per node on the routes every member may call: each can fan out to every host (an endpoint, a new
+# address in a heartbeat). Far above what an agent needs (a heartbeat per period, two calls per attach).
+NODE_RATE, NODE_BURST = 50.0, 500.0
 
 
 class TooLarge(NetweftError):
@@ -156,9 +159,10 @@ class Admission:
     node as stored, its current role in the store), or raises Unauthorized/Forbidden.
     """
 
-    def __init__(self, authenticate, limiter: RateLimiter | None = None):
+    def __init__(self, authenticate, limiter: RateLimiter | None = None, node_limiter: RateLimiter | None = None):
         self.authenticate = authenticate
         self.limiter = limiter if limiter is not None else RateLimiter(OPEN_RATE, OPEN_BURST)
+        self.node_limiter = node_limiter if node_limiter is not None else RateLimiter(NODE_RATE, NODE_BURST)
         self._conns: dict[str, set[asyncio.Transport]] = {}
 
     async def _member(self, request: web.Request):
@@ -187,6 +191,11 @@ class Admission:
             else:
                 ident, node, stored_role = await self._member(request)
                 check_role(roles, ident.role, stored_role)
+                if WORKER in roles:
+                    wait = self.node_limiter.take(ident.node_id)
+                    if wait:
+                        secs = max(1, round(wait))
+                        raise TooManyRequests(f"too many calls from node {ident.node_id}; retry in {secs} s", secs)
                 self._track(ident.node_id, request.transport)
                 limit = BODY_LIMIT
             if request.content_length is not None and request.content_length > limit:

@@ -37,6 +37,7 @@ VNI_LAST = (1 << 24) - 1
 OPTIONS = (validate.MTU_OPT, validate.VXLANID_OPT)
 GUARD = b"{}"   # a guard's value does not matter, only its revision
 NETWORKS_GUARD = "networks"
+MAX_NODE_ENDPOINTS = 4096   # overlay endpoints one node may hold: one node cannot take every address
 
 _NAME = re.compile(NAME_PATTERN)
 
@@ -240,6 +241,10 @@ class Overlays:
         if known is not None:
             others = [eps[e].raw for e in st.net_eps[net.id]]
             return [], [], (None, (net_raw, eps[known].raw, others))
+        held = sum(st.node_nets.get(node.id, {}).values())
+        if held >= MAX_NODE_ENDPOINTS:
+            raise Conflict(f"node {node.hostname!r} already holds {held} overlay endpoints, the most one node may "
+                           "hold; remove containers from it first")
         cfg = subnet_config(net)
         used = st.net_ips[net.id]
         if ip is not None:

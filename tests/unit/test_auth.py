@@ -302,6 +302,28 @@ def test_open_routes_are_rate_limited_per_source_address():
     run(go, limiter=RateLimiter(rate=1.0, burst=3, clock=clock))
 
 
+def test_member_routes_are_rate_limited_per_node():
+    clock = Clock()
+
+    async def go(client, seen, _):
+        w2 = {"X-Test-Node": "w2:worker:worker"}
+        statuses = [(await client.post("/heartbeat", json={}, headers=W)).status for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        r = await client.post("/heartbeat", json={}, headers=W)
+        await refused(r, 429, "too many calls from node w1", "retry in 1 s")
+        assert r.headers["Retry-After"] == "1" and len(seen) == 3  # refused calls reach no handler
+        assert (await client.post("/heartbeat", json={}, headers=w2)).status == 200  # another node
+        assert (await client.get("/admin/nodes", headers=M)).status == 200  # manager routes: not counted
+        clock.t += 1.0
+        assert (await client.post("/heartbeat", json={}, headers=W)).status == 200
+    async def main():
+        seen: list = []
+        admission = Admission(fake_authenticate, node_limiter=RateLimiter(rate=1.0, burst=3, clock=clock))
+        async with TestClient(TestServer(make_app(admission, seen))) as client:
+            await go(client, seen, admission)
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("body, field", [
     ({"Addr": 5}, "$.Addr"),
     ({"Addr": "192.0.2.300"}, "$.Addr"),

@@ -377,6 +377,29 @@ def test_refusals(tmp_path):
     run(main())
 
 
+def test_a_node_holds_at_most_its_quota_of_endpoints(tmp_path, monkeypatch):
+    from netweft.manager import overlays
+    monkeypatch.setattr(overlays, "MAX_NODE_ENDPOINTS", 3)
+
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        await m.attach(a, n1, "x")
+        await m.attach(a, n2, "x")
+        third = await m.attach(a, n1, "y")
+        rev = m.hub.state.rev
+        with pytest.raises(Conflict, match="already holds 3 overlay endpoints") as e:
+            await m.attach(a, n2, "z")
+        assert "\n" not in str(e.value) and m.hub.state.rev == rev  # nothing stored
+        assert (await m.attach(a, n1, "y")).endpoint.id == third.endpoint.id  # a retry is no new endpoint
+        await m.attach(b, n2, "z")  # other nodes are not held back
+        await m.ov.delete_endpoint(a, third.endpoint.id)
+        await m.attach(a, n2, "z")  # room again
+        await m.close()
+    run(main())
+
+
 def test_a_worker_request_cannot_carry_fields_that_bypass_the_attachable_check():
     # "Service" (or anything else unknown) is refused before anything is looked at.
     body = json.dumps({"network_id": "a" * 64, "owner": {"kind": "netweft", "id": "c"}, "Service": True})
