@@ -84,6 +84,8 @@ class _Saved(msgspec.Struct):
     nodes: list[Node] = []
     networks: list[_NetCopy] = []
     pending_release: list[str] = []
+    orphans: list[EndpointRequest] = []
+    want_snapshot: bool = False   # something could not be applied: a restarted agent takes a snapshot too
 
 
 def _repairs(out: reconcile.Outcome) -> int:
@@ -111,6 +113,9 @@ class OverlayAgent:
         self.rev = 0                     # the stream's position
         self.bad_rev: int | None = None  # the first revision holding an object that could not be applied
         self.pending_release: list[str] = []   # endpoints removed while no manager was reachable
+        # Attaches whose answer never came (a timeout, a cut): the manager may hold an endpoint for the owner.
+        self.orphans: list[EndpointRequest] = []
+        self._releasing: asyncio.Task | None = None
         self.local: dict[str, Endpoint] = {}   # this host's overlay endpoint records (the store's, mirrored)
         self._locks: dict[str, asyncio.Lock] = {}       # per network, by sandbox name
         self._held: dict[str, list] = {}                # per network: stream items held during an attach
@@ -135,6 +140,9 @@ class OverlayAgent:
         self.tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(self._resync_loop())]
 
     async def stop(self) -> None:
+        if self._releasing is not None:
+            self.tasks.append(self._releasing)
+            self._releasing = None
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -159,6 +167,8 @@ class OverlayAgent:
             self.nets = {c.network.id: NetState(c.network, c.rev, {e.id: e for e in c.endpoints})
                          for c in saved.networks}
             self.pending_release = list(saved.pending_release)
+            self.orphans = list(saved.orphans)
+            self._want_snapshot = saved.want_snapshot
         for doc in self.store.list(ENDPOINTS):
             if not doc.get("node_id"):
                 continue  # a local (bridge) network's endpoint: the engine's
@@ -179,7 +189,8 @@ class OverlayAgent:
         saved = _Saved(rev=rev, nodes=list(self.nodes.values()),
                        networks=[_NetCopy(ns.network, ns.rev, list(ns.endpoints.values()))
                                  for ns in self.nets.values()],
-                       pending_release=list(self.pending_release))
+                       pending_release=list(self.pending_release), orphans=list(self.orphans),
+                       want_snapshot=self._want_snapshot or self.bad_rev is not None)
         put_setting(self.store, CACHE_KEY, to_builtins(saved))
 
     def _save_soon(self) -> None:
@@ -224,15 +235,9 @@ class OverlayAgent:
             raise
         return convert(doc, Network, "network from the manager")
 
-    async def fetch_networks(self) -> list[Network] | None:
-        """Every overlay network of the cluster, from the managers; None if they cannot list them."""
-        try:
-            docs = await self.client.call("GET", "/networks")
-        except NetweftError as e:
-            if getattr(e, "status", None) in (404, 405):
-                return None
-            raise
-        return convert(docs, list[Network], "networks from the manager")
+    async def fetch_networks(self) -> list[Network]:
+        """Every overlay network of the cluster, from the managers."""
+        return convert(await self.client.call("GET", "/networks"), list[Network], "networks from the manager")
 
     def peers_view(self, net_id: str) -> list[tuple[str, str]]:
         """(hostname, VTEP) of every host with an endpoint on the network, as far as the copy knows."""
@@ -280,8 +285,12 @@ class OverlayAgent:
         return self.rev
 
     def _on_connect(self) -> None:
-        if self.pending_release:
-            asyncio.ensure_future(self._release_pending())
+        self._kick_releases()
+
+    def _kick_releases(self) -> None:
+        """Release what waits for a manager, in one task at a time."""
+        if (self.pending_release or self.orphans) and (self._releasing is None or self._releasing.done()):
+            self._releasing = asyncio.ensure_future(self._release_pending())
 
     def _bad(self, rev: int, what: str, reason: str) -> None:
         self._once(f"bad {what} {reason}", f"a {what} from the watch could not be applied; skipped, retried "
@@ -394,10 +403,10 @@ class OverlayAgent:
             if net.id in self._held:
                 self._held[net.id].append((rev, ("state", net, by_net.get(net.id, []))))
                 continue
-            self._set_state(net, rev, by_net.get(net.id, []))
+            self._set_state(net, rev, by_net.get(net.id, []), force=True)
         for net_id in list(self.nets):
             ns = self.nets[net_id]
-            if net_id in listed or net_id in self._held or ns.rev > rev:
+            if net_id in listed or net_id in self._held:
                 continue
             if net_id in self._local_networks():
                 self._once(f"unlisted {net_id}", "a network with endpoints on this host is not in the manager's "
@@ -412,7 +421,7 @@ class OverlayAgent:
                 ns.pending[p] = False
             for p in new - old:
                 ns.pending[p] = True
-            ns.rev = max(ns.rev, rev)
+            ns.rev = rev   # the snapshot is the truth, even below what was held (a manager's history restarted)
             self._schedule_flush(net_id)
         self.rev = rev
         log.info("watch snapshot applied", extra={"rev": rev, "networks": len(self.nets)})
@@ -430,10 +439,11 @@ class OverlayAgent:
                 self._bad(rev, type_.__name__.lower(), str(e))
         return out
 
-    def _set_state(self, net: Network, rev: int, endpoints: list[Endpoint]) -> NetState:
-        """The network's whole state at rev, unless the copy holds a newer one; peer changes become pending."""
+    def _set_state(self, net: Network, rev: int, endpoints: list[Endpoint], force: bool = False) -> NetState:
+        """The network's whole state at rev, unless the copy holds a newer one (`force`: even then); peer
+        changes become pending."""
         ns = self.nets.get(net.id)
-        if ns is not None and ns.rev > rev:
+        if ns is not None and ns.rev > rev and not force:
             return ns
         if ns is None:
             ns = self.nets[net.id] = NetState(net, rev, {})
@@ -572,15 +582,21 @@ class OverlayAgent:
                 self.watcher.restart()
             elif self.bad_rev is None:
                 self._retry_bad = RETRY_BAD_FIRST
+            if self.connected.is_set():
+                self._kick_releases()   # an answer lost to a slow manager does not end the watch
 
     async def resync(self) -> None:
         """Level-triggered: make every sandbox, port, peer table and the gateway bridge match the copy and
-        the local records; delete what no record wants. One network at a time, under its lock."""
+        the local records; delete what no record wants. One network at a time, under its lock; a network
+        whose lock is held is left to the next round."""
         t0 = time.monotonic()
         names = {e.network_id[:12]: e.network_id for e in self.local.values()}
         repaired = failed = 0
         for name in sorted(set(names) | set(await self.dp.list_netns(self.sandbox_dir))):
-            async with self._locks.setdefault(name, asyncio.Lock()):
+            lock = self._locks.setdefault(name, asyncio.Lock())
+            if lock.locked():
+                continue   # an attach may wait on a frozen manager: the other networks are not held up by it
+            async with lock:
                 out = await self._resync_network(name)
             if out is not None:
                 repaired += _repairs(out)
@@ -670,13 +686,17 @@ class OverlayAgent:
         req = EndpointRequest(network_id=network_id, owner=owner, ip=ip, mac=mac, aliases=list(aliases))
         async with self._lock(network_id):
             self._held[network_id] = []
+            answer = None
             try:
                 answer = await self.client.call("POST", "/endpoints", to_builtins(req))
                 att = convert(answer, Attachment, "answer of the manager to POST /endpoints")
                 if att.endpoint.network_id != network_id or att.network.id != network_id:
                     raise InvalidRequest("the manager answered POST /endpoints with another network")
-            except BaseException:
+            except BaseException as e:
                 self._release_held(network_id)
+                if answer is not None or isinstance(e, (Unavailable, asyncio.CancelledError)):
+                    # No answer (timed out, cut, cancelled) or a bad one: the manager may have made it.
+                    self._orphan(EndpointRequest(network_id=network_id, owner=owner))
                 raise
             new_here = network_id not in self._local_networks()
             self._set_state(att.network, att.rev, att.endpoints).endpoints.setdefault(att.endpoint.id, att.endpoint)
@@ -798,7 +818,42 @@ class OverlayAgent:
         except NetweftError as e:
             log.warning("could not release an endpoint at the manager", extra={"endpoint": ep_id, "reason": str(e)})
 
+    def _orphan(self, req: EndpointRequest) -> None:
+        if req not in self.orphans:
+            self.orphans.append(req)
+        self._save()
+
+    async def _release_orphan(self, req: EndpointRequest) -> None:
+        """The endpoint the managers may hold for an attach whose answer was lost: asked for again (POST
+        /endpoints is idempotent per owner) and released, unless the owner has attached again since. Under
+        the network's lock, so that no attach of the same owner runs in between."""
+        async with self._lock(req.network_id):
+            if any(e.network_id == req.network_id and (e.owner.kind, e.owner.id) == (req.owner.kind, req.owner.id)
+                   for e in self.local.values()):
+                return   # attached again since: that endpoint is in use
+            try:
+                answer = await self.client.call("POST", "/endpoints", to_builtins(req))
+            except Unavailable:
+                raise
+            except NetweftError:
+                return   # refused (the network is gone, say): nothing is held for this owner
+            await self._release(convert(answer, Attachment, "answer of the manager to POST /endpoints").endpoint.id)
+        log.info("an endpoint whose attach lost its answer is released", extra={"network": req.network_id,
+                                                                                 "owner": req.owner.id})
+
     async def _release_pending(self) -> None:
+        while self.orphans:
+            req = self.orphans[0]
+            try:
+                await self._release_orphan(req)
+            except Unavailable:
+                return   # again at the next connection or resync
+            except NetweftError as e:
+                log.warning("could not release an endpoint whose attach lost its answer",
+                            extra={"network": req.network_id, "owner": req.owner.id, "reason": str(e)})
+            if req in self.orphans:
+                self.orphans.remove(req)
+            self._save()
         while self.pending_release:
             ep_id = self.pending_release[0]
             try:

@@ -38,6 +38,8 @@ class FakeManager:
         self.during_post = None     # called while a POST /endpoints is "on the wire"
         self.deleted: list[str] = []
         self.n = 0
+        self.posts = 0
+        self.list_status = None     # GET /networks answers with this HTTP status instead
 
     def endpoint(self, node: str, net: Network = NET, owner: str = "c") -> Endpoint:
         """A new endpoint at a new revision (another host's, or this one's)."""
@@ -56,9 +58,14 @@ class FakeManager:
         if method == "POST" and path == "/endpoints":
             req = convert(body, EndpointRequest)
             net = self.networks[req.network_id]
-            ep = self.endpoint(ME, net, owner=req.owner.id)
-            ep = Endpoint(**{**to_builtins(ep), "owner": req.owner})
-            self.endpoints[ep.id] = ep
+            # Idempotent per owner, as the managers are: a retried request gets the endpoint it made before.
+            ep = next((e for e in self.endpoints.values() if e.network_id == net.id and e.node_id == ME
+                       and (e.owner.kind, e.owner.id) == (req.owner.kind, req.owner.id)), None)
+            if ep is None:
+                ep = self.endpoint(ME, net, owner=req.owner.id)
+                ep = Endpoint(**{**to_builtins(ep), "owner": req.owner})
+                self.endpoints[ep.id] = ep
+            self.posts += 1
             rev = self.rev
             if self.during_post is not None:
                 await self.during_post()
@@ -69,6 +76,12 @@ class FakeManager:
             self.deleted.append(path.rsplit("/", 1)[1])
             self.endpoints.pop(path.rsplit("/", 1)[1], None)
             return {}
+        if method == "GET" and path == "/networks":
+            if self.list_status is not None:
+                err = NetweftError("404: Not Found")
+                err.status = self.list_status
+                raise err
+            return [to_builtins(n) for n in self.networks.values()]
         if method == "GET" and path.startswith("/networks/"):
             ref = path.rsplit("/", 1)[1]
             hit = next((n for n in self.networks.values() if ref in (n.id, n.name)), None)
@@ -357,6 +370,156 @@ def test_a_snapshot_replaces_the_scope_but_keeps_networks_with_local_endpoints(e
         mgr.rev += 1
         agent.on_message(to_builtins(Snapshot(rev=mgr.rev, nodes=[], networks=[], endpoints=[])))
         assert set(agent.nets) == {NET.id}
+    run(go())
+
+
+def test_a_bad_record_survives_a_restart_as_a_snapshot_to_take(env):
+    """Review 13: the networks' revisions move past a bad record; a restarted agent must still retry it."""
+    _, dp, host, mgr = env
+    agent = new_agent(env)
+
+    async def go():
+        await attach(agent, dp, "c1")
+        b = mgr.endpoint(OTHER)
+        bad = to_builtins(put(b))
+        bad["object"]["ip"] = "not an address"
+        agent.on_message({"type": "events", "rev": mgr.rev, "events": [bad]})
+        await agent.stop()
+        again = new_agent(env)
+        assert again._since() == 0       # a snapshot, not a resume that replays into revisions already passed
+        again.on_message(to_builtins(Snapshot(rev=mgr.rev, nodes=[], networks=[NET],
+                                              endpoints=list(mgr.endpoints.values()))))
+        await again.resync()
+        assert await dp.list_peers(again.sandbox(NET.id)) == {peer(b)}
+        await again.stop()
+        assert new_agent(env)._since() == mgr.rev
+    run(go())
+
+
+def test_a_snapshot_below_the_held_revision_replaces_the_state(env):
+    """Review 14: a manager whose history restarted sends a snapshot at a lower revision: it is the truth, and
+    the events after it apply."""
+    _, dp, _, mgr = env
+    agent = new_agent(env)
+
+    async def go():
+        await attach(agent, dp, "c1")
+        old = mgr.endpoint(OTHER)
+        agent.on_message(events(100, put(old)))
+        await settle()
+        mgr.endpoints.pop(old.id)
+        a = mgr.endpoint(THIRD)
+        agent.on_message(to_builtins(Snapshot(rev=50, nodes=[], networks=[NET],
+                                              endpoints=list(mgr.endpoints.values()))))
+        b = mgr.endpoint(OTHER)
+        agent.on_message(events(51, put(b)))
+        await settle()
+        assert agent.nets[NET.id].rev == 51
+        assert await dp.list_peers(agent.sandbox(NET.id)) == {peer(a), peer(b)}
+    run(go())
+
+
+def test_resync_goes_on_while_an_attach_waits_on_a_frozen_manager(env):
+    """Review 6: an attach holds its network's lock across POST /endpoints; the resync of the other networks
+    must not wait for it."""
+    _, dp, _, mgr = env
+    agent = new_agent(env)
+    thaw = asyncio.Event
+
+    async def go():
+        await attach(agent, dp, "c0")
+        await attach(agent, dp, "c2", NET2)
+        frozen = thaw()
+
+        async def freeze():
+            await frozen.wait()
+        mgr.during_post = freeze
+        stuck = asyncio.ensure_future(attach(agent, dp, "c1"))
+        await settle()
+        dp.delete_link("vxlan0", agent.sandbox(NET2.id))
+        resync = asyncio.ensure_future(agent.resync())
+        for _ in range(200):
+            await asyncio.sleep(0)
+        assert resync.done()
+        await resync
+        assert dp.link("vxlan0", agent.sandbox(NET2.id)) is not None
+        frozen.set()
+        await stuck
+        await agent.resync()     # the held network's turn comes in the next round
+    run(go())
+
+
+def test_an_attach_whose_answer_is_lost_releases_the_endpoint_the_manager_made(env):
+    """Review 8: POST /endpoints committed, then the answer never came (a timeout): the endpoint is released
+    once a manager answers, also after a restart."""
+    _, dp, host, mgr = env
+    agent = new_agent(env)
+
+    async def lost():
+        mgr.during_post = None
+        raise Unavailable("manager 192.0.2.11:2377 is unreachable (timed out)")
+
+    async def go():
+        mgr.during_post = lost
+        with pytest.raises(Unavailable):
+            await attach(agent, dp, "c1")
+        made = [e for e in mgr.endpoints.values() if e.owner.id == "c1"]
+        assert len(made) == 1 and agent.orphans[0].owner.id == "c1"
+        await agent.stop()
+        again = new_agent(env)           # the orphan is saved
+        again._on_connect()
+        await settle()
+        assert mgr.deleted == [made[0].id] and made[0].id not in mgr.endpoints and again.orphans == []
+        assert host.store.get("settings", "overlay-cache")["orphans"] == []
+    run(go())
+
+
+def test_an_orphan_is_not_released_when_its_owner_attached_again(env):
+    _, dp, _, mgr = env
+    agent = new_agent(env)
+
+    async def lost():
+        mgr.during_post = None
+        raise Unavailable("manager 192.0.2.11:2377 is unreachable (timed out)")
+
+    async def go():
+        mgr.during_post = lost
+        with pytest.raises(Unavailable):
+            await attach(agent, dp, "c1")
+        ep = await agent.attach(Owner(kind="netweft", id="c1", name="c1"), NET.id, "/run/nwt/netns/c1", "eth0",
+                                gw_ifname=None)     # the retry gets the endpoint the lost answer was about
+        agent._on_connect()
+        await settle()
+        assert mgr.deleted == [] and ep.id in mgr.endpoints and agent.orphans == []
+        # A refused attach made nothing: no orphan.
+        mgr.networks.pop(NET2.id)
+        mgr_call = mgr.call
+
+        async def refuse(method, path, body=None):
+            if method == "POST":
+                err = NetweftError("network not found")
+                err.status = 404
+                raise err
+            return await mgr_call(method, path, body)
+        mgr.call = refuse
+        with pytest.raises(NetweftError):
+            await attach(agent, dp, "c2", NET2)
+        assert agent.orphans == []
+    run(go())
+
+
+def test_every_overlay_is_listed_by_the_managers_and_a_refusal_is_an_error(env):
+    """Review 21: GET /networks exists on every manager; a 404 or 405 is not read as "cannot list"."""
+    _, _, _, mgr = env
+    agent = new_agent(env)
+
+    async def go():
+        assert {n.id for n in await agent.fetch_networks()} == {NET.id, NET2.id}
+        mgr.list_status = 404
+        with pytest.raises(NetweftError):
+            await agent.fetch_networks()
+        assert await agent.fetch_network("missing") is None
+        assert (await agent.fetch_network("ov2")).id == NET2.id
     run(go())
 
 
