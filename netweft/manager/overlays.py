@@ -217,9 +217,12 @@ class Overlays:
         mac = ipam.parse_mac(req.mac) if req.mac else None
         async with self._lock:
             (ep, parts), rev = await self.hub.commit(lambda: self._plan_endpoint(node_id, req, ip, mac, aliases))
-        net_raw, ep_raw, others = parts
-        if ep is None:  # a retried request: the endpoint it made before, with the state now
-            rev = self.state.rev
+        net_raw, ep_raw, others, seen = parts
+        if ep is None:
+            # A retried request: the endpoint it made before, with the endpoints at the revision they
+            # were read at (the commit's wait may have moved the state on since; an agent taking a later
+            # revision would skip the events in between).
+            rev = seen
         return b'{"rev":%d,"endpoint":%s,"network":%s,"endpoints":[%s]}' % (rev, ep_raw, net_raw, b",".join(others))
 
     def _plan_endpoint(self, node_id: str, req: EndpointRequest, ip: IPv4Address | None, mac: str | None,
@@ -240,7 +243,7 @@ class Overlays:
         known = st.owners.get((net.id, node.id, req.owner.kind, req.owner.id))
         if known is not None:
             others = [eps[e].raw for e in st.net_eps[net.id]]
-            return [], [], (None, (net_raw, eps[known].raw, others))
+            return [], [], (None, (net_raw, eps[known].raw, others, st.rev))
         held = sum(st.node_nets.get(node.id, {}).values())
         if held >= MAX_NODE_ENDPOINTS:
             raise Conflict(f"node {node.hostname!r} already holds {held} overlay endpoints, the most one node may "
@@ -272,7 +275,7 @@ class Overlays:
                     Compare(ALLOCATIONS, node_guard(node.id), st.mod_rev(ALLOCATIONS, node_guard(node.id)))]
         ops = [Put(ENDPOINTS, ep.id, raw), Put(ALLOCATIONS, net_guard(net.id), GUARD),
                Put(ALLOCATIONS, node_guard(node.id), GUARD)]
-        return compares, ops, (ep, (net_raw, raw, others))
+        return compares, ops, (ep, (net_raw, raw, others, st.rev))
 
     def _lowest_free(self, net_id: str, cfg: ipam.SubnetConfig, used: set[int]) -> IPv4Address:
         """The lowest address of the ip-range (or subnet) neither reserved nor in use, searched from the

@@ -334,6 +334,26 @@ def test_two_managers_on_one_store_never_hand_out_an_address_twice(tmp_path, mon
     run(main())
 
 
+def test_a_retried_attachment_carries_the_revision_its_endpoints_were_read_at(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "POLL", 30.0)  # m1 hears of m2's writes only when it asks
+
+    async def main():
+        m1 = await Manager.open(tmp_path / "c.db")
+        a, b = await m1.node("a", "192.0.2.1"), await m1.node("b", "192.0.2.2")
+        n1 = await m1.net("n1", "198.18.1.0/24")
+        first = await m1.attach(a, n1, "x")
+        m2 = await Manager.open(tmp_path / "c.db")
+        other = await m2.attach(b, n1, "y")  # through another manager: m1 does not know it yet
+        again = await m1.attach(a, n1, "x")  # the agent of a retries
+        assert again.endpoint.id == first.endpoint.id
+        # The endpoints in the answer are those of the network at again.rev, whatever that revision is.
+        assert again.rev < other.rev or other.endpoint.id in {e.id for e in again.endpoints}, \
+            (again.rev, other.rev)
+        await m2.close()
+        await m1.close()
+    run(main())
+
+
 def test_refusals(tmp_path):
     async def main():
         m = await Manager.open(tmp_path / "c.db")
