@@ -151,6 +151,9 @@ class Swarm:
             expiry = pki.parse_duration(req.CertExpiry)
             if expiry < MIN_CERT_EXPIRY:
                 raise InvalidRequest(f"--cert-expiry must be at least {int(MIN_CERT_EXPIRY.total_seconds())}s")
+            if expiry > pki.CA_LIFETIME:
+                raise InvalidRequest(f"--cert-expiry must be at most {pki.CA_LIFETIME.days}d, the cluster CA's "
+                                     "lifetime (a certificate never outlives its CA)")
             spec["CertExpiry"] = expiry.total_seconds()
         if req.HeartbeatPeriod:
             hb = pki.parse_duration(req.HeartbeatPeriod).total_seconds()

@@ -217,7 +217,10 @@ def single_ca_certificate(pem: PemLike) -> bytes:
     return RootCA.from_pem(m.group(1)).cert_pem  # refuses a certificate that is not a CA
 
 
-def create_root_ca(cluster_id: str, expiry: timedelta = timedelta(days=3650)) -> RootCA:
+CA_LIFETIME = timedelta(days=3650)  # a node certificate never outlives its CA, so no expiry beyond this is useful
+
+
+def create_root_ca(cluster_id: str, expiry: timedelta = CA_LIFETIME) -> RootCA:
     if not cluster_id:
         raise InvalidRequest("cluster ID must not be empty")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -375,7 +378,11 @@ def sign_node_cert(
     if now > ca_not_after:
         raise InvalidRequest(f"cluster CA expired on {_fmt_time(ca_not_after)}")
     # A node certificate cannot usefully outlive the CA that vouches for it.
-    not_after = min(now + expiry, ca_not_after)
+    try:
+        not_after = min(now + expiry, ca_not_after)
+    except OverflowError:  # past year 9999
+        raise InvalidRequest(f"certificate expiry of {expiry.days} days is too large: at most "
+                             f"{CA_LIFETIME.days} days (the cluster CA's lifetime)") from None
 
     dns = [node_id] + ([MANAGER_HOSTNAME] if role == "manager" else [])
     sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ip) for ip in ips]

@@ -474,3 +474,13 @@ def test_lab_up_and_down_leave_nothing_behind():
         assert name not in subprocess.run([*netweft, "ls"], capture_output=True, text=True).stdout
     finally:
         lab.down(quiet=True)
+
+
+@pytest.mark.parametrize("expiry, words", [("3000000d", "at most 3650d"), ("3651d", "at most 3650d"),
+                                           ("99999999999d", "too large")])
+def test_swarm_init_refuses_a_cert_expiry_beyond_the_cas_lifetime_in_one_line(daemon, expiry, words):
+    r = daemon.cli("swarm", "init", "--advertise-addr", "192.0.2.10", "--cert-expiry", expiry, check=False)
+    assert r.returncode != 0 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not part of a swarm" in daemon.cli("node", "ls", check=False).stderr  # no swarm left behind
+    daemon.log.flush()
+    assert "Traceback" not in (daemon.root / "netweftd.log").read_text()

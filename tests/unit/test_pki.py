@@ -348,6 +348,16 @@ def test_csr_with_bad_signature_refused(ca):
         pki.sign_node_cert(ca, bad_pem, "n1", "worker", "cluster-a", DAY)
 
 
+def test_an_expiry_past_the_calendar_is_one_line_not_an_overflow(ca):
+    key = pki.new_node_key()
+    with pytest.raises(InvalidRequest, match="at most 3650 days") as e:
+        pki.sign_node_cert(ca, pki.make_csr(key), "n1", "worker", "cluster-a", timedelta(days=3_000_000))
+    assert "\n" not in str(e.value)
+    # Far, but within the calendar: capped by the CA, as before.
+    cert = pki.sign_node_cert(ca, pki.make_csr(key), "n1", "worker", "cluster-a", timedelta(days=100_000))
+    assert pki.cert_identity(cert).not_after == pki.validity(ca.cert)[1]
+
+
 def test_csr_junk_and_weak_keys_refused(ca):
     with pytest.raises(InvalidRequest, match="invalid CSR"):
         pki.sign_node_cert(ca, b"not a csr", "n1", "worker", "cluster-a", DAY)
