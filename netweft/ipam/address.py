@@ -8,6 +8,15 @@ from ipaddress import IPv4Address, IPv4Network
 from netweft.errors import Conflict, InvalidRequest, PoolExhausted
 
 
+MIN_PREFIX = 8
+# Ranges a network of containers can never use: the kernel refuses or misroutes their addresses.
+SPECIAL_RANGES = [(IPv4Network("0.0.0.0/8"), "'this network', which cannot be routed"),
+                  (IPv4Network("127.0.0.0/8"), "the loopback range"),
+                  (IPv4Network("169.254.0.0/16"), "the link-local range"),
+                  (IPv4Network("224.0.0.0/4"), "the multicast range"),
+                  (IPv4Network("240.0.0.0/4"), "a reserved range (with the broadcast address)")]
+
+
 def parse_network(text: str, what: str = "subnet") -> IPv4Network:
     try:
         net = ipaddress.ip_network(text, strict=False)
@@ -17,6 +26,13 @@ def parse_network(text: str, what: str = "subnet") -> IPv4Network:
         raise InvalidRequest(f"invalid {what} {text!r}: only IPv4 is supported")
     if str(net.network_address) != text.split("/")[0]:
         raise InvalidRequest(f"invalid {what} {text!r}: host bits set, did you mean {net}?")
+    if net.prefixlen < MIN_PREFIX:
+        raise InvalidRequest(f"invalid {what} {text!r}: a /{net.prefixlen} is larger than any network needs "
+                             f"(at most a /{MIN_PREFIX})")
+    for special, why in SPECIAL_RANGES:
+        if net.overlaps(special):
+            raise InvalidRequest(f"invalid {what} {text!r}: it overlaps {special}, {why}; choose a private range "
+                                 "such as 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16")
     return net
 
 

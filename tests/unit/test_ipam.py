@@ -19,6 +19,26 @@ def test_malformed_cidr_refused(text):
         ipam.parse_network(text)
 
 
+@pytest.mark.parametrize("text, words", [("0.0.0.0/0", "a /0 is larger"), ("10.0.0.0/7", "a /7 is larger"),
+                                         ("0.0.0.0/8", "'this network'"), ("0.1.2.0/24", "'this network'"),
+                                         ("127.0.0.0/24", "loopback"), ("169.254.1.0/24", "link-local"),
+                                         ("169.0.0.0/8", "link-local"), ("224.0.0.0/24", "multicast"),
+                                         ("239.1.0.0/16", "multicast"), ("240.0.0.0/8", "reserved"),
+                                         ("255.255.255.255/32", "reserved")])
+def test_networks_no_container_can_use_are_refused_in_one_line(text, words):
+    with pytest.raises(InvalidRequest, match=words) as e:
+        ipam.parse_network(text)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InvalidRequest, match=words):
+        ipam.parse_pool(f"base={text},size=30")
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "198.18.0.0/15", "1.0.0.0/8",
+                                  "126.255.255.0/24", "128.0.0.0/24", "223.255.255.0/24"])
+def test_ordinary_networks_are_accepted(text):
+    assert str(ipam.parse_network(text)) == text
+
+
 def test_host_bits_refused_with_hint():
     with pytest.raises(InvalidRequest, match="198.18.0.0/24"):
         ipam.parse_network("198.18.0.7/24")

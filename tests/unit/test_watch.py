@@ -377,6 +377,8 @@ def test_refusals(tmp_path):
             (m.net(n1), Conflict, "is the ID of another network"),
             (m.net("n1"), Conflict, "already exists"),
             (m.net("n9", "198.18.1.128/25"), Conflict, "overlaps"),
+            (m.net("n9", "127.0.0.0/24"), InvalidRequest, "the loopback range"),
+            (m.net("n9", "0.0.0.0/0"), InvalidRequest, "larger than any network needs"),
             (m.net("n9", Options={"com.docker.network.driver.overlay.vxlanid_list": "5000"}), Conflict,
              "already used"),
             (m.net("n9", Options={"foo": "bar"}), InvalidRequest, "unknown overlay option(s) foo"),
