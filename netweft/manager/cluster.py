@@ -29,7 +29,7 @@ from netweft.model.objects import Labels, Node, ShortText
 from netweft.model.watch import EndpointRequest
 from netweft.store.api import ClusterStore, Compare, Delete, Put
 from netweft.store.sqlite import SQLiteStore
-from netweft.model.cluster import HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest
+from netweft.model.cluster import HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest, vtep_problem
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 from netweft.manager.tlsserver import serve_tls
 
@@ -49,6 +49,21 @@ def new_node_id() -> str:
         n, r = divmod(n, 36)
         out = digits[r] + out
     return out.rjust(25, "0")
+
+
+def join_addr(advertise: str | None, remote: str | None) -> str:
+    """The joining node's address (its VTEP on every host): the one it advertises (checked by JoinRequest),
+    else the one its call came from, which must pass the same check."""
+    if advertise:
+        return advertise
+    try:
+        why = vtep_problem(remote) if remote else "unknown"
+    except ValueError:  # IPv6: the underlay is IPv4
+        why = "not an IPv4 address"
+    if why:
+        raise InvalidRequest(f"this join came from {remote}, which cannot be a node address ({why}): "
+                             "join with --advertise-addr set to the host's unicast IPv4 underlay address")
+    return remote
 
 
 def utcnow() -> str:
@@ -452,7 +467,7 @@ class Manager:
         async def join(request):
             b = await auth.read_body(request, JoinRequest)
             return web.json_response(await self.join(b.token, b.csr, b.hostname,
-                                                     b.advertise_addr or request.remote))
+                                                     join_addr(b.advertise_addr, request.remote)))
 
         @routes.post("/renew")
         @allow(WORKER)

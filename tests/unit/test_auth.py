@@ -485,3 +485,17 @@ def test_a_failed_renewal_of_the_leaders_certificate_is_retried_not_the_end(tmp_
     asyncio.run(main())
     errors = [r for r in caplog.records if r.msg.startswith("renewing the leader's certificate failed")]
     assert [r.reason for r in errors] == ["disk full", "store busy"]
+
+
+@pytest.mark.parametrize("remote, ok", [("192.0.2.13", True), ("127.0.0.1", False), ("0.0.0.0", False),
+                                        ("224.0.0.1", False), ("255.255.255.255", False), ("::1", False),
+                                        (None, False)])
+def test_a_join_without_advertise_addr_checks_the_calls_source_as_a_vtep(remote, ok):
+    from netweft.manager.cluster import join_addr
+    assert join_addr("192.0.2.20", remote) == "192.0.2.20"  # advertised: JoinRequest has checked it
+    if ok:
+        assert join_addr(None, remote) == remote
+    else:
+        with pytest.raises(InvalidRequest, match="cannot be a node address") as e:
+            join_addr(None, remote)
+        assert "\n" not in str(e.value) and "--advertise-addr" in str(e.value)
