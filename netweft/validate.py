@@ -57,10 +57,10 @@ def parse_mtu(text: str | int) -> int:
 
 
 def parse_vni(text: str) -> int:
-    try:
-        vni = int(text)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"invalid VXLAN ID {text!r}: expected a number between 1 and {VNI_LAST}") from None
+    # Digits only: int() would also take " 12", "+12" and "1_2", and grind through a huge string.
+    if not isinstance(text, str) or not (text.isascii() and text.isdigit()) or len(text) > 9:
+        raise InvalidRequest(f"invalid VXLAN ID {str(text)[:32]!r}: expected a number between 1 and {VNI_LAST}")
+    vni = int(text)
     if not 1 <= vni <= VNI_LAST:
         raise InvalidRequest(f"invalid VXLAN ID {vni}: it must be between 1 and {VNI_LAST}")
     return vni
@@ -91,7 +91,8 @@ def check_driver_options(driver: str, options: dict[str, str]) -> dict[str, str]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise InvalidRequest(f"unknown {driver} driver option{'s' if len(unknown) > 1 else ''} "
-                             f"{', '.join(repr(k) for k in unknown)}: the known ones are {', '.join(known)}")
+                             f"{', '.join(repr(k[:64]) for k in unknown[:5])}{' ...' if len(unknown) > 5 else ''}: "
+                             f"the known ones are {', '.join(known)}")
     if MTU_OPT in options:
         parse_mtu(options[MTU_OPT])
     if BRIDGE_NAME_OPT in options:

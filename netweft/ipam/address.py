@@ -66,23 +66,6 @@ class SubnetConfig:
         """Addresses never handed to endpoints."""
         return {self.gateway, *self.aux.values()}
 
-    def to_doc(self) -> dict:
-        return {
-            "Subnet": str(self.subnet),
-            "IPRange": str(self.ip_range) if self.ip_range else "",
-            "Gateway": str(self.gateway),
-            "AuxiliaryAddresses": {k: str(v) for k, v in self.aux.items()},
-        }
-
-    @classmethod
-    def from_doc(cls, doc: dict) -> "SubnetConfig":
-        return cls(
-            subnet=IPv4Network(doc["Subnet"]),
-            gateway=IPv4Address(doc["Gateway"]),
-            ip_range=IPv4Network(doc["IPRange"]) if doc.get("IPRange") else None,
-            aux={k: IPv4Address(v) for k, v in doc.get("AuxiliaryAddresses", {}).items()},
-        )
-
 
 def build_subnet_config(subnet: IPv4Network, gateway: str | None = None, ip_range: str | None = None,
                         aux: dict[str, str] | None = None) -> SubnetConfig:

@@ -33,8 +33,7 @@ from netweft.store.api import Compare, Delete, Put
 log = logging.getLogger("netweft.manager.overlays")
 
 VNI_FIRST = 4096
-VNI_LAST = (1 << 24) - 1
-OPTIONS = (validate.MTU_OPT, validate.VXLANID_OPT)
+VNI_LAST = validate.VNI_LAST
 GUARD = b"{}"   # a guard's value does not matter, only its revision
 NETWORKS_GUARD = "networks"
 MAX_NODE_ENDPOINTS = 4096   # overlay endpoints one node may hold: one node cannot take every address
@@ -120,24 +119,13 @@ class Overlays:
             raise InvalidRequest("IPv6 is not supported on overlay networks yet: create the network without --ipv6")
         if req.IPAM.Driver not in ("", "default"):
             raise InvalidRequest(f"IPAM driver {req.IPAM.Driver[:40]!r} is not supported: use the default one")
-        options = dict(req.Options)
+        options = validate.check_driver_options("overlay", dict(req.Options))
         if validate.ENCRYPTED_OPT in options:
             raise InvalidRequest("encrypted overlay networks are not supported yet (this kernel has no IPsec ESP; "
                                  "WireGuard-based encryption is planned): create the network without -o encrypted")
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise InvalidRequest(f"unknown overlay option(s) {', '.join(o[:64] for o in unknown[:5])}: "
-                                 f"the known ones are {', '.join(OPTIONS)}")
         out: dict = {"mtu": validate.parse_mtu(options[validate.MTU_OPT]) if validate.MTU_OPT in options else None,
-                     "vni": None, "options": options}
-        if validate.VXLANID_OPT in options:
-            text = options[validate.VXLANID_OPT]
-            if not (text.isascii() and text.isdigit()) or len(text) > 9:
-                raise InvalidRequest(f"invalid VXLAN ID {text[:32]!r}: expected a number")
-            vni = int(text)
-            if not 1 <= vni <= VNI_LAST:
-                raise InvalidRequest(f"invalid VXLAN ID {vni}: it must be between 1 and {VNI_LAST}")
-            out["vni"] = vni
+                     "vni": validate.parse_vni(options[validate.VXLANID_OPT]) if validate.VXLANID_OPT in options
+                     else None, "options": options}
         if len(req.IPAM.Config) > 1:
             raise InvalidRequest("exactly one IPAM config (subnet) per network is supported")
         c = req.IPAM.Config[0] if req.IPAM.Config else None
@@ -322,11 +310,3 @@ class Overlays:
         ops += [Put(ALLOCATIONS, net_guard(n), GUARD) for n in {e.network_id for e in eps}]
         ops.append(Delete(ALLOCATIONS, node_guard(node_id)))
         return compares, ops, len(eps)
-
-    async def purge_node(self, node_id: str) -> int:
-        """A node's endpoints disappear from every host's tables."""
-        async with self._lock:
-            count, _ = await self.hub.commit(lambda: self.purge_plan(node_id))
-        if count:
-            log.info("endpoints of a departed node purged", extra={"node": node_id, "count": count})
-        return count

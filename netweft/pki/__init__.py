@@ -7,7 +7,8 @@ Trust flow (as in swarmkit):
   1. `swarm init` creates a RootCA and two join tokens (worker, manager). A token is
      SWMTKN-1-<digest of the CA certificate>-<secret>.
   2. A joining host fetches the CA certificate and checks it against the digest in its
-     token (token_matches_ca) before sending anything, so there is no trust on first use.
+     token (parse_join_token(token).digest == ca_digest(ca)) before sending anything, so
+     there is no trust on first use.
   3. It sends a CSR (make_csr) with the token; the manager checks the secret
      (secret_matches) and signs (sign_node_cert). The CA, not the CSR, decides the
      node ID, role and cluster: only the public key is taken from the CSR.
@@ -293,11 +294,6 @@ def parse_join_token(token: str) -> JoinToken:
     if int(secret, 36) >= 2**_SECRET_BITS:
         raise _token_error("secret out of range")
     return JoinToken(TOKEN_VERSION, digest, secret)
-
-
-def token_matches_ca(token: str, ca_cert_pem: Union[PemLike, x509.Certificate]) -> bool:
-    """True if the token names this CA certificate. Raises InvalidRequest if malformed."""
-    return parse_join_token(token).digest == ca_digest(ca_cert_pem)
 
 
 def secret_matches(token: str, expected_token: str) -> bool:

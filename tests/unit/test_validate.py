@@ -129,3 +129,16 @@ def test_peers_whose_mac_is_no_hosts_are_left_out_of_the_peer_tables():
     assert checks.peer_tables(checks.check_peers([good, *bad])) == ({good.ip: good.mac}, {good.mac: good.vtep})
     with pytest.raises(InvalidRequest):  # malformed is still refused
         checks.check_peers([Peer("198.18.0.4", "02:42", "192.0.2.1")])
+
+
+@pytest.mark.parametrize("text", ["+12", " 12", "1_2", "12 ", "", "9" * 5000, "٣"])
+def test_vxlan_ids_are_digits_only(text):
+    with pytest.raises(InvalidRequest, match="invalid VXLAN ID") as e:
+        validate.parse_vni(text)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+def test_unknown_option_lists_are_bounded():
+    with pytest.raises(InvalidRequest) as e:
+        validate.check_driver_options("overlay", {f"{i}" + "x" * 1000: "" for i in range(50)})
+    assert len(str(e.value)) < 600 and str(e.value).count("'") == 10

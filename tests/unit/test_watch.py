@@ -381,7 +381,10 @@ def test_refusals(tmp_path):
             (m.net("n9", "0.0.0.0/0"), InvalidRequest, "larger than any network needs"),
             (m.net("n9", Options={"com.docker.network.driver.overlay.vxlanid_list": "5000"}), Conflict,
              "already used"),
-            (m.net("n9", Options={"foo": "bar"}), InvalidRequest, "unknown overlay option(s) foo"),
+            (m.net("n9", Options={"foo": "bar"}), InvalidRequest, "unknown overlay driver option 'foo'"),
+            (m.net("n9", Options={"com.docker.network.driver.overlay.vxlanid_list": "+5"}), InvalidRequest,
+             "invalid VXLAN ID '+5'"),
+            (m.net("n9", Options={"com.docker.network.driver.mtu": "20"}), InvalidRequest, "invalid MTU 20"),
             (m.net("n9", Options={"encrypted": ""}), InvalidRequest, "not supported yet"),
             (m.net("n9\n"), InvalidRequest, "invalid network name"),
             (m.ov.create_network({"Name": 5}), InvalidRequest, "$.Name"),
@@ -438,7 +441,8 @@ def test_purging_a_node_removes_all_its_endpoints_in_one_revision(tmp_path):
             await m.attach(a, net, "x")
             await m.attach(b, net, "y")
         w = m.hub.subscribe(a, "a", m.hub.state.rev)
-        assert await m.ov.purge_node(b) == 2
+        count, _ = await m.hub.commit(lambda: m.ov.purge_plan(b))  # what leave and node rm commit
+        assert count == 2
         msgs = pending(w)
         assert len(msgs) == 1 and [e.action for e in msgs[0].events] == ["delete", "delete"]
         assert {e.node_id for net in (n1, n2) for e in m.hub.state.endpoints_of(net)} == {a}
