@@ -28,6 +28,7 @@ log = logging.getLogger("netweft.api")
 
 T = TypeVar("T")
 MAX_BODY = 1024 * 1024          # the largest real body (1024 aux addresses) is a few tens of KiB
+LOG_CHUNK = 64 * 1024           # a container's log is streamed in pieces this big, never read whole
 
 # Docker's predefined networks, answered by the API as Docker's daemon does: name -> driver.
 PREDEFINED = {"host": "host", "none": "null"}
@@ -172,6 +173,16 @@ def check_container_create(req: m.ContainerCreate) -> None:
     check_endpoint(req.IPAddress, req.MacAddress, req.Aliases or [])
 
 
+def read_log_chunk(path: str, pos: int) -> bytes:
+    """At most LOG_CHUNK bytes of a log from offset pos (b"" at its end or if there is no log yet)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            return f.read(LOG_CHUNK)
+    except FileNotFoundError:
+        return b""
+
+
 def build_app(daemon) -> web.Application:
     """daemon has .engine (local networks and containers) and .info() (daemon facts)."""
     engine = daemon.engine
@@ -295,12 +306,7 @@ def build_app(daemon) -> web.Application:
         await resp.prepare(request)
         pos = 0
         while True:
-            try:
-                with open(ctr["LogPath"], "rb") as f:
-                    f.seek(pos)
-                    chunk = f.read()
-            except FileNotFoundError:
-                chunk = b""
+            chunk = read_log_chunk(ctr["LogPath"], pos)
             if chunk:
                 pos += len(chunk)
                 await resp.write(chunk)

@@ -23,7 +23,10 @@ from netweft.ipam.address import parse_pool
 
 log = logging.getLogger("netweft.daemon")
 
+# The socket's directory is shared with the API group; the exec root is not (it stays 0700), so it is a
+# directory of its own beside the socket, not the socket's directory.
 DEFAULT_SOCKET = "unix:///run/netweft/netweft.sock"
+DEFAULT_EXEC_ROOT = "/run/netweft/exec"
 DEFAULT_POOL = "base=172.17.0.0/16,size=24"
 
 
@@ -34,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-H", "--host", default=DEFAULT_SOCKET,
                    help=f"API socket to listen on (default {DEFAULT_SOCKET})")
     p.add_argument("--data-root", default="/var/lib/netweft", help="state directory (default /var/lib/netweft)")
-    p.add_argument("--exec-root", default="/run/netweft",
-                   help="runtime directory: namespaces, pid files (default /run/netweft)")
+    p.add_argument("--exec-root", default=DEFAULT_EXEC_ROOT,
+                   help=f"runtime directory: namespaces, sandboxes (default {DEFAULT_EXEC_ROOT})")
     p.add_argument("--default-address-pool", action="append", metavar="base=CIDR,size=N",
                    help=f"pool for local networks created without --subnet (default {DEFAULT_POOL}); repeatable")
     p.add_argument("--group", default="netweft",
@@ -66,6 +69,25 @@ def secure_root(root: str) -> None:
                 os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
             except FileNotFoundError:
                 pass
+
+
+def share_socket(sock: str, gid: int, roots: list[str]) -> str | None:
+    """Let group gid use the API socket: the socket 0660, and its own directory (if it is a private one of
+    root's, as by default) 0710 so the group can pass through it without listing it. Nothing above it is
+    changed, and never a data or exec root (they stay 0700): a socket inside one is root's only, said in
+    the returned warning."""
+    os.chown(sock, 0, gid)
+    os.chmod(sock, 0o660)
+    d = os.path.dirname(os.path.realpath(sock))
+    for root in map(os.path.realpath, roots):
+        if d == root or d.startswith(root + os.sep):
+            return (f"the API socket {sock} is inside {root}, which stays private to root: the group cannot "
+                    "reach it; put the socket outside the data and exec roots (-H unix:///PATH)")
+    st = os.stat(d)
+    if st.st_uid == 0 and not st.st_mode & 0o007:   # a directory open to others (/run, /tmp) is not ours
+        os.chown(d, 0, gid)
+        os.chmod(d, 0o710)
+    return None
 
 
 def socket_path(host: str) -> str:
@@ -136,15 +158,9 @@ class Daemon:
             gid = grp.getgrnam(self.args.group).gr_gid
         except KeyError:
             return
-        os.chown(self.sock, 0, gid)
-        os.chmod(self.sock, 0o660)
-        # A socket inside the (private) exec root, as by default: let the group through to it, not list it.
-        root = os.path.realpath(self.args.exec_root)
-        d = os.path.dirname(os.path.realpath(self.sock))
-        while d == root or d.startswith(root + os.sep):
-            os.chown(d, 0, gid)
-            os.chmod(d, 0o710)
-            d = os.path.dirname(d)
+        warning = share_socket(self.sock, gid, [self.args.data_root, self.args.exec_root])
+        if warning:
+            log.warning(warning)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,7 @@ CASES = [
     (["network", "create", "--subnet", "198.18.30.0/24", "--label", "novalue", "n"], "KEY=VALUE"),
     (["network", "create", "--subnet", "198.18.30.0/24", "--label", "=v", "n"], "KEY=VALUE"),
     (["network", "create", "--subnet", "198.18.30.0/24", "-o", "parent=nosuchif0", "n"], "does not exist"),
+    (["network", "create", "--subnet", "198.18.30.0/24", "-o", "parent=lo", "n"], "loopback interface"),
     (["network", "create", "--subnet", "198.18.30.0/24", "bad name"], "invalid network name"),
     (["network", "create", "-d", "overlay", "ov"], "need a swarm"),
     (["network", "create", "-d", "macvlan", "n"], "unknown driver"),

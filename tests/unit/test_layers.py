@@ -24,15 +24,22 @@ for leaf in LEAVES:
     FORBIDDEN[leaf] = {"cli", "daemon", "manager", "agent", "dataplane", "runtime", "lab", "dns", "plugins"}
 
 
-def imports(path: Path) -> set[str]:
-    """netweft packages a module imports (first component after netweft.)."""
+def imports(path: Path, package: str | None = None) -> set[str]:
+    """netweft packages a module imports (first component after netweft.). Relative imports are resolved
+    against the module's package (its dotted path under netweft's parent, unless given)."""
+    if package is None:
+        package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts[:-1])
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names] if node.module == "netweft" \
                 else [node.module]
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            parts = package.split(".")
+            base = ".".join(parts[:len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
         for name in names:
@@ -55,4 +62,10 @@ def test_imports_go_one_way():
 def test_the_rule_catches_a_wrong_import(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("from netweft.daemon.engine import Engine\nfrom netweft import pki\n")
-    assert imports(bad) == {"daemon", "pki"}
+    assert imports(bad, "netweft.agent") == {"daemon", "pki"}
+
+
+def test_the_rule_resolves_relative_imports(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("from ..daemon.engine import Engine\nfrom .. import agent\nfrom . import watch\n")
+    assert imports(bad, "netweft.manager") == {"daemon", "agent", "manager"}
