@@ -139,6 +139,27 @@ class RateLimiter:
         return len(self._buckets)
 
 
+class LogThrottle:
+    """At most one log line per key (a peer address, with what it did) per `interval` seconds, so that a stranger cannot
+    flood the log: `admit(key)` is None while the key is quiet, else the number of lines held back since
+    its last one. Bounded like RateLimiter: the oldest keys go first."""
+
+    def __init__(self, interval: float = 10.0, max_keys: int = 4096, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.max_keys, self.clock = interval, max_keys, clock
+        self._keys: dict[str, tuple[float, int]] = {}  # key -> (when it last logged, lines held back since)
+
+    def admit(self, key: str) -> int | None:
+        now = self.clock()
+        last, held = self._keys.pop(key, (None, 0))
+        if last is not None and now - last < self.interval:
+            self._keys[key] = (last, held + 1)
+            return None
+        self._keys[key] = (now, 0)
+        while len(self._keys) > self.max_keys:
+            del self._keys[next(iter(self._keys))]
+        return held
+
+
 # ------------------------------------------------------------------ bodies
 
 async def read_body(request: web.Request, type_: type[T], empty_ok: bool = False) -> T:
@@ -164,6 +185,7 @@ class Admission:
         self.limiter = limiter if limiter is not None else RateLimiter(OPEN_RATE, OPEN_BURST)
         self.node_limiter = node_limiter if node_limiter is not None else RateLimiter(NODE_RATE, NODE_BURST)
         self._conns: dict[str, set[asyncio.Transport]] = {}
+        self.log_throttle = LogThrottle()
 
     async def _member(self, request: web.Request):
         got = self.authenticate(request)
@@ -215,8 +237,13 @@ class Admission:
 
     def _refuse(self, request: web.Request, peer: str | None, e: NetweftError) -> web.Response:
         message = str(e).replace("\n", " ")
-        log.warning("cluster call refused", extra={"peer": peer, "path": request.path, "status": e.status,
-                                                   "reason": message})
+        # One line per address, route and status per interval: a stranger cannot flood the log (the
+        # route, not the path: a path of its own making would be a new key each time).
+        route = getattr(request.match_info.route.resource, "canonical", None) if request.match_info.route else None
+        held = self.log_throttle.admit(f"{peer} {route or '?'} {e.status}")
+        if held is not None:
+            log.warning("cluster call refused", extra={"peer": peer, "path": request.path, "status": e.status,
+                                                       "reason": message, "not_logged_before": held})
         headers = {"Retry-After": str(e.retry_after)} if isinstance(e, TooManyRequests) else None
         return web.json_response({"message": message}, status=e.status, headers=headers)
 

@@ -1,4 +1,5 @@
-"""Serve an aiohttp app over TLS, logging every refused handshake with its reason.
+"""Serve an aiohttp app over TLS, logging refused handshakes with their reason (one line per address
+per interval, with how many were held back: a stranger cannot flood the log).
 
 asyncio only logs TLS handshake failures in debug mode; a cluster operator needs to see
 "peer X presented a certificate of another cluster" in the daemon log. So we accept plain
@@ -12,12 +13,14 @@ import ssl
 
 from aiohttp import web
 
+from netweft.manager.auth import LogThrottle
+
 log = logging.getLogger("netweft.cluster.tls")
 
 
 class _Gate(asyncio.Protocol):
-    def __init__(self, factory, ctx: ssl.SSLContext, handshake_timeout: float):
-        self.factory, self.ctx, self.timeout = factory, ctx, handshake_timeout
+    def __init__(self, factory, ctx: ssl.SSLContext, handshake_timeout: float, throttle: LogThrottle):
+        self.factory, self.ctx, self.timeout, self.throttle = factory, ctx, handshake_timeout, throttle
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         # Hold the ClientHello until start_tls has put its protocol in place.
@@ -34,8 +37,10 @@ class _Gate(asyncio.Protocol):
             tls = await asyncio.get_running_loop().start_tls(
                 transport, app_protocol, self.ctx, server_side=True, ssl_handshake_timeout=self.timeout)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
-            log.warning("TLS handshake refused", extra={"peer": f"{peer[0]}:{peer[1]}" if peer else "?",
-                                                        "reason": _reason(e)})
+            held = self.throttle.admit(peer[0] if peer else "?")  # one line per address per interval
+            if held is not None:
+                log.warning("TLS handshake refused", extra={"peer": f"{peer[0]}:{peer[1]}" if peer else "?",
+                                                            "reason": _reason(e), "not_logged_before": held})
             transport.abort()
             return
         app_protocol.connection_made(tls)
@@ -53,5 +58,6 @@ def _reason(e: BaseException) -> str:
 async def serve_tls(runner: web.AppRunner, host: str, port: int, ctx: ssl.SSLContext,
                     handshake_timeout: float = 10.0) -> asyncio.base_events.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Gate(runner.server, ctx, handshake_timeout), host, port,
+    throttle = LogThrottle()
+    return await loop.create_server(lambda: _Gate(runner.server, ctx, handshake_timeout, throttle), host, port,
                                     reuse_address=True)

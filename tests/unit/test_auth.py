@@ -499,3 +499,32 @@ def test_a_join_without_advertise_addr_checks_the_calls_source_as_a_vtep(remote,
         with pytest.raises(InvalidRequest, match="cannot be a node address") as e:
             join_addr(None, remote)
         assert "\n" not in str(e.value) and "--advertise-addr" in str(e.value)
+
+
+# ------------------------------------------------------------------ refusals in the log
+
+def test_log_throttle_one_line_per_key_and_interval_with_the_count_held_back():
+    clock = Clock()
+    t = auth.LogThrottle(interval=10.0, max_keys=3, clock=clock)
+    assert t.admit("a") == 0
+    assert [t.admit("a") for _ in range(5)] == [None] * 5
+    assert t.admit("b") == 0  # another key is not held back
+    clock.t += 10.0
+    assert t.admit("a") == 5 and t.admit("a") is None
+    for k in ("c", "d", "e"):
+        t.admit(k)
+    assert len(t._keys) == 3  # bounded: the oldest keys went
+
+
+def test_refused_calls_from_one_address_are_logged_once_per_interval(caplog):
+    async def go(client, seen, admission):
+        for _ in range(50):  # a stranger hammering a closed route
+            assert (await client.get("/admin/nodes")).status == 401
+        for i in range(50):  # ...or paths of its own making
+            assert (await client.get(f"/x{i}")).status == 401
+        assert (await client.post("/heartbeat", json={}, headers={"X-Test-Node": "removed:worker:worker"})
+                ).status == 403
+    caplog.set_level("WARNING", logger="netweft.manager")
+    run(go)
+    lines = [r for r in caplog.records if r.msg == "cluster call refused"]
+    assert [(r.path, r.status) for r in lines] == [("/admin/nodes", 401), ("/x0", 401), ("/heartbeat", 403)]
