@@ -33,6 +33,7 @@ import msgspec
 from netweft.agent import reconcile
 from netweft.agent.reconcile import DesiredNetwork, Gateway, GwPort, ObservedNetwork, Port
 from netweft.agent.watcher import Watcher
+from netweft.dataplane.checks import unicast_mac
 from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
 from netweft.errors import InvalidRequest, NetweftError, NotFound, Unavailable
 from netweft.ipam import address as ipam
@@ -252,8 +253,9 @@ class OverlayAgent:
         return node.addr if node is not None else ep.vtep
 
     def _peer(self, ep: Endpoint | None) -> Peer | None:
-        """The endpoint as this host programs it, or None for its own endpoints (and unreachable ones)."""
-        if ep is None or ep.node_id == self.node_id:
+        """The endpoint as this host programs it, or None for its own endpoints (and unreachable ones).
+        A MAC that is no host's (zero, broadcast, multicast) would be VXLAN's flood destination: never a peer."""
+        if ep is None or ep.node_id == self.node_id or not unicast_mac(ep.mac):
             return None
         vtep = self._vtep(ep)
         return Peer(ep.ip, ep.mac, vtep) if vtep else None

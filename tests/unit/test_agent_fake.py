@@ -4,6 +4,7 @@ manager, releases deferred while no manager is reachable, and the watch client's
 import asyncio
 import logging
 
+import msgspec
 import pytest
 
 from netweft.agent import watcher as watch_mod
@@ -568,3 +569,20 @@ def test_a_closing_stream_is_one_line_and_backoff_has_jitter(monkeypatch, caplog
     delays = {watch_mod.backoff(3) for _ in range(50)}
     assert len(delays) > 1 and all(base / 2 <= d <= base for d in delays)
     assert watch_mod.backoff(30) <= watch_mod.BACKOFF_CAP
+
+
+def test_an_endpoint_whose_mac_is_no_hosts_is_never_a_peer(env):
+    """A zero MAC in the FDB is VXLAN's flood destination: such a record never reaches the kernel."""
+    _, dp, _, mgr = env
+    agent = new_agent(env)
+
+    async def go():
+        good = mgr.endpoint(OTHER)
+        await attach(agent, dp, "c1")
+        mgr.rev += 1
+        bad = msgspec.structs.replace(mgr.endpoint(THIRD), mac="00:00:00:00:00:00")
+        agent.on_message(events(mgr.rev, put(bad)))
+        await settle()
+        assert agent.remote_peers(NET.id) == frozenset({peer(good)})
+        assert await dp.list_peers(agent.sandbox(NET.id)) == {peer(good)}
+    run(go())
