@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import grpc
 from aetcd import rpc
 
+from netweft.errors import Unavailable
 from netweft.store.api import (ClusterStore, Changes, Compacted, Compare, Delete, Event, Put, Record, TxnResult,
                                key_range)
 
@@ -56,6 +57,7 @@ class EtcdStore(ClusterStore):
         else:
             creds = grpc.ssl_channel_credentials(root_certificates=cacert, private_key=key, certificate_chain=cert)
             self._channel = grpc.aio.secure_channel(target, creds)
+        self.target = target
         self._kv = rpc.KVStub(self._channel)
         self._watch = rpc.WatchStub(self._channel)
         self._closed = False
@@ -71,7 +73,7 @@ class EtcdStore(ClusterStore):
         kind, _, key = ekey.decode()[len(self.prefix):].partition("/")
         return kind, key
 
-    def _range(self, kind: str, prefix: str) -> tuple[bytes, bytes]:
+    def _key_range(self, kind: str, prefix: str) -> tuple[bytes, bytes]:
         start, end = key_range(self._key(kind, prefix).decode())
         return start.encode(), end.encode()
 
@@ -79,27 +81,36 @@ class EtcdStore(ClusterStore):
         if self._closed:
             raise RuntimeError("the cluster store is closed")
 
+    def _unavailable(self, e: grpc.aio.AioRpcError) -> Unavailable:
+        """gRPC's error as one line for a person (its own text is a multi-line debug string)."""
+        return Unavailable(f"the cluster store (etcd at {self.target}) failed the call ({e.code().name}): "
+                           "check that etcd is running, reachable and trusts this node's certificate")
+
+    async def _range(self, req):
+        self._check_open()
+        try:
+            return await self._kv.Range(req, timeout=TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            raise self._unavailable(e) from None
+
     # ---------------------------------------------------------------- reads
     async def get(self, kind: str, key: str) -> Record | None:
-        self._check_open()
-        resp = await self._kv.Range(rpc.RangeRequest(key=self._key(kind, key)), timeout=TIMEOUT)
+        resp = await self._range(rpc.RangeRequest(key=self._key(kind, key)))
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
         return Record(kind, key, kv.value, kv.create_revision, kv.mod_revision)
 
     async def list(self, kind: str, prefix: str = "") -> tuple[int, list[Record]]:
-        self._check_open()
-        start, end = self._range(kind, prefix)
+        start, end = self._key_range(kind, prefix)
         # One Range: the objects and the revision come from one snapshot; etcd returns them ordered by key.
-        resp = await self._kv.Range(rpc.RangeRequest(key=start, range_end=end), timeout=TIMEOUT)
+        resp = await self._range(rpc.RangeRequest(key=start, range_end=end))
         return resp.header.revision, [Record(kind, self._split(kv.key)[1], kv.value, kv.create_revision,
                                              kv.mod_revision) for kv in resp.kvs]
 
     async def revision(self) -> int:
-        self._check_open()
         # count_only over our (maybe empty) prefix: just the header, whatever the store holds
-        resp = await self._kv.Range(rpc.RangeRequest(key=self.prefix.encode(), count_only=True), timeout=TIMEOUT)
+        resp = await self._range(rpc.RangeRequest(key=self.prefix.encode(), count_only=True))
         return resp.header.revision
 
     # ---------------------------------------------------------------- writes
@@ -116,7 +127,10 @@ class EtcdStore(ClusterStore):
                      rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._key(op.kind, op.key)))
                      for op in ops])
         # A txn that changes nothing (only deletes of absent keys) makes no new etcd revision, as in SQLite.
-        resp = await self._kv.Txn(req, timeout=TIMEOUT)
+        try:
+            resp = await self._kv.Txn(req, timeout=TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            raise self._unavailable(e) from None
         return TxnResult(resp.succeeded, resp.header.revision)
 
     # ---------------------------------------------------------------- watch
@@ -144,7 +158,7 @@ class EtcdStore(ClusterStore):
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
+                    raise self._unavailable(e) from None
             finally:
                 self._watches.discard(call)
                 call.cancel()
