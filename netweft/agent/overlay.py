@@ -137,7 +137,7 @@ class OverlayAgent:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        await self.resync()
+        await self.resync(full=True)
         self.tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(self._resync_loop())]
 
     async def stop(self) -> None:
@@ -587,10 +587,11 @@ class OverlayAgent:
             if self.connected.is_set():
                 self._kick_releases()   # an answer lost to a slow manager does not end the watch
 
-    async def resync(self) -> None:
+    async def resync(self, full: bool = False) -> None:
         """Level-triggered: make every sandbox, port, peer table and the gateway bridge match the copy and
         the local records; delete what no record wants. One network at a time, under its lock; a network
-        whose lock is held is left to the next round."""
+        whose lock is held is left to the next round. `full`: also look into every owner's namespace (at
+        start); otherwise only what is missing from the sandboxes and the gateway bridge is made again."""
         t0 = time.monotonic()
         names = {e.network_id[:12]: e.network_id for e in self.local.values()}
         repaired = failed = 0
@@ -599,22 +600,22 @@ class OverlayAgent:
             if lock.locked():
                 continue   # an attach may wait on a frozen manager: the other networks are not held up by it
             async with lock:
-                out = await self._resync_network(name)
+                out = await self._resync_network(name, full)
             if out is not None:
                 repaired += _repairs(out)
                 failed += len(out.failed)
         async with self._gw_lock:
-            out = await self._resync_gateway()
+            out = await self._resync_gateway(full)
         repaired += _repairs(out)
         failed += len(out.failed)
-        for name in await self.dp.list_links(VXLAN_TMP):
+        for name in (await self.dp.list_links(VXLAN_TMP)) if full else ():   # a crash's leftover: only at start
             log.info("removing a stale VXLAN device", extra={"link": name})
             await self.dp.delete_sandbox(os.path.join(self.sandbox_dir, "none"), name)
         if repaired or failed:
             log.info("overlays resynced", extra={"repaired": repaired, "failed": failed,
                                                  "ms": round((time.monotonic() - t0) * 1000)})
 
-    async def _resync_network(self, name: str) -> reconcile.Outcome | None:
+    async def _resync_network(self, name: str, full: bool) -> reconcile.Outcome | None:
         """One sandbox, under its network's lock: everything is looked at afresh here (an attach or a detach
         may have run while this waited for the lock)."""
         path = os.path.join(self.sandbox_dir, name)
@@ -640,7 +641,7 @@ class OverlayAgent:
         obs = await self._observe(path, exists)
         if desired is None and obs.exists:
             log.info("removing a stale overlay sandbox", extra={"sandbox": name})
-        out = await reconcile.execute(self.dp, reconcile.plan_network(path, desired, obs))
+        out = await reconcile.execute(self.dp, reconcile.plan_network(path, desired, obs, full))
         self._report(out)
         return out
 
@@ -657,7 +658,7 @@ class OverlayAgent:
             peers = None   # no VXLAN device: the plan programs the whole table once it is back
         return ObservedNetwork(True, ports, peers)
 
-    async def _resync_gateway(self) -> reconcile.Outcome:
+    async def _resync_gateway(self, full: bool) -> reconcile.Outcome:
         # Records and claims at one instant: an attach's port is in one or the other (its claim goes only
         # once its record is in), and no port is made while this holds the gateway lock.
         eps = [e for e in self.local.values() if e.gw_host_ifname]
@@ -671,7 +672,11 @@ class OverlayAgent:
                 self._once(f"gateway {e}", "cannot program the gateway bridge", reason=str(e))
                 return reconcile.Outcome()
         observed = set(await self.dp.list_links(GW_VETH))
-        out = await reconcile.execute(self.dp, reconcile.plan_gateway(gateway, gw_ports, observed, keep=keep))
+        attached = None
+        if not full and gateway is not None:   # a port left without its bridge (the bridge was remade) is made again
+            attached = set(await self.dp.list_ports(GWBRIDGE))
+        out = await reconcile.execute(self.dp, reconcile.plan_gateway(gateway, gw_ports, observed, keep=keep,
+                                                                      attached=attached))
         self._report(out)
         return out
 

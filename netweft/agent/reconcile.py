@@ -91,8 +91,13 @@ class Step:
         return f"{self.op}{self.args!r}"
 
 
-def plan_network(path: str, desired: DesiredNetwork | None, observed: ObservedNetwork) -> list[Step]:
-    """The steps that make the sandbox at `path` what `desired` says (None: no sandbox wanted)."""
+def plan_network(path: str, desired: DesiredNetwork | None, observed: ObservedNetwork,
+                 full: bool = True) -> list[Step]:
+    """The steps that make the sandbox at `path` what `desired` says (None: no sandbox wanted).
+
+    `full`: ensure every port, down to its owner's namespace. Otherwise (the periodic resync) only ports
+    missing from the sandbox are made: looking into every owner's namespace each round costs a netlink
+    socket per namespace, which a host with thousands of endpoints cannot pay every few seconds."""
     group = f"net:{path}"
     if desired is None:
         return [Step("delete_sandbox", (path,), group)] if observed.exists else []
@@ -105,7 +110,10 @@ def plan_network(path: str, desired: DesiredNetwork | None, observed: ObservedNe
     if observed.exists and observed.ports is not None:
         for name in sorted(observed.ports - wanted_ports):
             steps.append(Step("delete_overlay_endpoint", (path, name), f"stale:{path}:{name}", needs=(group,)))
+    seen = observed.ports if observed.exists and observed.ports is not None and not full else frozenset()
     for p in desired.ports:
+        if p.host_ifname in seen:
+            continue
         steps.append(Step("ensure_overlay_endpoint", (path, p.netns, p.host_ifname, p.ifname, p.address, p.mac,
                                                       p.mtu), f"ep:{p.endpoint_id}", needs=(group,)))
     if not observed.exists or observed.peers is None:
@@ -121,9 +129,10 @@ def plan_network(path: str, desired: DesiredNetwork | None, observed: ObservedNe
 
 
 def plan_gateway(gateway: Gateway | None, gw_ports: list[GwPort], observed_gw_ports: set[str],
-                 keep: set[str] = frozenset()) -> list[Step]:
+                 keep: set[str] = frozenset(), attached: set[str] | None = None) -> list[Step]:
     """The gateway bridge, its firewall and every local endpoint's port on it; stale ports go
-    (except those in `keep`: ports of attaches still in progress)."""
+    (except those in `keep`: ports of attaches still in progress). `attached`: the ports seen on the
+    bridge, which need no ensure (None: ensure every port, as plan_network's `full`)."""
     wanted = {p.host_ifname for p in gw_ports}
     steps = [Step("delete_gw_endpoint", (name,), f"stale-gw:{name}")
              for name in sorted(observed_gw_ports - wanted - set(keep))]
@@ -132,6 +141,8 @@ def plan_gateway(gateway: Gateway | None, gw_ports: list[GwPort], observed_gw_po
     steps.append(Step("ensure_gwbridge", (gateway.bridge, gateway.cidr, gateway.mtu), "gateway"))
     steps.append(Step("apply_overlay_firewall", (gateway.bridge, gateway.subnet), "gateway"))
     for p in gw_ports:
+        if attached is not None and p.host_ifname in attached:
+            continue
         steps.append(Step("ensure_gw_endpoint", (p.netns, gateway.bridge, p.host_ifname, p.ifname, p.address, p.mac,
                                                  p.mtu, p.gateway_ip), f"gw:{p.endpoint_id}", needs=("gateway",)))
     return steps

@@ -51,6 +51,10 @@ class DataPlane(abc.ABC):
         """Names of host links starting with `prefix`, sorted."""
 
     @abc.abstractmethod
+    async def list_ports(self, bridge: str) -> list[str]:
+        """Names of the host links that are ports of host bridge `bridge`, sorted (one dump, for resyncs)."""
+
+    @abc.abstractmethod
     async def ipv4_addresses(self) -> dict[str, list[str]]:
         """Global IPv4 addresses of the host's interfaces, by interface name."""
 

@@ -340,6 +340,11 @@ class FakeDataPlane(DataPlane):
         return sorted(n for n in self._ns[HOST] if n.startswith(prefix))
 
     @_op
+    def list_ports(self, bridge: str) -> list[str]:
+        check_ifname(bridge, "bridge name")
+        return sorted(n for n, link in self._ns[HOST].items() if link.master == bridge)
+
+    @_op
     def ipv4_addresses(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for link in self._ns[HOST].values():

@@ -126,6 +126,14 @@ class Kernel(HostHandles):
             names = [link.get("ifname") for link in self._host.link("dump")]
         return sorted(n for n in names if n and n.startswith(prefix))
 
+    def list_ports(self, bridge: str) -> list[str]:
+        """Names of host links enslaved to `bridge`, sorted; empty if there is no such bridge."""
+        check_ifname(bridge, "bridge name")
+        with failing("list links"):
+            links = self._host.link("dump")
+        index = next((link["index"] for link in links if link.get("ifname") == bridge), None)
+        return sorted(link.get("ifname") for link in links if index is not None and link.get("master") == index)
+
     def ipv4_addresses(self) -> dict[str, list[str]]:
         """Global IPv4 addresses of the host's interfaces, by interface name (for --advertise-addr)."""
         with failing("list addresses"):

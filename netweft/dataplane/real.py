@@ -117,6 +117,9 @@ class RealDataPlane(DataPlane):
     async def list_links(self, prefix: str) -> list[str]:
         return await self._kcall("list_links", prefix)
 
+    async def list_ports(self, bridge: str) -> list[str]:
+        return await self._kcall("list_ports", bridge)
+
     async def ipv4_addresses(self) -> dict[str, list[str]]:
         return await self._kcall("ipv4_addresses")
 

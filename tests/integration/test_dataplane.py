@@ -783,6 +783,7 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
                 "exists": [await dp.link_exists(n) for n in ("nwb0", "nwtgw", "nwv-c1", "nwtx4242", "a/b")],
                 "info": [await dp.link_info(n) for n in ("lo", "nwb0", "nwtgw", "nwv-c1", "nwtg-o2", "nwtx4242",
                                                           "a/b")],
+                "ports": [await dp.list_ports(b) for b in ("nwb0", "nwtgw", "nwtx4242")],
                 "endpoints": [await dp.list_overlay_endpoints(s) for s in (sb1, sb2)],
                 "peers": [await dp.list_peers(s) for s in (sb1, sb2)]}
 

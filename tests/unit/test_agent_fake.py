@@ -586,3 +586,22 @@ def test_an_endpoint_whose_mac_is_no_hosts_is_never_a_peer(env):
         assert agent.remote_peers(NET.id) == frozenset({peer(good)})
         assert await dp.list_peers(agent.sandbox(NET.id)) == {peer(good)}
     run(go())
+
+
+def test_a_converged_periodic_resync_looks_into_no_owner_namespace_and_a_remade_gateway_gets_its_ports(env):
+    _, dp, _, mgr = env
+    agent = new_agent(env)
+
+    async def go():
+        mgr.endpoint(OTHER)
+        ep = await attach(agent, dp, "c1")
+        await agent.resync()
+        before = dict(dp.calls)
+        await agent.resync()
+        assert dp.calls["ensure_overlay_endpoint"] == before.get("ensure_overlay_endpoint", 0)
+        assert dp.calls["ensure_gw_endpoint"] == before.get("ensure_gw_endpoint", 0)
+        dp.delete_link("nw_gwbridge")             # its port stays, off any bridge
+        await agent.resync()
+        assert dp.link(ep.gw_host_ifname).master == "nw_gwbridge"
+        assert dp.default_route("/run/nwt/netns/c1") == ("198.19.0.1", "eth1")
+    run(go())

@@ -195,3 +195,26 @@ def test_gateway_drift_is_repaired(dp):
         await once()
         assert dp.link("nwge1").master == "nw_gwbridge"
     run(go())
+
+
+def test_the_periodic_resync_makes_only_the_ports_missing_from_the_sandbox():
+    """Looking into every owner's namespace each round would cost a socket per namespace: only at start."""
+    want = desired(ports=[port("e1"), port("e2")], peers=[P1])
+    seen = ObservedNetwork(True, frozenset({"nwve1"}), frozenset({P1}))
+    steps = plan_network(SB, want, seen, full=False)
+    assert ops(steps) == ["ensure_sandbox", "ensure_overlay_endpoint"]
+    assert steps[1].args[1:3] == (port("e2").netns, "nwve2")
+    assert ops(plan_network(SB, want, seen, full=True)).count("ensure_overlay_endpoint") == 2
+    # Nothing readable about the ports: every port is ensured.
+    assert ops(plan_network(SB, want, ObservedNetwork(True, None, frozenset({P1})), full=False)).count(
+        "ensure_overlay_endpoint") == 2
+
+
+def test_the_periodic_resync_remakes_only_gateway_ports_off_the_bridge():
+    gw = Gateway("nw_gwbridge", "198.19.0.1/24", "198.19.0.0/24", 1500)
+    a = GwPort("e1", CTR, "nwge1", "eth1", "198.19.0.2/24", "02:42:c6:13:00:02", 1500, "198.19.0.1")
+    b = GwPort("e2", CTR, "nwge2", "eth1", "198.19.0.3/24", "02:42:c6:13:00:03", 1500, "198.19.0.1")
+    steps = plan_gateway(gw, [a, b], {"nwge1", "nwge2"}, attached={"nwge1"})
+    assert ops(steps) == ["ensure_gwbridge", "apply_overlay_firewall", "ensure_gw_endpoint"]
+    assert steps[2].args[2] == "nwge2"
+    assert ops(plan_gateway(gw, [a, b], {"nwge1", "nwge2"})).count("ensure_gw_endpoint") == 2
