@@ -107,6 +107,18 @@ class Node(msgspec.Struct, kw_only=True):
     updated: ShortText = ""
     cert_serial: ShortText = ""
     cert_not_after: ShortText = ""
+    # What this node's data-path probes say of each peer host it shares an overlay with (by node id).
+    health: Annotated[dict[ShortText, "PeerHealth"], msgspec.Meta(max_length=10000)] = {}
+
+
+class PeerHealth(msgspec.Struct, kw_only=True):
+    """The data path from one host to one peer host, as its probes through the overlay measured it."""
+    state: Literal["healthy", "degraded", "unreachable", "unknown"] = "unknown"
+    loss: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0     # share of the last probes lost
+    rtt_ms: Annotated[float, msgspec.Meta(ge=0)] | None = None  # median round trip of the last probes
+    mtu_ok: bool | None = None       # a full-MTU DF probe got through (None: not probed yet)
+    reason: ShortText = ""           # words naming the likely cause, when not healthy
+    since: ShortText = ""            # RFC 3339 time the state began
 
 
 class Peer(msgspec.Struct, frozen=True, order=True):
