@@ -529,7 +529,7 @@ class Engine:
         return self.container_view(ctr)
 
     async def _start_process(self, ctr: dict) -> None:
-        """Start the container's process off the event loop: starting a shim takes tens of ms."""
+        """Start the container's process off the event loop (the host's supervisor forks it)."""
         state_dir = self.ctr_state_dir(ctr["Id"])
         for stale in ("pid", "exit_code", "starttime"):
             if os.path.exists(os.path.join(state_dir, stale)):
@@ -542,6 +542,7 @@ class Engine:
             "resolv_file": None if mode == "host" else os.path.join(state_dir, "resolv.conf"),
             "cmd": ctr["Config"]["Cmd"], "env": ctr["Config"]["Env"],
             "log": ctr["LogPath"], "state_dir": state_dir,
+            "supervisor": os.path.join(self.exec_root, "supervisor.sock"),
         }
         await asyncio.get_running_loop().run_in_executor(None, runtime.start, spec)
 
