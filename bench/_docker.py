@@ -95,3 +95,22 @@ class Dockerd:
 
 def docker_info(d: Dockerd) -> dict:
     return json.loads(d.cli("info", "--format", "{{json .}}").stdout)
+
+
+def import_busybox(d: Dockerd, tag: str = "nwt-busybox") -> str:
+    """A tiny image from the host's busybox (no image can be pulled here), as FIELD-NOTES.md describes."""
+    rootfs = d.root / "rootfs"
+    for sub in ("bin", "lib/x86_64-linux-gnu", "lib64", "etc"):
+        (rootfs / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/usr/bin/busybox", rootfs / "bin" / "busybox")
+    for line in subprocess.run(["ldd", "/usr/bin/busybox"], capture_output=True, text=True).stdout.splitlines():
+        lib = next((w for w in line.split() if w.startswith("/")), None)
+        if lib:
+            dest = rootfs / ("lib64" if "ld-linux" in lib else "lib/x86_64-linux-gnu") / os.path.basename(lib)
+            shutil.copy2(lib, dest)
+    for applet in ("sh", "sleep", "ping", "ip", "cat"):
+        os.symlink("busybox", rootfs / "bin" / applet)
+    tar = d.root / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+    d.cli("import", str(tar), tag)
+    return tag
