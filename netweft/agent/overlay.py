@@ -35,7 +35,7 @@ from netweft.agent.reconcile import DesiredNetwork, Gateway, GwPort, ObservedNet
 from netweft.agent.watcher import Watcher
 from netweft.dataplane.checks import unicast_mac
 from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
-from netweft.errors import InvalidRequest, NetweftError, NotFound, Unavailable
+from netweft.errors import InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, Revision, Sandbox
@@ -128,6 +128,7 @@ class OverlayAgent:
         self._underlay_mtu: int | None = None
         self._logged: set[str] = set()
         self._save_handle: asyncio.Handle | None = None
+        self._save_cost = 0.0   # seconds the last save of the copy took
         self._want_snapshot = False
         self._retry_bad = RETRY_BAD_FIRST
         self._retry_bad_at = 0.0
@@ -192,12 +193,17 @@ class OverlayAgent:
                                  for ns in self.nets.values()],
                        pending_release=list(self.pending_release), orphans=list(self.orphans),
                        want_snapshot=self._want_snapshot or self.bad_rev is not None)
+        t0 = time.monotonic()
         put_setting(self.store, CACHE_KEY, to_builtins(saved))
+        self._save_cost = time.monotonic() - t0
 
     def _save_soon(self) -> None:
         # Saving lags by a moment at most: resuming from a slightly older revision replays idempotent events.
+        # The copy grows with the endpoints (thousands on one host): saves are spaced so that they take at
+        # most ~5 % of the time, else every attach would pay for all the others.
         if self._save_handle is None:
-            self._save_handle = asyncio.get_running_loop().call_later(0.2, self._save)
+            delay = max(0.2, 20 * self._save_cost)
+            self._save_handle = asyncio.get_running_loop().call_later(delay, self._save)
 
     def _once(self, key: str, message: str, **extra) -> None:
         """Log a problem once per agent life (the resync retries it every few seconds)."""
@@ -736,7 +742,12 @@ class OverlayAgent:
         cfg = ipam.build_subnet_config(IPv4Network(gw.subnet), gw.cidr.split("/")[0])
         used = {IPv4Address(e.gw_ip) for e in self.local.values() if e.gw_ip}
         used |= {IPv4Address(ip) for ip in self._gw_claims.values()}
-        ip = str(ipam.allocate_ip(cfg, used))
+        try:
+            ip = str(ipam.allocate_ip(cfg, used))
+        except PoolExhausted:
+            raise PoolExhausted(f"the gateway bridge {GWBRIDGE} ({gw.subnet}) is full: its {len(used)} addresses "
+                                "are taken by overlay containers on this host; remove one, or attach to an "
+                                "--internal overlay (no gateway port)") from None
         self._gw_claims[port] = ip
         return ip
 

@@ -193,6 +193,33 @@ class Client:
             conn.close()
 
 
+def call_each(client: Client, calls: list[tuple], workers: int = 16) -> list:
+    """Client.call for each (method, path, query) at once, `workers` in flight (`rm -f` of thousands);
+    the results in order, an ApiError or DaemonUnreachable in place of a failed call's."""
+    if len(calls) <= 1:
+        workers = 1
+    results: list = [None] * len(calls)
+    todo = iter(range(len(calls)))
+
+    def work():
+        for i in todo:   # a shared iterator: each index goes to one worker (next() holds the GIL)
+            method, path, query = calls[i]
+            try:
+                results[i] = client.call(method, path, **query)
+            except (ApiError, DaemonUnreachable) as e:
+                results[i] = e
+    if workers == 1:
+        work()
+        return results
+    import threading
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(calls)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def _UnixConnection(http_client, path: str, timeout: float | None):
     """An http.client connection to a unix socket (made here so http.client loads only when streaming)."""
 

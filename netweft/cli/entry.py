@@ -109,7 +109,7 @@ def run_lean(argv: list[str]) -> int:
     o, pos = parse(rest, spec)
 
     from netweft.cli import render
-    from netweft.cli.client import ApiError, Client, DaemonUnreachable, ref
+    from netweft.cli.client import ApiError, Client, DaemonUnreachable, call_each, ref
 
     try:
         if cmd == "network ls":
@@ -151,11 +151,16 @@ def run_lean(argv: list[str]) -> int:
         if not pos:
             raise _Unsure
         c = Client(host)
-        if cmd == "rm":
-            for n in pos:
-                c.call("DELETE", f"/containers/{ref(n)}", force=1 if o.get("force") else None)
-                _lines([n])
-            return 0
+        if cmd == "rm":  # as main.rm: several at once, each answered in order
+            calls = [("DELETE", f"/containers/{ref(n)}", {"force": 1 if o.get("force") else None}) for n in pos]
+            failed = False
+            for n, result in zip(pos, call_each(c, calls)):
+                if isinstance(result, Exception):
+                    sys.stderr.write(f"Error: {result}\n")
+                    failed = True
+                else:
+                    _lines([n])
+            return 1 if failed else 0
         failed = False  # network rm: each name on its own, as main.network_rm
         for n in pos:
             try:

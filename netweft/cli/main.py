@@ -8,7 +8,7 @@ import sys
 import click
 
 from netweft.cli import render
-from netweft.cli.client import ApiError, Client, DaemonUnreachable, ref
+from netweft.cli.client import ApiError, Client, DaemonUnreachable, call_each, ref
 from netweft.errors import NetweftError
 from netweft import validate
 
@@ -310,10 +310,17 @@ def start(ctx, names):
 @click.argument("names", nargs=-1, required=True)
 @click.pass_context
 def rm(ctx, force, names):
-    """Remove containers and their network endpoints."""
-    for n in names:
-        api(ctx).call("DELETE", f"/containers/{ref(n)}", force=1 if force else None)
-        click.echo(n)
+    """Remove containers and their network endpoints (several at once; a failure does not stop the others)."""
+    calls = [("DELETE", f"/containers/{ref(n)}", {"force": 1 if force else None}) for n in names]
+    failed = False
+    for n, result in zip(names, call_each(api(ctx), calls)):
+        if isinstance(result, Exception):
+            click.echo(f"Error: {result}", err=True)
+            failed = True
+        else:
+            click.echo(n)
+    if failed:
+        sys.exit(1)
 
 
 @cli.command()

@@ -26,7 +26,7 @@ from netweft import validate
 from netweft.agent.overlay import OverlayAgent
 from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
-from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, Unavailable
+from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Owner
@@ -40,6 +40,7 @@ BRIDGE_PREFIX = "nw-"
 VETH_PREFIX = "nwv"
 SPECIAL_MODES = ("host", "none")
 DEFAULT_MTU = 1500
+GWBRIDGE_PREFIX = 20  # the gateway bridge's subnet: 4,093 overlay containers on one host (Docker's is a /16)
 FORMAT = 2            # the shape of the local store's documents (2: model objects, endpoint records)
 
 
@@ -295,7 +296,10 @@ class Engine:
                 overlays = self.overlay_agent.networks() if self.overlay_agent is not None else []
                 taken = [IPv4Network(n.subnet) for n in nets + overlays]
                 taken += await self.dp.host_routes(BRIDGE_PREFIX)
-                subnet = ipam.allocate_subnet(self.pools, taken)
+                try:  # room for GWBRIDGE_PREFIX's worth of overlay containers on this host, else the pools' size
+                    subnet = ipam.allocate_subnet(self.pools, taken, GWBRIDGE_PREFIX)
+                except PoolExhausted:
+                    subnet = ipam.allocate_subnet(self.pools, taken)
                 gw = {"Subnet": str(subnet), "Gateway": str(next(subnet.hosts()))}
                 put_setting(self.store, "gwbridge", gw)
                 await self._apply_firewall(nets)

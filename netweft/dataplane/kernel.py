@@ -122,17 +122,17 @@ class Kernel(HostHandles):
 
     def list_links(self, prefix: str) -> list[str]:
         """Names of host links starting with `prefix`, sorted."""
-        with failing("list links"):
-            names = [link.get("ifname") for link in self._host.link("dump")]
+        names = [name for _, name, _, _ in self._host_nl.links()]
         return sorted(n for n in names if n and n.startswith(prefix))
 
     def list_ports(self, bridge: str) -> list[str]:
         """Names of host links enslaved to `bridge`, sorted; empty if there is no such bridge."""
         check_ifname(bridge, "bridge name")
-        with failing("list links"):
-            links = self._host.link("dump")
-        index = next((link["index"] for link in links if link.get("ifname") == bridge), None)
-        return sorted(link.get("ifname") for link in links if index is not None and link.get("master") == index)
+        with failing(f"list ports of {bridge}"):
+            link = get_link(self._host, bridge)
+        if link is None:
+            return []
+        return sorted(name for _, name, _, _ in self._host_nl.links(master=link["index"]))
 
     def ipv4_addresses(self) -> dict[str, list[str]]:
         """Global IPv4 addresses of the host's interfaces, by interface name (for --advertise-addr)."""

@@ -20,7 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netweft.dataplane import netns
 from netweft.dataplane.checks import IFNAMSIZ, check_ifname, parse_interface, parse_mac  # noqa: F401 (re-exported)
-from netweft.dataplane.nlbatch import NETLINK_EXT_ACK, NETLINK_ROUTE, SOL_NETLINK
+from netweft.dataplane.nlbatch import NETLINK_EXT_ACK, NETLINK_ROUTE, SOL_NETLINK, NeighBatch, open_route_socket
 from netweft.errors import KernelError
 
 IFF_UP = 0x1
@@ -259,6 +259,7 @@ class HostHandles:
         self._owner: int | None = None
         self._ipr: IPRoute | None = None
         self._nft = None  # nftables.Nftables, created lazily inside the host namespace
+        self._nl: NeighBatch | None = None  # raw netlink for big dumps (thousands of links), lazily
         self._closed = False
 
     def close(self) -> None:
@@ -270,6 +271,9 @@ class HostHandles:
             close_iproute(self._ipr)
             self._ipr = None
         self._nft = None
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
         os.close(self._host_fd)
 
     def __enter__(self):
@@ -295,6 +299,14 @@ class HostHandles:
             with failing("open netlink socket in host namespace"):
                 self._ipr = open_iproute(self._host_fd)
         return self._ipr
+
+    @property
+    def _host_nl(self) -> NeighBatch:
+        self._claim_thread()
+        if self._nl is None:
+            with failing("open netlink socket in host namespace"), netns.entered(self._host_fd):
+                self._nl = NeighBatch(open_route_socket())
+        return self._nl
 
     @contextlib.contextmanager
     def _in_host(self) -> Iterator[None]:

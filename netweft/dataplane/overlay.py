@@ -180,6 +180,7 @@ class Overlay(HostHandles):
         sb = self._sandbox(path)
         ipr = sb.ipr
         with failing(f"sandbox {path}: bridge {SANDBOX_BRIDGE}"):
+            had_bridge = link_kind(get_link(ipr, SANDBOX_BRIDGE)) == "bridge"
             br = self._ensure_bridge(ipr, SANDBOX_BRIDGE, gateway, mtu, ours=True)
         with failing(f"sandbox {path}: VXLAN device (VNI {vni}, port {port})"):
             vx = get_link(ipr, SANDBOX_VXLAN)
@@ -191,11 +192,13 @@ class Overlay(HostHandles):
             if vx.get("master") != br:
                 ipr.link("set", index=vx["index"], master=br)
             ensure_up(ipr, vx)
-        with failing(f"sandbox {path}: endpoint ports"):
-            # A br0 deleted by hand took its ports along: every veth in a sandbox is an endpoint on br0.
-            for link in ipr.link("dump"):
-                if link_kind(link) == "veth" and link.get("master") != br:
-                    ipr.link("set", index=link["index"], master=br)
+        if not had_bridge:
+            with failing(f"sandbox {path}: endpoint ports"):
+                # A br0 deleted by hand took its ports along: every veth in a sandbox is an endpoint on br0.
+                # Only then: a look at every port would make each attach cost more with each endpoint.
+                for index, _, _, master in sb.nl.links(kind="veth"):
+                    if master != br:
+                        ipr.link("set", index=index, master=br)
         with failing(f"sandbox {path}: bring up lo"):
             ensure_up(ipr, get_link(ipr, "lo"))
         self._no_bridge_netfilter(sb)
@@ -347,7 +350,7 @@ class Overlay(HostHandles):
             return []
         sb = self._sandbox(sandbox_path)
         with failing(f"list endpoints of sandbox {sandbox_path}"):
-            return sorted(link.get("ifname") for link in sb.ipr.link("dump") if link_kind(link) == "veth")
+            return sorted(name for _, name, _, _ in sb.nl.links(kind="veth"))
 
     @staticmethod
     def _endpoint_args(host_ifname: str, ifname: str, address_cidr: str, mac: str, mtu: int) -> tuple:
