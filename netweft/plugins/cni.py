@@ -59,6 +59,10 @@ class NetConf:
         rc = _field(doc, "runtimeConfig", dict) or {}
         self.ips = _strings(rc, "ips", "runtimeConfig.")
         self.mac = _field(rc, "mac", str, "runtimeConfig.")
+        # CNI's convention is {"<network name>": [names]}; a plain list is taken too.
+        aliases = rc.get("aliases")
+        if isinstance(aliases, dict):
+            rc = {"aliases": aliases.get(self.name, [])}
         self.aliases = _strings(rc, "aliases", "runtimeConfig.")
         self.prevResult = _field(doc, "prevResult", dict) or None
         self.valid_attachments = []

@@ -1,0 +1,72 @@
+"""Real clients on netweft networks, in lab hosts: podman (CNI backend) and dockerd (remote driver).
+
+Each test removes what its runtimes made (containers, their namespaces) before the lab goes."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lab_fixture import run_cli, wait_for
+from netweft.lab.clients import Podman, busybox_rootfs
+from netweft.lab.lab import Lab
+
+
+@pytest.fixture
+def rootfs(root) -> Path:
+    return busybox_rootfs(root / "rootfs")
+
+
+@pytest.fixture
+def cni_bin(root) -> Path:
+    from conftest import BIN
+    d = root / "cni-bin"
+    subprocess.run([str(BIN / "netweft"), "install-cni", "--bin-dir", str(d)], check=True, capture_output=True)
+    return d
+
+
+@pytest.fixture
+def podmans(root, cni_bin):
+    made: list[Podman] = []
+
+    def make(lab: Lab, host: str) -> Podman:
+        p = Podman(lab.ns_path(host), root / f"podman-{lab.name}-{host}", cni_bin)
+        made.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            p.close()
+
+
+def endpoints(lab: Lab, host: str, net: str) -> dict:
+    return json.loads(run_cli(lab, host, "network", "inspect", net).stdout)[0]["Containers"]
+
+
+def test_podman_on_two_hosts_fixed_ip_and_mac_ping_and_rm(make_lab, podmans, rootfs):
+    lab = make_lab(2)
+    run_cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", "198.18.70.0/24", "ov")
+    pods = {}
+    for i, host in enumerate(("h1", "h2"), start=1):
+        p = pods[host] = podmans(lab, host)
+        p.add_network("ov", "ov", lab.socket(host))
+        p("run", "-d", "--name", f"c{i}", "--network", "ov", "--ip", f"198.18.70.{10 + i}",
+          "--mac-address", f"02:00:c6:12:46:{10 + i:02x}", "--rootfs", str(rootfs), "sleep", "1000")
+    for host, ip, mac in (("h1", "198.18.70.11", "02:00:c6:12:46:0b"), ("h2", "198.18.70.12", "02:00:c6:12:46:0c")):
+        link = pods[host]("exec", "c1" if host == "h1" else "c2", "ip", "addr", "show", "eth0").stdout
+        assert f"inet {ip}/24" in link and mac in link, link
+    assert pods["h1"]("exec", "c1", "ping", "-c1", "-W3", "198.18.70.12", check=False).returncode == 0
+    assert pods["h2"]("exec", "c2", "ping", "-c1", "-W3", "198.18.70.11", check=False).returncode == 0
+    # The endpoints are netweft's records, owned by CNI attachments; the manager knows both.
+    mine = endpoints(lab, "h2", "ov")
+    assert [c["IPv4Address"] for c in mine.values()] == ["198.18.70.12/24"]
+    # podman rm: the endpoint is gone here, at the manager, and from the other host's peers.
+    pods["h2"]("rm", "-f", "-t", "0", "c2")
+    wait_for(lambda: endpoints(lab, "h2", "ov") == {}, 20, "the endpoint gone on h2")
+    wait_for(lambda: all(c["IPv4Address"] != "198.18.70.12/24" for c in endpoints(lab, "h1", "ov").values()),
+             20, "the endpoint gone from h1's view")
+    assert pods["h1"]("exec", "c1", "ping", "-c1", "-W1", "198.18.70.12", check=False).returncode != 0
