@@ -27,7 +27,7 @@ def plugin_script(python: str, source: str) -> str:
 
 def conflist(network: str, socket: str | None, version: str) -> dict:
     plugin = {"type": PLUGIN, "network": network,
-              "capabilities": {"ips": True, "mac": True, "aliases": True}}
+              "capabilities": {"ips": True, "mac": True, "aliases": True, "portMappings": True}}
     if socket:
         plugin["socket"] = socket
     return {"cniVersion": version, "name": network, "plugins": [plugin]}

@@ -13,6 +13,7 @@ from ipaddress import IPv4Network
 from aiohttp import web
 
 from netweft import validate
+from netweft.daemon import ports
 from netweft.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from netweft.ipam import address as ipam
 from netweft.model.codec import to_builtins
@@ -71,6 +72,12 @@ def routes(engine) -> web.RouteTableDef:
         if req.ip and ep.ip != req.ip or req.mac and ep.mac != req.mac:
             raise Conflict(f"attachment {req.container_id[:12]}/{req.ifname} already exists with {ep.ip} {ep.mac}; "
                            "delete it first")
+        if req.ports:
+            try:
+                await ports.publish(engine, ep, req.ports)
+            except BaseException:
+                await engine.detach_owner(KIND, owner.id, net.id)
+                raise
         return web.json_response(to_builtins(endpoint_answer(engine, net, ep)))
 
     @r.post("/cni/del")

@@ -24,6 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from netweft import validate
 from netweft.agent.overlay import OverlayAgent
+from netweft.daemon import ports
 from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
 from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, Unavailable
@@ -84,6 +85,7 @@ class Engine:
     async def start(self) -> None:
         self._check_format()
         await self.reconcile()
+        await ports.apply(self)
 
     async def close(self) -> None:
         self.store.close()
@@ -520,6 +522,7 @@ class Engine:
             eps = [e for e in self.owned_endpoints(kind, owner_id) if net_id is None or e.network_id == net_id]
             for ep in eps:
                 await self._delete_endpoint(ep)
+        await ports.unpublish(self, [e.id for e in eps])
         self._ctr_locks.pop(f"{kind}/{owner_id}", None)
         for ep in eps:
             log.info("endpoint detached", extra={"owner": f"{kind} {owner_id}", "ip": ep.ip})

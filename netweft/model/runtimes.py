@@ -6,7 +6,7 @@ these types; unknown fields are refused (the plugin and the daemon ship together
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -21,6 +21,14 @@ NetRef = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Alias = Annotated[str, msgspec.Meta(max_length=253)]
 
 
+class PublishedPort(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A port of this host published to a container's port (CNI's portMappings, in netweft's words)."""
+    protocol: Literal["tcp", "udp", "sctp"] = "tcp"
+    host_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    host_ip: Annotated[str, msgspec.Meta(max_length=64)] = ""     # "": every address of this host
+    container_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
 class CniAttach(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POST /cni/add: attach (container_id, ifname) in `netns` to `network`."""
     container_id: ContainerID
@@ -30,6 +38,7 @@ class CniAttach(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ip: IPv4 | None = None
     mac: MAC | None = None
     aliases: Annotated[list[Alias], msgspec.Meta(max_length=64)] = []
+    ports: Annotated[list[PublishedPort], msgspec.Meta(max_length=1024)] = []
 
 
 class CniRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -5,7 +5,8 @@ Network configuration (stdin), per the CNI spec 0.4.0 / 1.0.0 / 1.1.0:
     {"cniVersion": "1.0.0", "name": "ov", "type": "netweft", "network": "ov",
      "socket": "unix:///run/netweft/netweft.sock", "log": "/var/log/netweft-cni.log"}
 `network` defaults to `name`; `socket` to the standard one; `log`, if given, gets one JSON line per
-command with the plugin's own time. Capabilities it honours (runtimeConfig): ips, mac, aliases;
+command with the plugin's own time. Capabilities it honours (runtimeConfig): ips, mac, aliases,
+portMappings (published by netweftd);
 CNI_ARGS IP= and MAC= too (podman's --ip and --mac-address arrive there).
 
 Commands: ADD, DEL, CHECK, VERSION; with 1.1.0 also STATUS and GC. A result goes to stdout; an error is
@@ -61,9 +62,19 @@ class NetConf:
         self.mac = _field(rc, "mac", str, "runtimeConfig.")
         # CNI's convention is {"<network name>": [names]}; a plain list is taken too.
         aliases = rc.get("aliases")
-        if isinstance(aliases, dict):
-            rc = {"aliases": aliases.get(self.name, [])}
-        self.aliases = _strings(rc, "aliases", "runtimeConfig.")
+        self.aliases = _strings({"aliases": aliases.get(self.name, [])} if isinstance(aliases, dict) else rc,
+                                "aliases", "runtimeConfig.")
+        self.ports = []
+        for m in _field(rc, "portMappings", list, "runtimeConfig.") or []:
+            if not isinstance(m, dict) or not all(isinstance(m.get(k), int) for k in ("hostPort", "containerPort")):
+                raise CniError(E_CONFIG, "invalid network configuration: runtimeConfig.portMappings holds an entry "
+                               "without hostPort and containerPort numbers")
+            proto, host_ip = m.get("protocol") or "tcp", m.get("hostIP") or ""
+            if not isinstance(proto, str) or not isinstance(host_ip, str):
+                raise CniError(E_CONFIG, "invalid network configuration: runtimeConfig.portMappings protocol and "
+                               "hostIP must be strings")
+            self.ports.append({"protocol": proto.lower(), "host_port": m["hostPort"], "host_ip": host_ip,
+                               "container_port": m["containerPort"]})
         self.prevResult = _field(doc, "prevResult", dict) or None
         self.valid_attachments = []
         for a in _field(doc, "cni.dev/valid-attachments", list) or []:
@@ -245,7 +256,7 @@ def cmd_add(conf: NetConf) -> dict:
         ip = ip.split("/", 1)[0]   # runtimeConfig ips may carry a prefix length
     mac = args.get("MAC") or conf.mac or None
     body = {"container_id": cid, "ifname": ifname, "netns": netns, "network": conf.network or conf.name,
-            "ip": ip, "mac": mac.lower() if mac else None, "aliases": list(conf.aliases)}
+            "ip": ip, "mac": mac.lower() if mac else None, "aliases": list(conf.aliases), "ports": conf.ports}
     ep = ask(conf, "/cni/add", body)
     return build_result(conf.cniVersion, ep, netns)
 

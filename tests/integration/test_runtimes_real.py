@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,24 @@ def test_podman_on_two_hosts_fixed_ip_and_mac_ping_and_rm(make_lab, podmans, roo
     wait_for(lambda: all(c["IPv4Address"] != "198.18.70.12/24" for c in endpoints(lab, "h1", "ov").values()),
              20, "the endpoint gone from h1's view")
     assert pods["h1"]("exec", "c1", "ping", "-c1", "-W1", "198.18.70.12", check=False).returncode != 0
+
+
+def test_podman_published_port_on_an_overlay(make_lab, podmans, rootfs):
+    lab = make_lab(2)
+    run_cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", "198.18.71.0/24", "ov")
+    p = podmans(lab, "h1")
+    p.add_network("ov", "ov", lab.socket("h1"))
+    p("run", "-d", "--name", "web", "--network", "ov", "-p", "8080:80", "--rootfs", str(rootfs),
+      "httpd", "-f", "-p", "80", "-h", "/www")
+    url = f"http://{lab.address('h1')}:8080/index.html"
+    argv, env = lab.exec_argv("h2", [sys.executable, "-c", "import sys, urllib.request; "
+                                     f"sys.stdout.write(urllib.request.urlopen({url!r}, timeout=5).read().decode())"])
+    got = wait_for(lambda: subprocess.run(argv, env=env, capture_output=True, text=True).stdout, 20,
+                   "the published port answering from another host")
+    assert got == "hello from a container\n"
+    # Taken host ports are refused, in one line; the container is not started.
+    r = p("run", "-d", "--name", "web2", "--network", "ov", "-p", "8080:80", "--rootfs", str(rootfs),
+          "httpd", "-f", "-p", "80", check=False)
+    assert r.returncode != 0 and "port 8080 of this host is already published" in r.stderr, r.stderr
+    p("rm", "-f", "-t", "0", "web")
+    assert subprocess.run(argv, env=env, capture_output=True, text=True).returncode != 0

@@ -15,8 +15,10 @@ def test_conf_defaults_and_fields():
                             socket="unix:///x.sock", extra={"ignored": True}))
     assert (c.name, c.network, c.ips, c.mac, c.aliases) == ("ov", "", ["198.18.0.5/24"], "02:00:00:00:00:05", ["a"])
     assert cni.socket_path(c) == "/x.sock"
-    c = cni.parse_conf(conf(runtimeConfig={"aliases": {"ov": ["web", "abc123"], "other": ["x"]}}))
+    c = cni.parse_conf(conf(runtimeConfig={"aliases": {"ov": ["web", "abc123"], "other": ["x"]},
+                                           "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "TCP"}]}))
     assert c.aliases == ["web", "abc123"]
+    assert c.ports == [{"protocol": "tcp", "host_port": 8080, "host_ip": "", "container_port": 80}]
     assert cni.socket_path(cni.parse_conf(conf())) == cni.DEFAULT_SOCKET
 
 
