@@ -200,3 +200,28 @@ class Dockerd:
             except (subprocess.TimeoutExpired, RuntimeError):
                 pass
             self.stop()
+
+
+def start_docker_store(netns: str, addr: str, data_dir: Path) -> subprocess.Popen:
+    """An etcd speaking the v2 API, for dockerd's --cluster-store (how Docker shares global-scope networks
+    between its daemons; netweft's own state is not in it). Plain HTTP: for the lab's underlay only."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir / "etcd.log", "ab")
+    proc = subprocess.Popen(["nsenter", f"--net={netns}", "etcd", "--name", "docker-store", "--data-dir", str(data_dir),
+                             "--enable-v2=true", "--listen-client-urls", f"http://{addr}:2379",
+                             "--advertise-client-urls", f"http://{addr}:2379",
+                             "--listen-peer-urls", f"http://{addr}:2380"],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"etcd exited: {(data_dir / 'etcd.log').read_text()[-800:]}")
+        r = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c",
+                            f"import urllib.request; urllib.request.urlopen('http://{addr}:2379/v2/keys', timeout=2)"],
+                           capture_output=True)
+        if r.returncode == 0:
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("etcd did not answer within 30 s")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lab_fixture import run_cli, wait_for
-from netweft.lab.clients import Podman, busybox_rootfs
+from netweft.lab.clients import Dockerd, Podman, busybox_rootfs, start_docker_store
 from netweft.lab.lab import Lab
 
 
@@ -92,3 +92,69 @@ def test_podman_published_port_on_an_overlay(make_lab, podmans, rootfs):
     assert r.returncode != 0 and "port 8080 of this host is already published" in r.stderr, r.stderr
     p("rm", "-f", "-t", "0", "web")
     assert subprocess.run(argv, env=env, capture_output=True, text=True).returncode != 0
+
+
+@pytest.fixture
+def dockerds(root):
+    made: list[Dockerd] = []
+
+    def make(lab: Lab, host: str, store: str) -> Dockerd:
+        dk = Dockerd(lab.ns_path(host), root / f"docker-{lab.name}-{host}", str(lab.host_dir(host) / "docker-plugin.sock"),
+                     cluster_store=store)
+        made.append(dk)
+        return dk
+
+    try:
+        yield make
+    finally:
+        for dk in made:
+            dk.close()
+
+
+def docker_cluster(lab: Lab, root: Path, dockerds, rootfs: Path, hosts=("h1", "h2")) -> dict:
+    """dockerd on each host, sharing Docker's cluster store (an etcd on h1), the busybox image imported."""
+    start_docker_store(lab.ns_path("h1"), lab.address("h1"), root / f"docker-store-{lab.name}")
+    store = f"etcd://{lab.address('h1')}:2379"
+    out = {}
+    for h in hosts:
+        out[h] = dockerds(lab, h, store)
+        out[h].import_rootfs(rootfs)
+    return out
+
+
+def test_docker_network_across_two_hosts_survives_restarts_and_rm_removes_it_everywhere(make_lab, dockerds, rootfs,
+                                                                                       root):
+    lab = make_lab(2)
+    dk = docker_cluster(lab, root, dockerds, rootfs)
+    dk["h1"]("network", "create", "-d", "netweft", "--ipam-driver", "netweft", "--subnet", "198.18.80.0/24", "dn")
+    # Global scope: h2's dockerd sees it; netweft made an overlay for it, known on every host.
+    assert "dn global" in dk["h2"]("network", "ls", "--format", "{{.Name}} {{.Scope}}").stdout.splitlines()
+    dk["h1"]("run", "-d", "--name", "ca", "--network", "dn", "--ip", "198.18.80.10", "nwt-busybox:1", "sleep", "1000")
+    dk["h2"]("run", "-d", "--name", "cb", "--network", "dn", "nwt-busybox:1", "sleep", "1000")
+    ip_b = json.loads(dk["h2"]("inspect", "cb").stdout)[0]["NetworkSettings"]["Networks"]["dn"]["IPAddress"]
+    assert ip_b.startswith("198.18.80.") and ip_b != "198.18.80.10"
+    assert dk["h2"]("exec", "cb", "ping", "-c1", "-W3", "198.18.80.10", check=False).returncode == 0
+    assert dk["h1"]("exec", "ca", "ping", "-c1", "-W3", ip_b, check=False).returncode == 0
+    assert "inet 198.18.80.10/24" in dk["h1"]("exec", "ca", "ip", "addr", "show", "eth0").stdout
+    # The overlay netweft made for it, with both containers' endpoints (any host's view).
+    name = "docker-" + dk["h1"]("network", "inspect", "dn", "-f", "{{.Id}}").stdout.strip()[:12]
+    assert sorted(c["IPv4Address"] for c in endpoints(lab, "h1", name).values()) == ["198.18.80.10/24"]
+    # netweftd restarts on h2: the running container keeps its network; Docker's later calls still work.
+    lab.stop_daemon("h2")
+    lab.start_daemon("h2")
+    assert dk["h1"]("exec", "ca", "ping", "-c1", "-W3", ip_b, check=False).returncode == 0
+    # dockerd restarts on h2: the network is still there (Docker's store), containers can join it again.
+    dk["h2"].stop()
+    dk["h2"].start()
+    assert "dn" in dk["h2"]("network", "ls", "--format", "{{.Name}}").stdout.split()
+    dk["h2"]("rm", "-f", "cb")
+    dk["h2"]("run", "-d", "--name", "cc", "--network", "dn", "--ip", "198.18.80.30", "nwt-busybox:1", "sleep", "1000")
+    assert dk["h1"]("exec", "ca", "ping", "-c1", "-W3", "198.18.80.30", check=False).returncode == 0
+    # Removing the containers releases their endpoints; docker network rm removes it everywhere.
+    dk["h1"]("rm", "-f", "ca")
+    dk["h2"]("rm", "-f", "cc")
+    dk["h2"]("network", "rm", "dn")
+    for h in ("h1", "h2"):
+        assert "dn" not in dk[h]("network", "ls", "--format", "{{.Name}}").stdout.split()
+        r = run_cli(lab, h, "network", "inspect", name, check=False)
+        assert r.returncode != 0 and "not found" in r.stderr, r.stderr
