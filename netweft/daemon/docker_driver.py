@@ -282,7 +282,7 @@ def app(engine) -> web.Application:
                 out = await (fn(req, peer_pid(request)) if with_pid else fn(req))
             except NetweftError as e:
                 log.info("Docker driver request refused", extra={"path": path, "reason": str(e)})
-                return web.Response(status=e.status if e.status < 500 else 500, body=d.error_body(str(e)),
+                return web.Response(status=e.status, body=d.error_body(str(e)),
                                     content_type="application/json")
             except Exception:
                 log.exception("Docker driver request failed", extra={"path": path})
