@@ -3,7 +3,8 @@ plugin directory, /run/docker/plugins/netweft.sock; `--docker-plugin-socket` mov
 `unix:///PATH` in /etc/docker/plugins/netweft.spec points Docker at it).
 
 `docker network create -d netweft --ipam-driver netweft --subnet S NAME` makes a netweft overlay (on a
-manager), labelled with Docker's network ID: the driver's scope is global, so every dockerd of the
+manager), labelled with Docker's network ID (or, with -o netweft.name=NET, adopts netweft network NET,
+whose subnet must be S: podman's, Docker's and netweft's containers then share one overlay): the driver's scope is global, so every dockerd of the
 cluster that shares Docker's cluster store sees the network, and each host's driver finds the overlay
 by that label at the managers. Addresses come from the managers: the IPAM driver's RequestAddress
 reserves an endpoint there for a fresh owner; CreateEndpoint ties Docker's endpoint to it; Join
@@ -112,6 +113,15 @@ class DockerDriver:
                 return net
         return None
 
+    async def _overlay_for(self, docker_id: str, ip: str) -> Network | None:
+        """A Docker network's overlay: by its label, or (one netweft network adopted with -o netweft.name)
+        the overlay whose subnet holds the address (overlay subnets never overlap)."""
+        net = await self._overlay(docker_id)
+        if net is not None:
+            return net
+        addr = ipam.parse_address(ip)
+        return next((n for n in await self._agent().fetch_networks() if addr in IPv4Network(n.subnet)), None)
+
     async def _overlay_of_subnet(self, subnet: IPv4Network) -> Network:
         for net in await self._agent().fetch_networks():
             if IPv4Network(net.subnet) == subnet:
@@ -130,6 +140,16 @@ class DockerDriver:
         opts = d.generic_options(req.Options)
         data = req.IPv4Data[0]
         subnet = ipam.parse_network(data.Pool)
+        if d.NAME_OPT in opts:
+            # An existing netweft network, adopted: other runtimes' containers may already be on it.
+            existing = next((n for n in await self._agent().fetch_networks() if n.name == opts[d.NAME_OPT]), None)
+            if existing is not None:
+                if IPv4Network(existing.subnet) != subnet:
+                    raise InvalidRequest(f"netweft network {existing.name!r} has subnet {existing.subnet}, not "
+                                         f"{subnet}: give --subnet {existing.subnet}")
+                log.info("Docker network adopts a netweft network", extra={"docker_network": req.NetworkID,
+                                                                            "network": existing.name})
+                return {}
         gateway = str(d.parse_address(data.Gateway, "gateway")) if data.Gateway else None
         internal = (req.Options or {}).get(d.INTERNAL) is True
         body = {"Name": d.overlay_name(req.NetworkID, opts), "Driver": "overlay", "Attachable": True,
@@ -160,10 +180,10 @@ class DockerDriver:
             raise InvalidRequest("IPv6 is not supported on netweft networks")
         if not iface.Address:
             raise InvalidRequest("the endpoint has no IPv4 address: Docker's IPAM gave none")
-        net = await self._overlay(req.NetworkID)
+        ip = str(d.parse_address(iface.Address, "endpoint address"))
+        net = await self._overlay_for(req.NetworkID, ip)
         if net is None:
             raise NotFound(f"Docker network {req.NetworkID[:12]} has no netweft network; recreate it")
-        ip = str(d.parse_address(iface.Address, "endpoint address"))
         mac = ipam.parse_mac(iface.MacAddress) if iface.MacAddress else None
         st = self._load()
         res = st.reservations.get(f"{net.id}|{ip}")

@@ -158,3 +158,37 @@ def test_docker_network_across_two_hosts_survives_restarts_and_rm_removes_it_eve
         assert "dn" not in dk[h]("network", "ls", "--format", "{{.Name}}").stdout.split()
         r = run_cli(lab, h, "network", "inspect", name, check=False)
         assert r.returncode != 0 and "not found" in r.stderr, r.stderr
+
+
+def test_podman_docker_and_netweft_containers_on_one_overlay_on_three_hosts(make_lab, podmans, dockerds, rootfs,
+                                                                            root):
+    lab = make_lab(3)
+    run_cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", "198.18.72.0/24", "ov")
+    pod = podmans(lab, "h1")
+    pod.add_network("ov", "ov", lab.socket("h1"))
+    pod("run", "-d", "--name", "from-podman", "--network", "ov", "--ip", "198.18.72.11", "--rootfs", str(rootfs),
+        "sleep", "1000")
+    dk = docker_cluster(lab, root, dockerds, rootfs, hosts=("h2",))["h2"]
+    dk("network", "create", "-d", "netweft", "--ipam-driver", "netweft", "--subnet", "198.18.72.0/24",
+       "-o", "netweft.name=ov", "dov")
+    dk("run", "-d", "--name", "from-docker", "--network", "dov", "--ip", "198.18.72.12", "nwt-busybox:1", "sleep", "1000")
+    run_cli(lab, "h3", "run", "-d", "--name", "from-netweft", "--network", "ov", "--ip", "198.18.72.13", "--",
+            "sleep", "1000")
+    pings = {
+        "podman": lambda ip: pod("exec", "from-podman", "ping", "-c1", "-W3", ip, check=False).returncode == 0,
+        "docker": lambda ip: dk("exec", "from-docker", "ping", "-c1", "-W3", ip, check=False).returncode == 0,
+        "netweft": lambda ip: run_cli(lab, "h3", "exec", "from-netweft", "--", "ping", "-c1", "-W3", ip,
+                                      check=False).returncode == 0,
+    }
+    ips = {"podman": "198.18.72.11", "docker": "198.18.72.12", "netweft": "198.18.72.13"}
+    for src, ping in pings.items():
+        for dst, ip in ips.items():
+            if src != dst:
+                assert ping(ip), f"{src} -> {dst} ({ip})"
+    owners = sorted(c["IPv4Address"] for c in endpoints(lab, "h1", "ov").values())
+    assert owners == ["198.18.72.11/24"]
+    # The Docker network only adopted it: removing it leaves the netweft network to its other users.
+    dk("rm", "-f", "from-docker")
+    dk("network", "rm", "dov")
+    assert run_cli(lab, "h3", "network", "inspect", "ov", check=False).returncode == 0
+    run_cli(lab, "h3", "rm", "-f", "from-netweft")
