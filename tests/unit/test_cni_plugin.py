@@ -79,3 +79,20 @@ def test_version_and_unknown_commands():
         with pytest.raises(cni.CniError) as e:
             cni.run(cmd, conf())
         assert e.value.code == cni.E_VERSION
+
+
+def test_openapi_documents_the_cni_routes_with_the_structs_that_parse():
+    from importlib import resources
+
+    import msgspec
+
+    from netweft.model import runtimes as r
+    doc = json.loads(resources.files("netweft.daemon").joinpath("openapi.json").read_text())
+    _, comps = msgspec.json.schema_components([r.CniAttach, r.CniRef, r.CniGC, r.CniStatus, r.CniEndpoint,
+                                               r.CniGCResult], ref_template="#/components/schemas/{name}")
+    for name, schema in comps.items():
+        assert doc["components"]["schemas"][name] == schema, name
+    for path, name in (("/cni/add", "CniAttach"), ("/cni/del", "CniRef"), ("/cni/check", "CniRef"),
+                       ("/cni/gc", "CniGC"), ("/cni/status", "CniStatus")):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{name}"}
