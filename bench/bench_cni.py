@@ -27,7 +27,7 @@ from pathlib import Path
 
 from _lab import Bench, median
 
-from netweft.lab.clients import Dockerd, Podman, busybox_rootfs, start_docker_store
+from netweft.lab.clients import Dockerd, Podman, busybox_rootfs, docker_store_url, start_docker_store
 
 BIN = Path(sys.executable).parent
 # Docker 20.10 swarm overlay on this kind of machine (docker-swarm-baseline.sh, 2026-12-03): run -> first reply.
@@ -155,7 +155,7 @@ def main() -> None:
         if not args.no_docker:
             try:
                 start_docker_store(lab.ns_path("h1"), lab.address("h1"), work / "docker-store")
-                store = f"etcd://{lab.address('h1')}:2379"
+                store = docker_store_url(lab.address("h1"))
                 for h in ("h1", "h2"):
                     dk = Dockerd(lab.ns_path(h), work / f"docker-{h}", str(lab.host_dir(h) / "docker-plugin.sock"),
                                  cluster_store=store)

@@ -19,6 +19,7 @@ BIN = Path(sys.executable).parent
 APPLETS = ("sh", "ping", "ip", "sleep", "cat", "hostname", "ls", "nc", "echo", "true", "wget", "httpd", "ifconfig",
            "route", "grep")
 ULIMITS = '["nofile=20000:20000", "nproc=32768:32768"]'   # runc fails here without them (no CAP_SYS_RESOURCE)
+DOCKER_STORE_PORT = 12379       # Docker's cluster store in a lab: not etcd's 2379, which netweft's own store may use
 DOCKER = "/usr/bin/docker"       # the 20.10 client that matches dockerd (a newer one may sit in /usr/local/bin)
 
 
@@ -202,15 +203,20 @@ class Dockerd:
             self.stop()
 
 
+def docker_store_url(addr: str) -> str:
+    return f"etcd://{addr}:{DOCKER_STORE_PORT}"
+
+
 def start_docker_store(netns: str, addr: str, data_dir: Path) -> subprocess.Popen:
     """An etcd speaking the v2 API, for dockerd's --cluster-store (how Docker shares global-scope networks
     between its daemons; netweft's own state is not in it). Plain HTTP: for the lab's underlay only."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir / "etcd.log", "ab")
+    peer, url = f"http://{addr}:{DOCKER_STORE_PORT + 1}", f"http://{addr}:{DOCKER_STORE_PORT}"
     proc = subprocess.Popen(["nsenter", f"--net={netns}", "etcd", "--name", "docker-store", "--data-dir", str(data_dir),
-                             "--enable-v2=true", "--listen-client-urls", f"http://{addr}:2379",
-                             "--advertise-client-urls", f"http://{addr}:2379",
-                             "--listen-peer-urls", f"http://{addr}:2380"],
+                             "--enable-v2=true", "--listen-client-urls", url, "--advertise-client-urls", url,
+                             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                             "--initial-cluster", f"docker-store={peer}"],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     log.close()
     deadline = time.monotonic() + 30
@@ -218,7 +224,7 @@ def start_docker_store(netns: str, addr: str, data_dir: Path) -> subprocess.Pope
         if proc.poll() is not None:
             raise RuntimeError(f"etcd exited: {(data_dir / 'etcd.log').read_text()[-800:]}")
         r = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c",
-                            f"import urllib.request; urllib.request.urlopen('http://{addr}:2379/v2/keys', timeout=2)"],
+                            f"import urllib.request; urllib.request.urlopen('{url}/v2/keys', timeout=2)"],
                            capture_output=True)
         if r.returncode == 0:
             return proc
