@@ -190,9 +190,10 @@ def test_del_of_what_is_gone_succeeds(daemon, plugin, root):
 def test_attachment_survives_a_daemon_restart(daemon, plugin, root):
     daemon.cli("network", "create", "--subnet", "198.18.64.0/24", "n")
     ns = netns(root, "ns1")
-    code, res = plugin.run("ADD", plugin.conf(runtimeConfig={"ips": ["198.18.64.9/24"], "aliases": ["web", "bad_name"]}),
-                           netns=ns)
+    rc = {"ips": ["198.18.64.9/24"], "mac": "02:00:c6:12:40:09", "aliases": {"n": ["web", "bad_name"]}}
+    code, res = plugin.run("ADD", plugin.conf(runtimeConfig=rc), netns=ns)
     assert code == 0 and res["ips"][0]["address"] == "198.18.64.9/24", res
+    assert addr_of(ns, "eth0") == ("198.18.64.9/24", "02:00:c6:12:40:09")
     daemon.stop()
     daemon.start()
     assert in_ns(ns, "ping", "-c1", "-W2", "198.18.64.1").returncode == 0
