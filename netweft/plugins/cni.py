@@ -34,6 +34,7 @@ TIMEOUT = 120.0        # an overlay attach may wait on a manager; kubelet's own 
 E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG, E_TRY_AGAIN = 1, 2, 3, 4, 5, 6, 7, 11
 E_NOT_AVAILABLE = 50
 E_REFUSED = 100        # netweftd refused the request; msg is its reason
+E_CHECK = 101          # CHECK: the container's attachment is not what prevResult says
 
 _CONTAINER_ID = re.compile(r"\A[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,255}\Z")
 _IFNAME = re.compile(r"\A[a-zA-Z0-9_.-]{1,15}\Z")
@@ -281,10 +282,10 @@ def cmd_check(conf: NetConf) -> None:
     prev = conf.prevResult
     want = f"{ep['ip']}/{ep['prefix_len']}"
     if not any(isinstance(i, dict) and i.get("address") == want for i in prev.get("ips") or []):
-        raise CniError(E_REFUSED + 1, f"prevResult has no address {want}, which {ifname} has")
-    if not any(isinstance(i, dict) and i.get("name") == ifname and i.get("mac", ep["mac"]).lower() == ep["mac"]
+        raise CniError(E_CHECK, f"prevResult has no address {want}, which {ifname} has")
+    if not any(isinstance(i, dict) and i.get("name") == ifname and str(i.get("mac", ep["mac"])).lower() == ep["mac"]
                for i in prev.get("interfaces") or []):
-        raise CniError(E_REFUSED + 1, f"prevResult has no interface {ifname} with MAC {ep['mac']}")
+        raise CniError(E_CHECK, f"prevResult has no interface {ifname} with MAC {ep['mac']}")
 
 
 def cmd_status(conf: NetConf) -> None:
