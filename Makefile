@@ -3,12 +3,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-DEBS := python3 python3-venv iproute2 iputils-ping nftables libnftables1 util-linux procps iperf3 etcd-server
+DEBS := python3 python3-venv iproute2 iputils-ping nftables libnftables1 util-linux procps iperf3 etcd-server podman docker.io busybox runc containernetworking-plugins
+CNI_BIN_DIR ?= /opt/cni/bin
 PYTEST_ARGS ?=
 
 .PHONY: install demo test unit clean-lab bench
 
 install: $(STAMP)
+	@$(VENV)/bin/netweft install-cni --bin-dir $(CNI_BIN_DIR)
 
 $(STAMP): pyproject.toml
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

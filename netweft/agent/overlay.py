@@ -737,6 +737,25 @@ class OverlayAgent:
                     self._gw_claims.pop(ep.gw_host_ifname, None)
         return ep
 
+    async def reserve(self, owner: Owner, network_id: str, ip: str | None = None, mac: str | None = None) -> Endpoint:
+        """An address on an overlay held at the managers for `owner` and programmed nowhere yet (an IPAM
+        driver's RequestAddress): a later attach of the same owner gets this very endpoint."""
+        req = EndpointRequest(network_id=network_id, owner=owner, ip=ip, mac=mac)
+        answer = await self.client.call("POST", "/endpoints", to_builtins(req))
+        return convert(answer, Attachment, "answer of the manager to POST /endpoints").endpoint
+
+    async def release(self, ep_id: str) -> None:
+        """Release an address held at the managers (idempotent)."""
+        await self._release(ep_id)
+
+    async def relocate(self, ep: Endpoint, sandbox_key: str, ifname: str) -> Endpoint:
+        """The runtime moved the container end of an endpoint (Docker moves the interface a driver made into
+        the container and renames it): where the resync finds it from now on."""
+        async with self._lock(ep.network_id):
+            moved = msgspec.structs.replace(self.local.get(ep.id, ep), sandbox_key=sandbox_key, ifname=ifname)
+            self._put_record(moved)
+        return moved
+
     def _claim_gw_ip(self, port: str, gw: Gateway) -> str:
         """A free address on the gateway bridge: taken and claimed at one instant (no await in between)."""
         cfg = ipam.build_subnet_config(IPv4Network(gw.subnet), gw.cidr.split("/")[0])

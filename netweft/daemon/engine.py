@@ -24,6 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from netweft import validate
 from netweft.agent.overlay import OverlayAgent
+from netweft.daemon import ports
 from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
 from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
@@ -85,6 +86,7 @@ class Engine:
     async def start(self) -> None:
         self._check_format()
         await self.reconcile()
+        await ports.apply(self)
 
     async def close(self) -> None:
         self.store.close()
@@ -435,15 +437,22 @@ class Engine:
         ifname = next(free)
         first = not existing
         owner = Owner(kind="netweft", id=ctr["Id"], name=ctr["Name"])
-        netns = self.netns_path(ctr["Id"])
+        gw_ifname = next(free) if first and net.driver == "overlay" and not net.internal else None
+        ep = await self._attach(net, owner, self.netns_path(ctr["Id"]), ifname, ip=ip, mac=mac, aliases=aliases,
+                                gateway=first, gw_ifname=gw_ifname)
+        log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
+        return ep
+
+    async def _attach(self, net: Network, owner: Owner, netns: str, ifname: str, *, ip: str | None, mac: str | None,
+                      aliases: list[str], gateway: bool, gw_ifname: str | None) -> Endpoint:
+        """Allocate, record and program one endpoint of any owner into the namespace at `netns`: a netweft
+        container's, or one another runtime made (CNI_NETNS, Docker's sandbox key). `gateway`: its default
+        route (bridge networks); `gw_ifname`: an overlay endpoint's port on the gateway bridge (and route)."""
         if net.driver == "overlay":
             if self.overlay_agent is None:
                 raise Unavailable("this node is not part of a swarm (any more): it cannot join overlay networks")
-            ep = await self.overlay_agent.attach(owner, net.id, netns, ifname,
-                                                 gw_ifname=next(free) if first and not net.internal else None,
-                                                 ip=ip, mac=mac, aliases=aliases)
-            log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
-            return ep
+            return await self.overlay_agent.attach(owner, net.id, netns, ifname, gw_ifname=gw_ifname,
+                                                   ip=ip, mac=mac, aliases=aliases)
         async with self.lock:   # the address is chosen and recorded at one instant
             on_net = self.endpoints_on(net.id)
             cfg = ipam.build_subnet_config(IPv4Network(net.subnet), net.gateway, net.ip_range, net.aux_addresses)
@@ -456,7 +465,7 @@ class Engine:
             ep = Endpoint(id=ep_id, network_id=net.id, ip=str(addr), prefix_len=cfg.subnet.prefixlen, mac=mac,
                           owner=owner, aliases=list(aliases), ip_requested=bool(ip), sandbox_key=netns,
                           ifname=ifname, host_ifname=VETH_PREFIX + ep_id[:12],
-                          gateway=net.gateway if first and not net.internal else None)
+                          gateway=net.gateway if gateway and not net.internal else None)
             self._insert_endpoint(ep)
         try:
             await self._program_endpoint(net, ep)
@@ -464,8 +473,64 @@ class Engine:
             await self.dp.delete_endpoint(ep.host_ifname)
             self._delete_endpoint_record(ep.id)
             raise
-        log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
         return ep
+
+    # ------------------------------------------------------ other runtimes' endpoints
+    def owned_endpoints(self, kind: str, owner_id: str) -> list[Endpoint]:
+        """The endpoints of one owner of any kind (a CNI attachment, a Docker endpoint)."""
+        out = []
+        for doc in self.store.with_name_prefix(ENDPOINTS, owner_prefix(kind, owner_id)):
+            try:
+                out.append(convert(doc, Endpoint, "endpoint record"))
+            except InvalidRequest as e:
+                log.warning("an endpoint record is unreadable; ignored", extra={"reason": str(e)})
+        return out
+
+    def endpoints_of_kind(self, kind: str) -> list[Endpoint]:
+        """Every endpoint record of this host whose owner is of `kind`."""
+        out = []
+        for doc in self.store.list(ENDPOINTS):
+            if (doc.get("owner") or {}).get("kind") == kind:
+                try:
+                    out.append(convert(doc, Endpoint, "endpoint record"))
+                except InvalidRequest:
+                    pass
+        return out
+
+    async def attach_owner(self, owner: Owner, net_ref: str, netns: str, ifname: str, *, ip: str | None = None,
+                           mac: str | None = None, aliases: list[str] | tuple = (),
+                           gw_ifname: str | None = None) -> tuple[Network, Endpoint]:
+        """An endpoint of another runtime's namespace on a network, by the path a netweft container's
+        connect takes. Once per owner and network: a repeated request answers the record there (a runtime
+        retrying), unless it names another namespace."""
+        net = await self.network(net_ref)
+        for a in aliases:
+            validate.check_hostname(a)
+        async with self._container_lock(f"{owner.kind}/{owner.id}"):
+            same = next((e for e in self.owned_endpoints(owner.kind, owner.id) if e.network_id == net.id), None)
+            if same is not None:
+                if same.sandbox_key != netns:
+                    raise Conflict(f"{owner.kind} attachment {owner.id!r} is already on network {net.name!r} in "
+                                   f"another namespace; delete it first")
+                return net, same
+            first = not any(e.sandbox_key == netns for e in self.endpoints_of_kind(owner.kind))
+            ep = await self._attach(net, owner, netns, ifname, ip=ip, mac=mac, aliases=list(aliases),
+                                    gateway=first, gw_ifname=gw_ifname if net.driver == "overlay" and first
+                                    and not net.internal else None)
+        log.info("endpoint attached", extra={"network": net.name, "owner": f"{owner.kind} {owner.id}", "ip": ep.ip})
+        return net, ep
+
+    async def detach_owner(self, kind: str, owner_id: str, net_id: str | None = None) -> int:
+        """Remove an owner's endpoints (on one network, or all): idempotent, also when its namespace is gone."""
+        async with self._container_lock(f"{kind}/{owner_id}"):
+            eps = [e for e in self.owned_endpoints(kind, owner_id) if net_id is None or e.network_id == net_id]
+            for ep in eps:
+                await self._delete_endpoint(ep)
+        await ports.unpublish(self, [e.id for e in eps])
+        self._ctr_locks.pop(f"{kind}/{owner_id}", None)
+        for ep in eps:
+            log.info("endpoint detached", extra={"owner": f"{kind} {owner_id}", "ip": ep.ip})
+        return len(eps)
 
     async def _program_endpoint(self, net: Network, ep: Endpoint) -> None:
         await self.dp.ensure_endpoint(ep.sandbox_key, net.bridge, ep.host_ifname, ep.ifname,

@@ -13,7 +13,7 @@ import sys
 from aiohttp import web
 
 from netweft import __version__, validate
-from netweft.daemon import logs
+from netweft.daemon import cni_api, docker_driver, logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
 from netweft.dataplane.real import RealDataPlane
@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="this node's name in the cluster (default: the machine's hostname)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"netweftd {__version__}")
+    p.add_argument("--docker-plugin-socket", default=docker_driver.DEFAULT_SOCKET, metavar="PATH",
+                   help="where Docker's network and IPAM driver is served (default "
+                        f"{docker_driver.DEFAULT_SOCKET}; '' for none)")
     return p.parse_args(argv)
 
 
@@ -116,6 +119,7 @@ class Daemon:
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
         self.swarm = Swarm(self)
         self.extra_routes: list = [self.swarm.routes()]
+        self.extra_routes.append(cni_api.routes(self.engine))
 
     def info(self) -> dict:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,
@@ -140,6 +144,7 @@ class Daemon:
         finally:
             os.umask(old)
         self._share_with_group()
+        driver = await docker_driver.serve(self.engine, self.args.docker_plugin_socket)
         log.info("netweftd ready", extra={"socket": self.sock, "pid": os.getpid()})
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -147,6 +152,7 @@ class Daemon:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("netweftd stopping; the data plane stays as it is")
+        await driver.close()
         await runner.cleanup()
         await self.swarm.stop()
         await self.engine.close()

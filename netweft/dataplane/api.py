@@ -15,7 +15,7 @@ import abc
 import ipaddress
 from collections.abc import Iterable
 
-from netweft.dataplane.firewall import BridgeRule
+from netweft.dataplane.firewall import BridgeRule, PortRule
 from netweft.model.objects import Peer
 
 VXLAN_OVERHEAD = 50          # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8: overlay MTU = underlay MTU - 50
@@ -149,6 +149,12 @@ class DataPlane(abc.ABC):
 
     @abc.abstractmethod
     async def delete_overlay_firewall(self) -> None: ...
+
+    # ---- published ports ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def apply_port_maps(self, rules: list[PortRule]) -> None:
+        """Atomically replace table `inet netweft-ports` with DNAT rules for the published ports (none:
+        delete it)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from netweft.dataplane.api import DataPlane
 from netweft.dataplane.checks import (check_ifname, check_mtu, check_path, check_peers, default_tmp_name, int_in,
                                       ipv4, parse_interface, parse_mac, peer_tables)
-from netweft.dataplane.firewall import (OVERLAY_TABLE, BridgeRule, render_firewall,
-                                        render_overlay_firewall)
+from netweft.dataplane.firewall import (OVERLAY_TABLE, PORTS_TABLE, BridgeRule, PortRule, render_firewall,
+                                        render_overlay_firewall, render_port_maps)
 from netweft.errors import InvalidRequest, KernelError
 from netweft.model.objects import Peer
 
@@ -443,6 +443,12 @@ class FakeDataPlane(DataPlane):
         networks = list(networks)
         doc = render_firewall(table, networks)
         self._table(table, doc if networks else None)
+
+    @_op
+    def apply_port_maps(self, rules: list[PortRule]) -> None:
+        rules = list(rules)
+        doc = render_port_maps(rules)
+        self._table(PORTS_TABLE, doc if rules else None)
 
     def _table(self, name: str, doc: dict | None) -> None:
         if self.tables.get(name) != doc:

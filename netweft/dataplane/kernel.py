@@ -30,7 +30,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netweft.dataplane import netns
 from netweft.dataplane.checks import check_mtu, check_path, ipv4
-from netweft.dataplane.firewall import BridgeRule, render_firewall
+from netweft.dataplane.firewall import PORTS_TABLE, BridgeRule, PortRule, render_firewall, render_port_maps
 from netweft.dataplane.nlutil import (RT_TABLE_MAIN, HostHandles, check_ifname, delete_link, describe,
                                       ensure_container_end, ensure_ipv4, ensure_mtu, ensure_up, ensure_veth,
                                       failing, get_link, ignore, link_kind, netns_iproute,
@@ -273,6 +273,10 @@ class Kernel(HostHandles):
         """Atomically replace nftables table `inet <table>` with rules for `networks`
         (see firewall.render_firewall); an empty list deletes the table."""
         self._nft_cmd(render_firewall(table, list(networks)), f"nftables table {table}")
+
+    def apply_port_maps(self, rules: list[PortRule]) -> None:
+        """Atomically replace table `inet netweft-ports` with the published ports' DNAT rules."""
+        self._nft_cmd(render_port_maps(list(rules)), f"nftables table {PORTS_TABLE}")
 
     def delete_firewall(self, table: str) -> None:
         """Delete nftables table `inet <table>`. Idempotent."""

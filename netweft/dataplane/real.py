@@ -22,7 +22,7 @@ from typing import TypeVar
 from netweft.dataplane import netns
 from netweft.dataplane.api import DataPlane
 from netweft.dataplane.checks import check_path
-from netweft.dataplane.firewall import BridgeRule
+from netweft.dataplane.firewall import BridgeRule, PortRule
 from netweft.dataplane.kernel import Kernel
 from netweft.dataplane.overlay import Overlay
 from netweft.errors import KernelError
@@ -149,6 +149,9 @@ class RealDataPlane(DataPlane):
 
     async def apply_firewall(self, table: str, networks: list[BridgeRule]) -> None:
         await self._kcall("apply_firewall", table, list(networks))
+
+    async def apply_port_maps(self, rules: list[PortRule]) -> None:
+        await self._kcall("apply_port_maps", list(rules))
 
     # ---- overlay sandboxes ----------------------------------------------------------------------------
 

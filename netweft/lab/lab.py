@@ -140,7 +140,8 @@ class Lab:
             proc = subprocess.Popen(
                 ["nsenter", f"--net={self.ns_path(host)}", str(BIN / "netweftd"), "-H", self.socket(host),
                  "--data-root", str(d / "data"), "--exec-root", str(d / "run"), "--hostname", host,
-                 "--default-address-pool", LAB_LOCAL_POOL, *(daemon_args or [])],
+                 "--default-address-pool", LAB_LOCAL_POOL, "--docker-plugin-socket", str(d / "docker-plugin.sock"),
+                 *(daemon_args or [])],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         (d / "netweftd.pid").write_text(str(proc.pid))
         deadline = time.monotonic() + 30

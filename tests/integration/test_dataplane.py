@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from netweft.dataplane import netns
-from netweft.dataplane.firewall import BridgeRule
+from netweft.dataplane.firewall import BridgeRule, PortRule
 from netweft.dataplane.kernel import Kernel
 from netweft.errors import InvalidRequest, KernelError
 
@@ -740,6 +740,10 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
         ("ensure_gw_endpoint", c2, "nwtgw", "nwtg-o2", "eth1", "198.19.255.2/24", "02:00:c6:13:ff:02", 1400,
          "198.19.255.1"),
         ("apply_overlay_firewall", "nwtgw", "198.19.255.0/24"),
+        ("apply_port_maps", [PortRule("tcp", 8080, "", "198.19.255.2", 80), PortRule("udp", 53, "192.0.2.1",
+                                                                                     "198.18.0.2", 5353)]),
+        ("apply_port_maps", [PortRule("tcp", 8080, "", "198.19.255.2", 80), PortRule("tcp", 8080, "", "198.18.0.2",
+                                                                                     80)]),   # refused: twice
         # Kernel refusals.
         ("ensure_sandbox", sb2, 4242, "198.18.2.1/24", 1350, "192.0.2.1", 4789, "nwtx4242"),   # VNI in use
         ("ensure_overlay_endpoint", sb1, c3, "nwv-o9", "lo", "198.18.1.9/24", "02:00:c6:12:01:09", 1350),
@@ -766,6 +770,7 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
         ("delete_overlay_firewall",),
         ("delete_gwbridge", "nwtgw"),
         ("apply_firewall", TABLE, []),
+        ("apply_port_maps", []),
         ("delete_bridge", "nwb0", None),
     ]
 
