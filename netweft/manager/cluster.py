@@ -17,19 +17,23 @@ from datetime import datetime, timedelta, timezone
 import msgspec
 from aiohttp import web
 
-from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized, Unavailable
+from netweft.errors import Conflict, Forbidden, InvalidRequest, NetweftError, NotFound, Unauthorized, Unavailable
 from netweft import pki
 from netweft.manager import auth
 from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
-from netweft.manager.watch import CLUSTER, NODES, ClusterState, Hub
+from netweft.manager.watch import CA, CLUSTER, NODES, PRESENCE, ClusterState, Hub
+from netweft.manager import hastore
+from netweft.manager.leader import Coordination
+from netweft.pki import sealed
 from netweft.model import codec
 from netweft.model.api import NodeUpdate
 from netweft.model.objects import Labels, Node, ShortText
 from netweft.model.watch import EndpointRequest
 from netweft.store.api import ClusterStore, Compare, Delete, Put
 from netweft.store.sqlite import SQLiteStore
-from netweft.model.cluster import HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest, vtep_problem
+from netweft.model.cluster import (EnrollRequest, HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest,
+                                   vtep_problem)
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 from netweft.manager.tlsserver import serve_tls
 
@@ -39,6 +43,8 @@ HEARTBEAT_MISSES = 3          # a node is Down after this many missed heartbeats
 MIN_CERT_EXPIRY = timedelta(seconds=10)
 RENEW_RETRY_FIRST, RENEW_RETRY_MAX = 1.0, 60.0   # seconds between retries of a failed renewal of the leader's
 STORE_FILE = "cluster.db"     # the cluster store, in the swarm directory (mode 0600: it holds the tokens)
+HISTORY = 50_000              # etcd: revisions of history the leader keeps for agents that resume
+TRIM_EVERY = 60.0             # etcd: seconds between two trims of the history by the leader
 
 
 def new_node_id() -> str:
@@ -75,16 +81,26 @@ class Manager:
 
     admission: auth.Admission | None = None  # the API's guard, once the API is built
 
-    def __init__(self, swarm_dir: str, node_id: str):
+    def __init__(self, swarm_dir: str, node_id: str, store_endpoints: list[str] | None = None,
+                 on_demoted=None):
+        """store_endpoints: etcd's (several managers); None: this manager's own SQLite store."""
         self.dir, self.node_id = swarm_dir, node_id
+        self.store_endpoints = store_endpoints
+        self.ha = store_endpoints is not None
+        self.on_demoted = on_demoted       # called once when this manager is demoted or removed (etcd)
+        self.coord: Coordination | None = None
+        self.store_ca: pki.RootCA | None = None
         repair_node_pair(swarm_dir)
         f = files(swarm_dir)
-        self.ca = pki.RootCA.from_pem(pki.load_pem(f["ca"]), pki.load_pem(f["ca_key"]))
+        # With etcd the CA key is in the store, sealed with the managers' key (start() opens it).
+        self.ca = None if self.ha else pki.RootCA.from_pem(pki.load_pem(f["ca"]), pki.load_pem(f["ca_key"]))
         self.server: asyncio.base_events.Server | None = None
         self.runner: web.AppRunner | None = None
         self.tasks: list[asyncio.Task] = []
-        # Heartbeats are kept in memory; the store only sees Ready/Down transitions.
+        # Heartbeats are kept in memory; the store only sees Ready/Down transitions (with etcd, each
+        # manager also publishes whom it heard from: see leader.py).
         self.last_seen: dict[str, float] = {}
+        self.seen_wall: dict[str, float] = {}
         # The cluster's own store (not the host's local database); opened by start().
         self.store: ClusterStore | None = None
         self.hub: Hub | None = None
@@ -93,11 +109,12 @@ class Manager:
     # ------------------------------------------------------------------ setup
     @staticmethod
     async def init_cluster(swarm_dir: str, hostname: str, advertise: str, listen: tuple[str, int],
-                           spec: dict) -> dict:
-        """Create the root CA, the tokens and this node as the first manager, in a new cluster store.
-        Returns {"node_id", "cluster_id", "join_tokens"}."""
-        cluster_id = new_node_id()
-        node_id = new_node_id()
+                           spec: dict, store: ClusterStore | None = None, manager_key: bytes | None = None,
+                           store_ca: pki.RootCA | None = None, ids: tuple[str, str] | None = None) -> dict:
+        """Create the root CA, the tokens and this node as the first manager, in a new cluster store:
+        this node's SQLite file, or (store given) etcd, where the CA key (and the store CA's, for an
+        embedded etcd) is kept sealed with manager_key. Returns {"node_id", "cluster_id", "join_tokens"}."""
+        cluster_id, node_id = ids or (new_node_id(), new_node_id())
         ca = pki.create_root_ca(cluster_id)
         key = pki.new_node_key()
         expiry = timedelta(seconds=spec["CertExpiry"])
@@ -106,7 +123,8 @@ class Manager:
         os.makedirs(swarm_dir, mode=0o700, exist_ok=True)
         f = files(swarm_dir)
         pki.save_pem(f["ca"], ca.cert_pem)
-        pki.save_pem(f["ca_key"], ca.key_pem, private=True)
+        if store is None:
+            pki.save_pem(f["ca_key"], ca.key_pem, private=True)
         pki.save_pem(f["key"], pki.key_to_pem(key), private=True)
         pki.save_pem(f["cert"], cert)
         digest = ca.digest()
@@ -118,14 +136,25 @@ class Manager:
         node = Node(id=node_id, hostname=hostname, role="manager", addr=advertise, manager_addr=manager_addr,
                     created=utcnow(), updated=utcnow(), cert_serial=str(ident.serial),
                     cert_not_after=ident.not_after.isoformat())
-        store = await SQLiteStore.open(os.path.join(swarm_dir, STORE_FILE))
-        try:
-            r = await store.txn([Compare(CLUSTER, "cluster", 0)], [Put(CLUSTER, "cluster", codec.encode(cluster)),
-                                                                    Put(NODES, node_id, codec.encode(node))])
-        finally:
-            await store.close()
+        ops = [Put(CLUSTER, "cluster", codec.encode(cluster)), Put(NODES, node_id, codec.encode(node))]
+        if store is None:
+            store = await SQLiteStore.open(os.path.join(swarm_dir, STORE_FILE))
+            try:
+                r = await store.txn([Compare(CLUSTER, "cluster", 0)], ops)
+            finally:
+                await store.close()
+        else:
+            cluster["store"] = "etcd"
+            sealed_ca = {"cert": ca.cert_pem.decode(), "key": sealed.seal(manager_key, "ca-key", ca.key_pem)}
+            if store_ca is not None:
+                sealed_ca.update(store_cert=store_ca.cert_pem.decode(),
+                                 store_key=sealed.seal(manager_key, "store-ca-key", store_ca.key_pem))
+            ops = [Put(CLUSTER, "cluster", codec.encode(cluster)), ops[1], Put(CA, "root", codec.encode(sealed_ca))]
+            r = await store.txn([Compare(CLUSTER, "cluster", 0)], ops)
         if not r.ok:
-            raise Conflict(f"{swarm_dir} already holds a cluster store; `netweft swarm leave --force` first")
+            where = swarm_dir if isinstance(store, SQLiteStore) else "etcd"
+            raise Conflict(f"{where} already holds a cluster; `netweft swarm leave --force` first "
+                           "(or use an etcd that holds no netweft cluster)")
         return {"node_id": node_id, "cluster_id": cluster_id, "join_tokens": cluster["join_tokens"]}
 
     @property
@@ -139,13 +168,19 @@ class Manager:
         return self.cluster()["spec"]
 
     async def start(self, listen: tuple[str, int]) -> None:
-        self.store = await SQLiteStore.open(os.path.join(self.dir, STORE_FILE))
+        if self.ha:
+            self.store = hastore.open_store(self.dir, self.store_endpoints)
+        else:
+            self.store = await SQLiteStore.open(os.path.join(self.dir, STORE_FILE))
         try:
             self.hub = Hub(self.store)
             await self.hub.start()
             if self.state.get(CLUSTER, "cluster") is None:
-                raise Unavailable(f"the cluster store in {self.dir} holds no cluster; "
+                where = "etcd" if self.ha else f"the cluster store in {self.dir}"
+                raise Unavailable(f"{where} holds no cluster; "
                                   "leave the swarm (`netweft swarm leave --force`) and init or join again")
+            if self.ha:
+                self._open_sealed()
             self.overlays = Overlays(self.hub, self.spec)
             f = files(self.dir)
             ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
@@ -170,12 +205,24 @@ class Manager:
         for node in self.state.nodes():  # grace after a restart: nobody is Down yet
             self.last_seen[node.id] = now
         self.tasks = [asyncio.ensure_future(self._monitor()), asyncio.ensure_future(self._renew_own_cert())]
+        if self.ha:
+            me = self.state.get(NODES, self.node_id)
+            self.coord = Coordination(self.store, self.hub, self.node_id,
+                                      (me.manager_addr if me else "") or f"{listen[0]}:{listen[1]}")
+            self.tasks += [asyncio.ensure_future(self.coord.run()), asyncio.ensure_future(self._publish_seen()),
+                           asyncio.ensure_future(self._trim_history()), asyncio.ensure_future(self._watch_self())]
         log.info("cluster API listening", extra={"addr": f"{listen[0]}:{listen[1]}", "rev": self.state.rev})
 
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.coord is not None:
+            try:
+                async with asyncio.timeout(2):
+                    await self.coord.stop()
+            except (TimeoutError, NetweftError):
+                pass
         if self.server is not None:
             self.server.close()
         if self.hub is not None:
@@ -188,6 +235,128 @@ class Manager:
             await self.hub.stop()
         if self.store is not None:
             await self.store.close()
+
+    # ------------------------------------------------------------ several managers (etcd)
+    def _open_sealed(self) -> None:
+        """The CA (and the store CA) from the store, their keys opened with this manager's key."""
+        rec = self.state.get(CA, "root")
+        if rec is None:
+            raise Unavailable("etcd holds no cluster CA; leave the swarm (`netweft swarm leave --force`) and join again")
+        key = sealed.load_key(self.dir)
+        self.ca = pki.RootCA.from_pem(rec["cert"].encode(), sealed.unseal(key, "ca-key", rec["key"]))
+        if rec.get("store_key"):
+            self.store_ca = pki.RootCA.from_pem(rec["store_cert"].encode(),
+                                                sealed.unseal(key, "store-ca-key", rec["store_key"]))
+
+    def leader_id(self) -> str | None:
+        if not self.ha:
+            return self.cluster()["leader"]["node_id"]
+        rec = self.coord.leader() if self.coord is not None else None
+        return rec.get("node_id") if rec else None
+
+    def is_leader(self) -> bool:
+        return not self.ha or (self.coord is not None and self.coord.is_leader())
+
+    def manager_addrs(self) -> list[str]:
+        """Every manager's cluster API address: the reachable ones first."""
+        mgrs = [n for n in self.state.nodes() if n.role == "manager"]
+        if self.ha:
+            mgrs.sort(key=lambda n: (self.state.get(PRESENCE, n.id) is None, n.id))
+        return [n.manager_addr or f"{n.addr}:2377" for n in mgrs][:64] or [self.cluster()["leader"]["addr"]]
+
+    async def _publish_seen(self) -> None:
+        """Whom this manager heard from (itself included), for the leader's Down check."""
+        while True:
+            period = self.spec()["HeartbeatPeriod"]
+            await asyncio.sleep(period / 2)
+            now = time.time()
+            self.seen_wall[self.node_id] = now
+            limit = HEARTBEAT_MISSES * period * 2
+            seen = {k: round(v, 3) for k, v in self.seen_wall.items() if now - v < limit}
+            try:
+                await self.coord.publish_heartbeats(seen)
+                me = self.state.get(NODES, self.node_id)
+                if me is not None and me.role == "manager" and me.state != "ready":  # back after being Down
+                    await self._update(self.node_id, lambda n: msgspec.structs.replace(n, state="ready"))
+            except NetweftError as e:
+                log.debug("publishing heartbeats failed", extra={"reason": str(e)})
+
+    async def _trim_history(self) -> None:
+        while True:
+            await asyncio.sleep(TRIM_EVERY)
+            if self.is_leader() and self.state.rev > HISTORY:
+                try:
+                    await self.store.compact(self.state.rev - HISTORY)
+                except NetweftError as e:
+                    log.warning("trimming the cluster store's history failed", extra={"reason": str(e)})
+
+    async def _watch_self(self) -> None:
+        """This manager demoted or removed (by another one): tell the daemon once, which stops it."""
+        while True:
+            await asyncio.sleep(0.5)
+            me = self.state.get(NODES, self.node_id)
+            if (me is None or me.role != "manager") and self.on_demoted is not None:
+                log.info("this manager was demoted or removed; it stops serving")
+                self.on_demoted()
+                return
+
+    async def _drop_member(self, node: Node) -> bool:
+        """Remove a manager's etcd member (embedded etcd: found by its name or peer URL); False if it had none."""
+        if self.store_ca is None or not isinstance(self.store, hastore.EtcdStore):
+            return False
+        url = hastore.peer_url(node.addr)
+        for m in await self.store.members():
+            if m.name == node.id or url in m.peer_urls:
+                await self.store.member_remove(m.id)
+                log.info("etcd member removed", extra={"node": node.id, "member": f"{m.id:x}"})
+                return True
+        return False
+
+    async def enroll(self, node: Node, csr_pem: str) -> dict:
+        """A new manager (joined with the manager token, or promoted) asks for what the shared store needs.
+        Embedded etcd: its member is added here (before it starts, as etcd requires)."""
+        if not self.ha:
+            raise Conflict("this cluster keeps its state in one manager's store (swarm init without --store etcd): "
+                           "there is nothing to enroll in")
+        if node.role != "manager":
+            raise Forbidden("only a manager enrolls in the cluster store")
+        key = sealed.encode_key(sealed.load_key(self.dir))
+        f = hastore.store_files(self.dir)
+        if self.store_ca is None:  # an etcd the operator runs: its client certificate is shared
+            return {"ManagerKey": key, "StoreCA": pki.load_pem(f["ca"]).decode(),
+                    "StoreCert": pki.load_pem(f["cert"]).decode(), "StoreKey": pki.load_pem(f["key"]).decode(),
+                    "Endpoints": self.store_endpoints}
+        cert = hastore.sign_store_cert(self.store_ca, csr_pem.encode(), node.id, self.cluster()["id"], node.addr)
+        url = hastore.peer_url(node.addr)
+        members = await self.store.members()
+        mine = next((m for m in members if url in m.peer_urls), None)
+        if mine is None:
+            # etcd refuses a member while the last one added has not caught up (it would risk the quorum)
+            for attempt in range(40):
+                try:
+                    member_id, members = await self.store.member_add(url)
+                    break
+                except Unavailable:
+                    if attempt == 39:
+                        raise
+                    await asyncio.sleep(0.5)
+            log.info("etcd member added", extra={"node": node.id, "member": f"{member_id:x}", "peer": url})
+        else:
+            member_id = mine.id
+        initial = ",".join(f"{m.name or (node.id if m.id == member_id else f'{m.id:x}')}={m.peer_urls[0]}"
+                           for m in members if m.peer_urls)
+        endpoints = [u.removeprefix("https://") for m in members for u in m.client_urls]
+        endpoints.append(hastore.client_endpoint(node.addr))
+        return {"ManagerKey": key, "StoreCA": self.store_ca.cert_pem.decode(), "StoreCert": cert.decode(),
+                "Endpoints": list(dict.fromkeys(endpoints)), "InitialCluster": initial}
+
+    async def leave_managers(self) -> None:
+        """This manager leaves for good (swarm leave --force): its endpoints go, it is marked down, its
+        etcd member removed."""
+        me = self.state.get(NODES, self.node_id)
+        if me is not None:
+            await self.leave(me)
+            await self._drop_member(me)
 
     # ------------------------------------------------------------ node lookup
     def node(self, ref: str) -> Node:
@@ -241,11 +410,12 @@ class Manager:
                 [Put(NODES, node_id, codec.encode(node))], (node, cert, cluster)
         (node, cert, cluster), _ = await self.hub.commit(plan)
         self.last_seen[node_id] = time.monotonic()
+        self.seen_wall[node_id] = time.time()
         log.info("node joined", extra={"node": node_id, "hostname": hostname, "role": node.role, "addr": addr})
         return {"NodeID": node_id, "Role": node.role, "ClusterID": cluster["id"], "Certificate": cert.decode(),
-                "CACert": self.ca.cert_pem.decode(), "Managers": [cluster["leader"]["addr"]],
+                "CACert": self.ca.cert_pem.decode(), "Managers": self.manager_addrs(),
                 "HeartbeatPeriod": cluster["spec"]["HeartbeatPeriod"],
-                "DataPathPort": cluster["spec"]["DataPathPort"]}
+                "DataPathPort": cluster["spec"]["DataPathPort"], "Store": cluster.get("store", "sqlite")}
 
     def _sign(self, csr_pem: str, node_id: str, role: str, addr: str | None) -> bytes:
         expiry = timedelta(seconds=self.spec()["CertExpiry"])
@@ -269,6 +439,7 @@ class Manager:
 
     async def heartbeat(self, node: Node, addr: str | None) -> dict:
         self.last_seen[node.id] = time.monotonic()
+        self.seen_wall[node.id] = time.time()
         if node.state != "ready" or (addr and node.addr != addr):
             node = await self._update(node.id, lambda n: msgspec.structs.replace(n, state="ready",
                                                                                  addr=addr or n.addr))
@@ -296,10 +467,22 @@ class Manager:
             await asyncio.sleep(min(1.0, period / 4))
             limit = HEARTBEAT_MISSES * period
             now = time.monotonic()
+            if self.ha:  # the leader alone, from what every manager heard (since it leads, at the earliest)
+                if not self.is_leader():
+                    continue
+                wall = time.time()
+                since = self.coord.leader_since
             for node in self.state.nodes():
                 if node.id == self.node_id or node.state != "ready":
                     continue
-                if now - self.last_seen.get(node.id, now) > limit:
+                if self.ha and self.state.get(PRESENCE, node.id) is not None:
+                    late = False  # a manager that holds its lease is up (it may still be starting)
+                elif self.ha:  # (+ one period: what other managers heard reaches the leader a little later)
+                    late = wall - max(self.coord.last_seen(node.id), self.seen_wall.get(node.id, 0.0),
+                                      since) > limit + period
+                else:
+                    late = now - self.last_seen.get(node.id, now) > limit
+                if late:
                     try:
                         await self._update(node.id, lambda n: msgspec.structs.replace(n, state="down")
                                            if n.state == "ready" else None)
@@ -346,15 +529,18 @@ class Manager:
                 "Status": {"State": "ready" if node.id == self.node_id else node.state, "Addr": node.addr},
                 "Certificate": {"Serial": node.cert_serial, "NotAfter": node.cert_not_after}}
         if node.role == "manager":
-            view["ManagerStatus"] = {"Leader": node.id == self.cluster()["leader"]["node_id"],
-                                     "Reachability": "reachable", "Addr": node.manager_addr or f"{node.addr}:2377"}
+            reach = "reachable"
+            if self.ha and node.id != self.node_id and self.state.get(PRESENCE, node.id) is None:
+                reach = "unreachable"
+            view["ManagerStatus"] = {"Leader": node.id == self.leader_id(),
+                                     "Reachability": reach, "Addr": node.manager_addr or f"{node.addr}:2377"}
         return view
 
     async def remove_node(self, ref: str, force: bool) -> None:
         node = self.node(ref)
         name = node.hostname
         if node.id == self.node_id:
-            raise Conflict(f"node {name!r} is the leader (this manager); it cannot remove itself: "
+            raise Conflict(f"node {name!r} is this manager; it cannot remove itself: "
                            "use `netweft swarm leave --force` on it")
         if node.role == "manager" and not force:
             raise Conflict(f"node {name!r} is a manager; demote it first (`netweft node demote {name}`) "
@@ -376,6 +562,8 @@ class Manager:
         count, _ = await self.hub.commit(plan)
         self.last_seen.pop(node.id, None)
         self.hub.disconnect(node.id)
+        if self.ha:
+            await self._drop_member(node)
         # Its open connections (a watch stream, kept-alive calls) end now, not at their next request.
         closed = self.admission.disconnect(node.id) if self.admission is not None else 0
         log.info("node removed; its certificate is refused from now on", extra={"node": node.id,
@@ -388,9 +576,12 @@ class Manager:
         node = self.node(ref)
         if role is not None and role not in pki.ROLES:
             raise InvalidRequest(f"invalid role {str(role)[:40]!r}: use manager or worker")
-        if node.id == self.node_id and role not in (None, "manager"):
-            raise Conflict("the leader cannot be demoted: it holds the cluster store "
-                           "(several managers come with the HA issue)")
+        if self.ha and role == "worker" and node.role == "manager":
+            if not [n for n in self.state.nodes() if n.role == "manager" and n.id != node.id]:
+                raise Conflict(f"node {node.hostname!r} is the last manager; promote another node first")
+        elif node.id == self.node_id and role not in (None, "manager"):
+            raise Conflict("the leader cannot be demoted: it holds the cluster store (a cluster made with "
+                           "`swarm init --store etcd` has several managers)")
         if availability is not None and availability not in ("active", "pause", "drain"):
             raise InvalidRequest(f"invalid availability {str(availability)[:40]!r}: use active, pause or drain")
         labels_add = codec.convert(labels_add or {}, Labels, "labels to add")
@@ -404,7 +595,10 @@ class Manager:
                 n, role=new_role, availability=availability or n.availability,
                 labels=codec.convert(labels, Labels, "labels"),
                 manager_addr=(n.manager_addr or f"{n.addr}:2377") if new_role == "manager" else "")
-        return self.node_view(await self._update(node.id, change))
+        view = self.node_view(await self._update(node.id, change))
+        if self.ha and role == "worker":
+            await self._drop_member(node)
+        return view
 
     async def rotate_token(self, role: str) -> str:
         if role not in pki.ROLES:
@@ -424,8 +618,12 @@ class Manager:
         """Docker's shape of the swarm (`swarm inspect`; the CLI leaves the tokens out)."""
         c = self.cluster()
         _, not_after = pki.validity(self.ca.cert)
-        return {"ID": c["id"], "CreatedAt": c["created"], "Spec": c["spec"],
-                "Leader": {"NodeID": c["leader"]["node_id"], "Addr": c["leader"]["addr"]},
+        leader = {"NodeID": c["leader"]["node_id"], "Addr": c["leader"]["addr"]}
+        if self.ha:
+            rec = self.coord.leader() if self.coord is not None else None
+            leader = {"NodeID": rec["node_id"], "Addr": rec["addr"]} if rec else {"NodeID": "", "Addr": ""}
+        return {"ID": c["id"], "CreatedAt": c["created"], "Spec": c["spec"], "Leader": leader,
+                "Store": c.get("store", "sqlite"), "Managers": self.manager_addrs(),
                 "RootCA": {"Digest": self.ca.digest(), "NotAfter": not_after.isoformat(),
                            "CertPEM": self.ca.cert_pem.decode()},
                 "JoinTokens": {"Worker": c["join_tokens"]["worker"], "Manager": c["join_tokens"]["manager"]}}
@@ -487,6 +685,12 @@ class Manager:
             await auth.read_body(request, LeaveRequest, empty_ok=True)
             await self.leave(request["node"])
             return web.json_response({})
+
+        @routes.post("/managers/enroll")
+        @allow(MANAGER)
+        async def enroll(request):
+            b = await auth.read_body(request, EnrollRequest)
+            return web.json_response(await self.enroll(request["node"], b.csr))
 
         @routes.get("/admin/swarm")
         @allow(MANAGER)
