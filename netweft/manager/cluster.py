@@ -45,6 +45,7 @@ RENEW_RETRY_FIRST, RENEW_RETRY_MAX = 1.0, 60.0   # seconds between retries of a 
 STORE_FILE = "cluster.db"     # the cluster store, in the swarm directory (mode 0600: it holds the tokens)
 HISTORY = 50_000              # etcd: revisions of history the leader keeps for agents that resume
 TRIM_EVERY = 60.0             # etcd: seconds between two trims of the history by the leader
+MEMBER_TRIES = 40             # etcd: tries (0.5 s apart) of a member change etcd refuses for the quorum's sake
 
 
 def new_node_id() -> str:
@@ -307,7 +308,16 @@ class Manager:
         url = hastore.peer_url(node.addr)
         for m in await self.store.members():
             if m.name == node.id or url in m.peer_urls:
-                await self.store.member_remove(m.id)
+                # etcd refuses while a member restarted only moments ago (it would risk the quorum)
+                for attempt in range(MEMBER_TRIES):
+                    try:
+                        await self.store.member_remove(m.id)
+                        break
+                    except Unavailable as e:
+                        if attempt == MEMBER_TRIES - 1:
+                            raise Unavailable(f"etcd refuses to remove {node.hostname}'s member now ({e}); "
+                                              "nothing was changed: retry when every manager is up") from None
+                        await asyncio.sleep(0.5)
                 log.info("etcd member removed", extra={"node": node.id, "member": f"{m.id:x}"})
                 return True
         return False
@@ -332,12 +342,12 @@ class Manager:
         mine = next((m for m in members if url in m.peer_urls), None)
         if mine is None:
             # etcd refuses a member while the last one added has not caught up (it would risk the quorum)
-            for attempt in range(40):
+            for attempt in range(MEMBER_TRIES):
                 try:
                     member_id, members = await self.store.member_add(url)
                     break
                 except Unavailable:
-                    if attempt == 39:
+                    if attempt == MEMBER_TRIES - 1:
                         raise
                     await asyncio.sleep(0.5)
             log.info("etcd member added", extra={"node": node.id, "member": f"{member_id:x}", "peer": url})
@@ -549,6 +559,9 @@ class Manager:
             raise Conflict(f"node {name!r} is not down and can't be removed; stop its daemon first "
                            "or use --force")
 
+        if self.ha and node.role == "manager":
+            await self._drop_member(node)   # first: a member left behind would count against the quorum
+
         def plan():  # the node, its endpoints and its revocation go in one revision
             if self.state.get(NODES, node.id) is None:
                 raise NotFound(f"node {ref!r} not found; see `netweft node ls`")
@@ -562,8 +575,6 @@ class Manager:
         count, _ = await self.hub.commit(plan)
         self.last_seen.pop(node.id, None)
         self.hub.disconnect(node.id)
-        if self.ha:
-            await self._drop_member(node)
         # Its open connections (a watch stream, kept-alive calls) end now, not at their next request.
         closed = self.admission.disconnect(node.id) if self.admission is not None else 0
         log.info("node removed; its certificate is refused from now on", extra={"node": node.id,
@@ -595,10 +606,9 @@ class Manager:
                 n, role=new_role, availability=availability or n.availability,
                 labels=codec.convert(labels, Labels, "labels"),
                 manager_addr=(n.manager_addr or f"{n.addr}:2377") if new_role == "manager" else "")
-        view = self.node_view(await self._update(node.id, change))
-        if self.ha and role == "worker":
-            await self._drop_member(node)
-        return view
+        if self.ha and role == "worker" and node.role == "manager":
+            await self._drop_member(node)   # first: if etcd refuses, nothing changed
+        return self.node_view(await self._update(node.id, change))
 
     async def rotate_token(self, role: str) -> str:
         if role not in pki.ROLES:

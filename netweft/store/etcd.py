@@ -100,11 +100,13 @@ class EtcdStore(ClusterStore):
 
     def _unavailable(self, e: grpc.aio.AioRpcError) -> Unavailable:
         """gRPC's error as one line for a person (its own text is a multi-line debug string)."""
-        details = (e.details() or "").lower()
-        if "no leader" in details or "timed out" in details or e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = " ".join((e.details() or "").split())[:120]
+        if e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED) or "no leader" in details:
             return Unavailable(f"the cluster store (etcd at {self.target}) has no quorum here "
-                               f"({e.code().name}): this manager is cut off from the others, or too few managers "
-                               "are up; nothing was changed: retry, or use another manager")
+                               f"({e.code().name}: {details or 'no answer'}): this manager is cut off from the "
+                               "others, or too few managers are up; retry, or use another manager")
+        if "unhealthy cluster" in details:
+            return Unavailable(f"etcd at {self.target} refuses: {details}")
         return Unavailable(f"the cluster store (etcd at {self.target}) failed the call ({e.code().name}): "
                            "check that etcd is running, reachable and trusts this node's certificate")
 

@@ -16,7 +16,10 @@ import time
 
 import pytest
 
-from lab_fixture import HEARTBEAT, LogWatch, new_lab_name, node_table, run_cli, swarm_dir, wait_for
+from datetime import datetime
+
+from lab_fixture import (HEARTBEAT, LogWatch, cluster_call, new_lab_name, node_files, node_table, run_cli, swarm_dir,
+                         wait_for)
 from netweft.lab.lab import Lab
 from test_concurrency import programmed
 
@@ -110,6 +113,14 @@ def attach_many(lab: Lab, hosts: list[str], per_host: int, prefix: str, results:
     return threads
 
 
+def streams_on(lab: Lab, host: str) -> dict[str, float]:
+    """node id -> when (epoch s) its latest watch opened on this manager, from the manager's whole log."""
+    w = LogWatch(lab, host)
+    w.offset = 0
+    return {e["node"]: datetime.fromisoformat(e["time"].replace("Z", "+00:00")).timestamp()
+            for e in w.entries() if e.get("msg") == "watch opened"}
+
+
 def all_programmed(lab: Lab, hosts: list[str], net_id: str) -> bool:
     ips = {h: set(ips_on(lab, h).values()) for h in hosts}
     return all(programmed(lab, h, net_id) >= {ip for o in hosts if o != h for ip in ips[o]} for h in hosts)
@@ -128,15 +139,30 @@ def test_leader_killed_during_attaches_then_a_manager_host_lost_then_a_manager_d
     run_cli(lab, "h2", "network", "create", "-d", "overlay", "--attachable", "--subnet", "198.18.0.0/22", "ov")
     net_id = json.loads(run_cli(lab, "h2", "network", "inspect", "ov").stdout)[0]["Id"]
 
+    # A worker's certificate does not enroll it in the store.
+    w5 = node_files(lab, "h5")
+    r = cluster_call(lab, "h5", "POST", "/managers/enroll", ca=w5["ca"], cert=w5["cert"], key=w5["key"],
+                     body={"CSR": "x"}, manager=f"{lab.address('h2')}:2377")
+    assert r.get("status") == 403 and "manager certificate" in r["body"], r
+
     # 1. kill -9 the leader's netweftd while 4 hosts attach at once.
+    workers = {node_id(lab, h): h for h in ("h4", "h5")}
+    on_h1 = [n for n in workers if n in streams_on(lab, "h1") and
+             streams_on(lab, "h1")[n] >= max(streams_on(lab, m).get(n, 0) for m in ("h2", "h3"))]
     results: dict[str, str] = {}
     hosts = ["h2", "h3", "h4", "h5"]
     threads = attach_many(lab, hosts, ATTACHES_PER_HOST, "a", results)
     wait_for(lambda: len(results) >= 10, 120, "the first attaches")
     t0 = time.monotonic()
+    killed_at = time.time()
     lab.stop_daemon("h1", signal.SIGKILL)
     new = wait_for(lambda: leader(lab, "h2") not in (None, "h1") and leader(lab, "h2"), 30, "a new leader")
     print(f"\nnew leader {new} {time.monotonic() - t0:.2f} s after the leader's netweftd was killed")
+    for n in on_h1:   # the workers whose watch was on h1 move to another manager
+        moved = wait_for(lambda: max(streams_on(lab, "h2").get(n, 0), streams_on(lab, "h3").get(n, 0)) > killed_at,
+                         30, f"{workers[n]}'s watch on another manager")
+        at = max(streams_on(lab, "h2").get(n, 0), streams_on(lab, "h3").get(n, 0))
+        print(f"{workers[n]}'s watch moved to another manager {at - killed_at:.2f} s after the kill ({moved})")
     for t in threads:
         t.join(300)
     acked = {n for n, r in results.items() if r == "ok"}
@@ -225,3 +251,11 @@ def test_a_manager_cut_off_refuses_writes_and_all_managers_restart(ha_lab):
     run_cli(lab, "h4", "run", "-d", "--name", "after", "--network", "ov", "--", "sleep", "1000")
     ip = ips_on(lab, "h4")["after"]
     assert run_cli(lab, "h3", "exec", "ch3", "--", "ping", "-c1", "-w5", ip, check=False).returncode == 0
+
+    # 3. A manager leaves (--force): its etcd member leaves the etcd cluster with it, and its files go.
+    gone = node_id(lab, "h3")
+    assert gone in etcd_members(lab, "h1")
+    run_cli(lab, "h3", "swarm", "leave", "--force", timeout=90)
+    wait_for(lambda: gone not in etcd_members(lab, "h1"), 30, "h3's etcd member gone")
+    assert not swarm_dir(lab, "h3").exists()
+    run_cli(lab, "h1", "network", "create", "-d", "overlay", "--subnet", "198.18.5.0/24", "stillworks")
