@@ -259,3 +259,50 @@ def test_a_manager_cut_off_refuses_writes_and_all_managers_restart(ha_lab):
     wait_for(lambda: gone not in etcd_members(lab, "h1"), 30, "h3's etcd member gone")
     assert not swarm_dir(lab, "h3").exists()
     run_cli(lab, "h1", "network", "create", "-d", "overlay", "--subnet", "198.18.5.0/24", "stillworks")
+
+
+def test_managers_on_an_etcd_the_operator_runs(make_lab, tmp_path):
+    """`swarm init --store etcd://IP:2379 --store-cacert/--store-cert/--store-key`: netweft runs no etcd member;
+    a manager that joins gets the client certificate at enrollment."""
+    from datetime import timedelta
+    from netweft import pki
+    lab = make_lab(3, swarm=False)
+    etcd_ip = lab.address("h3")   # the operator's etcd runs on h3 (not a netweft node here)
+    certs = lab.host_dir("h3") / "etcd-certs"
+    certs.mkdir(mode=0o700)
+    ca = pki.create_root_ca("operator")
+    pki.save_pem(certs / "ca.pem", ca.cert_pem)
+    for name, sans in (("server", [etcd_ip]), ("client", [])):
+        key = pki.new_node_key()
+        pki.save_pem(certs / f"{name}.pem", pki.sign_node_cert(ca, pki.make_csr(key), "x" + name, "manager",
+                                                               "operator", timedelta(days=1), ip_sans=sans))
+        pki.save_pem(certs / f"{name}-key.pem", pki.key_to_pem(key), private=True)
+    url = f"https://{etcd_ip}:2379"
+    argv, env = lab.exec_argv("h3", [
+        "etcd", "--name", "op1", "--data-dir", str(lab.host_dir("h3") / "etcd-data"),
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+        "--initial-cluster", "op1=http://127.0.0.1:2380", "--cert-file", str(certs / "server.pem"),
+        "--key-file", str(certs / "server-key.pem"), "--trusted-ca-file", str(certs / "ca.pem"), "--client-cert-auth"])
+    with open(lab.host_dir("h3") / "etcd.log", "ab") as log:
+        etcd = subprocess.Popen(argv, env=env, stdout=log, stderr=log)   # lab.down kills it with h3
+    try:
+        run_cli(lab, "h1", "swarm", "init", "--advertise-addr", lab.address("h1"), "--store", f"etcd://{etcd_ip}:2379",
+                "--store-cacert", str(certs / "ca.pem"), "--store-cert", str(certs / "client.pem"),
+                "--store-key", str(certs / "client-key.pem"), "--dispatcher-heartbeat", HEARTBEAT, timeout=90)
+        assert not (swarm_dir(lab, "h1") / "etcd").exists()   # no member of its own
+        token = run_cli(lab, "h1", "swarm", "join-token", "-q", "manager").stdout.strip()
+        run_cli(lab, "h2", "swarm", "join", "--token", token, "--advertise-addr", lab.address("h2"),
+                f"{lab.address('h1')}:2377", timeout=90)
+        wait_for(lambda: [r["MANAGER STATUS"] for r in sorted(node_table(lab, "h2"), key=lambda r: r["HOSTNAME"])]
+                 == ["Leader", "Reachable"], 30, "two managers, h1 the leader")
+        run_cli(lab, "h2", "network", "create", "-d", "overlay", "--attachable", "--subnet", "198.18.0.0/24", "ov")
+        run_cli(lab, "h1", "run", "-d", "--name", "a", "--network", "ov", "--", "sleep", "1000")
+        run_cli(lab, "h2", "run", "-d", "--name", "b", "--network", "ov", "--", "sleep", "1000")
+        ip = ips_on(lab, "h1")["a"]
+        assert run_cli(lab, "h2", "exec", "b", "--", "ping", "-c1", "-w5", ip, check=False).returncode == 0
+        # The cluster CA's key is in the store, sealed: not on the managers' disks.
+        assert not (swarm_dir(lab, "h1") / "ca.key").exists() and not (swarm_dir(lab, "h2") / "ca.key").exists()
+    finally:
+        etcd.kill()
+        etcd.wait(20)
