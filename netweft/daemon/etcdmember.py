@@ -23,7 +23,7 @@ log = logging.getLogger("netweft.etcd")
 
 ETCD = "etcd"
 RESTART_DELAY = 1.0
-REMOVED_WORDS = (b"has been permanently removed", b"the member has been removed", b"removed from the cluster")
+REMOVED_WORDS = (b"has been permanently removed", b"because it was removed", b"removed from the cluster")
 
 
 def _alive(pid: int) -> bool:
