@@ -66,6 +66,8 @@ class EtcdMember:
                 "--client-cert-auth",
                 "--peer-cert-file", f["cert"], "--peer-key-file", f["key"], "--peer-trusted-ca-file", f["ca"],
                 "--peer-client-cert-auth",
+                # pre-vote: a member cut off does not bump the term and force a new election when it is back
+                "--pre-vote",
                 "--logger", "zap", "--log-outputs", "stderr"]
 
     # ------------------------------------------------------------ lifecycle

@@ -194,10 +194,26 @@ class Swarm:
                 cur["StoreEndpoints"] = eps
                 put_setting(self.store, "swarm", cur)
 
+    async def _local_member_ready(self, st: dict, wait: float = 10.0) -> None:
+        """Until this host's etcd member answers (or `wait` passed): the manager's connection then goes to it
+        first (the endpoints are tried in order), not to another host's member."""
+        store = hastore.open_store(self.dir, [hastore.client_endpoint(st["AdvertiseAddr"])])
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    await store.revision()
+                    return
+                except NetweftError:
+                    await asyncio.sleep(0.2)
+        finally:
+            await store.close()
+
     async def _run_manager(self, st: dict) -> None:
         last = None
         while True:
             if st.get("EtcdMember"):
+                await self._local_member_ready(st)
                 await self._refresh_endpoints(st)
             m = Manager(self.dir, st["NodeID"], st["StoreEndpoints"], on_demoted=self._demoted)
             try:

@@ -64,14 +64,18 @@ class EtcdStore(ClusterStore):
                 except ValueError:
                     raise ValueError(f"etcd endpoint {ep!r}: several endpoints must be IPv4:PORT") from None
             target = "ipv4:" + ",".join(endpoints)
+        # Keepalive pings find a connection that went silent (a member cut off, no reset) within seconds, not
+        # after TCP's retransmissions; etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+        keepalive = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 2000),
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
         if cacert is None:
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(target, options=keepalive)
         else:
             creds = grpc.ssl_channel_credentials(root_certificates=cacert, private_key=key, certificate_chain=cert)
             # With several endpoints gRPC has no single host name to check the servers' certificates
             # against: server_name names the one every member's certificate carries.
             opts = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-            self._channel = grpc.aio.secure_channel(target, creds, options=opts)
+            self._channel = grpc.aio.secure_channel(target, creds, options=opts + keepalive)
         self.target = target
         self._kv = rpc.KVStub(self._channel)
         self._watch = rpc.WatchStub(self._channel)

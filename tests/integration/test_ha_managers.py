@@ -184,9 +184,18 @@ def test_leader_killed_during_attaches_then_a_manager_host_lost_then_a_manager_d
              30, "h1 reachable again")
 
     # 3. A whole manager host dies (netweftd and etcd, -9): networks and attaches still work.
-    victim = next(h for h in MANAGERS if h != new)
+    holder = {n: max(MANAGERS, key=lambda m: streams_on(lab, m).get(n, 0)) for n in workers}
+    victim = next((holder[n] for n in workers if holder[n] != new), next(h for h in MANAGERS if h != new))
+    moving = [n for n in workers if holder[n] == victim]
+    killed_at = time.time()
     lab.stop_daemon(victim, signal.SIGKILL)
     kill_etcd(lab, victim)
+    others = [m for m in MANAGERS if m != victim]
+    for n in moving:   # a worker whose manager died watches another one
+        wait_for(lambda: max(streams_on(lab, m).get(n, 0) for m in others) > killed_at, 30,
+                 f"{workers[n]}'s watch on another manager")
+        at = max(streams_on(lab, m).get(n, 0) for m in others)
+        print(f"{workers[n]}'s watch reopened on another manager {at - killed_at:.2f} s after its manager died")
     via = next(h for h in MANAGERS if h != victim)
     run_cli(lab, via, "network", "create", "-d", "overlay", "--attachable", "--subnet", "198.18.8.0/24", "ov2")
     run_cli(lab, "h4", "run", "-d", "--name", "after1", "--network", "ov2", "--", "sleep", "1000")
