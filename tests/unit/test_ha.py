@@ -129,3 +129,96 @@ def test_a_hostile_watch_cannot_plant_a_manager_address(tmp_path):
     bad = {**node(2), "manager_addr": "evil/path?x=1:2377"}
     c.learn({"type": "snapshot", "rev": 1, "nodes": [node(1), bad, "junk", {"role": "manager"}]})
     assert c.managers == MGRS[:1]
+
+
+# ------------------------------------------------------------------ the election, on a store with leases
+
+class LeasedStore:
+    """SQLiteStore plus etcd's leases, enough for the election: a lease expires when it is not kept alive
+    (expire() stands for the clock), and the objects put with it go in one revision."""
+
+    def __init__(self, store):
+        self.s, self.leases, self.next = store, {}, 1   # lease -> keys put with it
+
+    def __getattr__(self, name):
+        return getattr(self.s, name)
+
+    async def lease_grant(self, ttl):
+        lease, self.next = self.next, self.next + 1
+        self.leases[lease] = set()
+        return lease
+
+    async def lease_keepalive(self, lease):
+        return 3 if lease in self.leases else 0
+
+    async def lease_revoke(self, lease):
+        await self.expire(lease)
+
+    async def expire(self, lease):
+        from netweft.store.api import Delete
+        keys = self.leases.pop(lease, set())
+        if keys:
+            await self.s.txn([], [Delete(k, n) for k, n in keys])
+
+    async def txn(self, compares, ops):
+        r = await self.s.txn(compares, ops)
+        if r.ok:
+            for op in ops:
+                if getattr(op, "lease", 0) in self.leases:
+                    self.leases[op.lease].add((op.kind, op.key))
+        return r
+
+
+def test_one_leader_at_a_time_and_another_takes_over_when_its_lease_goes(tmp_path):
+    import asyncio
+    from netweft.manager.leader import Coordination
+    from netweft.manager.watch import Hub
+    from netweft.store.sqlite import SQLiteStore
+
+    async def until(cond, what):
+        for _ in range(200):
+            if cond():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(what)
+
+    async def main():
+        store = LeasedStore(await SQLiteStore.open(str(tmp_path / "c.db")))
+        hub = Hub(store)
+        await hub.start()
+        a, b = (Coordination(store, hub, n, f"192.0.2.{i}:2377", ttl=1) for i, n in ((11, "na"), (12, "nb")))
+        ta = asyncio.ensure_future(a.run())
+        await until(a.is_leader, "a elected")
+        tb = asyncio.ensure_future(b.run())
+        await until(lambda: b.reachable("nb") and a.reachable("nb"), "b present")
+        await asyncio.sleep(0.6)
+        assert a.is_leader() and not b.is_leader() and b.leader()["node_id"] == "na"
+        ta.cancel()
+        await asyncio.gather(ta, return_exceptions=True)
+        await store.expire(a.lease)             # a died: its lease runs out, its keys go
+        await until(b.is_leader, "b takes over")
+        assert not a.reachable("na") and b.leader()["addr"] == "192.0.2.12:2377"
+        assert not a.is_leader()                # a's old lease is not the leader's any more
+        await b.publish_heartbeats({"w1": 100.0})
+        await b.hub.sync()
+        assert a.last_seen("w1") == 100.0 and a.last_seen("w2") == 0.0
+        tb.cancel()
+        await asyncio.gather(tb, return_exceptions=True)
+        await b.stop()                          # a manager that stops gives up its lease at once
+        await hub.sync()
+        assert b.leader() is None and not b.reachable("nb")
+        await hub.stop()
+        await store.close()
+    asyncio.run(main())
+
+
+def test_the_etcd_member_runs_with_tls_everywhere_and_pre_vote(tmp_path):
+    from netweft.daemon.etcdmember import EtcdMember
+    m = EtcdMember(str(tmp_path), "n1", "192.0.2.11")
+    argv = m.argv("n1=https://192.0.2.11:2380", "new")
+    for flag in ("--client-cert-auth", "--peer-client-cert-auth", "--pre-vote"):
+        assert flag in argv
+    assert argv[argv.index("--data-dir") + 1] == str(tmp_path / "etcd" / "data")
+    assert argv[argv.index("--trusted-ca-file") + 1].endswith("store-ca.crt")
+    assert argv[argv.index("--listen-peer-urls") + 1] == "https://192.0.2.11:2380"
+    assert m._running_pid() is None   # no pid file: nothing to adopt
