@@ -509,7 +509,7 @@ class Swarm:
                                       "use --force to leave anyway") from None
         if self.manager is not None and self.manager.ha:
             try:  # its endpoints go, it is Down, and its etcd member leaves the etcd cluster
-                await asyncio.wait_for(self.manager.leave_managers(), 20)
+                await asyncio.wait_for(self.manager.leave_managers(), 30)
             except (NetweftError, asyncio.TimeoutError) as e:
                 log.warning("leaving the managers failed; leaving anyway", extra={"reason": str(e)})
         if self.overlay is not None:

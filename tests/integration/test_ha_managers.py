@@ -181,7 +181,7 @@ def test_leader_killed_during_attaches_then_a_manager_host_lost_then_a_manager_d
     # 2. The old leader comes back as a manager (its etcd member kept serving meanwhile).
     lab.start_daemon("h1")
     wait_for(lambda: {r["HOSTNAME"]: r["MANAGER STATUS"] for r in node_table(lab, "h1")}.get("h1") == "Reachable",
-             30, "h1 reachable again")
+             60, "h1 reachable again")
 
     # 3. A whole manager host dies (netweftd and etcd, -9): networks and attaches still work.
     holder = {n: max(MANAGERS, key=lambda m: streams_on(lab, m).get(n, 0)) for n in workers}
