@@ -91,6 +91,10 @@ class SwarmInit(msgspec.Struct, kw_only=True):
     SubnetSize: int | None = None
     CertExpiry: Str | None = None
     HeartbeatPeriod: Str | None = None
+    Store: Str | None = None            # "etcd" (a member beside each manager) or "etcd://HOST:2379,..."
+    StoreCACert: Annotated[str, msgspec.Meta(max_length=65536)] | None = None   # PEM, for an external etcd
+    StoreCert: Annotated[str, msgspec.Meta(max_length=65536)] | None = None
+    StoreKey: Annotated[str, msgspec.Meta(max_length=65536)] | None = None
 
 
 class SwarmJoin(msgspec.Struct, kw_only=True):

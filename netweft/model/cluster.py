@@ -63,6 +63,7 @@ class JoinAnswer(msgspec.Struct, rename="pascal", kw_only=True):
     managers: Annotated[list[ManagerAddr], msgspec.Meta(min_length=1, max_length=64)]
     heartbeat_period: Annotated[float, msgspec.Meta(gt=0, le=3600)]
     data_path_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    store: Literal["sqlite", "etcd"] = "sqlite"   # etcd: a manager enrolls (POST /managers/enroll) next
 
 
 class RenewRequest(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
@@ -91,3 +92,23 @@ class HeartbeatAnswer(msgspec.Struct, rename="pascal", kw_only=True):
 
 class LeaveRequest(msgspec.Struct, forbid_unknown_fields=True):
     """POST /leave: no fields (an empty body is the same)."""
+
+
+class EnrollRequest(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
+    """POST /managers/enroll (a manager certificate, mutual TLS): the CSR of the new manager's etcd key."""
+    csr: PEM = msgspec.field(name="CSR")
+
+
+B64Key = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Endpoint = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class EnrollAnswer(msgspec.Struct, rename="pascal", kw_only=True):
+    """What a new manager needs for the shared store: the key the CA keys are sealed with, its etcd
+    certificate, where etcd is, and (embedded etcd) how to start its own member as an `existing` one."""
+    manager_key: B64Key
+    store_ca: PEM = msgspec.field(name="StoreCA")
+    store_cert: PEM
+    store_key: PEM | None = None     # an external etcd: the operator's client key, shared by the managers
+    endpoints: Annotated[list[Endpoint], msgspec.Meta(min_length=1, max_length=64)]
+    initial_cluster: Annotated[str, msgspec.Meta(max_length=8192)] = ""   # empty: an external etcd

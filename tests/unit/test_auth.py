@@ -444,7 +444,8 @@ def test_answers_ignore_unknown_fields_but_check_known_ones():
             codec.convert(bad, HeartbeatAnswer)
     join = {"NodeID": "abc", "Role": "worker", "ClusterID": "c1", "Certificate": "PEM", "CACert": "ignored",
             "Managers": ["192.0.2.11:2377"], "HeartbeatPeriod": 5.0, "DataPathPort": 4789}
-    assert codec.to_builtins(codec.convert(join, JoinAnswer)) == {k: v for k, v in join.items() if k != "CACert"}
+    assert codec.to_builtins(codec.convert(join, JoinAnswer)) == {
+        **{k: v for k, v in join.items() if k != "CACert"}, "Store": "sqlite"}  # an older manager: SQLite
     with pytest.raises(InvalidRequest, match="Managers"):
         codec.convert({**join, "Managers": []}, JoinAnswer)
 
