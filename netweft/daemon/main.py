@@ -13,7 +13,7 @@ import sys
 from aiohttp import web
 
 from netweft import __version__, validate
-from netweft.daemon import logs
+from netweft.daemon import config, logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
 from netweft.dataplane.real import RealDataPlane
@@ -47,7 +47,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="this node's name in the cluster (default: the machine's hostname)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"netweftd {__version__}")
-    return p.parse_args(argv)
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of flags (keys are the long flags without --); the command line overrides it")
+    p.add_argument("--metrics-addr", metavar="IP:PORT", default=None,
+                   help="serve Prometheus metrics on http://IP:PORT/metrics (off by default; no login: "
+                        "keep it on 127.0.0.1 or a management network)")
+    p.add_argument("--dashboard-addr", metavar="IP:PORT", default=None,
+                   help="on a manager, serve the read-only web dashboard on http://IP:PORT/ (off by default). "
+                        "It has no login and shows the whole cluster: bind it to 127.0.0.1 and reach it through "
+                        "an SSH tunnel, or to a management network only")
+    return config.apply(p, argv)
 
 
 def secure_root(root: str) -> None:
