@@ -13,6 +13,7 @@ import sys
 from aiohttp import web
 
 from netweft import __version__, validate
+from netweft import metrics
 from netweft.daemon import config, logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
@@ -105,6 +106,15 @@ def socket_path(host: str) -> str:
     return host[len("unix://"):]
 
 
+def observers(daemon, args: argparse.Namespace) -> list:
+    """The listeners asked for with --metrics-addr and --dashboard-addr (modules loaded only then)."""
+    out = []
+    if args.metrics_addr:
+        from netweft.daemon.metrics_server import MetricsServer
+        out.append(MetricsServer(daemon, config.listen_addr(args.metrics_addr, "--metrics-addr")))
+    return out
+
+
 class Daemon:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -125,6 +135,7 @@ class Daemon:
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
         self.swarm = Swarm(self)
         self.extra_routes: list = [self.swarm.routes()]
+        self.observers = observers(self, args)   # opt-in listeners: metrics, dashboard
 
     def info(self) -> dict:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,
@@ -137,6 +148,7 @@ class Daemon:
         await self.engine.start()
         await self.swarm.start()
         app = build_app(self)
+        app.middlewares[0:0] = metrics.middlewares("local")
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         os.makedirs(os.path.dirname(self.sock), mode=0o755, exist_ok=True)
@@ -149,6 +161,8 @@ class Daemon:
         finally:
             os.umask(old)
         self._share_with_group()
+        for o in self.observers:
+            await o.start()
         log.info("netweftd ready", extra={"socket": self.sock, "pid": os.getpid()})
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -157,6 +171,8 @@ class Daemon:
         await stop.wait()
         log.info("netweftd stopping; the data plane stays as it is")
         await runner.cleanup()
+        for o in self.observers:
+            await o.stop()
         await self.swarm.stop()
         await self.engine.close()
         await self.dataplane.close()

@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized, Unavailable
-from netweft import pki
+from netweft import metrics, pki
 from netweft.manager import auth
 from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
@@ -289,6 +289,7 @@ class Manager:
                 ops + [Put(NODES, n.id, codec.encode(down))], count
         count, _ = await self.hub.commit(plan)
         log.info("node left", extra={"node": node.id, "hostname": node.hostname, "endpoints_purged": count})
+        metrics.released("endpoint", count)
 
     async def _monitor(self) -> None:
         while True:
@@ -374,6 +375,7 @@ class Manager:
             ops += [Delete(NODES, node.id), Put(CLUSTER, "cluster", codec.encode(cluster))]
             return compares, ops, count
         count, _ = await self.hub.commit(plan)
+        metrics.released("endpoint", count)
         self.last_seen.pop(node.id, None)
         self.hub.disconnect(node.id)
         # Its open connections (a watch stream, kept-alive calls) end now, not at their next request.
@@ -563,6 +565,7 @@ class Manager:
             await self.overlays.remove_network(request.match_info["ref"])
             return web.json_response({})
 
-        app = web.Application(middlewares=[self.admission.middleware], client_max_size=auth.BODY_LIMIT)
+        app = web.Application(middlewares=[*metrics.middlewares("cluster"), self.admission.middleware],
+                              client_max_size=auth.BODY_LIMIT)
         app.add_routes(routes)
         return app

@@ -133,3 +133,16 @@ def test_the_systemd_unit_verifies(tmp_path):
     assert "[Install]" in text and "WantedBy=multi-user.target" in text
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_metrics_cost_nothing_unless_asked_for():
+    """The CLI and a daemon without --metrics-addr never import prometheus_client; the hooks are no-ops."""
+    code = ("import sys, netweft.cli.main, netweft.daemon.main as d\n"
+            "from netweft import metrics\n"
+            "assert d.observers(None, d.parse_args([])) == []\n"
+            "metrics.allocated('network'); metrics.reconciled('resync', 0.1); metrics.watch_message({'type': 'ping'})\n"
+            "assert metrics.middlewares('local') == []\n"
+            "print('prometheus_client' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
