@@ -14,7 +14,7 @@ from aiohttp import web
 
 from netweft import __version__, validate
 from netweft import metrics
-from netweft.daemon import config, logs
+from netweft.daemon import config, events_api, logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
 from netweft.dataplane.real import RealDataPlane
@@ -135,6 +135,7 @@ class Daemon:
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
         self.swarm = Swarm(self)
         self.extra_routes: list = [self.swarm.routes()]
+        self.extra_routes.append(events_api.routes(self))
         self.observers = observers(self, args)   # opt-in listeners: metrics, dashboard
 
     def info(self) -> dict:

@@ -19,10 +19,10 @@ from aiohttp import web
 
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized, Unavailable
 from netweft import metrics, pki
-from netweft.manager import auth
+from netweft.manager import auth, events
 from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
-from netweft.manager.watch import CLUSTER, NODES, ClusterState, Hub
+from netweft.manager.watch import CLOCK, CLUSTER, NODES, ClusterState, Hub
 from netweft.model import codec
 from netweft.model.api import NodeUpdate
 from netweft.model.objects import Labels, Node, ShortText
@@ -121,7 +121,8 @@ class Manager:
         store = await SQLiteStore.open(os.path.join(swarm_dir, STORE_FILE))
         try:
             r = await store.txn([Compare(CLUSTER, "cluster", 0)], [Put(CLUSTER, "cluster", codec.encode(cluster)),
-                                                                    Put(NODES, node_id, codec.encode(node))])
+                                                                    Put(NODES, node_id, codec.encode(node)),
+                                                                    Put(CLOCK, "time", str(time.time_ns()).encode())])
         finally:
             await store.close()
         if not r.ok:
@@ -527,6 +528,12 @@ class Manager:
         @allow(WORKER)
         async def watch(request):
             return await self.hub.serve(request, request["node"])
+
+        @routes.get("/events")
+        @allow(WORKER)
+        async def events_stream(request):
+            return await events.serve(request, self.store, lambda: self.state,
+                                      events.visible_to(request["node"], lambda: self.state))
 
         @routes.get("/networks")
         @allow(WORKER)

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from netweft.errors import Conflict, InvalidRequest
 from netweft.model.objects import ID_PATTERN, Endpoint, Network, Node
-from netweft.store.api import Changes, ClusterStore, Compacted
+from netweft.store.api import Changes, ClusterStore, Compacted, Put
 
 log = logging.getLogger("netweft.manager.watch")
 
@@ -37,6 +37,7 @@ NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS = "nodes", "networks", "endpoin
 KINDS = (NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS)
 WATCHED = {NODES: b"node", NETWORKS: b"network", ENDPOINTS: b"endpoint"}
 _TYPES = {NODES: Node, NETWORKS: Network, ENDPOINTS: Endpoint}
+CLOCK = "clock"   # not kept in the state: every commit rewrites it with the time (see manager/events.py)
 
 PING = 2.0                    # seconds between keep-alive lines on an idle stream
 QUEUE_FRAMES = 1024           # a watcher this many revisions behind is cut off...
@@ -353,7 +354,9 @@ class Hub:
         again. Returns (result, revision); the state holds that revision when this returns."""
         for _ in range(tries):
             compares, ops, result = plan()
-            r = await self.store.txn(compares, ops)
+            # The clock rides along: each revision of the history says when it happened (manager/events.py).
+            stamped = ops + [Put(CLOCK, "time", str(time.time_ns()).encode())] if ops else ops
+            r = await self.store.txn(compares, stamped)
             await self.wait(r.rev)
             if r.ok:
                 return result, r.rev

@@ -57,12 +57,15 @@ def node_ids(lab: Lab) -> dict[str, str]:
 
 def set_health(lab: Lab, node_id: str, health: dict[str, dict]) -> None:
     """Write Node.health of one node into the leader's cluster store, as the probes' reports will: one
-    compare-and-write through the ClusterStore interface while the manager runs."""
+    compare-and-write through the ClusterStore interface while the manager runs, with the clock a
+    manager's commit carries."""
     asyncio.run(_set_health(str(lab.host_dir("h1") / "data" / "swarm" / "cluster.db"), node_id, health))
 
 
 async def _set_health(db: str, node_id: str, health: dict[str, dict]) -> None:
-    from netweft.manager.watch import NODES
+    import time
+
+    from netweft.manager.watch import CLOCK, NODES
     from netweft.model import codec
     from netweft.model.objects import Node, PeerHealth
     from netweft.store.api import Compare, Put
@@ -74,7 +77,8 @@ async def _set_health(db: str, node_id: str, health: dict[str, dict]) -> None:
             rec = await store.get(NODES, node_id)
             node = codec.decode(rec.value, Node)
             node = msgspec.structs.replace(node, health={p: msgspec.convert(h, PeerHealth) for p, h in health.items()})
-            if (await store.txn([Compare(NODES, node_id, rec.mod_rev)], [Put(NODES, node_id, codec.encode(node))])).ok:
+            ops = [Put(NODES, node_id, codec.encode(node)), Put(CLOCK, "time", str(time.time_ns()).encode())]
+            if (await store.txn([Compare(NODES, node_id, rec.mod_rev)], ops)).ok:
                 return
     finally:
         await store.close()
