@@ -112,6 +112,9 @@ def observers(daemon, args: argparse.Namespace) -> list:
     if args.metrics_addr:
         from netweft.daemon.metrics_server import MetricsServer
         out.append(MetricsServer(daemon, config.listen_addr(args.metrics_addr, "--metrics-addr")))
+    if args.dashboard_addr:
+        from netweft.daemon.dashboard import DashboardServer
+        out.append(DashboardServer(daemon, config.listen_addr(args.dashboard_addr, "--dashboard-addr")))
     return out
 
 

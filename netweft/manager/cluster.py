@@ -22,6 +22,7 @@ from netweft import metrics, pki
 from netweft.manager import auth, events
 from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
+from netweft.manager.overview import overview
 from netweft.manager.watch import CLOCK, CLUSTER, NODES, ClusterState, Hub
 from netweft.model import codec
 from netweft.model.api import NodeUpdate
@@ -528,6 +529,11 @@ class Manager:
         @allow(WORKER)
         async def watch(request):
             return await self.hub.serve(request, request["node"])
+
+        @routes.get("/admin/overview")
+        @allow(MANAGER)
+        async def a_overview(request):
+            return web.json_response(overview(self.state, self.node_id))
 
         @routes.get("/events")
         @allow(WORKER)
