@@ -155,3 +155,20 @@ def test_the_dashboard_is_read_only_and_guarded(olab):
     status, _, body = http_get(lab, "h1", f"http://{DASHBOARD}/api/overview")
     o = json.loads(body)
     assert status == 200 and [n["hostname"] for n in o["nodes"]] == ["h1", "h2", "h3"] and o["served_by"] == "h1"
+
+
+def test_another_manager_serves_the_leaders_view(olab):
+    """A promoted manager's dashboard and events come from the leader's state (forwarded over mutual TLS)."""
+    lab = olab
+    run_cli(lab, "h1", "node", "promote", "h2")
+    try:
+        from lab_fixture import wait_for
+        o = wait_for(lambda: (r := http_get(lab, "h2", f"http://{DASHBOARD}/api/overview"))[0] == 200 and
+                     json.loads(r[2]), timeout=30, what="h2's dashboard as a manager")
+        assert o["served_by"] == "h2" and [n["role"] for n in o["nodes"]] == ["manager", "manager", "worker"]
+        assert [n["hostname"] for n in o["nodes"] if n["leader"]] == ["h1"]
+        evs = run_cli(lab, "h2", "events", "--since", "1h", "--until", "0s", "--format", "json",
+                      "-f", "event=join").stdout.splitlines()
+        assert sorted(json.loads(e)["Actor"]["Attributes"]["name"] for e in evs) == ["h1", "h2", "h3"]
+    finally:
+        run_cli(lab, "h1", "node", "demote", "h2", check=False)
