@@ -17,7 +17,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 class Metrics:
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Histogram
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.api_requests = Counter("netweft_api_requests", "API calls answered, by API (local, cluster), route, "
                                     "method and status code", ["api", "route", "method", "code"], registry=r)
@@ -34,32 +34,49 @@ class Metrics:
                                            ["kind"], buckets=LATENCY_BUCKETS, registry=r)
         self.watch_messages = Counter("netweft_watch_messages", "Watch stream lines received by the agent, "
                                       "by type (snapshot, events, ping)", ["type"], registry=r)
-        # Set at each scrape.
-        self.watch_revision = Gauge("netweft_watch_revision", "Cluster store revision: held by this host's "
-                                    "overlay agent (role=agent), or this manager's view (role=manager)",
-                                    ["role"], registry=r)
-        self.watch_lag = Gauge("netweft_watch_lag_revisions", "Revisions a watcher is behind this manager, "
-                               "per watching node", ["node"], registry=r)
-        self.watch_idle = Gauge("netweft_watch_last_message_age_seconds", "Seconds since the agent's watch "
-                                "stream last brought a line (pings come every 2 s)", registry=r)
-        self.watch_connected = Gauge("netweft_watch_connected", "1 while the agent's watch stream is open",
-                                     registry=r)
-        self.peers = Gauge("netweft_overlay_peers", "Remote endpoints this host should reach, per overlay "
-                           "network", ["network"], registry=r)
-        self.fdb = Gauge("netweft_overlay_fdb_entries", "Static FDB entries programmed in the network's "
-                         "sandbox (read from the kernel)", ["network"], registry=r)
-        self.endpoints = Gauge("netweft_cluster_endpoints", "Endpoints per overlay network (managers)",
-                               ["network"], registry=r)
-        self.nodes = Gauge("netweft_cluster_nodes", "Nodes by state (managers)", ["state"], registry=r)
-        self.probe_loss = Gauge("netweft_peer_probe_loss_ratio", "Share of the last data-path probes lost, "
-                                "from node to peer", ["node", "peer"], registry=r)
-        self.probe_rtt = Gauge("netweft_peer_probe_rtt_seconds", "Median round trip of the last data-path "
-                               "probes, from node to peer", ["node", "peer"], registry=r)
-        self.probe_state = Gauge("netweft_peer_health", "1 for the data-path health state from node to peer",
-                                 ["node", "peer", "state"], registry=r)
         self.last_watch_at: float | None = None   # time.monotonic() of the watch's last line
-        self.cert_expiry = Gauge("netweft_certificate_expiry_timestamp_seconds", "When a certificate expires "
-                                 "(Unix time): this node's, and the cluster CA's", ["cert"], registry=r)
+        # The gauges of state: set all at once at each scrape (StateGauges), not one labelled child at a time.
+        self.state = StateGauges()
+        r.register(self.state)
+
+
+# name -> (help, label names): what the daemon's state is read into at each scrape.
+STATE = {
+    "netweft_watch_revision": ("Cluster store revision: held by this host's overlay agent (role=agent), or this "
+                               "manager's view (role=manager)", ("role",)),
+    "netweft_watch_lag_revisions": ("Revisions a watcher is behind this manager, per watching node", ("node",)),
+    "netweft_watch_last_message_age_seconds": ("Seconds since the agent's watch stream last brought a line "
+                                               "(pings come every 2 s)", ()),
+    "netweft_watch_connected": ("1 while the agent's watch stream is open", ()),
+    "netweft_overlay_peers": ("Remote endpoints this host should reach, per overlay network", ("network",)),
+    "netweft_overlay_fdb_entries": ("Static FDB entries programmed in the network's sandbox (read from the "
+                                    "kernel)", ("network",)),
+    "netweft_cluster_endpoints": ("Endpoints per overlay network (managers)", ("network",)),
+    "netweft_cluster_nodes": ("Nodes by state (managers)", ("state",)),
+    "netweft_peer_probe_loss_ratio": ("Share of this node's last data-path probes to peer that were lost",
+                                      ("node", "peer")),
+    "netweft_peer_probe_rtt_seconds": ("Median round trip of this node's last data-path probes to peer",
+                                       ("node", "peer")),
+    "netweft_peer_health": ("1 for the state of the data path from this node to peer", ("node", "peer", "state")),
+    "netweft_certificate_expiry_timestamp_seconds": ("When a certificate expires (Unix time): this node's "
+                                                     "(cert=node), and the cluster CA's (cert=ca)", ("cert",)),
+}
+
+
+class StateGauges:
+    """A prometheus_client collector of the STATE gauges; `samples` is replaced whole at each scrape:
+    {name: [(label values, value)]}. Series of objects that went away go with them."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[tuple[tuple[str, ...], float]]] = {}
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        for name, (text, labels) in STATE.items():
+            g = GaugeMetricFamily(name, text, labels=list(labels))
+            for values, v in self.samples.get(name, ()):
+                g.add_metric(list(values), v)
+            yield g
 
 
 def enable() -> Metrics:

@@ -52,47 +52,52 @@ class MetricsServer:
         return web.Response(body=generate_latest(self.m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def refresh(self) -> None:
-        m, swarm = self.m, self.daemon.swarm
-        for g in (m.watch_revision, m.watch_lag, m.peers, m.fdb, m.endpoints, m.nodes, m.probe_loss, m.probe_rtt,
-                  m.probe_state, m.cert_expiry):
-            g.clear()   # objects that went away take their series with them
+        out: dict[str, list] = {}
+
+        def add(name: str, labels: tuple, value: float) -> None:
+            out.setdefault(name, []).append((labels, float(value)))
+
+        swarm = self.daemon.swarm
         manager, overlay = swarm.manager, swarm.overlay
         nodes = {}
         if manager is not None and manager.hub is not None:
             st = manager.hub.state
-            m.watch_revision.labels("manager").set(st.rev)
+            add("netweft_watch_revision", ("manager",), st.rev)
             for w in list(manager.hub.watchers):
-                m.watch_lag.labels(w.hostname).set(max(0, st.rev - w.rev))
+                add("netweft_watch_lag_revisions", (w.hostname,), max(0, st.rev - w.rev))
             for net in st.networks():
-                m.endpoints.labels(net.name).set(len(st.net_eps.get(net.id, ())))
+                add("netweft_cluster_endpoints", (net.name,), len(st.net_eps.get(net.id, ())))
             states: dict[str, int] = {}
             for n in st.nodes():
                 states[n.state] = states.get(n.state, 0) + 1
                 nodes[n.id] = n
             for s, count in states.items():
-                m.nodes.labels(s).set(count)
+                add("netweft_cluster_nodes", (s,), count)
         if overlay is not None:
-            m.watch_revision.labels("agent").set(overlay.rev)
-            m.watch_connected.set(1 if overlay.connected.is_set() else 0)
+            add("netweft_watch_revision", ("agent",), overlay.rev)
+            add("netweft_watch_connected", (), 1 if overlay.connected.is_set() else 0)
             if self.m.last_watch_at is not None:
-                m.watch_idle.set(round(time.monotonic() - self.m.last_watch_at, 3))
+                add("netweft_watch_last_message_age_seconds", (), round(time.monotonic() - self.m.last_watch_at, 3))
             nodes = nodes or dict(overlay.nodes)
             local = overlay._local_networks()
             for net_id, ns in list(overlay.nets.items()):
-                m.peers.labels(ns.network.name).set(len(overlay.remote_peers(net_id)))
+                add("netweft_overlay_peers", (ns.network.name,), len(overlay.remote_peers(net_id)))
                 if net_id in local:
                     try:
-                        m.fdb.labels(ns.network.name).set(len(await overlay.dp.list_peers(overlay.sandbox(net_id))))
+                        fdb = len(await overlay.dp.list_peers(overlay.sandbox(net_id)))
                     except NetweftError:
-                        pass
+                        continue
+                    add("netweft_overlay_fdb_entries", (ns.network.name,), fdb)
+        # This host's own probes only: every host is a target of its own, and a manager exporting the whole
+        # matrix would make a scrape of N^2 series.
         names = {n.id: n.hostname for n in nodes.values()}
-        for node in nodes.values():
-            for peer_id, h in node.health.items():
-                peer = names.get(peer_id, peer_id)
-                m.probe_loss.labels(node.hostname, peer).set(h.loss)
-                if h.rtt_ms is not None:
-                    m.probe_rtt.labels(node.hostname, peer).set(h.rtt_ms / 1000)
-                m.probe_state.labels(node.hostname, peer, h.state).set(1)
+        me = nodes.get(swarm.state()["NodeID"]) if swarm.state() is not None else None
+        for peer_id, h in (me.health.items() if me is not None else ()):
+            peer = names.get(peer_id, peer_id)
+            add("netweft_peer_probe_loss_ratio", (me.hostname, peer), h.loss)
+            if h.rtt_ms is not None:
+                add("netweft_peer_probe_rtt_seconds", (me.hostname, peer), h.rtt_ms / 1000)
+            add("netweft_peer_health", (me.hostname, peer, h.state), 1)
         if swarm.state() is not None:
             f = files(swarm.dir)
             for which in ("cert", "ca"):
@@ -100,4 +105,6 @@ class MetricsServer:
                     _, not_after = pki.validity(pki.load_cert(pki.load_pem(f[which])))
                 except (OSError, NetweftError, ValueError):
                     continue
-                m.cert_expiry.labels("node" if which == "cert" else "ca").set(not_after.timestamp())
+                add("netweft_certificate_expiry_timestamp_seconds", ("node" if which == "cert" else "ca",),
+                    not_after.timestamp())
+        self.m.state.samples = out

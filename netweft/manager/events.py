@@ -1,7 +1,8 @@
 """Cluster events (netweft/model/events.py) derived from the cluster store's change history.
 
-Every manager transaction also writes the `clock` object (the manager's wall time), so each revision of
-the history says when it happened: `events --since 10m` replays the store's kept history from any manager,
+Manager transactions also write the `clock` object (the manager's wall time; at most every 100 ms, a
+revision without it happened within 100 ms of the last one that has it), so the history says when
+things happened: `events --since 10m` replays the store's kept history from any manager,
 then follows new revisions live. `Deriver` is the pure part: it keeps the last value of each node,
 network and endpoint and turns one revision's changes into events (a put of an unknown network is a
 create, of a known node whose state changed a down or a ready, a change of a peer's health state a
@@ -144,42 +145,75 @@ async def events(store: ClusterStore, state: ClusterState, since_ns: int | None,
     last_ns = 0
     while True:
         try:
-            async with contextlib.aclosing(store.watch(start)) as changes:
-                it = changes.__aiter__()
-                nxt: asyncio.Future | None = None
-                try:
-                    while True:
-                        if until_ns is not None and start >= live_from and time.time_ns() > until_ns:
-                            return
-                        # The store's watch is awaited in a task of its own: a keep-alive timeout must
-                        # not cancel (and so end) the generator.
-                        nxt = nxt or asyncio.ensure_future(it.__anext__())
-                        done, _ = await asyncio.wait({nxt}, timeout=PING)
-                        if not done:
-                            yield None
-                            continue
-                        fut, nxt = nxt, None
-                        try:
-                            c = fut.result()
-                        except StopAsyncIteration:
-                            return
-                        start = c.rev
-                        when = _clock(c) or (time.time_ns() if c.rev > live_from else last_ns)
-                        last_ns = max(last_ns, when)
-                        if until_ns is not None and when > until_ns:
-                            return
-                        for ev in deriver.derive(c, when):
-                            if (since_ns is None or ev.time_ns >= since_ns) and visible(ev):
-                                yield ev
-                finally:
-                    if nxt is not None:
-                        nxt.cancel()
-                        await asyncio.gather(nxt, return_exceptions=True)
+            async for c in _revisions(store, start):
+                if c is None or c is CAUGHT_UP:
+                    if until_ns is not None and start >= live_from and time.time_ns() > until_ns:
+                        return
+                    if c is None:
+                        yield None
+                    continue
+                start = c.rev
+                when = _clock(c) or (time.time_ns() if c.rev > live_from else last_ns)
+                last_ns = max(last_ns, when)
+                if until_ns is not None and when > until_ns:
+                    return
+                for ev in deriver.derive(c, when):
+                    if (since_ns is None or ev.time_ns >= since_ns) and visible(ev):
+                        yield ev
+            return
         except Compacted as e:
             # The history before e.compacted is gone: begin there, knowing nothing of older objects.
             if start > 0:
                 raise
             start, deriver.complete = e.compacted, False
+
+
+_END = object()
+CAUGHT_UP = Changes(-1, [])   # _revisions: every revision the store had has been read
+
+
+async def _revisions(store: ClusterStore, since: int) -> AsyncIterator[Changes | None]:
+    """The store's watch from `since`, read by a task of its own into a bounded queue (a keep-alive timeout
+    must not cancel, and so end, the store's generator); CAUGHT_UP whenever the queue runs dry, and None
+    after each PING seconds without a revision."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=1024)   # a slow reader holds the store's reading back
+    failed: list[BaseException] = []
+
+    async def pump() -> None:
+        try:
+            async with contextlib.aclosing(store.watch(since)) as changes:
+                async for c in changes:
+                    await queue.put(c)
+        except Exception as e:
+            failed.append(e)
+        await queue.put(_END)
+
+    task = asyncio.ensure_future(pump())
+    caught_up = False
+    try:
+        while True:
+            if queue.empty() and not caught_up:
+                caught_up = True
+                yield CAUGHT_UP
+                continue
+            if queue.empty():
+                try:
+                    async with asyncio.timeout(PING):
+                        item = await queue.get()
+                except TimeoutError:
+                    yield None
+                    continue
+            else:
+                item = queue.get_nowait()
+            if item is _END:
+                if failed:
+                    raise failed[0]
+                return
+            caught_up = False
+            yield item
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def parse_ns(text: str | None, name: str) -> int | None:

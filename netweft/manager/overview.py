@@ -15,9 +15,9 @@ def overview(state: ClusterState, self_id: str) -> dict:
     nets = sorted(state.networks(), key=lambda n: n.name)
     eps = []
     for net in nets:
-        for ep in sorted(state.net_eps.get(net.id, {}).values(), key=lambda e: e.ip):
-            if len(eps) >= MAX_ENDPOINTS:
-                break
+        if len(eps) >= MAX_ENDPOINTS:
+            break
+        for ep in sorted(state.net_eps.get(net.id, {}).values(), key=lambda e: e.ip)[:MAX_ENDPOINTS - len(eps)]:
             eps.append({"id": ep.id, "network": net.name, "name": ep.owner.name or ep.owner.id[:12],
                         "kind": ep.owner.kind, "host": ep.hostname or names.get(ep.node_id, ep.node_id),
                         "ip": f"{ep.ip}/{ep.prefix_len}", "mac": ep.mac})

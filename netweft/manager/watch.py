@@ -37,7 +37,8 @@ NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS = "nodes", "networks", "endpoin
 KINDS = (NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS)
 WATCHED = {NODES: b"node", NETWORKS: b"network", ENDPOINTS: b"endpoint"}
 _TYPES = {NODES: Node, NETWORKS: Network, ENDPOINTS: Endpoint}
-CLOCK = "clock"   # not kept in the state: every commit rewrites it with the time (see manager/events.py)
+CLOCK = "clock"   # not kept in the state: commits rewrite it with the time (see manager/events.py)
+CLOCK_EVERY = 0.1  # seconds: a commit sooner after the last stamp carries none (its time is the last one's)
 
 PING = 2.0                    # seconds between keep-alive lines on an idle stream
 QUEUE_FRAMES = 1024           # a watcher this many revisions behind is cut off...
@@ -279,6 +280,7 @@ class Hub:
         self.max_frames, self.max_bytes = max_frames, max_bytes
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
+        self._stamped = -CLOCK_EVERY
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -354,11 +356,15 @@ class Hub:
         again. Returns (result, revision); the state holds that revision when this returns."""
         for _ in range(tries):
             compares, ops, result = plan()
-            # The clock rides along: each revision of the history says when it happened (manager/events.py).
-            stamped = ops + [Put(CLOCK, "time", str(time.time_ns()).encode())] if ops else ops
-            r = await self.store.txn(compares, stamped)
+            # The clock rides along (every CLOCK_EVERY s at most): the history says when things happened
+            # (manager/events.py).
+            stamp = bool(ops) and time.monotonic() - self._stamped >= CLOCK_EVERY
+            r = await self.store.txn(compares, ops + [Put(CLOCK, "time", str(time.time_ns()).encode())]
+                                     if stamp else ops)
             await self.wait(r.rev)
             if r.ok:
+                if stamp:
+                    self._stamped = time.monotonic()
                 return result, r.rev
         raise Conflict("the cluster store is too busy to complete this change (it kept changing underneath); "
                        "retry")
