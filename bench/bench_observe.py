@@ -22,6 +22,7 @@ import time
 import msgspec
 
 from netweft.manager.events import events
+from netweft.model.events import ClusterEvent
 from netweft.manager.overview import overview
 from netweft.manager.watch import CLOCK, ENDPOINTS, NETWORKS, NODES, ClusterState
 from netweft.model import codec
@@ -50,7 +51,7 @@ async def replay(revisions: int, rounds: int) -> tuple[float, int]:
         times, count = [], 0
         for _ in range(rounds):
             t = time.perf_counter()
-            count = len([e async for e in events(store, st, 0, revisions + 1) if e is not None])
+            count = len([e async for e in events(store, st, 0, revisions + 1) if isinstance(e, ClusterEvent)])
             times.append(time.perf_counter() - t)
         await store.close()
     return statistics.median(times), count

@@ -24,6 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from netweft import validate
 from netweft.agent.overlay import OverlayAgent
+from netweft.daemon.local_events import LocalEvents
 from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
 from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, Unavailable
@@ -80,6 +81,7 @@ class Engine:
         self.overlay_host = OverlayHost(self)
         self.swarm = None                              # the daemon's Swarm role, set by the daemon
         self.overlay_agent: OverlayAgent | None = None  # while this node is in a swarm
+        self.events = LocalEvents()                     # local networks' events, for `netweft events`
 
     async def start(self) -> None:
         self._check_format()
@@ -192,6 +194,7 @@ class Engine:
                 raise
             with self.store.tx():
                 self.store.put("networks", net.id, name, to_builtins(net))
+        self.events.network("create", net)
         log.info("network created", extra={"network": name, "id": net.id, "subnet": net.subnet})
         return self.network_view(net)
 
@@ -378,6 +381,7 @@ class Engine:
             await self.dp.delete_bridge(net.bridge, net.parent)
             with self.store.tx():
                 self.store.delete("networks", net.id)
+        self.events.network("remove", net)
         log.info("network removed", extra={"network": net.name, "id": net.id})
 
     def _owner_name(self, ep: Endpoint) -> str:
@@ -460,6 +464,7 @@ class Engine:
             await self.dp.delete_endpoint(ep.host_ifname)
             self._delete_endpoint_record(ep.id)
             raise
+        self.events.network("connect", net, ep, ctr["Name"])
         log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
         return ep
 
@@ -483,7 +488,14 @@ class Engine:
                 await self.overlay_agent.detach(ep)
             return
         await self.dp.delete_endpoint(ep.host_ifname)
+        name = self._owner_name(ep)
         self._delete_endpoint_record(ep.id)
+        try:
+            net = self.store.get("networks", ep.network_id)
+            if net is not None:
+                self.events.network("disconnect", convert(net, Network, "network record"), ep, name)
+        except InvalidRequest:
+            pass   # an unreadable record is the reconcile's to report; the endpoint is gone all the same
 
     # ------------------------------------------------------------- containers
     async def create_container(self, req: dict, start: bool = True) -> dict:

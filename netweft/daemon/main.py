@@ -136,6 +136,7 @@ class Daemon:
         # The one data plane of this host, injected into the engine (and through it, the overlay agent).
         self.dataplane = RealDataPlane(args.exec_root)
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
+        self.engine.events.hostname = self.hostname
         self.swarm = Swarm(self)
         self.extra_routes: list = [self.swarm.routes()]
         self.extra_routes.append(events_api.routes(self))

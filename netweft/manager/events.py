@@ -135,14 +135,15 @@ class Deriver:
 async def events(store: ClusterStore, state: ClusterState, since_ns: int | None, until_ns: int | None,
                  visible: Callable[[ClusterEvent], bool] = lambda e: True) -> AsyncIterator[ClusterEvent | None]:
     """The events from since_ns (None: from now) until until_ns (None: forever), in revision order; None
-    every PING seconds without one (a keep-alive). History comes from the store's kept change log."""
+    every PING seconds without one (a keep-alive), CAUGHT_UP once the history is told. History comes
+    from the store's kept change log."""
     if since_ns is None:
         deriver, start = Deriver(), state.rev
         deriver.seed(state)
     else:
         deriver, start = Deriver(complete=True), 0
     live_from = state.rev
-    last_ns = 0
+    last_ns, told = 0, False
     while True:
         try:
             async for c in _revisions(store, start):
@@ -151,6 +152,9 @@ async def events(store: ClusterStore, state: ClusterState, since_ns: int | None,
                         return
                     if c is None:
                         yield None
+                    elif start >= live_from and not told:
+                        told = True
+                        yield CAUGHT_UP   # the history is told: what follows happens now
                     continue
                 start = c.rev
                 when = _clock(c) or (time.time_ns() if c.rev > live_from else last_ns)
@@ -235,7 +239,12 @@ async def serve(request: web.Request, store: ClusterStore, state_fn: Callable[[]
     enc = msgspec.json.Encoder()
     try:
         async for ev in events(store, state_fn(), since, until, lambda e: filters.matches(e) and visible(e)):
-            await resp.write(b'{"type":"ping"}\n' if ev is None else enc.encode(docker_view(ev)) + b"\n")
+            if ev is None:
+                await resp.write(b'{"type":"ping"}\n')
+            elif ev is CAUGHT_UP:
+                await resp.write(b'{"type":"caught-up"}\n')
+            else:
+                await resp.write(enc.encode(docker_view(ev)) + b"\n")
         await resp.write_eof()
     except (ConnectionError, Compacted):
         pass   # the reader went away, or the history moved past it: it asks again

@@ -1,7 +1,8 @@
 """What `netweft events` streams: one ClusterEvent per thing that happened in the cluster, and the filters.
 
-Events are derived from the cluster store's change history (netweft/manager/events.py), so every
-manager tells the same story, from the same revisions, whichever host asks. Types and actions:
+Cluster events are derived from the cluster store's change history (netweft/manager/events.py), so
+every manager tells the same story, from the same revisions, whichever host asks; a host's local
+(bridge) networks have events of scope "local" (netweft/daemon/local_events.py). Types and actions:
 
   network  create, remove, connect, disconnect   (connect/disconnect: an endpoint came or went)
   node     join, ready, down, remove             (ready: back after being down)
@@ -33,6 +34,7 @@ class ClusterEvent(msgspec.Struct, kw_only=True, frozen=True):
     attributes: dict[str, str] = {}          # name, node, network, container, ip, peer, state, reason...
     rev: int = 0                             # the cluster store revision it happened at
     time_ns: int = 0                         # when (Unix time, nanoseconds)
+    scope: Literal["swarm", "local"] = "swarm"   # local: a bridge network of one host (not in the store)
 
 
 class EventFilters(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -92,4 +94,4 @@ def parse_filters(raw: str | None) -> EventFilters:
 def docker_view(ev: ClusterEvent) -> dict:
     """The event as `docker events --format json` prints it (plus netweft's store revision)."""
     return {"Type": ev.type, "Action": ev.action, "Actor": {"ID": ev.id, "Attributes": dict(ev.attributes)},
-            "scope": "swarm", "time": ev.time_ns // 1_000_000_000, "timeNano": ev.time_ns, "rev": ev.rev}
+            "scope": ev.scope, "time": ev.time_ns // 1_000_000_000, "timeNano": ev.time_ns, "rev": ev.rev}

@@ -1,7 +1,7 @@
 """Issue 13 item 9 on a real daemon: --config FILE drives it, `netweft version` names both sides."""
 import json
-import subprocess
 import sys
+import time
 
 from conftest import Daemon
 
@@ -26,10 +26,18 @@ def test_a_daemon_started_from_a_config_file(host, root):
         assert out["Client"]["Version"] == out["Server"]["Version"]
         text = d.cli("version").stdout
         assert "Client:\n Version:" in text and "Server: netweftd\n Version:" in text
-        # Events come from a cluster: outside one, one line says so.
-        e = d.cli("events", "--until", "0s", check=False)
-        assert e.returncode == 1 and e.stderr.strip().splitlines() == [
-            "Error: this node is not part of a swarm: events come from the cluster's store; run `netweft swarm "
-            "init` or `netweft swarm join` first"]
+        # Outside a swarm, events are this host's local networks' (kept since the daemon started).
+        t0 = time.time() - 1
+        d.cli("network", "create", "--subnet", "198.19.77.0/24", "lbr")
+        d.cli("run", "-d", "--name", "l1", "--network", "lbr", "--", "sleep", "600")
+        d.cli("rm", "-f", "l1")
+        d.cli("network", "rm", "lbr")
+        e = d.cli("events", "--since", str(t0), "--until", str(time.time() + 0.5), "--format", "json")
+        evs = [json.loads(line) for line in e.stdout.splitlines()]
+        assert [(x["Type"], x["Action"], x["scope"]) for x in evs] == [
+            ("network", a, "local") for a in ("create", "connect", "disconnect", "remove")]
+        assert evs[1]["Actor"]["Attributes"]["container_name"] == "l1" and evs[1]["Actor"]["Attributes"]["name"] == "lbr"
+        e = d.cli("events", "--since", str(t0), "--until", "0s", "-f", "event=disconnect")
+        assert len(e.stdout.splitlines()) == 1 and " network disconnect " in e.stdout
     finally:
         d.stop()

@@ -129,6 +129,30 @@ def test_node_and_health_events(olab):
     assert sorted(e["Actor"]["Attributes"]["name"] for e in joins) == ["h1", "h2", "h3"]
 
 
+def test_local_networks_events_merge_with_the_clusters_in_time_order(olab):
+    lab = olab
+    t0 = time.time() - 1
+    live = Follow(lab, "h2", "--filter", "type=network", "--format", "json")
+    try:
+        time.sleep(0.5)
+        run_cli(lab, "h1", "network", "create", "-d", "overlay", "--subnet", "198.18.32.0/24", "ovmix")
+        run_cli(lab, "h2", "network", "create", "--subnet", "198.19.42.0/24", "brmix")
+        run_cli(lab, "h1", "network", "rm", "ovmix")
+        run_cli(lab, "h2", "network", "rm", "brmix")
+        want = [("ovmix", "create", "swarm"), ("brmix", "create", "local"), ("ovmix", "remove", "swarm"),
+                ("brmix", "remove", "local")]
+        got = [json.loads(live.next()) for _ in want]
+        assert [(e["Actor"]["Attributes"]["name"], e["Action"], e["scope"]) for e in got] == want
+    finally:
+        live.stop()
+    evs = events(lab, "h2", "--since", str(t0), "--until", str(time.time() + 0.5), "-f", "type=network")
+    assert [(e["Actor"]["Attributes"]["name"], e["Action"], e["scope"]) for e in evs] == want
+    assert [e["timeNano"] for e in evs] == sorted(e["timeNano"] for e in evs)
+    # Another host's local networks are its own.
+    assert [e["Actor"]["Attributes"]["name"] for e in events(lab, "h3", "--since", str(t0), "--until", "0s",
+                                                            "-f", "type=network")] == ["ovmix", "ovmix"]
+
+
 def test_event_refusals_are_one_line(olab):
     lab = olab
     for args, words in [(["--filter", "colour=red"], "invalid filter 'colour=red'"),

@@ -70,9 +70,9 @@ def test_the_store_history_gives_times_and_a_live_stream_follows(tmp_path):
             await store.txn([], [Put(ENDPOINTS, EP.id, codec.encode(EP)), Put(CLOCK, "time", b"2000")])
             state = ClusterState()
             state.rev = await store.revision()
-            got = [e async for e in events(store, state, 1500, 2500) if e is not None]
+            got = [e async for e in events(store, state, 1500, 2500) if isinstance(e, ClusterEvent)]
             assert [(e.action, e.time_ns, e.rev) for e in got] == [("connect", 2000, 2)]
-            got = [e async for e in events(store, state, 0, 2500) if e is not None]
+            got = [e async for e in events(store, state, 0, 2500) if isinstance(e, ClusterEvent)]
             assert acts(got) == [("network", "create"), ("network", "connect")]
         finally:
             await store.close()
