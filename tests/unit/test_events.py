@@ -142,3 +142,24 @@ def test_docker_shape_and_text_line():
                     "type": "overlay"}}, "scope": "swarm", "time": 1_700_000_000, "timeNano": 1_700_000_000_123_456_789,
                     "rev": 7}
     assert line(view) == "2023-11-14T22:13:20.123456789Z network create abc (name=ov, type=overlay)"
+
+
+def test_local_events_are_kept_and_handed_to_each_stream():
+    from netweft.daemon.local_events import LocalEvents
+    local = LocalEvents("hb", keep=3)
+    q: asyncio.Queue = asyncio.Queue(maxsize=2)
+    local.subscribe(q)
+    for action in ("create", "connect", "disconnect", "remove"):
+        local.network(action, msgspec.structs.replace(NET, driver="bridge"), EP if "connect" in action else None,
+                      "web")
+    assert [e.action for e in local.kept] == ["connect", "disconnect", "remove"]      # the last `keep`
+    assert [e.action for e in local.since(0)] == ["connect", "disconnect", "remove"]
+    assert local.since(None) == []
+    got = [q.get_nowait() for _ in range(q.qsize())]                                   # a full queue drops the oldest
+    assert [(k, v["Action"], v["scope"]) for k, v, _ in got] == [("local", "disconnect", "local"),
+                                                                 ("local", "remove", "local")]
+    a = got[0][1]["Actor"]["Attributes"]
+    assert (a["name"], a["node"], a["container_name"], a["ip"]) == ("ov", "hb", "web", "198.18.0.2")
+    local.unsubscribe(q)
+    local.network("create", NET)
+    assert q.empty()
