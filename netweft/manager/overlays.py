@@ -208,7 +208,7 @@ class Overlays:
         async with self._lock:
             (ep, parts), rev = await self.hub.commit(lambda: self._plan_endpoint(node_id, req, ip, mac, aliases))
         net_raw, ep_raw, others, seen = parts
-        metrics.allocated("endpoint", ep is not None)
+        metrics.allocated("endpoint", int(ep is not None))
         if ep is None:
             # A retried request: the endpoint it made before, with the endpoints at the revision they
             # were read at (the commit's wait may have moved the state on since; an agent taking a later
@@ -290,7 +290,7 @@ class Overlays:
         await self.hub.sync()  # an endpoint made a moment ago through another manager is known
         async with self._lock:
             ep, _ = await self.hub.commit(lambda: self._plan_delete(node_id, ep_id))
-        metrics.released("endpoint", ep is not None)
+        metrics.released("endpoint", int(ep is not None))
 
     def _plan_delete(self, node_id: str, ep_id: str):
         st = self.state
