@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import msgspec
 
+from netweft import metrics
 from netweft.agent import reconcile
 from netweft.agent.reconcile import DesiredNetwork, Gateway, GwPort, ObservedNetwork, Port
 from netweft.agent.watcher import Watcher
@@ -307,6 +308,7 @@ class OverlayAgent:
 
     def on_message(self, msg: dict) -> None:
         """One line of the watch: applied to the copy at once, object by object; the kernel follows."""
+        metrics.watch_message(msg)
         rev = msg.get("rev") if isinstance(msg, dict) else None
         if not isinstance(rev, int) or isinstance(rev, bool) or rev < 0:
             self._bad(self.rev + 1, "message", "no revision")
@@ -520,12 +522,15 @@ class OverlayAgent:
         path = self.sandbox(ns.network.id)
         remove = [p for p, add in ops.items() if not add]
         add = [p for p, add in ops.items() if add]
+        t0 = time.monotonic()
         try:
             if remove:
                 await self.dp.remove_peers(path, remove)
             if add:
                 await self.dp.add_peers(path, add)
+            metrics.reconciled("flush", time.monotonic() - t0)
         except Exception as e:  # the copy holds them: the next resync programs them
+            metrics.reconciled("flush", time.monotonic() - t0, 1)
             self._once(f"flush {ns.network.id} {e}", "could not program peers of an overlay; the resync retries",
                        network=ns.network.name, reason=str(e))
 
@@ -617,6 +622,7 @@ class OverlayAgent:
         for name in (await self.dp.list_links(VXLAN_TMP)) if full else ():   # a crash's leftover: only at start
             log.info("removing a stale VXLAN device", extra={"link": name})
             await self.dp.delete_sandbox(os.path.join(self.sandbox_dir, "none"), name)
+        metrics.reconciled("resync", time.monotonic() - t0, failed)
         if repaired or failed:
             log.info("overlays resynced", extra={"repaired": repaired, "failed": failed,
                                                  "ms": round((time.monotonic() - t0) * 1000)})

@@ -25,6 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 from netweft import validate
 from netweft.agent.overlay import OverlayAgent
 from netweft.daemon import ports
+from netweft.daemon.local_events import LocalEvents
 from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
 from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
@@ -82,6 +83,7 @@ class Engine:
         self.overlay_host = OverlayHost(self)
         self.swarm = None                              # the daemon's Swarm role, set by the daemon
         self.overlay_agent: OverlayAgent | None = None  # while this node is in a swarm
+        self.events = LocalEvents()                     # local networks' events, for `netweft events`
 
     async def start(self) -> None:
         self._check_format()
@@ -195,6 +197,7 @@ class Engine:
                 raise
             with self.store.tx():
                 self.store.put("networks", net.id, name, to_builtins(net))
+        self.events.network("create", net)
         log.info("network created", extra={"network": name, "id": net.id, "subnet": net.subnet})
         return self.network_view(net)
 
@@ -384,6 +387,7 @@ class Engine:
             await self.dp.delete_bridge(net.bridge, net.parent)
             with self.store.tx():
                 self.store.delete("networks", net.id)
+        self.events.network("remove", net)
         log.info("network removed", extra={"network": net.name, "id": net.id})
 
     def _owner_name(self, ep: Endpoint) -> str:
@@ -440,6 +444,7 @@ class Engine:
         gw_ifname = next(free) if first and net.driver == "overlay" and not net.internal else None
         ep = await self._attach(net, owner, self.netns_path(ctr["Id"]), ifname, ip=ip, mac=mac, aliases=aliases,
                                 gateway=first, gw_ifname=gw_ifname)
+        self.events.network("connect", net, ep, ctr["Name"])
         log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
         return ep
 
@@ -517,6 +522,7 @@ class Engine:
             ep = await self._attach(net, owner, netns, ifname, ip=ip, mac=mac, aliases=list(aliases),
                                     gateway=first, gw_ifname=gw_ifname if net.driver == "overlay" and first
                                     and not net.internal else None)
+        self.events.network("connect", net, ep, owner.name or owner.id)
         log.info("endpoint attached", extra={"network": net.name, "owner": f"{owner.kind} {owner.id}", "ip": ep.ip})
         return net, ep
 
@@ -552,7 +558,14 @@ class Engine:
                 await self.overlay_agent.detach(ep)
             return
         await self.dp.delete_endpoint(ep.host_ifname)
+        name = self._owner_name(ep)
         self._delete_endpoint_record(ep.id)
+        try:
+            net = self.store.get("networks", ep.network_id)
+            if net is not None:
+                self.events.network("disconnect", convert(net, Network, "network record"), ep, name)
+        except InvalidRequest:
+            pass   # an unreadable record is the reconcile's to report; the endpoint is gone all the same
 
     # ------------------------------------------------------------- containers
     async def create_container(self, req: dict, start: bool = True) -> dict:

@@ -18,11 +18,12 @@ import msgspec
 from aiohttp import web
 
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NetweftError, NotFound, Unauthorized, Unavailable
-from netweft import pki
-from netweft.manager import auth
+from netweft import metrics, pki
+from netweft.manager import auth, events
 from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
-from netweft.manager.watch import CA, CLUSTER, NODES, PRESENCE, ClusterState, Hub
+from netweft.manager.overview import overview
+from netweft.manager.watch import CA, CLOCK, CLUSTER, NODES, PRESENCE, ClusterState, Hub
 from netweft.manager import hastore
 from netweft.manager.leader import Coordination
 from netweft.manager.ha import ManagersOnEtcd
@@ -135,7 +136,8 @@ class Manager(ManagersOnEtcd):
         node = Node(id=node_id, hostname=hostname, role="manager", addr=advertise, manager_addr=manager_addr,
                     created=utcnow(), updated=utcnow(), cert_serial=str(ident.serial),
                     cert_not_after=ident.not_after.isoformat())
-        ops = [Put(CLUSTER, "cluster", codec.encode(cluster)), Put(NODES, node_id, codec.encode(node))]
+        ops = [Put(CLUSTER, "cluster", codec.encode(cluster)), Put(NODES, node_id, codec.encode(node)),
+               Put(CLOCK, "time", str(time.time_ns()).encode())]
         if store is None:
             store = await SQLiteStore.open(os.path.join(swarm_dir, STORE_FILE))
             try:
@@ -148,7 +150,7 @@ class Manager(ManagersOnEtcd):
             if store_ca is not None:
                 sealed_ca.update(store_cert=store_ca.cert_pem.decode(),
                                  store_key=sealed.seal(manager_key, "store-ca-key", store_ca.key_pem))
-            ops = [Put(CLUSTER, "cluster", codec.encode(cluster)), ops[1], Put(CA, "root", codec.encode(sealed_ca))]
+            ops = [Put(CLUSTER, "cluster", codec.encode(cluster)), ops[1], ops[2], Put(CA, "root", codec.encode(sealed_ca))]
             r = await store.txn([Compare(CLUSTER, "cluster", 0)], ops)
         if not r.ok:
             where = swarm_dir if isinstance(store, SQLiteStore) else "etcd"
@@ -337,6 +339,7 @@ class Manager(ManagersOnEtcd):
                 ops + [Put(NODES, n.id, codec.encode(down))], count
         count, _ = await self.hub.commit(plan)
         log.info("node left", extra={"node": node.id, "hostname": node.hostname, "endpoints_purged": count})
+        metrics.released("endpoint", count)
 
     async def _monitor(self) -> None:
         while True:
@@ -440,6 +443,7 @@ class Manager(ManagersOnEtcd):
             ops += [Delete(NODES, node.id), Put(CLUSTER, "cluster", codec.encode(cluster))]
             return compares, ops, count
         count, _ = await self.hub.commit(plan)
+        metrics.released("endpoint", count)
         self.last_seen.pop(node.id, None)
         self.hub.disconnect(node.id)
         # Its open connections (a watch stream, kept-alive calls) end now, not at their next request.
@@ -607,6 +611,17 @@ class Manager(ManagersOnEtcd):
         async def watch(request):
             return await self.hub.serve(request, request["node"])
 
+        @routes.get("/admin/overview")
+        @allow(MANAGER)
+        async def a_overview(request):
+            return web.json_response(overview(self.state, self.node_id))
+
+        @routes.get("/events")
+        @allow(WORKER)
+        async def events_stream(request):
+            return await events.serve(request, self.store, lambda: self.state,
+                                      events.visible_to(request["node"], lambda: self.state))
+
         @routes.get("/networks")
         @allow(WORKER)
         async def net_list(request):
@@ -644,6 +659,7 @@ class Manager(ManagersOnEtcd):
             await self.overlays.remove_network(request.match_info["ref"])
             return web.json_response({})
 
-        app = web.Application(middlewares=[self.admission.middleware], client_max_size=auth.BODY_LIMIT)
+        app = web.Application(middlewares=[*metrics.middlewares("cluster"), self.admission.middleware],
+                              client_max_size=auth.BODY_LIMIT)
         app.add_routes(routes)
         return app

@@ -20,7 +20,7 @@ import secrets
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 
-from netweft import validate
+from netweft import metrics, validate
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, PoolExhausted
 from netweft.ipam import address as ipam
 from netweft.manager.watch import ALLOCATIONS, ENDPOINTS, NETWORKS, NODES, Hub
@@ -101,6 +101,7 @@ class Overlays:
         spec = self._check_request(req)
         async with self._lock:
             net, _ = await self.hub.commit(lambda: self._plan_network(req, spec))
+        metrics.allocated("network")
         log.info("overlay network created", extra={"network": net.name, "subnet": net.subnet, "vni": net.vni})
         return codec.to_builtins(net)
 
@@ -179,6 +180,7 @@ class Overlays:
     async def remove_network(self, ref: str) -> None:
         async with self._lock:
             net, _ = await self.hub.commit(lambda: self._plan_remove(ref))
+        metrics.released("network")
         log.info("overlay network removed", extra={"network": net.name})
 
     def _plan_remove(self, ref: str):
@@ -206,6 +208,7 @@ class Overlays:
         async with self._lock:
             (ep, parts), rev = await self.hub.commit(lambda: self._plan_endpoint(node_id, req, ip, mac, aliases))
         net_raw, ep_raw, others, seen = parts
+        metrics.allocated("endpoint", int(ep is not None))
         if ep is None:
             # A retried request: the endpoint it made before, with the endpoints at the revision they
             # were read at (the commit's wait may have moved the state on since; an agent taking a later
@@ -286,7 +289,8 @@ class Overlays:
         """DELETE /endpoints/{id}: idempotent; only the node that owns the endpoint may delete it."""
         await self.hub.sync()  # an endpoint made a moment ago through another manager is known
         async with self._lock:
-            await self.hub.commit(lambda: self._plan_delete(node_id, ep_id))
+            ep, _ = await self.hub.commit(lambda: self._plan_delete(node_id, ep_id))
+        metrics.released("endpoint", int(ep is not None))
 
     def _plan_delete(self, node_id: str, ep_id: str):
         st = self.state

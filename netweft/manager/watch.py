@@ -28,7 +28,7 @@ from aiohttp import web
 
 from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
 from netweft.model.objects import ID_PATTERN, Endpoint, Network, Node
-from netweft.store.api import Changes, ClusterStore, Compacted
+from netweft.store.api import Changes, ClusterStore, Compacted, Put
 
 log = logging.getLogger("netweft.manager.watch")
 
@@ -39,6 +39,8 @@ CA, ELECTION, PRESENCE, HEARTBEATS = "ca", "election", "managers", "heartbeats"
 KINDS = (NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS, CA, ELECTION, PRESENCE, HEARTBEATS)
 WATCHED = {NODES: b"node", NETWORKS: b"network", ENDPOINTS: b"endpoint"}
 _TYPES = {NODES: Node, NETWORKS: Network, ENDPOINTS: Endpoint}
+CLOCK = "clock"   # not kept in the state: commits rewrite it with the time (see manager/events.py)
+CLOCK_EVERY = 0.1  # seconds: a commit sooner after the last stamp carries none (its time is the last one's)
 
 PING = 2.0                    # seconds between keep-alive lines on an idle stream
 QUEUE_FRAMES = 1024           # a watcher this many revisions behind is cut off...
@@ -281,6 +283,7 @@ class Hub:
         self.max_frames, self.max_bytes = max_frames, max_bytes
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
+        self._stamped = -CLOCK_EVERY
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -353,7 +356,11 @@ class Hub:
         again. Returns (result, revision); the state holds that revision when this returns."""
         for _ in range(tries):
             compares, ops, result = plan()
-            r = await self.store.txn(compares, ops)
+            # The clock rides along (every CLOCK_EVERY s at most): the history says when things happened
+            # (manager/events.py).
+            stamp = bool(ops) and time.monotonic() - self._stamped >= CLOCK_EVERY
+            r = await self.store.txn(compares, ops + [Put(CLOCK, "time", str(time.time_ns()).encode())]
+                                     if stamp else ops)
             try:
                 async with asyncio.timeout(CATCH_UP):
                     await self.wait(r.rev)
@@ -361,6 +368,8 @@ class Hub:
                 raise Unavailable("this manager's view of the cluster store is behind (its watch is stalled); "
                                   "retry, or use another manager") from None
             if r.ok:
+                if stamp:
+                    self._stamped = time.monotonic()
                 return result, r.rev
         raise Conflict("the cluster store is too busy to complete this change (it kept changing underneath); "
                        "retry")
