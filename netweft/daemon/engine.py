@@ -331,7 +331,7 @@ class Engine:
                 "Options": options, "Labels": dict(net.labels), "Containers": containers}
         if net.driver == "overlay":
             peers = self.overlay_agent.peers_view(net.id) if self.overlay_agent is not None else []
-            view["Peers"] = [{"Name": h, "IP": ip} for h, ip in peers]
+            view["Peers"] = [{"Name": h, "IP": ip, **({"Health": hv} if hv else {})} for h, ip, hv in peers]
         return view
 
     def _network_name(self, net_id: str) -> str:

@@ -27,7 +27,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from netweft.dataplane.api import DataPlane
+from netweft.dataplane.api import VXLAN_OVERHEAD, DataPlane
+from netweft.dataplane.probe import PROBE_DEVICE, PROBE_VNI
 from netweft.dataplane.checks import (check_ifname, check_mtu, check_path, check_peers, default_tmp_name, int_in,
                                       ipv4, parse_interface, parse_mac, peer_tables)
 from netweft.dataplane.firewall import (OVERLAY_TABLE, BridgeRule, render_firewall,
@@ -57,6 +58,55 @@ class FakeLink:
     loopback: bool = False              # lo
 
 
+class FakeProbeNet:
+    """The underlay between fake hosts, for probes: who reaches whom, and the path MTU of each direction.
+    Several FakeDataPlanes given one FakeProbeNet probe each other; a test blocks a direction or lowers
+    a path's MTU as a firewall or a misconfigured link would."""
+
+    def __init__(self, mtu: int = 1500):
+        self.mtu = mtu
+        self.channels: dict[str, "FakeProbeChannel"] = {}   # VTEP -> the open channel there
+        self.blocked: set[tuple[str, str]] = set()            # (from VTEP, to VTEP)
+        self.path_mtu: dict[tuple[str, str], int] = {}
+
+    def block(self, a: str, b: str, both: bool = True) -> None:
+        self.blocked.add((a, b))
+        if both:
+            self.blocked.add((b, a))
+
+    def unblock(self, a: str, b: str) -> None:
+        self.blocked -= {(a, b), (b, a)}
+
+    def deliver(self, src: str, vtep: str, frame: bytes) -> None:
+        dst = self.channels.get(vtep)
+        outer = len(frame) + VXLAN_OVERHEAD - 14   # the outer IP packet's size, as on the real wire
+        if dst is None or (src, vtep) in self.blocked or outer > self.path_mtu.get((src, vtep), self.mtu):
+            return   # lost, as on a real path: nothing tells the sender
+        if dst.loop is not None and dst.on_frame is not None:
+            dst.loop.call_soon(dst.on_frame, bytes(frame))
+
+
+class FakeProbeChannel:
+    def __init__(self, net: FakeProbeNet, vtep: str):
+        self.net, self.vtep = net, vtep
+        self.loop = self.on_frame = None
+        self.sent = 0
+        net.channels[vtep] = self
+
+    def start(self, loop, on_frame) -> None:
+        self.loop, self.on_frame = loop, on_frame
+
+    def send(self, vtep: str, frame: bytes) -> str | None:
+        self.sent += 1
+        self.net.deliver(self.vtep, vtep, frame)
+        return None
+
+    def close(self) -> None:
+        if self.net.channels.get(self.vtep) is self:
+            del self.net.channels[self.vtep]
+        self.loop = self.on_frame = None
+
+
 def _op(fn):
     """A DataPlane method: bookkeeping (closed, injected failures, a yield to the loop), then the body."""
     name = fn.__name__
@@ -72,8 +122,9 @@ def _op(fn):
 
 
 class FakeDataPlane(DataPlane):
-    def __init__(self, *, yield_to_loop: bool = True):
+    def __init__(self, *, yield_to_loop: bool = True, probe_net: "FakeProbeNet | None" = None):
         self.yield_to_loop = yield_to_loop
+        self.probe_net = probe_net if probe_net is not None else FakeProbeNet()
         self._ns: dict[str, dict[str, FakeLink]] = {HOST: {"lo": FakeLink("lo", "device", 65536, up=True,
                                                                           loopback=True)}}
         self._default: dict[str, tuple[str, str]] = {}    # namespace -> (gateway, device)
@@ -651,6 +702,32 @@ class FakeDataPlane(DataPlane):
     @_op
     def delete_overlay_firewall(self) -> None:
         self._table(OVERLAY_TABLE, None)
+
+    # ---- data-path probes -----------------------------------------------------------------------------
+
+    @_op
+    def open_probe(self, local_ip: str, port: int, mtu: int) -> "FakeProbeChannel":
+        local_ip = ipv4(local_ip, "local underlay address")
+        int_in(port, 1, 65535, "UDP port")
+        check_mtu(mtu)
+        link = self._ns[HOST].get(PROBE_DEVICE)
+        if link is not None and link.kind != "vxlan":
+            raise KernelError(f"probe device {PROBE_DEVICE}: the name {PROBE_DEVICE} is taken by a non-VXLAN "
+                              "interface")
+        if link is None or link.vxlan != (PROBE_VNI, local_ip, port):
+            self._add(HOST, FakeLink(PROBE_DEVICE, "vxlan", mtu, up=True, vxlan=(PROBE_VNI, local_ip, port)))
+        else:
+            self._set(link, "mtu", mtu)
+            self._set(link, "up", True)
+        return FakeProbeChannel(self.probe_net, local_ip)
+
+    @_op
+    def delete_probe(self) -> None:
+        link = self._ns[HOST].get(PROBE_DEVICE)
+        if link is not None:
+            if link.kind != "vxlan":
+                raise KernelError(f"delete probe device {PROBE_DEVICE}: that interface is not a vxlan")
+            self._del(HOST, PROBE_DEVICE)
 
     async def close(self) -> None:
         self._closed = True

@@ -44,6 +44,7 @@ from netweft.dataplane.checks import (check_path, check_peers, default_tmp_name,
 from netweft.dataplane.firewall import (OVERLAY_TABLE, render_delete_overlay_firewall,  # noqa: F401
                                         render_overlay_firewall)
 from netweft.dataplane.nlbatch import NeighBatch, open_route_socket
+from netweft.dataplane.probe import PROBE_DEVICE, PROBE_VNI, RealProbeChannel
 from netweft.dataplane.nlutil import (HostHandles, check_ifname, close_iproute, delete_link,
                                       ensure_container_end, ensure_ipv4, ensure_mtu, ensure_up, ensure_veth,
                                       failing, get_link, ignore, link_kind, netns_iproute, netnsid,
@@ -484,6 +485,44 @@ class Overlay(HostHandles):
         check_ifname(host_ifname, "host interface name")
         with failing(f"delete gateway endpoint {host_ifname}"):
             delete_link(self._host, host_ifname, "veth")
+
+    # ---- data-path probes (dataplane/probe.py) ----------------------------------------------------
+
+    def open_probe(self, local_ip: str, port: int, mtu: int):
+        """The probe device (VXLAN, PROBE_VNI, learning off, no address, up) in the host namespace, made or
+        repaired, and its two sockets opened there."""
+        local_ip = _ipv4(local_ip, "local underlay address")
+        _int_in(port, 1, 65535, "UDP port")
+        _int_in(mtu, 68, 65535, "MTU")
+        host = self._host
+        with failing(f"probe device {PROBE_DEVICE}"):
+            link = get_link(host, PROBE_DEVICE)
+
+            def data(key: str):
+                return link.get(("linkinfo", "data", key))
+            if link is not None and not (link_kind(link) == "vxlan" and data("vxlan_id") == PROBE_VNI
+                                         and data("vxlan_port") == port and data("vxlan_local") == local_ip
+                                         and data("vxlan_learning") == 0 and data("vxlan_group") is None):
+                if link_kind(link) != "vxlan":
+                    raise KernelError(f"the name {PROBE_DEVICE} is taken by a non-VXLAN interface")
+                with ignore(errno.ENODEV):
+                    host.link("del", index=link["index"])
+                link = None
+            if link is None:
+                retry_eexist(lambda: host.link("add", ifname=PROBE_DEVICE, kind="vxlan", vxlan_id=PROBE_VNI,
+                                               vxlan_local=local_ip, vxlan_port=port, vxlan_learning=0, mtu=mtu))
+                link = get_link(host, PROBE_DEVICE)
+            ensure_mtu(host, link, mtu)
+            ensure_up(host, get_link(host, PROBE_DEVICE))
+        with self._in_host():
+            try:
+                return RealProbeChannel.open(PROBE_DEVICE, local_ip, port, PROBE_VNI)
+            except OSError as e:
+                raise KernelError(f"probe sockets on {PROBE_DEVICE}: {e.strerror or e}") from None
+
+    def delete_probe(self) -> None:
+        with failing(f"delete probe device {PROBE_DEVICE}"):
+            delete_link(self._host, PROBE_DEVICE, "vxlan")
 
     # ---- firewall -------------------------------------------------------------------------------
 

@@ -205,3 +205,11 @@ class RealDataPlane(DataPlane):
 
     async def delete_overlay_firewall(self) -> None:
         await self._ovcall("delete_overlay_firewall")
+
+    # ---- data-path probes -------------------------------------------------------------------------
+
+    async def open_probe(self, local_ip: str, port: int, mtu: int):
+        return await self._ovcall("open_probe", local_ip, port, mtu)
+
+    async def delete_probe(self) -> None:
+        await self._ovcall("delete_probe")

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from netweft.model.objects import Hostname, IPv4, ObjectID
+from netweft.model.objects import Hostname, IPv4, ObjectID, PeerHealth
 
 # A PEM certificate or CSR of any key we accept (P-256..P-521, RSA up to 8192 bits) is far below this.
 PEM = Annotated[str, msgspec.Meta(min_length=1, max_length=16 * 1024)]
@@ -91,3 +91,8 @@ class HeartbeatAnswer(msgspec.Struct, rename="pascal", kw_only=True):
 
 class LeaveRequest(msgspec.Struct, forbid_unknown_fields=True):
     """POST /leave: no fields (an empty body is the same)."""
+
+
+class HealthReport(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
+    """POST /health: what this node's data-path probes say of each peer host (agent/health.py), by node ID."""
+    health: Annotated[dict[ObjectID, PeerHealth], msgspec.Meta(max_length=10000)] = {}
