@@ -21,7 +21,6 @@ import asyncio
 import logging
 import statistics
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -102,8 +101,8 @@ def assess(small: Sequence[float | None], big: Sequence[bool], *, port: int, big
     first_ok = next((i for i, r in enumerate(small) if r is not None), n)
     flaky = sum(1 for r in small[first_ok:] if r is None) / n if n else 0.0
     if flaky >= DEGRADED_LOSS:
-        return Verdict("degraded", loss, rtt, mtu_ok, f"{loss:.0%} of probes lost: a congested or faulty link "
-                       "between the hosts")
+        return Verdict("degraded", loss, rtt, mtu_ok, "probes are lost now and then (see the loss figure): a "
+                       "congested or faulty link between the hosts")
     return Verdict("healthy", loss, rtt, mtu_ok, "")
 
 
@@ -122,11 +121,36 @@ class HealthHost(Protocol):
     async def underlay_mtu(self) -> int: ...
 
 
+PENDING = object()
+
+
+class Results:
+    """The last results of one kind of probe to one peer, in the order the probes were sent (an answer may
+    come after a later probe's): seq -> PENDING, then a round trip (float) or a loss (None)."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.slots: dict[int, object] = {}
+
+    def sent(self, seq: int) -> None:
+        self.slots[seq] = PENDING
+
+    def resolve(self, seq: int, value) -> None:
+        if seq in self.slots:
+            self.slots[seq] = value
+        resolved = [k for k, v in self.slots.items() if v is not PENDING]
+        for k in resolved[:max(0, len(resolved) - self.keep)]:
+            del self.slots[k]
+
+    def values(self) -> list:
+        return [v for v in self.slots.values() if v is not PENDING]
+
+
 @dataclass
 class PathRecord:
     vtep: str
-    small: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
-    big: deque = field(default_factory=lambda: deque(maxlen=BIG_WINDOW))
+    small: Results = field(default_factory=lambda: Results(WINDOW))
+    big: Results = field(default_factory=lambda: Results(BIG_WINDOW))
     send_error: str | None = None
     health: PeerHealth = field(default_factory=PeerHealth)
 
@@ -232,6 +256,9 @@ class Prober:
         if err is None or big:
             # A full-size probe refused here (EMSGSIZE) is as lost as one dropped on the way.
             self._pending[seq] = (node_id, now, big, waiter)
+            rec = self.paths.get(node_id) if waiter is None else None
+            if rec is not None:
+                (rec.big if big else rec.small).sent(seq)
             return None
         return err
 
@@ -247,11 +274,11 @@ class Prober:
                 continue
             rec = self.paths.get(node_id)
             if rec is not None:
-                (rec.big.append(False) if big else rec.small.append(None))
+                (rec.big.resolve(seq, False) if big else rec.small.resolve(seq, None))
 
     def _evaluate(self, node_id: str, rec: PathRecord) -> None:
         node = self.host.nodes.get(node_id)
-        v = assess(list(rec.small), list(rec.big), port=self.host.port,
+        v = assess(rec.small.values(), rec.big.values(), port=self.host.port,
                    big_size=self._big + VXLAN_OVERHEAD - wire.ETH_HEADER,
                    peer_down=node is not None and node.state == "down", send_error=rec.send_error)
         old = rec.health
@@ -309,7 +336,7 @@ class Prober:
             return
         rec = self.paths.get(node_id)
         if rec is not None:
-            (rec.big.append(True) if big else rec.small.append(round(rtt, 3)))
+            (rec.big.resolve(p.seq, True) if big else rec.small.resolve(p.seq, round(rtt, 3)))
 
     # ------------------------------------------------------------------ on demand (doctor)
     async def check(self, node_id: str, vtep: str, sizes: Sequence[int], timeout: float = 1.0) -> dict[int, float | None]:
