@@ -379,3 +379,4 @@ if __name__ == "__main__":
 
 # Subcommand groups live in their own modules; importing them registers them on `cli`.
 from netweft.cli import cluster as _cluster, lab as _lab  # noqa: E402,F401
+from netweft.cli import doctor as _doctor  # noqa: E402,F401

@@ -13,7 +13,7 @@ import sys
 from aiohttp import web
 
 from netweft import __version__, validate
-from netweft.daemon import logs
+from netweft.daemon import doctor, logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
 from netweft.dataplane.real import RealDataPlane
@@ -116,6 +116,7 @@ class Daemon:
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
         self.swarm = Swarm(self)
         self.extra_routes: list = [self.swarm.routes()]
+        self.extra_routes.append(doctor.routes(self))
 
     def info(self) -> dict:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,

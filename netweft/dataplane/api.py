@@ -174,4 +174,8 @@ class DataPlane(abc.ABC):
         """Remove the probe device (the host left its swarm). Idempotent."""
 
     @abc.abstractmethod
+    async def kernel_features(self) -> dict[str, str | None]:
+        """What the kernel can do (dataplane/features.py): feature -> None if it works, else why not."""
+
+    @abc.abstractmethod
     async def close(self) -> None: ...

@@ -125,6 +125,10 @@ class FakeDataPlane(DataPlane):
     def __init__(self, *, yield_to_loop: bool = True, probe_net: "FakeProbeNet | None" = None):
         self.yield_to_loop = yield_to_loop
         self.probe_net = probe_net if probe_net is not None else FakeProbeNet()
+        # What kernel_features reports; a test removes one: features["vxlan"] = "Operation not supported".
+        self.features: dict[str, str | None] = {"bridge": None, "vxlan": None, "wireguard": None, "nftables": None,
+                                                "nftables_bridge": None, "br_netfilter": "not loaded",
+                                                "wireguard_go": None}
         self._ns: dict[str, dict[str, FakeLink]] = {HOST: {"lo": FakeLink("lo", "device", 65536, up=True,
                                                                           loopback=True)}}
         self._default: dict[str, tuple[str, str]] = {}    # namespace -> (gateway, device)
@@ -728,6 +732,10 @@ class FakeDataPlane(DataPlane):
             if link.kind != "vxlan":
                 raise KernelError(f"delete probe device {PROBE_DEVICE}: that interface is not a vxlan")
             self._del(HOST, PROBE_DEVICE)
+
+    @_op
+    def kernel_features(self) -> dict[str, str | None]:
+        return dict(self.features)
 
     async def close(self) -> None:
         self._closed = True

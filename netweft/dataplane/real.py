@@ -213,3 +213,8 @@ class RealDataPlane(DataPlane):
 
     async def delete_probe(self) -> None:
         await self._ovcall("delete_probe")
+
+    async def kernel_features(self) -> dict[str, str | None]:
+        # Its own thread, not the kernel thread: it leaves the host namespace for a throwaway one.
+        from netweft.dataplane.features import kernel_features
+        return await asyncio.get_running_loop().run_in_executor(None, kernel_features)

@@ -543,6 +543,12 @@ class Manager:
             b = await auth.read_body(request, HeartbeatRequest)
             return web.json_response(await self.heartbeat(request["node"], b.addr))
 
+        @routes.get("/time")
+        @allow(WORKER)
+        async def clock(request):
+            # `netweft doctor` measures this host's clock against each manager's.
+            return web.json_response({"Time": time.time()})
+
         @routes.post("/health")
         @allow(WORKER)
         async def health(request):
