@@ -18,6 +18,8 @@ from aiohttp import web
 
 from netweft.agent import node as agent
 from netweft.agent.overlay import OverlayAgent
+from netweft.daemon import collisions
+from netweft.daemon.engine import BRIDGE_PREFIX
 from netweft.store.local import get_setting, put_setting
 from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
 from netweft.model import api as m
@@ -72,7 +74,7 @@ class Swarm:
         if st is None:
             return
         if st.get("Leader"):
-            self.manager = Manager(self.dir, st["NodeID"])
+            self.manager = self._new_manager(st["NodeID"])
             await self.manager.start(tuple(st["ListenAddr"]))
         else:
             self.agent = agent.NodeAgent(self.dir, st["Managers"], st["AdvertiseAddr"], st["HeartbeatPeriod"],
@@ -106,6 +108,12 @@ class Swarm:
         if self.agent is not None:
             await self.agent.stop()
             self.agent = None
+
+    def _new_manager(self, node_id: str) -> Manager:
+        manager = Manager(self.dir, node_id)
+        dp = self.daemon.engine.dp
+        manager.host_claims = lambda: collisions.host_claims(dp, BRIDGE_PREFIX)
+        return manager
 
     def _agent_event(self, kind: str, info: dict) -> None:
         st = self.state()
@@ -167,6 +175,12 @@ class Swarm:
             spec["DataPathPort"] = port
         if req.DefaultAddrPool:
             spec["DefaultAddrPool"] = [str(parse_network(p, "default address pool")) for p in req.DefaultAddrPool]
+            claims = await collisions.host_claims(self.daemon.engine.dp, BRIDGE_PREFIX)
+            for pool in spec["DefaultAddrPool"]:
+                hit = collisions.overlap(parse_network(pool), claims)
+                if hit is not None:
+                    raise InvalidRequest(f"default address pool {pool} overlaps {hit[0]} of {hit[1]} (overlay "
+                                         "containers could not reach it); choose another --default-addr-pool")
         if req.SubnetSize:
             size = req.SubnetSize
             smallest = max(parse_network(p).prefixlen for p in spec["DefaultAddrPool"])
@@ -180,7 +194,7 @@ class Swarm:
               "Leader": True, "AdvertiseAddr": advertise, "ListenAddr": list(listen),
               "Managers": [f"{advertise}:{listen[1]}"], "HeartbeatPeriod": spec["HeartbeatPeriod"],
               "DataPathPort": spec["DataPathPort"]}
-        self.manager = Manager(self.dir, node_id)
+        self.manager = self._new_manager(node_id)
         try:
             await self.manager.start(listen)
         except BaseException:

@@ -77,6 +77,7 @@ class Manager:
     """The leader's cluster state and API. Pure state operations are plain methods; the API wraps them."""
 
     admission: auth.Admission | None = None  # the API's guard, once the API is built
+    host_claims = None   # async () -> this host's routes and addresses, for overlay subnets (set by the daemon)
 
     def __init__(self, swarm_dir: str, node_id: str):
         self.dir, self.node_id = swarm_dir, node_id
@@ -151,6 +152,7 @@ class Manager:
                 raise Unavailable(f"the cluster store in {self.dir} holds no cluster; "
                                   "leave the swarm (`netweft swarm leave --force`) and init or join again")
             self.overlays = Overlays(self.hub, self.spec)
+            self.overlays.host_claims = self.host_claims
             f = files(self.dir)
             ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
                                                     pki.load_pem(f["key"]), require_client_cert=False)
