@@ -174,6 +174,12 @@ class DataPlane(abc.ABC):
         """Remove the probe device (the host left its swarm). Idempotent."""
 
     @abc.abstractmethod
+    async def list_antispoof(self, netns_path: str | None = None) -> list[str]:
+        """Container ports guarded against spoofing (dataplane/antispoof.py) in the host namespace, or in the
+        namespace at `netns_path` (an overlay sandbox). ensure_endpoint, ensure_overlay_endpoint and
+        ensure_gw_endpoint guard their port (only its MAC and IPv4 address may send); the delete_* remove it."""
+
+    @abc.abstractmethod
     async def kernel_features(self) -> dict[str, str | None]:
         """What the kernel can do (dataplane/features.py): feature -> None if it works, else why not."""
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from netweft.dataplane.api import VXLAN_OVERHEAD, DataPlane
 from netweft.dataplane.probe import PROBE_DEVICE, PROBE_VNI
+from netweft.dataplane.antispoof import TABLE as ANTISPOOF_TABLE
 from netweft.dataplane.checks import (check_ifname, check_mtu, check_path, check_peers, default_tmp_name, int_in,
                                       ipv4, parse_interface, parse_mac, peer_tables)
 from netweft.dataplane.firewall import (OVERLAY_TABLE, BridgeRule, render_firewall,
@@ -134,6 +135,8 @@ class FakeDataPlane(DataPlane):
         self._default: dict[str, tuple[str, str]] = {}    # namespace -> (gateway, device)
         self._routes: list[tuple[ipaddress.IPv4Network, str | None]] = []  # host routes added by a test
         self.tables: dict[str, dict] = {}                  # nftables table -> the libnftables JSON applied
+        # Anti-spoofing (dataplane/antispoof.py): namespace -> guarded port -> (MAC, IP) it may send from.
+        self.guards: dict[str, dict[str, tuple[str, str]]] = {}
         self.ip_forward = False
         self.changes = 0
         self.calls: Counter[str] = Counter()
@@ -272,6 +275,7 @@ class FakeDataPlane(DataPlane):
             self._del(path, name)
         del self._ns[path]
         self._default.pop(path, None)
+        self.guards.pop(path, None)   # the namespace's nftables go with it
         self.changes += 1
 
     def _new_ns(self, path: str) -> None:
@@ -481,11 +485,13 @@ class FakeDataPlane(DataPlane):
         self._set(host, "mtu", mtu)
         self._set(host, "up", True)
         self._container_end(netns_path, peer, want, mac, mtu, gateway)
+        self._guard(HOST, host_ifname, mac, want)
 
     @_op
     def delete_endpoint(self, host_ifname: str) -> None:
         check_ifname(host_ifname, "host interface name")
         self._delete_kind(HOST, host_ifname, "veth", f"delete endpoint {host_ifname}")
+        self._unguard(HOST, host_ifname)
 
     @_op
     def set_ip_forward(self, enabled: bool) -> None:
@@ -575,6 +581,7 @@ class FakeDataPlane(DataPlane):
                                 what=what)
         self._port(host, SANDBOX_BRIDGE, mtu, False)
         self._container_end(netns_path, peer, want, mac, mtu, None)
+        self._guard(sandbox_path, host_ifname, mac, want)
 
     @_op
     def delete_overlay_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
@@ -583,6 +590,7 @@ class FakeDataPlane(DataPlane):
         if sandbox_path in self._ns:
             self._delete_kind(sandbox_path, host_ifname, "veth",
                               f"delete overlay endpoint {host_ifname} in {sandbox_path}")
+            self._unguard(sandbox_path, host_ifname)
 
     @_op
     def list_overlay_endpoints(self, sandbox_path: str) -> list[str]:
@@ -693,11 +701,30 @@ class FakeDataPlane(DataPlane):
         host, peer = self._veth(HOST, host_ifname, netns_path, ifname, mac, mtu, replace_peer=False, what=what)
         self._port(host, bridge, mtu, True)
         self._container_end(netns_path, peer, want, mac, mtu, gateway)
+        self._guard(HOST, host_ifname, mac, want)
 
     @_op
     def delete_gw_endpoint(self, host_ifname: str) -> None:
         check_ifname(host_ifname, "host interface name")
         self._delete_kind(HOST, host_ifname, "veth", f"delete gateway endpoint {host_ifname}")
+        self._unguard(HOST, host_ifname)
+
+    @_op
+    def list_antispoof(self, netns_path: str | None = None) -> list[str]:
+        key = HOST if netns_path is None else self._path(netns_path, "namespace path")
+        return sorted(self.guards.get(key, {}))
+
+    def _guard(self, ns: str, port: str, mac: str, address) -> None:
+        entry = (mac, str(address.ip))
+        if ns == HOST and ANTISPOOF_TABLE not in self.tables:
+            self.tables[ANTISPOOF_TABLE] = {"nftables": []}   # made with the first port, kept (as the real one)
+        if self.guards.setdefault(ns, {}).get(port) != entry:
+            self.guards[ns][port] = entry
+            self.changes += 1
+
+    def _unguard(self, ns: str, port: str) -> None:
+        if self.guards.get(ns, {}).pop(port, None) is not None:
+            self.changes += 1
 
     @_op
     def apply_overlay_firewall(self, gwbridge: str, gw_subnet: str) -> None:

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from netweft.dataplane import netns
+from netweft.dataplane import antispoof, netns
 from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)
 from netweft.dataplane.checks import (check_path, check_peers, default_tmp_name, int_in as _int_in, ipv4 as _ipv4,
                                       make_peer, peer_tables)
@@ -48,7 +48,8 @@ from netweft.dataplane.probe import PROBE_DEVICE, PROBE_VNI, RealProbeChannel
 from netweft.dataplane.nlutil import (HostHandles, check_ifname, close_iproute, delete_link,
                                       ensure_container_end, ensure_ipv4, ensure_mtu, ensure_up, ensure_veth,
                                       failing, get_link, ignore, link_kind, netns_iproute, netnsid,
-                                      open_iproute, parse_interface, parse_mac, retry_eexist)
+                                      new_nft, nft_run, open_iproute, parse_interface, parse_mac,
+                                      retry_eexist)
 from netweft.errors import KernelError
 from netweft.model.objects import Peer as ModelPeer
 
@@ -71,6 +72,7 @@ class _Sandbox:
         self.fd = fd
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)  # which namespace; notices one replaced under the same path
+        self.nft = None                      # its libnftables context, made inside it on first use
         self.ipr = open_iproute(fd)
         try:
             with netns.entered(fd):
@@ -329,6 +331,7 @@ class Overlay(HostHandles):
             raise KernelError(f"{what}: sandbox has no {SANDBOX_BRIDGE} (ensure_sandbox first)")
         self._ensure_veth(sb.ipr, ctr_netns_path, *args, master=br["index"], isolated=False,
                           gateway=None, what=what)
+        antispoof.add_port(self._sandbox_nft(sb), args[0], args[3], str(args[2].ip))
 
     def delete_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
         """Delete the endpoint veth `host_ifname` of the sandbox (its container end goes with it).
@@ -340,6 +343,25 @@ class Overlay(HostHandles):
         sb = self._sandbox(sandbox_path)
         with failing(f"delete overlay endpoint {host_ifname} in {sandbox_path}"):
             delete_link(sb.ipr, host_ifname, "veth")
+        antispoof.delete_port(self._sandbox_nft(sb), host_ifname)
+
+    @staticmethod
+    def _sandbox_nft(sb: _Sandbox):
+        """run(cmd, what) with the sandbox's own libnftables context (a context is bound to one namespace)."""
+        def run(cmd: dict, what: str):
+            with netns.entered(sb.fd):
+                if sb.nft is None:
+                    sb.nft = new_nft(what)
+                return nft_run(sb.nft, cmd, what)
+        return run
+
+    def list_antispoof(self, sandbox_path: str | None = None) -> list[str]:
+        if sandbox_path is None:
+            return antispoof.list_ports(self._nft_cmd)
+        self._claim_thread()
+        if not netns.is_netns(sandbox_path):
+            return []
+        return antispoof.list_ports(self._sandbox_nft(self._sandbox(sandbox_path)))
 
     def list_endpoints(self, sandbox_path: str) -> list[str]:
         """Names of the endpoint veths in the sandbox (their sandbox ends), sorted; none without a sandbox."""
@@ -479,12 +501,14 @@ class Overlay(HostHandles):
             raise KernelError(f"{what}: no gateway bridge {bridge} (ensure_gwbridge first)")
         self._ensure_veth(ipr, ctr_netns_path, *args, master=br["index"], isolated=True,
                           gateway=gateway, what=what)
+        antispoof.add_port(self._nft_cmd, args[0], args[3], str(args[2].ip))
 
     def delete_gw_endpoint(self, host_ifname: str) -> None:
         """Delete the gateway-bridge veth `host_ifname` (its container end goes with it). Idempotent."""
         check_ifname(host_ifname, "host interface name")
         with failing(f"delete gateway endpoint {host_ifname}"):
             delete_link(self._host, host_ifname, "veth")
+        antispoof.delete_port(self._nft_cmd, host_ifname)
 
     # ---- data-path probes (dataplane/probe.py) ----------------------------------------------------
 

@@ -214,6 +214,11 @@ class RealDataPlane(DataPlane):
     async def delete_probe(self) -> None:
         await self._ovcall("delete_probe")
 
+    async def list_antispoof(self, netns_path: str | None = None) -> list[str]:
+        if netns_path is None:
+            return await self._kcall("list_antispoof")
+        return await self._ovcall("list_antispoof", _sandbox(netns_path))
+
     async def kernel_features(self) -> dict[str, str | None]:
         # Its own thread, not the kernel thread: it leaves the host namespace for a throwaway one.
         from netweft.dataplane.features import kernel_features
