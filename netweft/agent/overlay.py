@@ -39,7 +39,7 @@ from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
 from netweft.errors import InvalidRequest, NetweftError, NotFound, Unavailable
 from netweft.ipam import address as ipam
 from netweft.model.codec import convert, to_builtins
-from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, Revision, Sandbox
+from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, PeerHealth, Revision, Sandbox
 from netweft.model.watch import Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent
 from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting
 
@@ -245,7 +245,7 @@ class OverlayAgent:
         """Every overlay network of the cluster, from the managers."""
         return convert(await self.client.call("GET", "/networks"), list[Network], "networks from the manager")
 
-    def peers_view(self, net_id: str) -> list[tuple[str, str, dict | None]]:
+    def peers_view(self, net_id: str) -> list[tuple[str, str, PeerHealth | None]]:
         """(hostname, VTEP, data-path health or None) of every host with an endpoint on the network, as far as
         the copy knows (this host's own health: None)."""
         ns = self.nets.get(net_id)
@@ -255,7 +255,7 @@ class OverlayAgent:
         out = []
         for hostname, vtep, node_id in sorted(hosts):
             h = self.prober.peer_health(node_id) if node_id != self.node_id else None
-            out.append((hostname, vtep, to_builtins(h) if h is not None else None))
+            out.append((hostname, vtep, h))
         return out
 
     def probe_targets(self) -> dict[str, str]:

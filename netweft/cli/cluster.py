@@ -129,8 +129,8 @@ def _health(dp: dict | None) -> str:
     if not dp or dp.get("State", "unknown") == "unknown":
         return "-"
     text = dp["State"].capitalize()
-    bad = sorted(f"{h}: {v.get('state')}" for h, v in dp.get("SeenBy", {}).items()
-                 if v.get("state") not in ("healthy", "unknown"))
+    bad = sorted(f"{h}: {v.get('State')}" for h, v in dp.get("SeenBy", {}).items()
+                 if v.get("State") not in ("healthy", "unknown"))
     if bad and dp["State"] != "unreachable":
         text += f" ({', '.join(bad)})"
     return text + (", withdrawn" if dp.get("Withdrawn") else "")

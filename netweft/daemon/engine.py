@@ -29,6 +29,7 @@ from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
 from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, Unavailable
 from netweft.ipam import address as ipam
+from netweft.model.api import peer_health_view
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Owner
 from netweft.runtime import container as runtime
@@ -343,7 +344,8 @@ class Engine:
                 "Options": options, "Labels": dict(net.labels), "Containers": containers}
         if net.driver == "overlay":
             peers = self.overlay_agent.peers_view(net.id) if self.overlay_agent is not None else []
-            view["Peers"] = [{"Name": h, "IP": ip, **({"Health": hv} if hv else {})} for h, ip, hv in peers]
+            view["Peers"] = [{"Name": h, "IP": ip, **({"Health": peer_health_view(hv)} if hv else {})}
+                             for h, ip, hv in peers]
         return view
 
     def _network_name(self, net_id: str) -> str:

@@ -24,7 +24,7 @@ from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
 from netweft.manager.watch import CLUSTER, NODES, ClusterState, Hub
 from netweft.model import codec
-from netweft.model.api import NodeUpdate
+from netweft.model.api import NodeUpdate, peer_health_view
 from netweft.model.objects import Labels, Node, ShortText
 from netweft.model.watch import EndpointRequest
 from netweft.store.api import ClusterStore, Compare, Delete, Put
@@ -294,10 +294,10 @@ class Manager:
         def change(n: Node) -> Node | None:
             if key(n.health) == key(health) and time.monotonic() - self.health_written.get(n.id, 0) < HEALTH_REFRESH:
                 return None
+            self.health_written[n.id] = time.monotonic()
             return msgspec.structs.replace(n, health=health)
         before = key(node.health)
         await self._update(node.id, change)
-        self.health_written[node.id] = time.monotonic()
         if before != key(health):
             await self.evaluate_liveness()
 
@@ -408,10 +408,10 @@ class Manager:
         for other in nodes.values():
             h = other.health.get(node.id)
             if h is not None and other.id != node.id:
-                seen[other.hostname or other.id] = codec.to_builtins(h)
-        states = {h["state"] for h in seen.values()} - {"unknown"}
+                seen[other.hostname or other.id] = peer_health_view(h)
+        states = {h["State"] for h in seen.values()} - {"unknown"}
         state = ("unknown" if not states else next(iter(states)) if len(states) == 1 else "degraded")
-        own = {(nodes[k].hostname if k in nodes else k): codec.to_builtins(v) for k, v in node.health.items()}
+        own = {(nodes[k].hostname if k in nodes else k): peer_health_view(v) for k, v in node.health.items()}
         return {"State": state, "Withdrawn": node.withdrawn, "SeenBy": seen, "Probes": own}
 
     async def remove_node(self, ref: str, force: bool) -> None:

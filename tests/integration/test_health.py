@@ -76,16 +76,16 @@ def ping(lab: Lab, host: str, ip: str) -> bool:
 
 
 def test_health_turns_unreachable_when_the_data_path_is_blocked_and_healthy_after(lab):
-    wait_for(lambda: peer_health(lab, "h2", "h3").get("state") == "healthy", 20, "h2 sees h3 healthy")
+    wait_for(lambda: peer_health(lab, "h2", "h3").get("State") == "healthy", 20, "h2 sees h3 healthy")
     wait_for(lambda: health_column(lab, "h3") == "Healthy", 15, "node ls shows h3 healthy")
     logs = LogWatch(lab, "h2")
     block(lab, "h3", "add rule inet nwtblock in udp dport 4789 drop")
     try:
         t0 = time.monotonic()
-        h = wait_for(lambda: (p := peer_health(lab, "h2", "h3")).get("state") == "unreachable" and p, 20,
+        h = wait_for(lambda: (p := peer_health(lab, "h2", "h3")).get("State") == "unreachable" and p, 20,
                      "h2 sees h3 unreachable")
         print(f"\nunreachable seen by h2 {time.monotonic() - t0:.1f} s after blocking UDP 4789 at h3")
-        assert "UDP 4789" in h["reason"] and "blocked" in h["reason"], h
+        assert "UDP 4789" in h["Reason"] and "blocked" in h["Reason"], h
         wait_for(lambda: health_column(lab, "h3") == "Unreachable", 15, "node ls shows h3 unreachable")
         line = logs.wait(lambda e: "data path to h3" in e.get("msg", "") and "unreachable" in e["msg"], 10)
         assert "UDP 4789" in line["msg"]
@@ -94,7 +94,7 @@ def test_health_turns_unreachable_when_the_data_path_is_blocked_and_healthy_afte
     finally:
         unblock(lab, "h3")
     t0 = time.monotonic()
-    wait_for(lambda: peer_health(lab, "h2", "h3").get("state") == "healthy", 20, "h2 sees h3 healthy again")
+    wait_for(lambda: peer_health(lab, "h2", "h3").get("State") == "healthy", 20, "h2 sees h3 healthy again")
     print(f"healthy again {time.monotonic() - t0:.1f} s after unblocking")
     wait_for(lambda: health_column(lab, "h3") == "Healthy", 15, "node ls shows h3 healthy again")
     time.sleep(2)
