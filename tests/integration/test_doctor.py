@@ -49,3 +49,15 @@ def test_doctor_names_a_blocked_port_a_lowered_mtu_and_a_stopped_manager(lab3):
     # Its daemon answers probes too: the data-path line says the daemon is the likely cause.
     assert "daemon" in lines(out, "FAIL", "UDP 4789", "h1 (192.0.2.11)")[0], text
     assert len(lines(out, "FAIL", "UDP 4789", "h3 (192.0.2.13)")) == 1, text
+
+
+def test_doctor_outside_a_swarm_and_a_leftover_bridge(daemon, host):
+    r = daemon.cli("doctor", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok    swarm: this host is in no swarm" in r.stdout and r.stdout.splitlines()[-1] == "all is well"
+    # A bridge an earlier daemon (another --data-root) left behind.
+    host.ip("link", "add", "nw-deadbeef01", "type", "bridge")
+    r = daemon.cli("doctor", check=False)
+    assert r.returncode == 1
+    left = [l for l in r.stdout.splitlines() if "nw-deadbeef01" in l]
+    assert len(left) == 1 and left[0].startswith("WARN  leftovers:") and "ip link del nw-deadbeef01" in left[0]
