@@ -307,8 +307,8 @@ class Prober:
             self._reported_at = time.monotonic()
         except Unavailable:
             self._dirty = True
-        except NetweftError as e:
-            self._dirty = True
+        except NetweftError as e:   # refused (an older manager?): again with the next change or period
+            self._reported_at = time.monotonic()
             log.debug("the managers refused a health report", extra={"reason": str(e)})
 
     # ------------------------------------------------------------------ frames

@@ -86,6 +86,7 @@ class _Sandbox:
         close_iproute(self.ipr)
         with contextlib.suppress(OSError):
             self.nl.close()
+        self.nft = None   # its socket would keep a deleted namespace alive
         os.close(self.fd)
 
 
