@@ -1,6 +1,6 @@
 """Live data-path health: this host probes every peer host it shares an overlay with, through VXLAN itself.
 
-Each round (every PROBE_INTERVAL) sends each peer one small probe and one full-size probe with DF set
+Each round (every PROBE_INTERVAL) sends each peer one small probe, every BIG_EVERY rounds a full-size one, DF set
 (dataplane/probe.py says how they travel: the data path's UDP port, encapsulated as overlay traffic is).
 A probe not answered within PROBE_TIMEOUT is lost. From the last results per peer, `assess` (pure) says
 healthy, degraded (loss, or an MTU black hole: small probes pass, full-size ones don't) or unreachable
@@ -41,6 +41,7 @@ UNREACHABLE_AFTER = 3       # this many small probes lost in a row: unreachable
 BIG_WINDOW = 3              # full-size probes kept
 MTU_LOST_AFTER = 2          # this many full-size probes lost in a row, while small ones pass: an MTU problem
 DEGRADED_LOSS = 0.2         # share of small probes lost that makes a path degraded
+BIG_EVERY = 2               # a full-size probe every this many rounds (a path's MTU rarely changes; they cost bytes)
 REPORT_PERIOD = 10.0        # the figures (loss, latency) are sent to the managers at least this often
 SMALL = 160                 # bytes of a small probe frame (Ethernet header included; two 64-letter node IDs fit)
 RETRY_OPEN = 10.0           # seconds before trying again to open the probe device after a failure
@@ -162,6 +163,7 @@ class Prober:
         self.paths: dict[str, PathRecord] = {}
         self._pending: dict[int, tuple[str, int, bool, asyncio.Future | None]] = {}   # seq -> node, sent, big, waiter
         self._seq = 0
+        self._rounds = 0
         self._big = SMALL
         self._dirty = False
         self._reported_at = 0.0
@@ -229,6 +231,8 @@ class Prober:
     def _round(self) -> None:
         now = time.monotonic_ns()
         self._expire(now)
+        self._rounds += 1
+        big = self._rounds % BIG_EVERY == 1 or BIG_EVERY == 1
         targets = self.host.probe_targets()
         for node_id in list(self.paths):
             if node_id not in targets:
@@ -239,7 +243,9 @@ class Prober:
             if rec is None or rec.vtep != vtep:
                 rec = self.paths[node_id] = PathRecord(vtep)
                 self._dirty = True
-            err = self._send(node_id, vtep, SMALL, now, big=False) or self._send(node_id, vtep, self._big, now, big=True)
+            err = self._send(node_id, vtep, SMALL, now, big=False)
+            if err is None and big:
+                err = self._send(node_id, vtep, self._big, now, big=True)
             rec.send_error = err
         for node_id, rec in self.paths.items():
             self._evaluate(node_id, rec)
