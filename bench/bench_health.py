@@ -80,8 +80,8 @@ def main() -> None:
 
         bad, good = [], []
         for _ in range(args.rounds):
-            nft(lab, "h3", "add table inet nwtbench; add chain inet nwtbench in { type filter hook input priority -10; };"
-                           " add rule inet nwtbench in udp dport 4789 drop")
+            nft(lab, "h3", "add table inet nwtbench; add chain inet nwtbench in "
+                           "{ type filter hook input priority -10; }; add rule inet nwtbench in udp dport 4789 drop")
             bad.append(until(lambda: peer_state(lab, "h2", "h3") == "unreachable"))
             nft(lab, "h3", "delete table inet nwtbench")
             good.append(until(lambda: peer_state(lab, "h2", "h3") == "healthy"))
@@ -104,8 +104,8 @@ def main() -> None:
                 subprocess.run(["nsenter", f"--net={sb}", "nft", "delete rule bridge netweft_as prerouting handle",
                                 handle.strip()], check=True)
         m1, m2 = median(with_checks), median(bypassed)
-        print(f"overlay TCP a->b with anti-spoofing: median {m1:.2f} Gbit/s ({', '.join(f'{x:.2f}' for x in with_checks)});"
-              f" bypassed: median {m2:.2f} Gbit/s ({', '.join(f'{x:.2f}' for x in bypassed)}); ratio {m1 / m2:.2f}")
+        print(f"overlay TCP a->b with anti-spoofing: median {m1:.2f} Gbit/s "
+              f"({', '.join(f'{x:.2f}' for x in with_checks)}); bypassed: median {m2:.2f} Gbit/s ({', '.join(f'{x:.2f}' for x in bypassed)}); ratio {m1 / m2:.2f}")
 
         h3 = lab.address("h3")
         os.kill(int((lab.host_dir("h3") / "netweftd.pid").read_text()), signal.SIGKILL)

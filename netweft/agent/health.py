@@ -95,8 +95,8 @@ def assess(small: Sequence[float | None], big: Sequence[bool], *, port: int, big
         return Verdict("unreachable", loss, rtt, None, why)
     if rtts and big_run >= MTU_LOST_AFTER:
         return Verdict("degraded", loss, rtt, False,
-                       f"small probes pass but full-size ones ({big_size} bytes on the wire, DF set) are lost: an MTU black "
-                       "hole on the path; give every underlay link the same MTU, or lower the overlay MTU "
+                       f"small probes pass but full-size ones ({big_size} bytes on the wire, DF set) are lost: an "
+                       "MTU black hole on the path; give every underlay link the same MTU, or lower the overlay MTU "
                        "(-o com.docker.network.driver.mtu=N)")
     # Losses before the first answer of the window are an outage that ended, not a flaky link.
     first_ok = next((i for i, r in enumerate(small) if r is not None), n)
@@ -345,7 +345,8 @@ class Prober:
             (rec.big.resolve(p.seq, True) if big else rec.small.resolve(p.seq, round(rtt, 3)))
 
     # ------------------------------------------------------------------ on demand (doctor)
-    async def check(self, node_id: str, vtep: str, sizes: Sequence[int], timeout: float = 1.0) -> dict[int, float | None]:
+    async def check(self, node_id: str, vtep: str, sizes: Sequence[int],
+                    timeout: float = 1.0) -> dict[int, float | None]:
         """Probe one host once per size (inner frame bytes) and wait: size -> round trip in ms, or None."""
         if self.channel is None and not await self._open():
             raise Unavailable(f"the probe device cannot be opened: {self._open_failed}")
