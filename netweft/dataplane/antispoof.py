@@ -25,6 +25,7 @@ Pure: the renderers return libnftables JSON; dataplane/kernel.py and overlay.py 
 from __future__ import annotations
 
 from netweft.dataplane.checks import check_ifname, ipv4, parse_mac
+from netweft.errors import KernelError
 
 FAMILY = "bridge"
 TABLE = "netweft_as"
@@ -120,7 +121,6 @@ def add_port(run, port: str, mac: str, ip: str) -> None:
 
 
 def delete_port(run, port: str) -> None:
-    from netweft.errors import KernelError
     for cmd in render_delete_port(port):
         try:
             run(cmd, f"remove anti-spoofing of port {port}")
@@ -130,7 +130,6 @@ def delete_port(run, port: str) -> None:
 
 
 def list_ports(run) -> list[str]:
-    from netweft.errors import KernelError
     try:
         return parse_list(run(render_list(), "list anti-spoofing ports"))
     except KernelError as e:
