@@ -355,6 +355,16 @@ class ClusterClient:
             raise Unavailable("no manager address known; leave and join the swarm again")
         raise Unavailable("no manager is reachable: " + "; ".join(f"{a}: {why}" for a, why in down))
 
+    async def call_at(self, addr: str, method: str, path: str, body: dict | None = None):
+        """One call to the manager at `addr` (HOST:PORT) only, not the first that answers (doctor asks each)."""
+        if self.expired:
+            raise Unavailable(self.expired)
+        s = self._hold()
+        try:
+            return await _request(None, method, manager_url(addr, path), body, session=s)
+        finally:
+            self._release(s)
+
     async def stream(self, path: str, read_timeout: float = 10.0):
         """Yield the JSON lines of a streamed response (the watch); ends when the connection does."""
         if self.expired:

@@ -32,6 +32,7 @@ import msgspec
 
 from netweft import metrics
 from netweft.agent import reconcile
+from netweft.agent.health import Prober
 from netweft.agent.reconcile import DesiredNetwork, Gateway, GwPort, ObservedNetwork, Port
 from netweft.agent.watcher import Watcher
 from netweft.dataplane.checks import unicast_mac
@@ -39,7 +40,7 @@ from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
 from netweft.errors import InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
 from netweft.model.codec import convert, to_builtins
-from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, Revision, Sandbox
+from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, PeerHealth, Revision, Sandbox
 from netweft.model.watch import Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent
 from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting
 
@@ -136,11 +137,14 @@ class OverlayAgent:
         self.tasks: list[asyncio.Task] = []
         self.watcher = Watcher(client, since=self._since, handle=self.on_message, on_connect=self._on_connect)
         self._load()
+        self._targets: tuple[tuple, dict[str, str]] = ((), {})
+        self.prober = Prober(self)   # data-path health of the peer hosts (agent/health.py)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.resync(full=True)
         self.tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(self._resync_loop())]
+        self.prober.start()
 
     async def stop(self) -> None:
         if self._releasing is not None:
@@ -150,6 +154,7 @@ class OverlayAgent:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks = []
+        await self.prober.stop()
         self._save()
 
     @property
@@ -247,12 +252,37 @@ class OverlayAgent:
         """Every overlay network of the cluster, from the managers."""
         return convert(await self.client.call("GET", "/networks"), list[Network], "networks from the manager")
 
-    def peers_view(self, net_id: str) -> list[tuple[str, str]]:
-        """(hostname, VTEP) of every host with an endpoint on the network, as far as the copy knows."""
+    def peers_view(self, net_id: str) -> list[tuple[str, str, PeerHealth | None]]:
+        """(hostname, VTEP, data-path health or None) of every host with an endpoint on the network, as far as
+        the copy knows (this host's own health: None)."""
         ns = self.nets.get(net_id)
         if ns is None:
             return []
-        return sorted({(e.hostname, self._vtep(e) or "") for e in ns.endpoints.values()})
+        hosts = {(e.hostname, self._vtep(e) or "", e.node_id) for e in ns.endpoints.values()}
+        out = []
+        for hostname, vtep, node_id in sorted(hosts):
+            h = self.prober.peer_health(node_id) if node_id != self.node_id else None
+            out.append((hostname, vtep, h))
+        return out
+
+    def probe_targets(self) -> dict[str, str]:
+        """node ID -> VTEP of the hosts this host shares an overlay with (those with endpoints on a network
+        with endpoints here): the data-path prober's targets. Recomputed only when the copy moved."""
+        key = (self.rev, len(self.local), len(self.nodes), tuple(sorted(self._local_networks())))
+        if self._targets[0] != key:
+            out = {}
+            for net_id in self._local_networks():
+                ns = self.nets.get(net_id)
+                for e in (ns.endpoints.values() if ns is not None else ()):
+                    if e.node_id and e.node_id != self.node_id and e.node_id not in out:
+                        vtep = self._vtep(e)
+                        if vtep:
+                            out[e.node_id] = vtep
+            self._targets = (key, out)
+        return self._targets[1]
+
+    async def underlay_mtu(self) -> int:
+        return await self._uplink_mtu()
 
     # ------------------------------------------------------------------ peers
     def _vtep(self, ep: Endpoint) -> str | None:
@@ -264,6 +294,9 @@ class OverlayAgent:
         A MAC that is no host's (zero, broadcast, multicast) would be VXLAN's flood destination: never a peer."""
         if ep is None or ep.node_id == self.node_id or not unicast_mac(ep.mac):
             return None
+        node = self.nodes.get(ep.node_id)
+        if node is not None and node.withdrawn:
+            return None   # down for the managers and unreachable on the data path (manager/liveness.py)
         vtep = self._vtep(ep)
         return Peer(ep.ip, ep.mac, vtep) if vtep else None
 
@@ -375,8 +408,9 @@ class OverlayAgent:
     def _apply_node(self, ev: NodeEvent, touched: set[str]) -> None:
         node_id = ev.object.id
         old = self.nodes.get(node_id)
-        if ev.action == "put" and old is not None and old.addr == ev.object.addr:
-            self.nodes[node_id] = ev.object   # its VTEP is the same: no peer changes
+        if ev.action == "put" and old is not None and (old.addr, old.withdrawn) == (ev.object.addr,
+                                                                                     ev.object.withdrawn):
+            self.nodes[node_id] = ev.object   # its VTEP is the same, not withdrawn either: no peer changes
             return
         affected = [(ns, e) for ns in self.nets.values() for e in ns.endpoints.values() if e.node_id == node_id]
         before = [self._peer(e) for _, e in affected]
@@ -923,6 +957,7 @@ class OverlayAgent:
             await self.dp.delete_gw_endpoint(name)
         await self.dp.delete_overlay_firewall()
         await self.dp.delete_gwbridge(GWBRIDGE)
+        await self.dp.delete_probe()
         self.nets.clear()
         with self.store.tx():
             self.store.delete("settings", CACHE_KEY)

@@ -129,8 +129,20 @@ def node_ls(ctx, quiet, fmt):
         mstatus = ("Leader" if ms["Leader"] else ms["Reachability"].capitalize()) if ms else ""
         rows.append([n["ID"] + (" *" if n["ID"] == me else ""), n["Description"]["Hostname"],
                      n["Status"]["State"].capitalize(), n["Spec"]["Availability"].capitalize(), mstatus,
-                     n["Status"]["Addr"]])
-    table(["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS", "ADDRESS"], rows)
+                     n["Status"]["Addr"], _health(n.get("DataPath"))])
+    table(["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS", "ADDRESS", "HEALTH"], rows)
+
+
+def _health(dp: dict | None) -> str:
+    """The data path to the node as the other hosts' probes see it (`node inspect` has each one's view)."""
+    if not dp or dp.get("State", "unknown") == "unknown":
+        return "-"
+    text = dp["State"].capitalize()
+    bad = sorted(f"{h}: {v.get('State')}" for h, v in dp.get("SeenBy", {}).items()
+                 if v.get("State") not in ("healthy", "unknown"))
+    if bad and dp["State"] != "unreachable":
+        text += f" ({', '.join(bad)})"
+    return text + (", withdrawn" if dp.get("Withdrawn") else "")
 
 
 @node.command("inspect")

@@ -342,3 +342,4 @@ if __name__ == "__main__":
 from netweft.cli import cluster as _cluster, lab as _lab  # noqa: E402,F401
 from netweft.cli import cni as _cni  # noqa: E402,F401
 from netweft.cli import events as _events, version as _version  # noqa: E402,F401
+from netweft.cli import doctor as _doctor  # noqa: E402,F401

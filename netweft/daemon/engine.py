@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 
 from netweft import validate
+from netweft.daemon import collisions
 from netweft.agent.overlay import OverlayAgent
 from netweft.daemon import ports
 from netweft.daemon.local_events import LocalEvents
@@ -30,6 +31,7 @@ from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
 from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
+from netweft.model.api import peer_health_view
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Owner
 from netweft.runtime import container as runtime
@@ -247,7 +249,7 @@ class Engine:
         c = ipam_cfg[0]
         # Overlay subnets count too: a container on both would get two routes to one prefix.
         taken = [(IPv4Network(o.subnet), f"network {o.name!r}") for o in others + overlays]
-        routes = [] if parent else [(r, "a route of this host") for r in await self.dp.host_routes(BRIDGE_PREFIX)]
+        routes = [] if parent else await collisions.host_claims(self.dp, BRIDGE_PREFIX)
         if c.get("Subnet"):
             subnet = ipam.parse_network(c["Subnet"])
             for other, what in taken + routes:
@@ -270,9 +272,20 @@ class Engine:
             raise InvalidRequest("overlay networks need a swarm: run `netweft swarm init` (or join one) first")
         if self.store.by_name("networks", name):
             raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
+        await self.refuse_host_overlap(((req.get("IPAM") or {}).get("Config") or [{}])[0].get("Subnet"), "subnet")
         doc = await _awaited(self.swarm.admin("POST", "/networks", req,
                                               local=lambda: self.swarm.manager.overlays.create_network(req)))
         return self.network_view(convert(doc, Network, "network from the manager"))
+
+    async def refuse_host_overlap(self, text, what: str) -> None:
+        """Refuse a subnet given by the operator that overlaps a route or an address of this host."""
+        if not isinstance(text, str) or not text:
+            return
+        subnet = ipam.parse_network(text, what)
+        hit = collisions.overlap(subnet, await collisions.host_claims(self.dp, BRIDGE_PREFIX))
+        if hit is not None:
+            raise Conflict(f"{what} {subnet} overlaps {hit[0]} of {hit[1]} (containers could not reach it); "
+                           f"choose another {what}")
 
     async def _program_network(self, net: Network) -> None:
         # On a parent (LAN) network the gateway is a router on that LAN, not us.
@@ -300,7 +313,7 @@ class Engine:
                 nets = self._local_networks()
                 overlays = self.overlay_agent.networks() if self.overlay_agent is not None else []
                 taken = [IPv4Network(n.subnet) for n in nets + overlays]
-                taken += await self.dp.host_routes(BRIDGE_PREFIX)
+                taken += [net for net, _ in await collisions.host_claims(self.dp, BRIDGE_PREFIX)]
                 try:  # room for GWBRIDGE_PREFIX's worth of overlay containers on this host, else the pools' size
                     subnet = ipam.allocate_subnet(self.pools, taken, GWBRIDGE_PREFIX)
                 except PoolExhausted:
@@ -340,7 +353,8 @@ class Engine:
                 "Options": options, "Labels": dict(net.labels), "Containers": containers}
         if net.driver == "overlay":
             peers = self.overlay_agent.peers_view(net.id) if self.overlay_agent is not None else []
-            view["Peers"] = [{"Name": h, "IP": ip} for h, ip in peers]
+            view["Peers"] = [{"Name": h, "IP": ip, **({"Health": peer_health_view(hv)} if hv else {})}
+                             for h, ip, hv in peers]
         return view
 
     def _network_name(self, net_id: str) -> str:

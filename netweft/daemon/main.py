@@ -14,7 +14,7 @@ from aiohttp import web
 
 from netweft import __version__, validate
 from netweft import metrics
-from netweft.daemon import cni_api, config, docker_driver, events_api, logs
+from netweft.daemon import cni_api, config, docker_driver, doctor, events_api, logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
 from netweft.dataplane.real import RealDataPlane
@@ -145,6 +145,7 @@ class Daemon:
         self.extra_routes.append(cni_api.routes(self.engine))
         self.extra_routes.append(events_api.routes(self))
         self.observers = observers(self, args)   # opt-in listeners: metrics, dashboard
+        self.extra_routes.append(doctor.routes(self))
 
     def info(self) -> dict:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,

@@ -24,6 +24,8 @@ from aiohttp import web
 
 from netweft.agent import node as agent
 from netweft.agent.overlay import OverlayAgent
+from netweft.daemon import collisions
+from netweft.daemon.engine import BRIDGE_PREFIX
 from netweft.store.local import get_setting, put_setting
 from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
 from netweft.model import api as m
@@ -85,7 +87,7 @@ class Swarm:
         if st is None:
             return
         if st.get("Leader"):
-            self.manager = Manager(self.dir, st["NodeID"])
+            self.manager = self._new_manager(st["NodeID"])
             await self.manager.start(tuple(st["ListenAddr"]))
         elif self.ha_manager(st):
             await self._start_ha_manager(st)
@@ -135,6 +137,12 @@ class Swarm:
         if self.agent is not None:
             await self.agent.stop()
             self.agent = None
+
+    def _new_manager(self, node_id: str, *args, **kwargs) -> Manager:
+        manager = Manager(self.dir, node_id, *args, **kwargs)
+        dp = self.daemon.engine.dp
+        manager.host_claims = lambda: collisions.host_claims(dp, BRIDGE_PREFIX)
+        return manager
 
     def _agent_event(self, kind: str, info: dict) -> None:
         st = self.state()
@@ -215,7 +223,7 @@ class Swarm:
             if st.get("EtcdMember"):
                 await self._local_member_ready(st)
                 await self._refresh_endpoints(st)
-            m = Manager(self.dir, st["NodeID"], st["StoreEndpoints"], on_demoted=self._demoted)
+            m = self._new_manager(st["NodeID"], st["StoreEndpoints"], on_demoted=self._demoted)
             try:
                 await m.start(tuple(st["ListenAddr"]))
                 self.manager = m
@@ -342,6 +350,12 @@ class Swarm:
             spec["DataPathPort"] = port
         if req.DefaultAddrPool:
             spec["DefaultAddrPool"] = [str(parse_network(p, "default address pool")) for p in req.DefaultAddrPool]
+            claims = await collisions.host_claims(self.daemon.engine.dp, BRIDGE_PREFIX)
+            for pool in spec["DefaultAddrPool"]:
+                hit = collisions.overlap(parse_network(pool), claims)
+                if hit is not None:
+                    raise InvalidRequest(f"default address pool {pool} overlaps {hit[0]} of {hit[1]} (overlay "
+                                         "containers could not reach it); choose another --default-addr-pool")
         if req.SubnetSize:
             size = req.SubnetSize
             smallest = max(parse_network(p).prefixlen for p in spec["DefaultAddrPool"])
@@ -366,7 +380,7 @@ class Swarm:
               "Leader": False, "AdvertiseAddr": advertise, "ListenAddr": list(listen),
               "Managers": [f"{advertise}:{listen[1]}"], "HeartbeatPeriod": spec["HeartbeatPeriod"],
               "DataPathPort": spec["DataPathPort"], **extra}
-        self.manager = Manager(self.dir, node_id, extra.get("StoreEndpoints"), on_demoted=self._demoted)
+        self.manager = self._new_manager(node_id, extra.get("StoreEndpoints"), on_demoted=self._demoted)
         try:
             await self.manager.start(listen)
         except BaseException:

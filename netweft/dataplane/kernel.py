@@ -28,7 +28,7 @@ import socket
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from netweft.dataplane import netns
+from netweft.dataplane import antispoof, netns
 from netweft.dataplane.checks import check_mtu, check_path, ipv4
 from netweft.dataplane.firewall import PORTS_TABLE, BridgeRule, PortRule, render_firewall, render_port_maps
 from netweft.dataplane.nlutil import (RT_TABLE_MAIN, HostHandles, check_ifname, delete_link, describe,
@@ -256,12 +256,17 @@ class Kernel(HostHandles):
                 ensure_mtu(ipr, host, mtu)
                 ensure_up(ipr, host)
                 ensure_container_end(cipr, peer, want, mac, mtu, gw)
+        antispoof.add_port(self._nft_cmd, host_ifname, mac, str(want.ip))
 
     def delete_endpoint(self, host_ifname: str) -> None:
         """Delete the veth whose host end is `host_ifname` (its peer goes with it). Idempotent."""
         check_ifname(host_ifname, "host interface name")
         with failing(f"delete endpoint {host_ifname}"):
             delete_link(self._host, host_ifname, "veth")
+        antispoof.delete_port(self._nft_cmd, host_ifname)
+
+    def list_antispoof(self) -> list[str]:
+        return antispoof.list_ports(self._nft_cmd)
 
     # ---- host settings and firewall -------------------------------------------------------------
 

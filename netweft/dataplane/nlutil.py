@@ -330,23 +330,34 @@ class HostHandles:
                     f.seek(0)
                     f.write(value + "\n")
 
-    def _nft_cmd(self, cmd: dict, what: str) -> None:
-        """Run a libnftables JSON command in the host namespace; a refusal is one KernelError line."""
+    def _nft_cmd(self, cmd: dict, what: str):
+        """Run a libnftables JSON command in the host namespace; a refusal is one KernelError line. Returns
+        libnftables' JSON output (for list commands)."""
         self._claim_thread()
         with self._in_host():
             if self._nft is None:
-                import nftables  # pip-nftables over the system libnftables
+                self._nft = new_nft(what)
+            return nft_run(self._nft, cmd, what)
 
-                try:
-                    # A libnftables context stays bound to the namespace it is first used in.
-                    self._nft = nftables.Nftables()
-                except OSError as e:
-                    raise KernelError(f"{what}: cannot load libnftables: {e}") from None
-            rc, _output, error = self._nft.json_cmd(cmd)
-        if rc != 0:
-            lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
-            detail = lines[0] if lines else f"libnftables returned {rc}"
-            # Messages look like "internal:0:0-0: Error: ..."; the location says nothing for JSON input.
-            if "Error:" in detail:
-                detail = detail[detail.index("Error:") + len("Error:"):].strip()
-            raise KernelError(f"{what}: {detail}")
+
+def new_nft(what: str):
+    """A libnftables context: make it (and use it first) inside the namespace it is for; it stays bound there."""
+    import nftables  # pip-nftables over the system libnftables
+
+    try:
+        return nftables.Nftables()
+    except OSError as e:
+        raise KernelError(f"{what}: cannot load libnftables: {e}") from None
+
+
+def nft_run(nft, cmd: dict, what: str):
+    """Run a libnftables JSON command; a refusal is one KernelError line. Returns its JSON output."""
+    rc, output, error = nft.json_cmd(cmd)
+    if rc != 0:
+        lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
+        detail = lines[0] if lines else f"libnftables returned {rc}"
+        # Messages look like "internal:0:0-0: Error: ..."; the location says nothing for JSON input.
+        if "Error:" in detail:
+            detail = detail[detail.index("Error:") + len("Error:"):].strip()
+        raise KernelError(f"{what}: {detail}")
+    return output

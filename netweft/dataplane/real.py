@@ -208,3 +208,21 @@ class RealDataPlane(DataPlane):
 
     async def delete_overlay_firewall(self) -> None:
         await self._ovcall("delete_overlay_firewall")
+
+    # ---- data-path probes -------------------------------------------------------------------------
+
+    async def open_probe(self, local_ip: str, port: int, mtu: int):
+        return await self._ovcall("open_probe", local_ip, port, mtu)
+
+    async def delete_probe(self) -> None:
+        await self._ovcall("delete_probe")
+
+    async def list_antispoof(self, netns_path: str | None = None) -> list[str]:
+        if netns_path is None:
+            return await self._kcall("list_antispoof")
+        return await self._ovcall("list_antispoof", _sandbox(netns_path))
+
+    async def kernel_features(self) -> dict[str, str | None]:
+        # Its own thread, not the kernel thread: it leaves the host namespace for a throwaway one.
+        from netweft.dataplane.features import kernel_features
+        return await asyncio.get_running_loop().run_in_executor(None, kernel_features)

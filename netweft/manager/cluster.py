@@ -29,19 +29,22 @@ from netweft.manager.leader import Coordination
 from netweft.manager.ha import ManagersOnEtcd
 from netweft.pki import sealed
 from netweft.model import codec
-from netweft.model.api import NodeUpdate
+from netweft.model.api import NodeUpdate, peer_health_view
 from netweft.model.objects import Labels, Node, ShortText
 from netweft.model.watch import EndpointRequest
 from netweft.store.api import ClusterStore, Compare, Delete, Put
 from netweft.store.sqlite import SQLiteStore
 from netweft.model.cluster import (EnrollRequest, HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest,
                                    vtep_problem)
+from netweft.model.cluster import HealthReport
+from netweft.manager import liveness
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 from netweft.manager.tlsserver import serve_tls
 
 log = logging.getLogger("netweft.manager")
 
 HEARTBEAT_MISSES = 3          # a node is Down after this many missed heartbeats
+HEALTH_REFRESH = 30.0         # seconds: a node's health figures are rewritten at most this often unless a state changed
 MIN_CERT_EXPIRY = timedelta(seconds=10)
 RENEW_RETRY_FIRST, RENEW_RETRY_MAX = 1.0, 60.0   # seconds between retries of a failed renewal of the leader's
 STORE_FILE = "cluster.db"     # the cluster store, in the swarm directory (mode 0600: it holds the tokens)
@@ -80,6 +83,7 @@ class Manager(ManagersOnEtcd):
     """The leader's cluster state and API. Pure state operations are plain methods; the API wraps them."""
 
     admission: auth.Admission | None = None  # the API's guard, once the API is built
+    host_claims = None   # async () -> this host's routes and addresses, for overlay subnets (set by the daemon)
 
     def __init__(self, swarm_dir: str, node_id: str, store_endpoints: list[str] | None = None,
                  on_demoted=None):
@@ -105,6 +109,7 @@ class Manager(ManagersOnEtcd):
         self.store: ClusterStore | None = None
         self.hub: Hub | None = None
         self.overlays: Overlays | None = None
+        self.health_written: dict[str, float] = {}   # node -> when its health was last written to the store
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -183,6 +188,7 @@ class Manager(ManagersOnEtcd):
             if self.ha:
                 self._open_sealed()
             self.overlays = Overlays(self.hub, self.spec)
+            self.overlays.host_claims = self.host_claims
             f = files(self.dir)
             ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
                                                     pki.load_pem(f["key"]), require_client_cert=False)
@@ -321,9 +327,47 @@ class Manager(ManagersOnEtcd):
         self.seen_wall[node.id] = time.time()
         if node.state != "ready" or (addr and node.addr != addr):
             node = await self._update(node.id, lambda n: msgspec.structs.replace(n, state="ready",
-                                                                                 addr=addr or n.addr))
+                                                                                 addr=addr or n.addr,
+                                                                                 withdrawn=False))
             log.info("node ready", extra={"node": node.id, "hostname": node.hostname})
         return {"Period": self.spec()["HeartbeatPeriod"], "Role": node.role, "Availability": node.availability}
+
+    async def record_health(self, node: Node, report: HealthReport) -> None:
+        """A node's view of the data path to its peers, kept in its Node document. Written when a state
+        changes, else at most every HEALTH_REFRESH (the figures alone would rewrite it every few seconds)."""
+        known = {n.id for n in self.state.nodes()}
+        health = {k: v for k, v in report.health.items() if k in known and k != node.id}
+
+        def key(h: dict) -> dict:
+            return {k: (v.state, v.mtu_ok, v.reason) for k, v in h.items()}
+
+        def change(n: Node) -> Node | None:
+            if key(n.health) == key(health) and time.monotonic() - self.health_written.get(n.id, 0) < HEALTH_REFRESH:
+                return None
+            self.health_written[n.id] = time.monotonic()
+            return msgspec.structs.replace(n, health=health)
+        before = key(node.health)
+        await self._update(node.id, change)
+        if before != key(health):
+            await self.evaluate_liveness()
+
+    async def evaluate_liveness(self) -> None:
+        """Withdraw (or reinstate) hosts by manager/liveness.py's rule; one compare-and-write per node."""
+        nodes = {n.id: n for n in self.state.nodes()}
+        for node_id, want in liveness.withdrawals(nodes, self.state.node_nets).items():
+            try:
+                await self._update(node_id, lambda n: msgspec.structs.replace(n, withdrawn=want)
+                                   if n.withdrawn != want else None)
+            except NotFound:
+                continue
+            node = nodes[node_id]
+            if want:
+                log.warning("host withdrawn: down for the managers and unreachable on the data path from every "
+                            "host sharing a network with it; its endpoints leave every host's peer tables",
+                            extra={"node": node_id, "hostname": node.hostname})
+            else:
+                log.info("host reinstated: its endpoints are back in the peer tables",
+                         extra={"node": node_id, "hostname": node.hostname})
 
     async def leave(self, node: Node) -> None:
         """The node is Down and its endpoints are gone from every host's tables, in one revision."""
@@ -373,6 +417,11 @@ class Manager(ManagersOnEtcd):
                         continue
                     log.warning("node down: missed heartbeats",
                                 extra={"node": node.id, "hostname": node.hostname, "after_s": limit})
+            if any(n.state == "down" or n.withdrawn for n in self.state.nodes()):
+                try:
+                    await self.evaluate_liveness()
+                except Exception as e:  # the store failing: try again next round
+                    log.error("could not evaluate withdrawals", extra={"reason": str(e)})
 
     async def _renew_own_cert(self) -> None:
         """The leader signs its own renewals: same timing rule as every node (50-80 % of the lifetime).
@@ -408,6 +457,7 @@ class Manager(ManagersOnEtcd):
                 "Description": {"Hostname": node.hostname},
                 "Status": {"State": "ready" if node.id == self.node_id else node.state, "Addr": node.addr},
                 "Certificate": {"Serial": node.cert_serial, "NotAfter": node.cert_not_after}}
+        view["DataPath"] = self.data_path_view(node)
         if node.role == "manager":
             reach = "reachable"
             if self.ha and node.id != self.node_id and self.state.get(PRESENCE, node.id) is None:
@@ -415,6 +465,20 @@ class Manager(ManagersOnEtcd):
             view["ManagerStatus"] = {"Leader": node.id == self.leader_id(),
                                      "Reachability": reach, "Addr": node.manager_addr or f"{node.addr}:2377"}
         return view
+
+    def data_path_view(self, node: Node) -> dict:
+        """How the other hosts' probes see this node's data path (State: healthy, degraded, unreachable or
+        unknown when nobody probes it), whether its endpoints are withdrawn, and its own probes' view."""
+        nodes = {n.id: n for n in self.state.nodes()}
+        seen: dict[str, dict] = {}
+        for other in nodes.values():
+            h = other.health.get(node.id)
+            if h is not None and other.id != node.id:
+                seen[other.hostname or other.id] = peer_health_view(h)
+        states = {h["State"] for h in seen.values()} - {"unknown"}
+        state = ("unknown" if not states else next(iter(states)) if len(states) == 1 else "degraded")
+        own = {(nodes[k].hostname if k in nodes else k): peer_health_view(v) for k, v in node.health.items()}
+        return {"State": state, "Withdrawn": node.withdrawn, "SeenBy": seen, "Probes": own}
 
     async def remove_node(self, ref: str, force: bool) -> None:
         node = self.node(ref)
@@ -559,6 +623,19 @@ class Manager(ManagersOnEtcd):
         async def heartbeat(request):
             b = await auth.read_body(request, HeartbeatRequest)
             return web.json_response(await self.heartbeat(request["node"], b.addr))
+
+        @routes.get("/time")
+        @allow(WORKER)
+        async def clock(request):
+            # `netweft doctor` measures this host's clock against each manager's.
+            return web.json_response({"Time": time.time()})
+
+        @routes.post("/health")
+        @allow(WORKER)
+        async def health(request):
+            b = await auth.read_body(request, HealthReport)
+            await self.record_health(request["node"], b)
+            return web.json_response({})
 
         @routes.post("/leave")
         @allow(WORKER)

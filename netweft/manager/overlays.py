@@ -73,6 +73,9 @@ class Overlays:
     def __init__(self, hub: Hub, spec_fn):
         self.hub, self.spec = hub, spec_fn
         self._lock = asyncio.Lock()
+        # async () -> [(prefix, words)]: the routes and addresses of the leader's host (daemon/collisions.py),
+        # which an explicit subnet must not overlap and automatic choices skip. None: no host to ask.
+        self.host_claims = None
 
     @property
     def state(self):
@@ -99,8 +102,9 @@ class Overlays:
         else:
             req = codec.convert(body, NetworkCreate, "network create request")
         spec = self._check_request(req)
+        claims = await self.host_claims() if self.host_claims is not None else []
         async with self._lock:
-            net, _ = await self.hub.commit(lambda: self._plan_network(req, spec))
+            net, _ = await self.hub.commit(lambda: self._plan_network(req, spec, claims))
         metrics.allocated("network")
         log.info("overlay network created", extra={"network": net.name, "subnet": net.subnet, "vni": net.vni})
         return codec.to_builtins(net)
@@ -137,7 +141,7 @@ class Overlays:
                                                   c.IPRange or None, dict(c.AuxiliaryAddresses))
         return out
 
-    def _plan_network(self, req: NetworkCreate, spec: dict):
+    def _plan_network(self, req: NetworkCreate, spec: dict, claims=()):
         st = self.state
         nets = st.networks()
         if req.Name in st.names:
@@ -159,10 +163,15 @@ class Overlays:
                 if cfg.subnet.overlaps(other):
                     raise Conflict(f"subnet {cfg.subnet} overlaps {other} of network {oname!r}; "
                                    "choose another subnet")
+            for other, what in claims:
+                if cfg.subnet.overlaps(other):
+                    raise Conflict(f"subnet {cfg.subnet} overlaps {other} of {what} (the manager's host; containers "
+                                   "could not reach it); choose another subnet")
         else:
             cluster = self.spec()
             pools = [ipam.AddressPool(IPv4Network(p), cluster["SubnetSize"]) for p in cluster["DefaultAddrPool"]]
-            cfg = ipam.build_subnet_config(ipam.allocate_subnet(pools, [t for t, _ in taken]))
+            cfg = ipam.build_subnet_config(ipam.allocate_subnet(pools, [t for t, _ in taken] +
+                                                                [c for c, _ in claims]))
         net_id = secrets.token_hex(32)
         while net_id in st.names or net_id in st.kinds[NETWORKS]:
             net_id = secrets.token_hex(32)

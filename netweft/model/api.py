@@ -183,3 +183,9 @@ class NetworkFilters(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             if key not in labels or (sep and labels[key] != value):
                 return False
         return True
+
+
+def peer_health_view(h) -> dict:
+    """A PeerHealth as the API shows it (`network inspect`'s peers, `node inspect`'s DataPath): Docker's case."""
+    return {"State": h.state, "Loss": h.loss, "RttMs": h.rtt_ms, "MtuOk": h.mtu_ok, "Reason": h.reason,
+            "Since": h.since}

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from netweft.model.objects import Hostname, IPv4, ObjectID
+from netweft.model.objects import Hostname, IPv4, ObjectID, PeerHealth
 
 # A PEM certificate or CSR of any key we accept (P-256..P-521, RSA up to 8192 bits) is far below this.
 PEM = Annotated[str, msgspec.Meta(min_length=1, max_length=16 * 1024)]
@@ -112,3 +112,8 @@ class EnrollAnswer(msgspec.Struct, rename="pascal", kw_only=True):
     store_key: PEM | None = None     # an external etcd: the operator's client key, shared by the managers
     endpoints: Annotated[list[Endpoint], msgspec.Meta(min_length=1, max_length=64)]
     initial_cluster: Annotated[str, msgspec.Meta(max_length=8192)] = ""   # empty: an external etcd
+
+
+class HealthReport(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
+    """POST /health: what this node's data-path probes say of each peer host (agent/health.py), by node ID."""
+    health: Annotated[dict[ObjectID, PeerHealth], msgspec.Meta(max_length=10000)] = {}
