@@ -458,7 +458,8 @@ class Engine:
         gw_ifname = next(free) if first and net.driver == "overlay" and not net.internal else None
         ep = await self._attach(net, owner, self.netns_path(ctr["Id"]), ifname, ip=ip, mac=mac, aliases=aliases,
                                 gateway=first, gw_ifname=gw_ifname)
-        self.events.network("connect", net, ep, ctr["Name"])
+        if net.scope == "local":   # an overlay's connect is told by the cluster's history (manager/events.py)
+            self.events.network("connect", net, ep, ctr["Name"])
         log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
         return ep
 
@@ -536,7 +537,8 @@ class Engine:
             ep = await self._attach(net, owner, netns, ifname, ip=ip, mac=mac, aliases=list(aliases),
                                     gateway=first, gw_ifname=gw_ifname if net.driver == "overlay" and first
                                     and not net.internal else None)
-        self.events.network("connect", net, ep, owner.name or owner.id)
+        if net.scope == "local":
+            self.events.network("connect", net, ep, owner.name or owner.id)
         log.info("endpoint attached", extra={"network": net.name, "owner": f"{owner.kind} {owner.id}", "ip": ep.ip})
         return net, ep
 
