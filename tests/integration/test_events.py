@@ -110,7 +110,8 @@ def test_node_and_health_events(olab):
         assert a["reason"] == "no probe reply from h3: UDP 4789 blocked?"
         set_health(lab, ids["h2"], {ids["h3"]: {"state": "healthy", "loss": 0.0, "rtt_ms": 0.4, "mtu_ok": True}})
         ev = json.loads(live.next())
-        assert (ev["Action"], ev["Actor"]["Attributes"]["previous"]) == ("healthy", "unreachable")
+        # (h2's own probe report, every 10 s, may have cleared the hand-written state in between: unknown)
+        assert ev["Action"] == "healthy" and ev["Actor"]["Attributes"]["previous"] in ("unreachable", "unknown")
         # A host going down and coming back.
         lab.stop_daemon("h3")
         ev = json.loads(live.next(timeout=30))
