@@ -28,6 +28,7 @@ from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
 from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, Unavailable
 from netweft.ipam import address as ipam
+from netweft.ipam import tunnel
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Owner
 from netweft.runtime import container as runtime
@@ -241,6 +242,7 @@ class Engine:
         c = ipam_cfg[0]
         # Overlay subnets count too: a container on both would get two routes to one prefix.
         taken = [(IPv4Network(o.subnet), f"network {o.name!r}") for o in others + overlays]
+        taken.append((tunnel.TUNNEL_NET, tunnel.TUNNEL_WHAT))
         routes = [] if parent else [(r, "a route of this host") for r in await self.dp.host_routes(BRIDGE_PREFIX)]
         if c.get("Subnet"):
             subnet = ipam.parse_network(c["Subnet"])
@@ -264,6 +266,10 @@ class Engine:
             raise InvalidRequest("overlay networks need a swarm: run `netweft swarm init` (or join one) first")
         if self.store.by_name("networks", name):
             raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
+        if validate.ENCRYPTED_OPT in (req.get("Options") or {}):
+            wg = await self.dp.wireguard()
+            if wg.kind == "none":
+                raise InvalidRequest(f"-o encrypted refused: {wg.problem}")
         doc = await _awaited(self.swarm.admin("POST", "/networks", req,
                                               local=lambda: self.swarm.manager.overlays.create_network(req)))
         return self.network_view(convert(doc, Network, "network from the manager"))
@@ -293,7 +299,7 @@ class Engine:
             if gw is None:
                 nets = self._local_networks()
                 overlays = self.overlay_agent.networks() if self.overlay_agent is not None else []
-                taken = [IPv4Network(n.subnet) for n in nets + overlays]
+                taken = [IPv4Network(n.subnet) for n in nets + overlays] + [tunnel.TUNNEL_NET]
                 taken += await self.dp.host_routes(BRIDGE_PREFIX)
                 subnet = ipam.allocate_subnet(self.pools, taken)
                 gw = {"Subnet": str(subnet), "Gateway": str(next(subnet.hosts()))}
@@ -332,6 +338,8 @@ class Engine:
         if net.driver == "overlay":
             peers = self.overlay_agent.peers_view(net.id) if self.overlay_agent is not None else []
             view["Peers"] = [{"Name": h, "IP": ip} for h, ip in peers]
+            if net.encrypted and self.overlay_agent is not None and net.id in {n.id for n in self.overlay_agent.networks()}:
+                view["Encryption"] = self.overlay_agent.tunnels.view(net.id)
         return view
 
     def _network_name(self, net_id: str) -> str:

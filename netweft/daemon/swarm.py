@@ -26,6 +26,8 @@ from netweft import validate
 from netweft.ipam.address import parse_network
 from netweft import pki
 from netweft.manager.cluster import MIN_CERT_EXPIRY, Manager
+from netweft.agent.keyring import DEFAULT_PERIOD as DEFAULT_KEY_PERIOD
+from netweft.dataplane.wgconf import DEFAULT_WG_PORT
 
 log = logging.getLogger("netweft.swarm")
 
@@ -50,6 +52,17 @@ def parse_listen(text: str | None) -> tuple[str, int]:
     except (ValueError, AssertionError):
         raise InvalidRequest(f"invalid --listen-addr {text!r}: expected IP[:PORT], e.g. 0.0.0.0:2377") from None
     return (host, p)
+
+
+def validate_wg_port(port: int, vxlan_port: int, listen_port: int) -> int:
+    """--wireguard-port: the encrypted overlays' UDP port (--data-path-port is VXLAN's, as in Docker)."""
+    if not 1024 <= port <= 65535:
+        raise InvalidRequest("--wireguard-port must be between 1024 and 65535")
+    if port == vxlan_port:
+        raise InvalidRequest(f"--wireguard-port {port} is the VXLAN port (--data-path-port); choose another one")
+    if port == listen_port:
+        raise InvalidRequest(f"--wireguard-port {port} is the cluster API's port; choose another one")
+    return port
 
 
 class Swarm:
@@ -88,7 +101,9 @@ class Swarm:
             client = self._leader_client = agent.ClusterClient(self.dir, st["Managers"])
         engine = self.daemon.engine
         self.overlay = OverlayAgent(engine.overlay_host, engine.dp, client, st["NodeID"], st["AdvertiseAddr"],
-                                    st["DataPathPort"])
+                                    st["DataPathPort"], wg_port=st.get("WireguardPort", DEFAULT_WG_PORT),
+                                    key_period=getattr(self.daemon.args, "wireguard_key_rotation", None)
+                                    or DEFAULT_KEY_PERIOD)
         self.daemon.engine.overlay_agent = self.overlay
         await self.overlay.start()
 
@@ -165,6 +180,7 @@ class Swarm:
             if not 1024 <= port <= 49151:
                 raise InvalidRequest("--data-path-port must be between 1024 and 49151")
             spec["DataPathPort"] = port
+        spec["WireguardPort"] = validate_wg_port(req.WireguardPort or DEFAULT_WG_PORT, spec["DataPathPort"], listen[1])
         if req.DefaultAddrPool:
             spec["DefaultAddrPool"] = [str(parse_network(p, "default address pool")) for p in req.DefaultAddrPool]
         if req.SubnetSize:
@@ -179,7 +195,7 @@ class Swarm:
         st = {"NodeID": node_id, "ClusterID": created["cluster_id"], "Role": "manager",
               "Leader": True, "AdvertiseAddr": advertise, "ListenAddr": list(listen),
               "Managers": [f"{advertise}:{listen[1]}"], "HeartbeatPeriod": spec["HeartbeatPeriod"],
-              "DataPathPort": spec["DataPathPort"]}
+              "DataPathPort": spec["DataPathPort"], "WireguardPort": spec.get("WireguardPort", DEFAULT_WG_PORT)}
         self.manager = Manager(self.dir, node_id)
         try:
             await self.manager.start(listen)
@@ -223,7 +239,8 @@ class Swarm:
             raise
         st = {"NodeID": resp["NodeID"], "ClusterID": resp["ClusterID"], "Role": resp["Role"], "Leader": False,
               "AdvertiseAddr": advertise, "Managers": resp["Managers"],
-              "HeartbeatPeriod": resp["HeartbeatPeriod"], "DataPathPort": resp["DataPathPort"]}
+              "HeartbeatPeriod": resp["HeartbeatPeriod"], "DataPathPort": resp["DataPathPort"],
+              "WireguardPort": resp.get("WireguardPort", DEFAULT_WG_PORT)}
         put_setting(self.store, "swarm", st)
         self.agent = agent.NodeAgent(self.dir, st["Managers"], advertise, st["HeartbeatPeriod"],
                                      on_event=self._agent_event)

@@ -29,7 +29,9 @@ from netweft.model.objects import Labels, Node, ShortText
 from netweft.model.watch import EndpointRequest
 from netweft.store.api import ClusterStore, Compare, Delete, Put
 from netweft.store.sqlite import SQLiteStore
-from netweft.model.cluster import HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest, vtep_problem
+from netweft.model.cluster import (HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest, TunnelUpdate,
+                                   vtep_problem)
+from netweft.manager.tunnels import DEFAULT_WG_PORT, set_tunnel
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 from netweft.manager.tlsserver import serve_tls
 
@@ -245,7 +247,8 @@ class Manager:
         return {"NodeID": node_id, "Role": node.role, "ClusterID": cluster["id"], "Certificate": cert.decode(),
                 "CACert": self.ca.cert_pem.decode(), "Managers": [cluster["leader"]["addr"]],
                 "HeartbeatPeriod": cluster["spec"]["HeartbeatPeriod"],
-                "DataPathPort": cluster["spec"]["DataPathPort"]}
+                "DataPathPort": cluster["spec"]["DataPathPort"],
+                "WireguardPort": cluster["spec"].get("WireguardPort", DEFAULT_WG_PORT)}
 
     def _sign(self, csr_pem: str, node_id: str, role: str, addr: str | None) -> bytes:
         expiry = timedelta(seconds=self.spec()["CertExpiry"])
@@ -284,7 +287,8 @@ class Manager:
             if n is None:
                 raise NotFound(f"node {node.id!r} not found")
             compares, ops, count = self.overlays.purge_plan(node.id)
-            down = msgspec.structs.replace(n, state="down", updated=utcnow())
+            # Its keys go too: no host keeps a WireGuard peer for a node that left.
+            down = msgspec.structs.replace(n, state="down", updated=utcnow(), tunnel_keys=[])
             return compares + [Compare(NODES, n.id, self.state.mod_rev(NODES, n.id))], \
                 ops + [Put(NODES, n.id, codec.encode(down))], count
         count, _ = await self.hub.commit(plan)
@@ -487,6 +491,12 @@ class Manager:
             await auth.read_body(request, LeaveRequest, empty_ok=True)
             await self.leave(request["node"])
             return web.json_response({})
+
+        @routes.post("/tunnel")
+        @allow(WORKER)
+        async def tunnel(request):
+            b = await auth.read_body(request, TunnelUpdate)
+            return web.json_response(await set_tunnel(self.hub, request["node"].id, b))
 
         @routes.get("/admin/swarm")
         @allow(MANAGER)

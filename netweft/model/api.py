@@ -91,6 +91,7 @@ class SwarmInit(msgspec.Struct, kw_only=True):
     SubnetSize: int | None = None
     CertExpiry: Str | None = None
     HeartbeatPeriod: Str | None = None
+    WireguardPort: int | None = None
 
 
 class SwarmJoin(msgspec.Struct, kw_only=True):

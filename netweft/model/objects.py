@@ -109,6 +109,11 @@ class Node(msgspec.Struct, kw_only=True):
     cert_not_after: ShortText = ""
     # What this node's data-path probes say of each peer host it shares an overlay with (by node id).
     health: Annotated[dict[ShortText, "PeerHealth"], msgspec.Meta(max_length=10000)] = {}
+    # WireGuard (encrypted overlays): its UDP port, the tunnel address pair the managers gave it, and its public
+    # keys (two while a rotation is under way; the one marked current is where encrypted VXLAN goes).
+    tunnel_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    tunnel_addrs: Annotated[list[IPv4], msgspec.Meta(max_length=2)] = []
+    tunnel_keys: Annotated[list["TunnelKey"], msgspec.Meta(max_length=2)] = []
 
 
 class PeerHealth(msgspec.Struct, kw_only=True):
@@ -119,6 +124,17 @@ class PeerHealth(msgspec.Struct, kw_only=True):
     mtu_ok: bool | None = None       # a full-MTU DF probe got through (None: not probed yet)
     reason: ShortText = ""           # words naming the likely cause, when not healthy
     since: ShortText = ""            # RFC 3339 time the state began
+
+
+WG_KEY_PATTERN = r"\A[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\Z"   # 32 bytes in base64, as `wg` prints them
+WireGuardKey = Annotated[str, msgspec.Meta(pattern=WG_KEY_PATTERN)]
+
+
+class TunnelKey(msgspec.Struct, frozen=True, kw_only=True):
+    """One WireGuard public key of a node and the tunnel address it sends from while that key is in use."""
+    public_key: WireGuardKey
+    addr: IPv4
+    current: bool = False
 
 
 class Peer(msgspec.Struct, frozen=True, order=True):

@@ -1,0 +1,296 @@
+"""The encrypted overlays' tunnel on this host: keys, the WireGuard interface, the fail-closed rules, probes.
+
+While some encrypted network has endpoints here, this host runs one WireGuard interface (`nwwg` + node ID)
+with a peer per key of every other node, and nftables rules that drop any VXLAN of an encrypted network
+leaving or entering through another interface. The overlay agent calls ensure() before it programs an
+encrypted network, so no such VXLAN device exists without them. The rest runs in a loop:
+- the key rotation (agent/keyring.py), published to the managers (POST /tunnel);
+- supervision: the interface (and wireguard-go) made again if it died, removed with the last encrypted
+  network, leftovers removed at start;
+- a probe per second through the tunnel to each peer host sharing an encrypted network; a peer that stops
+  answering is down, logged once with the reason, and shown by `network inspect`. Its packets are dropped
+  by WireGuard (no session) and by the rules (any other path): never sent in clear.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Protocol
+
+import msgspec
+
+from netweft.agent import keyring
+from netweft.agent.keyring import KeyRing, PeerTunnel
+from netweft.dataplane.api import DataPlane
+from netweft.dataplane.wgconf import NO_WIREGUARD, WG_OVERHEAD, Implementation, TunnelPeer, TunnelSpec
+from netweft.errors import InvalidRequest, NetweftError, Unavailable
+from netweft.ipam.tunnel import TUNNEL_NET
+from netweft.model.codec import convert, to_builtins
+from netweft.model.cluster import TunnelAnswer
+from netweft.model.objects import Network, Node
+from netweft.store.local import Store, get_setting, put_setting
+
+log = logging.getLogger("netweft.agent.tunnels")
+
+IFNAME_PREFIX = "nwwg"
+KEYS_SETTING = "wireguard-keys"
+TICK = 1.0
+
+
+def current_addr(node: Node | None) -> str | None:
+    """Where encrypted VXLAN to `node` goes: the tunnel address of its current key (None without one)."""
+    if node is None:
+        return None
+    return next((k.addr for k in node.tunnel_keys if k.current), None)
+
+
+class TunnelHost(Protocol):
+    """What the tunnel needs of the overlay agent."""
+    nodes: dict[str, Node]
+
+    def encrypted_networks(self) -> list[Network]:
+        """Encrypted networks with endpoints on this host."""
+
+    def hosts_on(self, net_id: str) -> set[str]:
+        """IDs of the nodes with endpoints on the network."""
+
+    async def uplink_mtu(self) -> int: ...
+
+
+class TunnelAgent:
+    def __init__(self, host: TunnelHost, dp: DataPlane, client, store: Store, node_id: str, vxlan_port: int,
+                 wg_port: int, key_period: float = keyring.DEFAULT_PERIOD):
+        self.host, self.dp, self.client, self.store = host, dp, client, store
+        self.node_id, self.vxlan_port, self.wg_port, self.period = node_id, vxlan_port, wg_port, key_period
+        self.ifname = IFNAME_PREFIX + node_id[:11]
+        self.grace = min(keyring.GRACE, max(2.0, key_period / 2))
+        self.addrs: list[str] = []           # this node's tunnel address pair, from the managers
+        self.ring: KeyRing | None = None
+        self.peers: dict[str, PeerTunnel] = {}   # by node id
+        self.impl: Implementation | None = None
+        self.running = False                 # the interface is up, as far as this agent made it
+        self._lock = asyncio.Lock()
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._fw: tuple | None = None
+        self._logged: set[str] = set()
+        self._load()
+
+    # ------------------------------------------------------------------ state
+    def _load(self) -> None:
+        doc = get_setting(self.store, KEYS_SETTING)
+        if doc is None:
+            return
+        try:
+            self.ring = convert(doc.get("ring"), KeyRing, "saved WireGuard keys")
+            self.addrs = list(doc.get("addrs") or [])
+        except (InvalidRequest, AttributeError) as e:
+            log.warning("the saved WireGuard keys are unreadable; making new ones", extra={"reason": str(e)})
+            self.ring = None
+
+    def _save(self) -> None:
+        # The local store is root-only (0600): the private keys never leave this host.
+        put_setting(self.store, KEYS_SETTING, {"ring": to_builtins(self.ring), "addrs": self.addrs})
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.impl = await self.dp.wireguard()
+        for name in await self.dp.list_tunnels(IFNAME_PREFIX):
+            if name != self.ifname:   # a crash's leftover (this host was another node before)
+                log.info("removing a stale WireGuard interface", extra={"link": name})
+                await self.dp.delete_tunnel(name)
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def teardown(self) -> None:
+        """This host leaves the swarm: the interface, the rules and the keys go."""
+        await self.stop()
+        await self.dp.delete_tunnel(self.ifname)
+        await self.dp.delete_tunnel_firewall()
+        self.running, self._fw, self.ring, self.addrs = False, None, None, []
+        with self.store.tx():
+            self.store.delete("settings", KEYS_SETTING)
+
+    def kick(self) -> None:
+        """Something changed (a node's keys, an encrypted network here): act now rather than at the next tick."""
+        self._kick.set()
+
+    # ------------------------------------------------------------------ the tunnel
+    async def ensure(self) -> None:
+        """Rules, keys (published), interface: before any encrypted VXLAN device exists. Raises with the
+        reason when this host cannot have the tunnel."""
+        async with self._lock:
+            await self._ensure_locked()
+
+    async def _ensure_locked(self) -> None:
+        if self.impl is None:
+            self.impl = await self.dp.wireguard()
+        if self.impl.kind == "none":
+            raise InvalidRequest(self.impl.problem or NO_WIREGUARD)
+        nets = self.host.encrypted_networks()
+        vnis = sorted({n.vni for n in nets if n.vni is not None})
+        if vnis and self._fw != (self.ifname, tuple(vnis)):
+            await self.dp.apply_tunnel_firewall(self.ifname, self.vxlan_port, vnis)
+            self._fw = (self.ifname, tuple(vnis))
+        if self.ring is None:
+            self.ring = keyring.fresh(time.time())
+            self._save()
+        if not self.ring.published or len(self.addrs) != 2:
+            await self._publish()
+        spec = await self._spec()
+        restarted = await self.dp.ensure_tunnel(spec)
+        if restarted and self.running:
+            log.warning("the WireGuard interface was gone (wireguard-go died?); started again",
+                        extra={"link": self.ifname, "implementation": self.impl.kind})
+        elif restarted:
+            log.info("WireGuard interface up", extra={"link": self.ifname, "implementation": self.impl.kind,
+                                                      "port": self.wg_port, "addr": spec.source})
+        self.running = True
+
+    async def _publish(self) -> None:
+        body = {"Port": self.wg_port, "Keys": [{"PublicKey": k, "Slot": s, "Current": c}
+                                               for k, s, c in self.ring.public()]}
+        try:
+            answer = convert(await self.client.call("POST", "/tunnel", body), TunnelAnswer, "answer to POST /tunnel")
+        except Unavailable as e:
+            if len(self.addrs) != 2:
+                raise Unavailable(f"cannot publish this host's WireGuard key: {e}") from None
+            raise
+        self.addrs = list(answer.addrs)
+        self.ring = msgspec.structs.replace(self.ring, published=True)
+        self._save()
+
+    async def _spec(self) -> TunnelSpec:
+        ring = self.ring
+        addrs = tuple(f"{self.addrs[slot]}/32" for slot in sorted(ring.keys))
+        peers = []
+        for node in self.host.nodes.values():
+            if node.id == self.node_id or not node.tunnel_port or not node.addr:
+                continue
+            for k in node.tunnel_keys:
+                peers.append(TunnelPeer(k.public_key, f"{node.addr}:{node.tunnel_port}", f"{k.addr}/32"))
+        return TunnelSpec(ifname=self.ifname, private_key=ring.private, port=self.wg_port, addresses=addrs,
+                          source=self.addrs[ring.current], route=str(TUNNEL_NET),
+                          mtu=await self.host.uplink_mtu() - WG_OVERHEAD, peers=tuple(sorted(peers)))
+
+    async def _remove(self) -> None:
+        await self.dp.delete_tunnel(self.ifname)
+        await self.dp.delete_tunnel_firewall()
+        self.running, self._fw = False, None
+        self.peers.clear()
+        log.info("WireGuard interface removed with the last encrypted network here", extra={"link": self.ifname})
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), TICK)
+            self._kick.clear()
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except NetweftError as e:
+                self._once(f"tick {e}", "the encrypted overlays' tunnel could not be made; retrying", reason=str(e))
+            except Exception as e:  # noqa: BLE001 - a bug here must not end the loop
+                self._once(f"tick {e!r}", "the encrypted overlays' tunnel loop failed; retrying", reason=repr(e))
+
+    async def tick(self) -> None:
+        async with self._lock:
+            if not self.host.encrypted_networks():
+                if self.running or await self.dp.list_tunnels(self.ifname):
+                    await self._remove()
+                return
+            if self.ring is not None:
+                nxt = keyring.step(self.ring, time.time(), self.period, grace=self.grace)
+                if nxt is not None:
+                    await self._rotate(nxt)
+            await self._ensure_locked()
+        await self._probe()
+
+    async def _rotate(self, nxt: KeyRing) -> None:
+        old = self.ring
+        self.ring = nxt
+        self._save()
+        if nxt.phase == "switched":
+            # This host switches first, then says so: a peer moving to the new address meets the new key.
+            await self.dp.ensure_tunnel(await self._spec())
+        await self._publish()
+        log.info("WireGuard key rotation", extra={"phase": nxt.phase, "slot": nxt.current,
+                                                  "previous_phase": old.phase})
+
+    # ------------------------------------------------------------------ probes
+    def _watched(self) -> dict[str, Node | None]:
+        ids: set[str] = set()
+        for net in self.host.encrypted_networks():
+            ids |= self.host.hosts_on(net.id)
+        ids.discard(self.node_id)
+        return {i: self.host.nodes.get(i) for i in ids}
+
+    async def _probe(self) -> None:
+        now = time.monotonic()
+        answered = await self.dp.tunnel_probe_replies()
+        watched = self._watched()
+        for gone in set(self.peers) - set(watched):
+            del self.peers[gone]
+        status = {p.public_key: p for p in await self.dp.tunnel_status(self.ifname)}
+        targets = []
+        for node_id, node in watched.items():
+            p = self.peers.setdefault(node_id, PeerTunnel(since=now))
+            addr = current_addr(node)
+            if addr is not None and addr in answered:
+                p.last_answer = now
+            key = next((k.public_key for k in node.tunnel_keys if k.current), None) if node else None
+            st = status.get(key) if key else None
+            age = time.time() - st.last_handshake if st is not None and st.last_handshake else None
+            name = node.hostname if node is not None else node_id
+            state, reason = keyring.verdict(p, now, hostname=name, endpoint=st.endpoint if st else None,
+                                            has_key=addr is not None, handshake_age=age,
+                                            port=node.tunnel_port if node and node.tunnel_port else self.wg_port)
+            if state != p.state:
+                if state == "down":
+                    log.warning("encrypted overlay traffic to a host is dropped", extra={"peer": name,
+                                                                                       "reason": reason})
+                elif state == "up" and p.state == "down":
+                    log.info("the WireGuard tunnel to a host is up again", extra={"peer": name})
+                p.state, p.since = state, now
+            p.reason = reason
+            if addr is not None:
+                if p.first_probe is None:
+                    p.first_probe = now
+                targets.append(addr)
+        if targets:
+            await self.dp.send_tunnel_probes(targets)
+
+    # ------------------------------------------------------------------ views
+    def view(self, net_id: str) -> dict:
+        """`network inspect` of an encrypted network: the implementation and the tunnel to each peer host."""
+        now_m, now_w = time.monotonic(), time.time()
+        out = {"Implementation": (self.impl.view() if self.impl else {}), "Interface": self.ifname,
+               "Port": self.wg_port, "Peers": []}
+        if self.ring is not None:
+            out["KeyPhase"] = self.ring.phase
+            out["KeyAge"] = int(now_w - self.ring.keys[self.ring.current].created)
+        for node_id in sorted(self.host.hosts_on(net_id) - {self.node_id}):
+            node = self.host.nodes.get(node_id)
+            p = self.peers.get(node_id, PeerTunnel())
+            out["Peers"].append({"Name": node.hostname if node else node_id, "Tunnel": p.state,
+                                 "TunnelAddr": current_addr(node) or "", "Reason": p.reason,
+                                 "Since": int(now_m - p.since) if p.since else 0})
+        return out
+
+    def _once(self, key: str, message: str, **extra) -> None:
+        if key in self._logged:
+            return
+        if len(self._logged) > 1000:
+            self._logged.clear()
+        self._logged.add(key)
+        log.warning(message, extra=extra)
+
