@@ -54,9 +54,17 @@ def fresh(now: float, make=new_private_key) -> KeyRing:
     return KeyRing(keys={0: Key(make(), now)}, current=0, phase="steady", since=now)
 
 
+def may_switch(node_id: str, rotating: list[str]) -> bool:
+    """Whether this node may switch to its new key now, given the other ready nodes that list two keys (in a
+    rotation). Two hosts switching at the same instant would each meet the other's old key in its first
+    handshake, which the other can no longer answer: their packets in that moment would be lost. So switches
+    go one at a time, the lowest node ID first (its announce reached the others `settle` before)."""
+    return all(node_id < other for other in rotating)
+
+
 def step(ring: KeyRing, now: float, period: float, settle: float = SETTLE, grace: float = GRACE,
-         make=new_private_key) -> KeyRing | None:
-    """The next state of a rotation, or None when nothing is due."""
+         make=new_private_key, switch_ok: bool = True) -> KeyRing | None:
+    """The next state of a rotation, or None when nothing is due (or the switch must wait its turn)."""
     if not ring.published:
         return None
     other = 1 - ring.current
@@ -65,7 +73,7 @@ def step(ring: KeyRing, now: float, period: float, settle: float = SETTLE, grace
             keys = {ring.current: ring.keys[ring.current], other: Key(make(), now)}
             return replace_ring(ring, keys=keys, phase="announced", since=now)
     elif ring.phase == "announced":
-        if now - ring.since >= settle and other in ring.keys:
+        if now - ring.since >= settle and other in ring.keys and switch_ok:
             return replace_ring(ring, current=other, phase="switched", since=now)
     elif ring.phase == "switched":
         if now - ring.since >= grace:

@@ -527,8 +527,11 @@ class OverlayAgent:
         if not ops:
             return
         path = self.sandbox(ns.network.id)
-        remove = [p for p, add in ops.items() if not add]
         add = [p for p, add in ops.items() if add]
+        # A peer whose VTEP moved (a host's new address or WireGuard key) is replaced in place by its add:
+        # removing it first would leave a moment with no entry for its MAC, and its packets would be lost.
+        moved = {(p.ip, p.mac) for p in add}
+        remove = [p for p, add in ops.items() if not add and (p.ip, p.mac) not in moved]
         try:
             if remove:
                 await self.dp.remove_peers(path, remove)

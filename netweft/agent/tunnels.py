@@ -1,8 +1,11 @@
 """The encrypted overlays' tunnel on this host: keys, the WireGuard interface, the fail-closed rules, probes.
 
-While some encrypted network has endpoints here, this host runs one WireGuard interface (`nwwg` + node ID)
-with a peer per key of every other node, and nftables rules that drop any VXLAN of an encrypted network
-leaving or entering through another interface. The overlay agent calls ensure() before it programs an
+While some encrypted network has endpoints here, this host runs a WireGuard interface per key it holds
+(`nwwg` + node ID + slot: one, two during a key rotation, on the WireGuard port and the next), each with a
+peer per key of every other node, and nftables rules that drop any VXLAN of an encrypted network leaving
+or entering through another interface. One route sends the tunnel block into the current key's interface
+with that interface's address as source; a rotation's switch is that route replaced: key and source change
+in one step, so no packet leaves under a key its peers would not accept from that source. The overlay agent calls ensure() before it programs an
 encrypted network, so no such VXLAN device exists without them. The rest runs in a loop:
 - the key rotation (agent/keyring.py), published to the managers (POST /tunnel);
 - supervision: the interface (and wireguard-go) made again if it died, removed with the last encrypted
@@ -64,7 +67,7 @@ class TunnelAgent:
                  wg_port: int, key_period: float = keyring.DEFAULT_PERIOD):
         self.host, self.dp, self.client, self.store = host, dp, client, store
         self.node_id, self.vxlan_port, self.wg_port, self.period = node_id, vxlan_port, wg_port, key_period
-        self.ifname = IFNAME_PREFIX + node_id[:11]
+        self.ifnames = {slot: f"{IFNAME_PREFIX}{node_id[:10]}{slot}" for slot in (0, 1)}
         self.grace = min(keyring.GRACE, max(2.0, key_period / 2))
         self.addrs: list[str] = []           # this node's tunnel address pair, from the managers
         self.ring: KeyRing | None = None
@@ -75,6 +78,7 @@ class TunnelAgent:
         self._kick = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._fw: tuple | None = None
+        self._up: set[str] = set()           # interfaces this agent made
         self._logged: set[str] = set()
         self._load()
 
@@ -98,7 +102,7 @@ class TunnelAgent:
     async def start(self) -> None:
         self.impl = await self.dp.wireguard()
         for name in await self.dp.list_tunnels(IFNAME_PREFIX):
-            if name != self.ifname:   # a crash's leftover (this host was another node before)
+            if name not in self.ifnames.values():   # a crash's leftover (this host was another node before)
                 log.info("removing a stale WireGuard interface", extra={"link": name})
                 await self.dp.delete_tunnel(name)
         self._task = asyncio.ensure_future(self._loop())
@@ -112,7 +116,8 @@ class TunnelAgent:
     async def teardown(self) -> None:
         """This host leaves the swarm: the interface, the rules and the keys go."""
         await self.stop()
-        await self.dp.delete_tunnel(self.ifname)
+        for name in self.ifnames.values():
+            await self.dp.delete_tunnel(name)
         await self.dp.delete_tunnel_firewall()
         self.running, self._fw, self.ring, self.addrs = False, None, None, []
         with self.store.tx():
@@ -136,23 +141,35 @@ class TunnelAgent:
             raise InvalidRequest(self.impl.problem or NO_WIREGUARD)
         nets = self.host.encrypted_networks()
         vnis = sorted({n.vni for n in nets if n.vni is not None})
-        if vnis and self._fw != (self.ifname, tuple(vnis)):
-            await self.dp.apply_tunnel_firewall(self.ifname, self.vxlan_port, vnis)
-            self._fw = (self.ifname, tuple(vnis))
+        fw = (tuple(self.ifnames.values()), tuple(vnis))
+        if vnis and self._fw != fw:
+            await self.dp.apply_tunnel_firewall(list(self.ifnames.values()), self.vxlan_port, vnis)
+            self._fw = fw
         if self.ring is None:
             self.ring = keyring.fresh(time.time())
             self._save()
         if not self.ring.published or len(self.addrs) != 2:
             await self._publish()
-        spec = await self._spec()
-        restarted = await self.dp.ensure_tunnel(spec)
-        if restarted and self.running:
-            log.warning("the WireGuard interface was gone (wireguard-go died?); started again",
-                        extra={"link": self.ifname, "implementation": self.impl.kind})
-        elif restarted:
-            log.info("WireGuard interface up", extra={"link": self.ifname, "implementation": self.impl.kind,
-                                                      "port": self.wg_port, "addr": spec.source})
+        await self._apply()
         self.running = True
+
+    async def _apply(self) -> None:
+        """Every interface of the ring as it should be (the current one last: it takes the route), the
+        interface of a key no longer held removed."""
+        for spec in await self._specs():
+            restarted = await self.dp.ensure_tunnel(spec)
+            if restarted and self.running and spec.ifname in self._up:
+                log.warning("a WireGuard interface was gone (wireguard-go died?); started again",
+                            extra={"link": spec.ifname, "implementation": self.impl.kind})
+            elif restarted:
+                log.info("WireGuard interface up", extra={"link": spec.ifname, "implementation": self.impl.kind,
+                                                          "port": spec.port, "addr": spec.source})
+            self._up.add(spec.ifname)
+        held = {self.ifnames[slot] for slot in self.ring.keys}
+        for name in await self.dp.list_tunnels(IFNAME_PREFIX + self.node_id[:10]):
+            if name not in held:
+                await self.dp.delete_tunnel(name)
+                self._up.discard(name)
 
     async def _publish(self) -> None:
         body = {"Port": self.wg_port, "Keys": [{"PublicKey": k, "Slot": s, "Current": c}
@@ -167,25 +184,32 @@ class TunnelAgent:
         self.ring = msgspec.structs.replace(self.ring, published=True)
         self._save()
 
-    async def _spec(self) -> TunnelSpec:
+    async def _specs(self) -> list[TunnelSpec]:
         ring = self.ring
-        addrs = tuple(f"{self.addrs[slot]}/32" for slot in sorted(ring.keys))
         peers = []
         for node in self.host.nodes.values():
-            if node.id == self.node_id or not node.tunnel_port or not node.addr:
+            if node.id == self.node_id or not node.addr:
                 continue
             for k in node.tunnel_keys:
-                peers.append(TunnelPeer(k.public_key, f"{node.addr}:{node.tunnel_port}", f"{k.addr}/32"))
-        return TunnelSpec(ifname=self.ifname, private_key=ring.private, port=self.wg_port, addresses=addrs,
-                          source=self.addrs[ring.current], route=str(TUNNEL_NET),
-                          mtu=await self.host.uplink_mtu() - WG_OVERHEAD, peers=tuple(sorted(peers)))
+                port = k.port or node.tunnel_port
+                if port:
+                    peers.append(TunnelPeer(k.public_key, f"{node.addr}:{port}", f"{k.addr}/32"))
+        mtu = await self.host.uplink_mtu() - WG_OVERHEAD
+        return [TunnelSpec(ifname=self.ifnames[slot], private_key=ring.keys[slot].private, port=self.wg_port + slot,
+                           addresses=(f"{self.addrs[slot]}/32",), source=self.addrs[slot],
+                           route=str(TUNNEL_NET) if slot == ring.current else None, mtu=mtu,
+                           peers=tuple(sorted(peers)))
+                for slot in sorted(ring.keys, key=lambda s: s == ring.current)]
 
     async def _remove(self) -> None:
-        await self.dp.delete_tunnel(self.ifname)
+        for name in self.ifnames.values():
+            await self.dp.delete_tunnel(name)
         await self.dp.delete_tunnel_firewall()
         self.running, self._fw = False, None
+        self._up.clear()
         self.peers.clear()
-        log.info("WireGuard interface removed with the last encrypted network here", extra={"link": self.ifname})
+        log.info("WireGuard interfaces removed with the last encrypted network here",
+                 extra={"links": list(self.ifnames.values())})
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
@@ -205,11 +229,14 @@ class TunnelAgent:
     async def tick(self) -> None:
         async with self._lock:
             if not self.host.encrypted_networks():
-                if self.running or await self.dp.list_tunnels(self.ifname):
+                if self.running or await self.dp.list_tunnels(IFNAME_PREFIX + self.node_id[:10]):
                     await self._remove()
                 return
             if self.ring is not None:
-                nxt = keyring.step(self.ring, time.time(), self.period, grace=self.grace)
+                rotating = [n.id for n in self.host.nodes.values()
+                            if n.id != self.node_id and n.state == "ready" and len(n.tunnel_keys) > 1]
+                nxt = keyring.step(self.ring, time.time(), self.period, grace=self.grace,
+                                   switch_ok=keyring.may_switch(self.node_id, rotating))
                 if nxt is not None:
                     await self._rotate(nxt)
             await self._ensure_locked()
@@ -219,10 +246,13 @@ class TunnelAgent:
         old = self.ring
         self.ring = nxt
         self._save()
-        if nxt.phase == "switched":
-            # This host switches first, then says so: a peer moving to the new address meets the new key.
-            await self.dp.ensure_tunnel(await self._spec())
+        if nxt.phase != "steady":
+            # The next key's interface exists before it is announced; a switch is made here before it is
+            # published, so a peer moving to the new address meets the new key.
+            await self._apply()
         await self._publish()
+        if nxt.phase == "steady":
+            await self._apply()   # the old key's interface goes once no peer lists it
         log.info("WireGuard key rotation", extra={"phase": nxt.phase, "slot": nxt.current,
                                                   "previous_phase": old.phase})
 
@@ -240,7 +270,11 @@ class TunnelAgent:
         watched = self._watched()
         for gone in set(self.peers) - set(watched):
             del self.peers[gone]
-        status = {p.public_key: p for p in await self.dp.tunnel_status(self.ifname)}
+        status = {}
+        for name in self.ifnames.values():
+            for st in await self.dp.tunnel_status(name):
+                if st.public_key not in status or st.last_handshake > status[st.public_key].last_handshake:
+                    status[st.public_key] = st
         targets = []
         for node_id, node in watched.items():
             p = self.peers.setdefault(node_id, PeerTunnel(since=now))
@@ -273,8 +307,9 @@ class TunnelAgent:
     def view(self, net_id: str) -> dict:
         """`network inspect` of an encrypted network: the implementation and the tunnel to each peer host."""
         now_m, now_w = time.monotonic(), time.time()
-        out = {"Implementation": (self.impl.view() if self.impl else {}), "Interface": self.ifname,
-               "Port": self.wg_port, "Peers": []}
+        cur = self.ring.current if self.ring is not None else 0
+        out = {"Implementation": (self.impl.view() if self.impl else {}), "Interface": self.ifnames[cur],
+               "Port": self.wg_port + cur, "Peers": []}
         if self.ring is not None:
             out["KeyPhase"] = self.ring.phase
             out["KeyAge"] = int(now_w - self.ring.keys[self.ring.current].created)

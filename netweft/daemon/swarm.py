@@ -55,13 +55,15 @@ def parse_listen(text: str | None) -> tuple[str, int]:
 
 
 def validate_wg_port(port: int, vxlan_port: int, listen_port: int) -> int:
-    """--wireguard-port: the encrypted overlays' UDP port (--data-path-port is VXLAN's, as in Docker)."""
-    if not 1024 <= port <= 65535:
-        raise InvalidRequest("--wireguard-port must be between 1024 and 65535")
-    if port == vxlan_port:
-        raise InvalidRequest(f"--wireguard-port {port} is the VXLAN port (--data-path-port); choose another one")
-    if port == listen_port:
-        raise InvalidRequest(f"--wireguard-port {port} is the cluster API's port; choose another one")
+    """--wireguard-port N: the encrypted overlays' UDP ports N and N+1 (a key rotation moves from one to the other);
+    --data-path-port is VXLAN's, as in Docker."""
+    if not 1024 <= port <= 65534:
+        raise InvalidRequest("--wireguard-port must be between 1024 and 65534 (it uses that port and the next)")
+    if vxlan_port in (port, port + 1):
+        raise InvalidRequest(f"--wireguard-port {port} uses UDP {port} and {port + 1}, and {vxlan_port} is the VXLAN "
+                             "port (--data-path-port); choose another one")
+    if listen_port in (port, port + 1):
+        raise InvalidRequest(f"--wireguard-port {port} uses port {listen_port}, the cluster API's; choose another one")
     return port
 
 

@@ -175,8 +175,8 @@ class DataPlane(abc.ABC):
         """Each peer key of the interface with its last handshake and byte counters ([] if it is not running)."""
 
     @abc.abstractmethod
-    async def apply_tunnel_firewall(self, ifname: str, vxlan_port: int, vnis: list[int]) -> None:
-        """Atomically replace table `inet netweft-wg`: VXLAN of `vnis` leaves and enters only through `ifname`."""
+    async def apply_tunnel_firewall(self, ifnames: list[str], vxlan_port: int, vnis: list[int]) -> None:
+        """Atomically replace table `inet netweft-wg`: VXLAN of `vnis` leaves and enters only through `ifnames`."""
 
     @abc.abstractmethod
     async def delete_tunnel_firewall(self) -> None: ...

@@ -705,8 +705,8 @@ class FakeDataPlane(DataPlane):
         return [PeerStatus(p.public_key, p.endpoint, 0.0, 0, 0, (p.allowed_ip,)) for p in sorted(spec.peers)]
 
     @_op
-    def apply_tunnel_firewall(self, ifname: str, vxlan_port: int, vnis: list[int]) -> None:
-        self._table(TUNNEL_TABLE, render_tunnel_firewall(ifname, vxlan_port, list(vnis)))
+    def apply_tunnel_firewall(self, ifnames: list[str], vxlan_port: int, vnis: list[int]) -> None:
+        self._table(TUNNEL_TABLE, render_tunnel_firewall(list(ifnames), vxlan_port, list(vnis)))
 
     @_op
     def delete_tunnel_firewall(self) -> None:

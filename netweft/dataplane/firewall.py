@@ -179,12 +179,15 @@ def render_delete_overlay_firewall(table: str = OVERLAY_TABLE) -> dict:
 TUNNEL_TABLE = "netweft-wg"
 
 
-def render_tunnel_firewall(wg_ifname: str, vxlan_port: int, vnis: list[int], table: str = TUNNEL_TABLE) -> dict:
+def render_tunnel_firewall(wg_ifnames: list[str], vxlan_port: int, vnis: list[int], table: str = TUNNEL_TABLE) -> dict:
     """The libnftables JSON command that atomically replaces table `inet <table>`: VXLAN (UDP `vxlan_port`)
     carrying one of the encrypted networks' `vnis` is dropped when it would leave the host through any
-    interface but the WireGuard one, and when it arrives through any other. The VNI is read from the VXLAN
+    interface but the WireGuard ones (two during a key rotation), and when it arrives through any other. The VNI is read from the VXLAN
     header (bits 32-55 after the 8-byte UDP header). The table stays when netweftd stops: fail closed."""
-    check_ifname(wg_ifname, "WireGuard interface name")
+    if isinstance(wg_ifnames, str) or not wg_ifnames:
+        raise InvalidRequest("give the WireGuard interface names as a non-empty list")
+    ifnames = sorted({check_ifname(n, "WireGuard interface name") for n in wg_ifnames})
+    ours = {"set": ifnames} if len(ifnames) > 1 else ifnames[0]
     if not isinstance(vxlan_port, int) or isinstance(vxlan_port, bool) or not 1 <= vxlan_port <= 65535:
         raise InvalidRequest(f"invalid VXLAN port {vxlan_port!r}")
     vnis = sorted(set(vnis))
@@ -213,9 +216,9 @@ def render_tunnel_firewall(wg_ifname: str, vxlan_port: int, vnis: list[int], tab
         chain("output", "output"),
         chain("input", "input"),
         rule("output", "encrypted VXLAN never leaves in clear", *vxlan_of_ours(),
-             _meta("oifname", "!=", wg_ifname), {"counter": None}, {"drop": None}),
+             _meta("oifname", "!=", ours), {"counter": None}, {"drop": None}),
         rule("input", "encrypted VXLAN is accepted only out of the tunnel", *vxlan_of_ours(),
-             _meta("iifname", "!=", wg_ifname), {"counter": None}, {"drop": None}),
+             _meta("iifname", "!=", ours), {"counter": None}, {"drop": None}),
     ]}
 
 

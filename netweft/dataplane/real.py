@@ -237,8 +237,8 @@ class RealDataPlane(DataPlane):
     async def tunnel_status(self, ifname: str) -> list[PeerStatus]:
         return await self._wgcall("status", ifname)
 
-    async def apply_tunnel_firewall(self, ifname: str, vxlan_port: int, vnis: list[int]) -> None:
-        await self._wgcall("apply_firewall", ifname, vxlan_port, list(vnis))
+    async def apply_tunnel_firewall(self, ifnames: list[str], vxlan_port: int, vnis: list[int]) -> None:
+        await self._wgcall("apply_firewall", list(ifnames), vxlan_port, list(vnis))
 
     async def delete_tunnel_firewall(self) -> None:
         await self._wgcall("delete_firewall")

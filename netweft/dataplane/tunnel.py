@@ -200,7 +200,7 @@ class Tunnel:
         int_in(spec.port, 1, 65535, "WireGuard port")
         int_in(spec.mtu, 576, 65535, "tunnel MTU")
         source = ipv4(spec.source, "tunnel source address")
-        route = ipaddress.IPv4Network(spec.route)
+        route = ipaddress.IPv4Network(spec.route) if spec.route else None
         addrs = {ipaddress.IPv4Interface(a) for a in spec.addresses}
         if ipaddress.IPv4Interface(f"{source}/32") not in addrs:
             raise InvalidRequest(f"tunnel source {source} is not one of the tunnel's addresses")
@@ -228,7 +228,7 @@ class Tunnel:
         self._ensure_link(spec, addrs, route, source)
         return started
 
-    def _ensure_link(self, spec: TunnelSpec, addrs: set, route: ipaddress.IPv4Network, source: str) -> None:
+    def _ensure_link(self, spec: TunnelSpec, addrs: set, route: ipaddress.IPv4Network | None, source: str) -> None:
         ipr = self.ov._host
         with failing(f"WireGuard interface {spec.ifname}"):
             link = get_link(ipr, spec.ifname)
@@ -244,12 +244,25 @@ class Tunnel:
                 with ignore(errno.EADDRNOTAVAIL):
                     ipr.addr("del", index=idx, address=str(a.ip), prefixlen=a.network.prefixlen)
             ensure_up(ipr, link)
-            routes = ipr.route("dump", family=socket.AF_INET, dst=str(route.network_address),
-                               dst_len=route.prefixlen, table=254)
+            self._loose_rp_filter(spec.ifname)
+            if route is None:
+                return
+            routes = [r for r in ipr.route("dump", family=socket.AF_INET, table=254)
+                      if r["dst_len"] == route.prefixlen and r.get_attr("RTA_DST") == str(route.network_address)]
             ok = [r for r in routes if r.get_attr("RTA_OIF") == idx and r.get_attr("RTA_PREFSRC") == source]
             if not ok or len(routes) > 1:
-                # One atomic replace: encrypted VXLAN switches its source address here (key rotation).
+                # One atomic replace moves encrypted VXLAN to this interface (its key) and its source address
+                # together: a key rotation's switch, with no packet in between under the wrong pair.
                 ipr.route("replace", dst=str(route), oif=idx, prefsrc=source, table=254, scope=253)
+
+    def _loose_rp_filter(self, ifname: str) -> None:
+        """During a rotation peers still send to the old interface while the route points at the new one:
+        strict reverse-path filtering would drop that. Loose mode (2) for our interfaces only."""
+        with self.ov._in_host(), contextlib.suppress(FileNotFoundError):
+            with open(f"/proc/sys/net/ipv4/conf/{ifname}/rp_filter", "r+") as f:
+                if f.read().strip() != "2":
+                    f.seek(0)
+                    f.write("2")
 
     def delete(self, ifname: str) -> None:
         check_ifname(ifname, "WireGuard interface name")
@@ -319,8 +332,8 @@ class Tunnel:
 
     # ---- firewall --------------------------------------------------------------------------------
 
-    def apply_firewall(self, ifname: str, vxlan_port: int, vnis: list[int]) -> None:
-        self.ov._nft_cmd(render_tunnel_firewall(ifname, vxlan_port, vnis), f"nftables table {TUNNEL_TABLE}")
+    def apply_firewall(self, ifnames: list[str], vxlan_port: int, vnis: list[int]) -> None:
+        self.ov._nft_cmd(render_tunnel_firewall(ifnames, vxlan_port, vnis), f"nftables table {TUNNEL_TABLE}")
 
     def delete_firewall(self) -> None:
         self.ov._nft_cmd(render_delete_tunnel_firewall(), f"delete nftables table {TUNNEL_TABLE}")

@@ -72,9 +72,10 @@ class TunnelSpec:
     ifname: str
     private_key: str         # base64; never leaves the host
     port: int
-    addresses: tuple[str, ...]   # this host's tunnel addresses (/32), both during a rotation
-    source: str              # the address encrypted VXLAN leaves from (the current key's)
-    route: str               # the tunnel block, routed into the interface with `source`
+    addresses: tuple[str, ...]   # the interface's tunnel address (/32)
+    source: str              # the address encrypted VXLAN leaves from while this interface carries the route
+    route: str | None        # the tunnel block, routed into this interface with `source`; None: the route is
+                             # another interface's (a rotation's old or next key), left alone
     mtu: int
     peers: tuple[TunnelPeer, ...] = ()
 

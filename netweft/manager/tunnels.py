@@ -42,7 +42,8 @@ async def set_tunnel(hub: Hub, node_id: str, update: TunnelUpdate) -> dict:
             addrs = list(tunnel.allocate_pair(taken))
             compares.append(Compare(ALLOCATIONS, TUNNELS_GUARD, st.mod_rev(ALLOCATIONS, TUNNELS_GUARD)))
             ops.append(Put(ALLOCATIONS, TUNNELS_GUARD, GUARD))
-        keys = [TunnelKey(public_key=k.public_key, addr=addrs[k.slot], current=k.current)
+        # Each key lives in its own interface: slot 1's listens one port above slot 0's.
+        keys = [TunnelKey(public_key=k.public_key, addr=addrs[k.slot], current=k.current, port=update.port + k.slot)
                 for k in sorted(update.keys, key=lambda k: not k.current)]
         new = msgspec.structs.replace(node, tunnel_port=update.port, tunnel_addrs=addrs, tunnel_keys=keys,
                                       updated=datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"))

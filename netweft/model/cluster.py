@@ -102,7 +102,7 @@ class TunnelKeyRequest(msgspec.Struct, rename="pascal", forbid_unknown_fields=Tr
 
 class TunnelUpdate(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
     """POST /tunnel: this node's WireGuard port and public keys (the private ones never leave the node)."""
-    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    port: Annotated[int, msgspec.Meta(ge=1, le=65534)]   # slot 0's; slot 1's is port + 1
     keys: Annotated[list[TunnelKeyRequest], msgspec.Meta(min_length=1, max_length=2)]
 
     def __post_init__(self) -> None:

@@ -131,10 +131,11 @@ WireGuardKey = Annotated[str, msgspec.Meta(pattern=WG_KEY_PATTERN)]
 
 
 class TunnelKey(msgspec.Struct, frozen=True, kw_only=True):
-    """One WireGuard public key of a node and the tunnel address it sends from while that key is in use."""
+    """One WireGuard public key of a node: the interface holding it listens on `port` and has address `addr`."""
     public_key: WireGuardKey
     addr: IPv4
     current: bool = False
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 class Peer(msgspec.Struct, frozen=True, order=True):

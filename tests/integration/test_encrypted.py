@@ -129,22 +129,31 @@ def wire_facts(path: str, vnis: list[int], marker: bytes) -> dict:
 
 
 def tunnel_peers(lab: Lab, host: str) -> dict[str, dict]:
-    """The WireGuard peers of a host's interface, read from wireguard-go's control socket."""
-    ifname = next(n for n in os.listdir("/var/run/wireguard") if n.endswith(".sock")
-                  and n[:-5] == inspect(lab, host, "sec")["Encryption"]["Interface"])
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(f"/var/run/wireguard/{ifname}")
-        s.sendall(b"get=1\n\n")
-        buf = b""
-        while not buf.endswith(b"\n\n"):
-            buf += s.recv(65536)
-    peers, cur = {}, None
-    for line in buf.decode().splitlines():
-        k, _, v = line.partition("=")
-        if k == "public_key":
-            cur = peers.setdefault(v, {})
-        elif cur is not None and k in ("allowed_ip", "rx_bytes", "endpoint"):
-            cur[k] = v
+    """The WireGuard peers of a host's interfaces (one per key it holds), read from wireguard-go's control sockets."""
+    prefix = inspect(lab, host, "sec")["Encryption"]["Interface"][:-1]
+    peers = {}
+    for name in os.listdir("/var/run/wireguard"):
+        if not (name.startswith(prefix) and name.endswith(".sock")):
+            continue
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(f"/var/run/wireguard/{name}")
+                s.sendall(b"get=1\n\n")
+                buf = b""
+                while not buf.endswith(b"\n\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+        except OSError:
+            continue   # an old key's interface going away
+        cur = None
+        for line in buf.decode().splitlines():
+            k, _, v = line.partition("=")
+            if k == "public_key":
+                cur = peers.setdefault(v, {})
+            elif cur is not None and k in ("allowed_ip", "rx_bytes", "endpoint"):
+                cur[k] = v
     return peers
 
 
