@@ -30,9 +30,9 @@ from netweft.dataplane.api import DataPlane
 from netweft.dataplane.wgconf import NO_WIREGUARD, WG_OVERHEAD, Implementation, TunnelPeer, TunnelSpec
 from netweft.errors import InvalidRequest, NetweftError, Unavailable
 from netweft.ipam.tunnel import TUNNEL_NET
-from netweft.model.codec import convert, to_builtins
+from netweft.model.codec import convert
 from netweft.model.cluster import TunnelAnswer
-from netweft.model.objects import Network, Node
+from netweft.model.objects import IPv4, Network, Node
 from netweft.store.local import Store, get_setting, put_setting
 
 log = logging.getLogger("netweft.agent.tunnels")
@@ -79,6 +79,7 @@ class TunnelAgent:
         self._task: asyncio.Task | None = None
         self._fw: tuple | None = None
         self._up: set[str] = set()           # interfaces this agent made
+        self._swept = False                  # leftovers of an earlier life looked for
         self._logged: set[str] = set()
         self._load()
 
@@ -88,15 +89,15 @@ class TunnelAgent:
         if doc is None:
             return
         try:
-            self.ring = convert(doc.get("ring"), KeyRing, "saved WireGuard keys")
-            self.addrs = list(doc.get("addrs") or [])
-        except (InvalidRequest, AttributeError) as e:
+            self.ring = msgspec.json.decode(doc["ring"], type=KeyRing)
+            self.addrs = convert(doc.get("addrs") or [], list[IPv4], "saved tunnel addresses")
+        except (InvalidRequest, KeyError, TypeError, msgspec.DecodeError, msgspec.ValidationError) as e:
             log.warning("the saved WireGuard keys are unreadable; making new ones", extra={"reason": str(e)})
             self.ring = None
 
     def _save(self) -> None:
         # The local store is root-only (0600): the private keys never leave this host.
-        put_setting(self.store, KEYS_SETTING, {"ring": to_builtins(self.ring), "addrs": self.addrs})
+        put_setting(self.store, KEYS_SETTING, {"ring": msgspec.json.encode(self.ring).decode(), "addrs": self.addrs})
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -149,7 +150,13 @@ class TunnelAgent:
             self.ring = keyring.fresh(time.time())
             self._save()
         if not self.ring.published or len(self.addrs) != 2:
-            await self._publish()
+            try:
+                await self._publish()
+            except Unavailable as e:
+                if len(self.addrs) != 2:
+                    raise
+                # The tunnel keeps working on what the peers know; the publish is retried each tick.
+                self._once(f"publish {e}", "cannot publish this host's WireGuard keys; retrying", reason=str(e))
         await self._apply()
         self.running = True
 
@@ -229,8 +236,10 @@ class TunnelAgent:
     async def tick(self) -> None:
         async with self._lock:
             if not self.host.encrypted_networks():
-                if self.running or await self.dp.list_tunnels(IFNAME_PREFIX + self.node_id[:10]):
+                # Leftovers of an earlier life are looked for once; after that only what this agent made.
+                if self.running or (not self._swept and await self.dp.list_tunnels(IFNAME_PREFIX + self.node_id[:10])):
                     await self._remove()
+                self._swept = True
                 return
             if self.ring is not None:
                 rotating = [n.id for n in self.host.nodes.values()

@@ -175,7 +175,16 @@ class Tunnel:
         with failing(f"WireGuard control socket of {ifname}"):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(5)
-                s.connect(self._socket(ifname))
+                deadline = time.monotonic() + 1.0
+                while True:
+                    try:
+                        s.connect(self._socket(ifname))
+                        break
+                    except ConnectionRefusedError:
+                        # A wireguard-go just started binds its socket a moment before it listens.
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.01)
                 s.sendall(request.encode())
                 buf = b""
                 while not buf.endswith(b"\n\n"):
@@ -215,7 +224,16 @@ class Tunnel:
             else:
                 self._start(spec.ifname)
             started = True
-        have = None if started else self._get(spec.ifname)
+        have = None
+        if not started:
+            try:
+                have = self._get(spec.ifname)
+            except KernelError:
+                if self.impl.kind == "kernel":
+                    raise
+                # Dying (killed: its threads still going down) or wedged: a new one takes its place.
+                self._start(spec.ifname)
+                started = True
         if self.impl.kind == "kernel":
             self._kernel_set(spec, have)
         else:
