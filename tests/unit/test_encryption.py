@@ -375,3 +375,38 @@ def test_rotation_on_the_agent_publishes_each_phase(tenv):
         again = tagent(tenv, period=2.0)
         assert again.tunnels.ring.private == t.ring.private
     run(go())
+
+
+def test_leftovers_go_at_start_and_a_peer_that_stops_answering_is_down_with_the_reason(tenv, caplog):
+    _, dp, host, mgr = tenv
+    stale = "nwwgzzzzzzzzzz0"   # another node identity's interface, left by an earlier life of this host
+    run(dp.ensure_tunnel(TunnelSpec(stale, PRIV, 51820, ("198.19.240.8/32",), "198.19.240.8", None, 1440)))
+    agent = tagent(tenv)
+
+    async def go():
+        await agent.tunnels.start()
+        await agent.tunnels.stop()   # its loop: this test ticks by hand
+        assert stale not in dp.tunnels
+        mgr.endpoint(OTHER, SEC)
+        addr = tunnel.pair(2)[0]
+        agent.on_message(events(mgr.rev, NodeEvent(action="put", object=other_node((P1, addr, True)))))
+        await attach(agent, dp, "c1", SEC)
+        t = agent.tunnels
+        await t.tick()
+        await t.tick()
+        assert [p["Tunnel"] for p in t.view(SEC.id)["Peers"]] == ["up"]
+        dp.unreachable.add(addr)
+        await t.tick()         # the answer to the last probe sent before the cut still arrives
+        p = t.peers[OTHER]
+        p.last_answer -= 10    # ten seconds without an answer (after probing for longer)
+        p.first_probe -= 20
+        await t.tick()
+        [view] = t.view(SEC.id)["Peers"]
+        assert view["Tunnel"] == "down" and "h2 (192.0.2.12:51820)" in view["Reason"] and "UDP 51820" in view["Reason"]
+        assert any(r.getMessage() == "encrypted overlay traffic to a host is dropped" for r in caplog.records)
+        dp.unreachable.clear()
+        await t.tick()
+        await t.tick()
+        assert [p["Tunnel"] for p in t.view(SEC.id)["Peers"]] == ["up"]
+        await agent.stop()
+    run(go())
