@@ -159,10 +159,11 @@ def tunnel_peers(lab: Lab, host: str) -> dict[str, dict]:
 
 # ---- the lab --------------------------------------------------------------------------------------
 
-def up(n: int, daemon_args: list[str] | None = None) -> Lab:
+def up(n: int, daemon_args: list[str] | None = None, **init_opts) -> Lab:
     lab = Lab(new_lab_name())
     try:
-        lab.up(n, daemon_args=daemon_args, init_opts={"HeartbeatPeriod": "500ms"}, progress=lambda *a: None)
+        lab.up(n, daemon_args=daemon_args, init_opts={"HeartbeatPeriod": "500ms", **init_opts},
+               progress=lambda *a: None)
     except BaseException:
         lab.down(quiet=True)
         raise
@@ -287,6 +288,35 @@ def test_dead_wireguard_go_is_restarted(lab):
     wait_for(lambda: ping(lab, "h2", "c2", "198.18.10.11").returncode == 0, 15, "traffic through the new one")
 
 
+def test_private_keys_stay_on_their_host(lab):
+    """Each host's private keys are in its root-only store and nowhere else: not in the managers' store, not in
+    anything another host holds."""
+    import sqlite3
+    privates = {}
+    for host in ("h1", "h2"):
+        db = lab.host_dir(host) / "data" / "netweft.db"
+        assert db.stat().st_mode & 0o077 == 0, oct(db.stat().st_mode)
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+            doc = json.loads(c.execute("SELECT doc FROM settings WHERE id = ?", ("wireguard-keys",)).fetchone()[0])
+        privates[host] = [k["private"] for k in json.loads(doc["ring"])["keys"].values()]
+    assert all(privates.values())
+    # h1 is the manager: its cluster store is in its swarm directory.
+    elsewhere = {"h1": [lab.host_dir("h2") / "data", lab.host_dir("h1") / "data" / "swarm"],
+                 "h2": [lab.host_dir("h1") / "data", lab.host_dir("h3") / "data"]}
+    for host, keys_ in privates.items():
+        for d in elsewhere[host]:
+            for f in [*d.rglob("*"), d.parent / "netweftd.log"]:
+                if f.is_file():
+                    data = f.read_bytes()
+                    for k in keys_:
+                        assert k.encode() not in data and bytes.fromhex(base64_hex(k)) not in data, (host, f)
+
+
+def base64_hex(b64: str) -> str:
+    import base64
+    return base64.b64decode(b64).hex()
+
+
 def test_refusals_change_nothing(lab):
     before = cli(lab, "h1", "network", "ls", "--format", "json").stdout
     cases = [
@@ -318,7 +348,7 @@ def test_refusals_change_nothing(lab):
 
 
 def test_rotation_under_ping_loses_nothing_and_a_removed_host_is_cut_off():
-    lab = up(3, ["--wireguard-key-rotation", "4s"])
+    lab = up(3, ["--wireguard-key-rotation", "4s"], WireguardPort=51830)
     try:
         cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "-o", "encrypted", "--subnet", SEC, "sec")
         for i in (1, 2, 3):
@@ -333,6 +363,9 @@ def test_rotation_under_ping_loses_nothing_and_a_removed_host_is_cut_off():
         assert " 0% packet loss" in summary and "300 received" in summary, summary
         keys_after = set(tunnel_peers(lab, "h2"))
         assert keys_after - keys_before, "no key was rotated during the ping"
+        # swarm init --wireguard-port 51830: every host listens there (and on 51831 while rotating).
+        ports = {p["endpoint"].rsplit(":", 1)[1] for p in tunnel_peers(lab, "h2").values()}
+        assert ports and ports <= {"51830", "51831"}, ports
         # h3 is removed: its keys are gone from every host at once, and nothing of theirs reaches it any more.
         h3_keys = {k for k, p in tunnel_peers(lab, "h1").items() if p.get("endpoint", "").startswith(lab.address("h3"))}
         assert h3_keys
@@ -344,5 +377,13 @@ def test_rotation_under_ping_loses_nothing_and_a_removed_host_is_cut_off():
                                      for p in tunnel_peers(lab, host).values()), 10, f"no peer at h3 on {host}")
         assert ping(lab, "h3", "c3", "198.18.10.11", 2).returncode != 0
         assert ping(lab, "h1", "c1", "198.18.10.12").returncode == 0
+        # The last encrypted endpoint of a host goes: its wireguard-go processes and rules go with it.
+        prefix = inspect(lab, "h1", "sec")["Encryption"]["Interface"][:-1]
+        cli(lab, "h1", "rm", "-f", "c1")
+        wait_for(lambda: not any(n.startswith(prefix) for n in os.listdir("/var/run/wireguard")), 15,
+                 "h1's WireGuard interfaces removed")
+        assert ns_run(lab, "h1", "nft", "list", "table", "inet", "netweft-wg", check=False).returncode != 0
+        assert not [link for link in json.loads(ns_run(lab, "h1", "ip", "-j", "link").stdout)
+                    if link["ifname"].startswith(prefix)]
     finally:
         lab.down(quiet=True)
