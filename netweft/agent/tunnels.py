@@ -208,15 +208,16 @@ class TunnelAgent:
                            peers=tuple(sorted(peers)))
                 for slot in sorted(ring.keys, key=lambda s: s == ring.current)]
 
-    async def _remove(self) -> None:
+    async def _remove(self, quiet: bool = False) -> None:
         for name in self.ifnames.values():
             await self.dp.delete_tunnel(name)
         await self.dp.delete_tunnel_firewall()
         self.running, self._fw = False, None
         self._up.clear()
         self.peers.clear()
-        log.info("WireGuard interfaces removed with the last encrypted network here",
-                 extra={"links": list(self.ifnames.values())})
+        if not quiet:
+            log.info("WireGuard interfaces removed with the last encrypted network here",
+                     extra={"links": list(self.ifnames.values())})
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
@@ -236,9 +237,10 @@ class TunnelAgent:
     async def tick(self) -> None:
         async with self._lock:
             if not self.host.encrypted_networks():
-                # Leftovers of an earlier life are looked for once; after that only what this agent made.
-                if self.running or (not self._swept and await self.dp.list_tunnels(IFNAME_PREFIX + self.node_id[:10])):
-                    await self._remove()
+                # Leftovers of an earlier life (interfaces, rules naming VNIs that a clear network may reuse)
+                # go once; after that only what this agent made.
+                if self.running or not self._swept:
+                    await self._remove(quiet=not self.running)
                 self._swept = True
                 return
             if self.ring is not None:
