@@ -186,7 +186,8 @@ def wait_neigh(lab: Lab, host: str, net_id: str, ips: set[str], timeout: float =
 
 
 def shim_rss_kib(lab: Lab, host: str) -> list[int]:
-    """VmRSS of the container shims a host's daemon started (they outlive it, like containerd-shims)."""
+    """VmRSS of the container supervisor a host's daemon started (one per host; it outlives the daemon, as
+    containerd-shims outlive dockerd)."""
     marker = str(lab.host_dir(host))
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -195,7 +196,7 @@ def shim_rss_kib(lab: Lab, host: str) -> list[int]:
                 cmd = f.read().split(b"\0")
         except OSError:
             continue
-        if any(b"netweft.runtime.shim" in c for c in cmd) and any(marker.encode() in c for c in cmd):
+        if any(b"netweft.runtime.supervisor" in c for c in cmd) and any(marker.encode() in c for c in cmd):
             try:
                 out.append(rss_kib(int(pid)))
             except OSError:
@@ -269,8 +270,9 @@ def bench_rss(lab: Lab, count: int) -> dict:
         print(f"  create with N local endpoints already: first {k} median {ms(median(times[:k]))}, "
               f"last {k} median {ms(median(times[-k:]))}")
         if shims:
-            print(f"  per-container shims (outside the daemon, as containerd-shim is outside dockerd): "
-                  f"{len(shims)} x median {statistics.median(shims) / 1024:.1f} MiB = {sum(shims) / 1024:.0f} MiB")
+            print(f"  the host's container supervisor (outside the daemon, as containerd-shims are outside "
+                  f"dockerd): {len(shims)} process, {sum(shims) / 1024:.1f} MiB for {count} containers "
+                  f"(PSS per container: bench/bench_container_memory.py)")
     finally:
         t = time.monotonic()
         for name in names:

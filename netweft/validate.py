@@ -18,6 +18,7 @@ PARENT_OPT = "parent"
 VXLANID_OPT = "com.docker.network.driver.overlay.vxlanid_list"
 ENCRYPTED_OPT = "encrypted"
 VNI_LAST = (1 << 24) - 1
+PROBE_VNI = 4095   # the data-path probes' VXLAN ID (dataplane/probe.py): no overlay may take it
 
 # The driver options each driver understands (`-o KEY=VALUE`); anything else is refused, not ignored.
 DRIVER_OPTIONS = {
@@ -63,6 +64,8 @@ def parse_vni(text: str) -> int:
     vni = int(text)
     if not 1 <= vni <= VNI_LAST:
         raise InvalidRequest(f"invalid VXLAN ID {vni}: it must be between 1 and {VNI_LAST}")
+    if vni == PROBE_VNI:
+        raise InvalidRequest(f"VXLAN ID {vni} is reserved for netweft's data-path probes; choose another")
     return vni
 
 

@@ -16,7 +16,8 @@ def leftovers() -> list[str]:
         found += [f"mount {l.split()[4]}" for l in f
                   if " nsfs " in l and ("/nwt-" in l or "/netweft-lab/test" in l)]
     found += [f"directory {d}" for d in glob.glob("/tmp/nwt-*") + glob.glob("/run/netweft-lab/test*")]
-    procs = subprocess.run(["pgrep", "-af", "netweftd"], capture_output=True, text=True).stdout.splitlines()
+    procs = subprocess.run(["pgrep", "-af", "netweftd|netweft.runtime.supervisor"], capture_output=True,
+                           text=True).stdout.splitlines()
     found += [f"process {p}" for p in procs if "/tmp/nwt-" in p or "/netweft-lab/test" in p]
     return found
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 log = logging.getLogger("netweft.agent")
 
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
+# With several managers a dead one costs little: connect fast, then try the next.
+FAILOVER_TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=1.5)  # not connect: that counts the wait for a pooled connection
 CA_MAX_SIZE = 64 * 1024  # what GET /ca may send back: one certificate is ~1 KiB
 WATCH_LINE_MAX = 256 * 1024 * 1024   # one watch line (a snapshot of a big cluster); more is a broken stream
 # What a person should know when a manager cannot be reached from a running node.
@@ -105,14 +108,14 @@ def _tls_reason(e: BaseException) -> str:
 
 async def _request(ctx: ssl.SSLContext | None, method: str, url: str, body: dict | None = None,
                    session: aiohttp.ClientSession | None = None, hint: str = DATA_PLANE_HINT,
-                   max_size: int | None = None):
+                   max_size: int | None = None, timeout: aiohttp.ClientTimeout | None = None):
     """One call to a manager; errors become one-line NetweftErrors. A given session is kept open."""
     own = session is None
     s = session or aiohttp.ClientSession()
     where = url.split("/")[2]
     try:
         kwargs = {"ssl": ctx} if ctx is not None else {}
-        async with s.request(method, url, json=body, timeout=CALL_TIMEOUT, **kwargs) as r:
+        async with s.request(method, url, json=body, timeout=timeout or CALL_TIMEOUT, **kwargs) as r:
             if r.status >= 400:
                 try:
                     msg = str((await r.json())["message"])
@@ -185,19 +188,93 @@ async def join(token: str, addr: str, hostname: str, advertise: str | None, swar
 class ClusterClient:
     """Mutual-TLS calls to the managers with this node's certificate, over kept-alive sessions.
 
+    Several managers (etcd): the client knows them all (the join answer, then every node event of the
+    watch), spreads nodes over them (each starts at the manager its node ID hashes to) and sticks to
+    the one that answered last; a manager that does not answer, or answers 503 (no quorum behind it),
+    is skipped for the next one at once.
+
     Whoever renews the node's certificate (NodeAgent for a member, the manager itself on the leader)
     replaces the files; the next call sees the certificate file change and opens a session that
     presents the new pair. Calls and streams already running on the old session finish on it; it is
     closed when the last of them ends.
     """
 
-    def __init__(self, swarm_dir: str, managers: list[str]):
-        self.dir, self.managers = swarm_dir, managers
+    def __init__(self, swarm_dir: str, managers: list[str], node_id: str = "", on_managers=None):
+        self.dir, self.managers = swarm_dir, list(managers)
+        self.on_managers = on_managers or (lambda managers: None)
+        self._preferred: str | None = None
+        self._spread = int(hashlib.sha256(node_id.encode()).hexdigest()[:8], 16) if node_id else 0
+        self._manager_nodes: dict[str, tuple[str, bool]] = {}   # node id -> (cluster API address, ready)
         self._session: aiohttp.ClientSession | None = None
         self._stamp: tuple | None = None   # the certificate file the current session was made from
         self._users: dict[aiohttp.ClientSession, int] = {}
         self._retired: set[aiohttp.ClientSession] = set()
         self.expired: str | None = None
+
+    # ------------------------------------------------------------ which manager
+    def prefer(self, addr: str) -> None:
+        self._preferred = addr
+
+    def order(self) -> list[str]:
+        """The managers in the order to try them: the one that answered last, else this node's share."""
+        ms = self.managers
+        if not ms:
+            return []
+        start = ms.index(self._preferred) if self._preferred in ms else self._spread % len(ms)
+        return ms[start:] + ms[:start]
+
+    def _skip(self, addr: str) -> None:
+        """addr failed: start at the next one from now on."""
+        ms = self.order()
+        if len(ms) > 1 and ms[0] == addr:
+            self._preferred = ms[1]
+
+    def learn(self, message: dict) -> None:
+        """Keep the manager list from the watch's node objects (a snapshot's, or node events)."""
+        if not isinstance(message, dict):
+            return
+        nodes: list = []
+        if message.get("type") == "snapshot":
+            nodes = message.get("nodes") or []
+            fresh: dict[str, tuple[str, bool]] = {}
+        elif message.get("type") == "events":
+            # Events change what is known; before any snapshot, what is known is the list we were given.
+            fresh = dict(self._manager_nodes) or {f"addr:{a}": (a, True) for a in self.managers}
+            for ev in message.get("events") or ():
+                if isinstance(ev, dict) and ev.get("kind") == "node" and isinstance(ev.get("object"), dict):
+                    if ev.get("action") == "delete":
+                        fresh.pop(str(ev["object"].get("id")), None)
+                    else:
+                        nodes.append(ev["object"])
+            if not nodes and len(fresh) == len(self._manager_nodes):
+                return
+        else:
+            return
+        for n in nodes:
+            if not isinstance(n, dict):
+                continue
+            nid, addr, vtep = str(n.get("id", "")), n.get("manager_addr"), n.get("addr")
+            if not (isinstance(addr, str) and addr):
+                if not (isinstance(vtep, str) and vtep):
+                    continue
+                addr = f"{vtep}:2377"
+            try:
+                addr = parse_manager_addr(addr)
+            except InvalidRequest:
+                continue
+            fresh.pop(f"addr:{addr}", None)
+            if n.get("role") == "manager":
+                fresh[nid] = (addr, n.get("state") == "ready")
+            else:
+                fresh.pop(nid, None)
+        if not fresh:
+            return
+        self._manager_nodes = fresh
+        managers = sorted({a for a, _ in fresh.values()})
+        if managers != sorted(self.managers):
+            log.info("managers known", extra={"managers": managers})
+            self.managers = managers
+            self.on_managers(managers)
 
     def reset(self) -> None:
         """Make the next call load the node's certificate again (e.g. right after a renewal)."""
@@ -259,45 +336,77 @@ class ClusterClient:
         if self.expired:
             raise Unavailable(self.expired)
         down: list[tuple[str, str]] = []
-        for addr in self.managers:
+        order = self.order()
+        for addr in order:
             s = self._hold()
             try:
-                return await _request(None, method, manager_url(addr, path), body, session=s)
-            except Unavailable as e:
-                if len(self.managers) == 1:
+                result = await _request(None, method, manager_url(addr, path), body, session=s,
+                                        timeout=CALL_TIMEOUT if len(order) == 1 else FAILOVER_TIMEOUT)
+                self._preferred = addr
+                return result
+            except NetweftError as e:
+                if len(order) == 1 or not (isinstance(e, Unavailable) or getattr(e, "status", 0) == 503):
                     raise
                 down.append((addr, str(e)))
+                self._skip(addr)
             finally:
                 self._release(s)
         if not down:
             raise Unavailable("no manager address known; leave and join the swarm again")
         raise Unavailable("no manager is reachable: " + "; ".join(f"{a}: {why}" for a, why in down))
 
+    async def call_at(self, addr: str, method: str, path: str, body: dict | None = None):
+        """One call to the manager at `addr` (HOST:PORT) only, not the first that answers (doctor asks each)."""
+        if self.expired:
+            raise Unavailable(self.expired)
+        s = self._hold()
+        try:
+            return await _request(None, method, manager_url(addr, path), body, session=s)
+        finally:
+            self._release(s)
+
     async def stream(self, path: str, read_timeout: float = 10.0):
         """Yield the JSON lines of a streamed response (the watch); ends when the connection does."""
         if self.expired:
             raise Unavailable(self.expired)
-        addr = self.managers[0]
+        order = self.order()
+        if not order:
+            raise Unavailable("no manager address known; leave and join the swarm again")
+        addr = order[0]
+        several = len(order) > 1
         s = self._hold()
+        ok = False
         try:
             async with s.get(manager_url(addr, path),
-                             timeout=aiohttp.ClientTimeout(total=None, sock_read=read_timeout, sock_connect=5)) as r:
+                             timeout=aiohttp.ClientTimeout(total=None, sock_read=min(read_timeout, 5.0) if several
+                                                           else read_timeout, sock_connect=2 if several else 5)) as r:
                 if r.status >= 400:
                     msg = " ".join((await r.text()).split())
                     try:
                         msg = str(json.loads(msg)["message"])
                     except (ValueError, KeyError, TypeError):
                         pass
-                    raise (Forbidden if r.status in (401, 403) else NetweftError)(msg)
+                    err = (Forbidden if r.status in (401, 403) else NetweftError)(msg)
+                    err.status = r.status
+                    raise err
                 lines = LineSplitter()
                 async for chunk in r.content.iter_any():
                     for line in lines.feed(chunk):
-                        yield json.loads(line)
+                        message = json.loads(line)
+                        ok = True
+                        self._preferred = addr
+                        self.learn(message)
+                        yield message
         except aiohttp.ClientSSLError as e:
             raise Unavailable(f"watch stream from manager {addr}: {_tls_reason(e)}") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
+            self._skip(addr)  # the next stream goes to another manager
             raise Unavailable(f"watch stream from manager {addr} ended ({unreachable_reason(e)}); "
                               f"{DATA_PLANE_HINT}") from None
+        except NetweftError as e:
+            if getattr(e, "status", 0) == 503 or not ok:
+                self._skip(addr)
+            raise
         finally:
             self._release(s)
 
@@ -306,14 +415,15 @@ class NodeAgent:
     """Runs on every member but the leader: heartbeats, renewal, and mutual-TLS calls to the manager."""
 
     def __init__(self, swarm_dir: str, managers: list[str], advertise: str, period: float,
-                 on_event=None):
+                 on_event=None, node_id: str = ""):
         self.dir, self.managers, self.advertise, self.period = swarm_dir, managers, advertise, period
         self.on_event = on_event or (lambda kind, info: None)
         self.tasks: list[asyncio.Task] = []
         self.problem: str | None = None  # one line an operator should see (expired, removed, unreachable)
         repair_node_pair(swarm_dir)
         self.role = self.identity().role
-        self.client = ClusterClient(swarm_dir, managers)
+        self.client = ClusterClient(swarm_dir, managers, node_id,
+                                    on_managers=lambda ms: self.on_event("managers", {"managers": ms}))
 
     def identity(self) -> pki.NodeIdentity:
         return pki.cert_identity(pki.load_pem(files(self.dir)["cert"]))

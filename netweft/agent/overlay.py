@@ -30,17 +30,19 @@ from urllib.parse import quote
 
 import msgspec
 
+from netweft import metrics
 from netweft.agent import keyring, reconcile
+from netweft.agent.health import Prober
 from netweft.agent.reconcile import DesiredNetwork, Gateway, GwPort, ObservedNetwork, Port
 from netweft.agent.tunnels import TunnelAgent, current_addr
 from netweft.dataplane.wgconf import DEFAULT_WG_PORT, WG_OVERHEAD
 from netweft.agent.watcher import Watcher
 from netweft.dataplane.checks import unicast_mac
 from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
-from netweft.errors import InvalidRequest, NetweftError, NotFound, Unavailable
+from netweft.errors import InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
 from netweft.model.codec import convert, to_builtins
-from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, Revision, Sandbox
+from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, PeerHealth, Revision, Sandbox
 from netweft.model.watch import Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent
 from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting
 
@@ -131,6 +133,7 @@ class OverlayAgent:
         self._underlay_mtu: int | None = None
         self._logged: set[str] = set()
         self._save_handle: asyncio.Handle | None = None
+        self._save_cost = 0.0   # seconds the last save of the copy took
         self._want_snapshot = False
         self._retry_bad = RETRY_BAD_FIRST
         self._retry_bad_at = 0.0
@@ -139,12 +142,15 @@ class OverlayAgent:
         self._load()
         # Encrypted networks: this host's WireGuard tunnel (agent/tunnels.py).
         self.tunnels = TunnelAgent(self, dataplane, client, self.store, node_id, port, wg_port, key_period)
+        self._targets: tuple[tuple, dict[str, str]] = ((), {})
+        self.prober = Prober(self)   # data-path health of the peer hosts (agent/health.py)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.tunnels.start()
         await self.resync(full=True)
         self.tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(self._resync_loop())]
+        self.prober.start()
 
     async def stop(self) -> None:
         if self._releasing is not None:
@@ -154,6 +160,7 @@ class OverlayAgent:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks = []
+        await self.prober.stop()
         await self.tunnels.stop()
         self._save()
 
@@ -199,12 +206,17 @@ class OverlayAgent:
                                  for ns in self.nets.values()],
                        pending_release=list(self.pending_release), orphans=list(self.orphans),
                        want_snapshot=self._want_snapshot or self.bad_rev is not None)
+        t0 = time.monotonic()
         put_setting(self.store, CACHE_KEY, to_builtins(saved))
+        self._save_cost = time.monotonic() - t0
 
     def _save_soon(self) -> None:
         # Saving lags by a moment at most: resuming from a slightly older revision replays idempotent events.
+        # The copy grows with the endpoints (thousands on one host): saves are spaced so that they take at
+        # most ~5 % of the time, else every attach would pay for all the others.
         if self._save_handle is None:
-            self._save_handle = asyncio.get_running_loop().call_later(0.2, self._save)
+            delay = max(0.2, 20 * self._save_cost)
+            self._save_handle = asyncio.get_running_loop().call_later(delay, self._save)
 
     def _once(self, key: str, message: str, **extra) -> None:
         """Log a problem once per agent life (the resync retries it every few seconds)."""
@@ -247,12 +259,37 @@ class OverlayAgent:
         """Every overlay network of the cluster, from the managers."""
         return convert(await self.client.call("GET", "/networks"), list[Network], "networks from the manager")
 
-    def peers_view(self, net_id: str) -> list[tuple[str, str]]:
-        """(hostname, VTEP) of every host with an endpoint on the network, as far as the copy knows."""
+    def peers_view(self, net_id: str) -> list[tuple[str, str, PeerHealth | None]]:
+        """(hostname, VTEP, data-path health or None) of every host with an endpoint on the network, as far as
+        the copy knows (this host's own health: None)."""
         ns = self.nets.get(net_id)
         if ns is None:
             return []
-        return sorted({(e.hostname, self._vtep(e) or "") for e in ns.endpoints.values()})
+        hosts = {(e.hostname, self._vtep(e) or "", e.node_id) for e in ns.endpoints.values()}
+        out = []
+        for hostname, vtep, node_id in sorted(hosts):
+            h = self.prober.peer_health(node_id) if node_id != self.node_id else None
+            out.append((hostname, vtep, h))
+        return out
+
+    def probe_targets(self) -> dict[str, str]:
+        """node ID -> VTEP of the hosts this host shares an overlay with (those with endpoints on a network
+        with endpoints here): the data-path prober's targets. Recomputed only when the copy moved."""
+        key = (self.rev, len(self.local), len(self.nodes), tuple(sorted(self._local_networks())))
+        if self._targets[0] != key:
+            out = {}
+            for net_id in self._local_networks():
+                ns = self.nets.get(net_id)
+                for e in (ns.endpoints.values() if ns is not None else ()):
+                    if e.node_id and e.node_id != self.node_id and e.node_id not in out:
+                        vtep = self._vtep(e)
+                        if vtep:
+                            out[e.node_id] = vtep
+            self._targets = (key, out)
+        return self._targets[1]
+
+    async def underlay_mtu(self) -> int:
+        return await self._uplink_mtu()
 
     # ------------------------------------------------------------------ peers
     def _vtep(self, ep: Endpoint) -> str | None:
@@ -265,9 +302,12 @@ class OverlayAgent:
         On an encrypted network the VTEP is the node's tunnel address (None until it has published a key)."""
         if ep is None or ep.node_id == self.node_id or not unicast_mac(ep.mac):
             return None
+        node = self.nodes.get(ep.node_id)
+        if node is not None and node.withdrawn:
+            return None   # down for the managers and unreachable on the data path (manager/liveness.py)
         ns = self.nets.get(ep.network_id)
         if ns is not None and ns.network.encrypted:
-            vtep = current_addr(self.nodes.get(ep.node_id))
+            vtep = current_addr(node)
         else:
             vtep = self._vtep(ep)
         return Peer(ep.ip, ep.mac, vtep) if vtep else None
@@ -313,6 +353,7 @@ class OverlayAgent:
 
     def on_message(self, msg: dict) -> None:
         """One line of the watch: applied to the copy at once, object by object; the kernel follows."""
+        metrics.watch_message(msg)
         rev = msg.get("rev") if isinstance(msg, dict) else None
         if not isinstance(rev, int) or isinstance(rev, bool) or rev < 0:
             self._bad(self.rev + 1, "message", "no revision")
@@ -380,9 +421,10 @@ class OverlayAgent:
         node_id = ev.object.id
         old = self.nodes.get(node_id)
         self.tunnels.kick()   # its WireGuard keys may have changed
-        if ev.action == "put" and old is not None and old.addr == ev.object.addr \
+        if ev.action == "put" and old is not None and (old.addr, old.withdrawn) == (ev.object.addr,
+                                                                                     ev.object.withdrawn) \
                 and current_addr(old) == current_addr(ev.object):
-            self.nodes[node_id] = ev.object   # its VTEPs are the same: no peer changes
+            self.nodes[node_id] = ev.object   # its VTEPs are the same, not withdrawn either: no peer changes
             return
         affected = [(ns, e) for ns in self.nets.values() for e in ns.endpoints.values() if e.node_id == node_id]
         before = [self._peer(e) for _, e in affected]
@@ -532,12 +574,15 @@ class OverlayAgent:
         # removing it first would leave a moment with no entry for its MAC, and its packets would be lost.
         moved = {(p.ip, p.mac) for p in add}
         remove = [p for p, add in ops.items() if not add and (p.ip, p.mac) not in moved]
+        t0 = time.monotonic()
         try:
             if remove:
                 await self.dp.remove_peers(path, remove)
             if add:
                 await self.dp.add_peers(path, add)
+            metrics.reconciled("flush", time.monotonic() - t0)
         except Exception as e:  # the copy holds them: the next resync programs them
+            metrics.reconciled("flush", time.monotonic() - t0, 1)
             self._once(f"flush {ns.network.id} {e}", "could not program peers of an overlay; the resync retries",
                        network=ns.network.name, reason=str(e))
 
@@ -648,6 +693,7 @@ class OverlayAgent:
         for name in (await self.dp.list_links(VXLAN_TMP)) if full else ():   # a crash's leftover: only at start
             log.info("removing a stale VXLAN device", extra={"link": name})
             await self.dp.delete_sandbox(os.path.join(self.sandbox_dir, "none"), name)
+        metrics.reconciled("resync", time.monotonic() - t0, failed)
         if repaired or failed:
             log.info("overlays resynced", extra={"repaired": repaired, "failed": failed,
                                                  "ms": round((time.monotonic() - t0) * 1000)})
@@ -770,12 +816,36 @@ class OverlayAgent:
                     self._gw_claims.pop(ep.gw_host_ifname, None)
         return ep
 
+    async def reserve(self, owner: Owner, network_id: str, ip: str | None = None, mac: str | None = None) -> Endpoint:
+        """An address on an overlay held at the managers for `owner` and programmed nowhere yet (an IPAM
+        driver's RequestAddress): a later attach of the same owner gets this very endpoint."""
+        req = EndpointRequest(network_id=network_id, owner=owner, ip=ip, mac=mac)
+        answer = await self.client.call("POST", "/endpoints", to_builtins(req))
+        return convert(answer, Attachment, "answer of the manager to POST /endpoints").endpoint
+
+    async def release(self, ep_id: str) -> None:
+        """Release an address held at the managers (idempotent)."""
+        await self._release(ep_id)
+
+    async def relocate(self, ep: Endpoint, sandbox_key: str, ifname: str) -> Endpoint:
+        """The runtime moved the container end of an endpoint (Docker moves the interface a driver made into
+        the container and renames it): where the resync finds it from now on."""
+        async with self._lock(ep.network_id):
+            moved = msgspec.structs.replace(self.local.get(ep.id, ep), sandbox_key=sandbox_key, ifname=ifname)
+            self._put_record(moved)
+        return moved
+
     def _claim_gw_ip(self, port: str, gw: Gateway) -> str:
         """A free address on the gateway bridge: taken and claimed at one instant (no await in between)."""
         cfg = ipam.build_subnet_config(IPv4Network(gw.subnet), gw.cidr.split("/")[0])
         used = {IPv4Address(e.gw_ip) for e in self.local.values() if e.gw_ip}
         used |= {IPv4Address(ip) for ip in self._gw_claims.values()}
-        ip = str(ipam.allocate_ip(cfg, used))
+        try:
+            ip = str(ipam.allocate_ip(cfg, used))
+        except PoolExhausted:
+            raise PoolExhausted(f"the gateway bridge {GWBRIDGE} ({gw.subnet}) is full: its {len(used)} addresses "
+                                "are taken by overlay containers on this host; remove one, or attach to an "
+                                "--internal overlay (no gateway port)") from None
         self._gw_claims[port] = ip
         return ip
 
@@ -929,6 +999,7 @@ class OverlayAgent:
             await self.dp.delete_gw_endpoint(name)
         await self.dp.delete_overlay_firewall()
         await self.dp.delete_gwbridge(GWBRIDGE)
+        await self.dp.delete_probe()
         self.nets.clear()
         await self.tunnels.teardown()
         with self.store.tx():

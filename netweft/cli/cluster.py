@@ -25,13 +25,23 @@ def swarm():
 @click.option("--cert-expiry", metavar="DURATION", help="node certificate lifetime (default 90d)")
 @click.option("--dispatcher-heartbeat", metavar="DURATION",
               help="heartbeat period; a node is Down after 3 missed (default 5s)")
+@click.option("--store", metavar="sqlite|etcd|etcd://HOST:2379,...",
+              help="cluster store: sqlite (default: one manager), etcd (a member beside each manager: several "
+                   "managers, no single point of failure) or an etcd cluster you run")
+@click.option("--store-cacert", type=click.File("r"), help="CA certificate of the etcd you run (PEM)")
+@click.option("--store-cert", type=click.File("r"), help="client certificate for the etcd you run (PEM)")
+@click.option("--store-key", type=click.File("r"), help="client key for the etcd you run (PEM)")
 @click.pass_context
 def swarm_init(ctx, advertise_addr, listen_addr, data_path_port, default_addr_pool, default_addr_pool_mask_length,
-               cert_expiry, dispatcher_heartbeat, wireguard_port):
+               cert_expiry, dispatcher_heartbeat, wireguard_port, store, store_cacert, store_cert, store_key):
     """Make this host the first manager of a new cluster."""
     body = {"AdvertiseAddr": advertise_addr, "ListenAddr": listen_addr, "DataPathPort": data_path_port,
             "DefaultAddrPool": list(default_addr_pool), "SubnetSize": default_addr_pool_mask_length,
-            "CertExpiry": cert_expiry, "HeartbeatPeriod": dispatcher_heartbeat, "WireguardPort": wireguard_port}
+            "CertExpiry": cert_expiry, "HeartbeatPeriod": dispatcher_heartbeat, "WireguardPort": wireguard_port,
+            "Store": store,
+            "StoreCACert": store_cacert.read() if store_cacert else None,
+            "StoreCert": store_cert.read() if store_cert else None,
+            "StoreKey": store_key.read() if store_key else None}
     r = api(ctx).call("POST", "/swarm/init", body)
     click.echo(f"Swarm initialized: current node ({r['NodeID']}) is now a manager.\n")
     click.echo("To add a worker to this swarm, run the following command:\n")
@@ -122,8 +132,20 @@ def node_ls(ctx, quiet, fmt):
         mstatus = ("Leader" if ms["Leader"] else ms["Reachability"].capitalize()) if ms else ""
         rows.append([n["ID"] + (" *" if n["ID"] == me else ""), n["Description"]["Hostname"],
                      n["Status"]["State"].capitalize(), n["Spec"]["Availability"].capitalize(), mstatus,
-                     n["Status"]["Addr"]])
-    table(["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS", "ADDRESS"], rows)
+                     n["Status"]["Addr"], _health(n.get("DataPath"))])
+    table(["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS", "ADDRESS", "HEALTH"], rows)
+
+
+def _health(dp: dict | None) -> str:
+    """The data path to the node as the other hosts' probes see it (`node inspect` has each one's view)."""
+    if not dp or dp.get("State", "unknown") == "unknown":
+        return "-"
+    text = dp["State"].capitalize()
+    bad = sorted(f"{h}: {v.get('State')}" for h, v in dp.get("SeenBy", {}).items()
+                 if v.get("State") not in ("healthy", "unknown"))
+    if bad and dp["State"] != "unreachable":
+        text += f" ({', '.join(bad)})"
+    return text + (", withdrawn" if dp.get("Withdrawn") else "")
 
 
 @node.command("inspect")

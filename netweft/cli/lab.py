@@ -20,10 +20,15 @@ def lab():
 @click.option("--underlay", default="192.0.2.0/24", show_default=True, help="underlay subnet (a TEST-NET range)")
 @click.option("--mtu", type=int, default=1500, show_default=True, help="underlay MTU")
 @click.option("--no-swarm", is_flag=True, help="only start the daemons; no swarm init/join")
-def lab_up(n, name, underlay, mtu, no_swarm):
-    """Build a lab: h1 inits the swarm, the others join as workers."""
+@click.option("--managers", type=int, default=1, show_default=True,
+              help="managers (h1..hM); with sqlite the others forward to h1")
+@click.option("--store", type=click.Choice(["sqlite", "etcd"]), default="sqlite", show_default=True,
+              help="cluster store: sqlite (one manager) or etcd (a member beside each manager)")
+def lab_up(n, name, underlay, mtu, no_swarm, managers, store):
+    """Build a lab: h1 inits the swarm, h2..hM join as managers, the others as workers."""
     from netweft.lab.lab import Lab
-    Lab(name).up(n, underlay=underlay, mtu=mtu, swarm=not no_swarm, progress=click.echo)
+    Lab(name).up(n, underlay=underlay, mtu=mtu, swarm=not no_swarm, progress=click.echo, managers=managers,
+                 init_opts={"Store": store} if store == "etcd" else None)
     click.echo(f"\nlab {name} is up. Try:  netweft lab exec {name} h1 -- netweft node ls")
 
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import datetime
 
 import click
 
-from netweft.cli.client import ApiError, Client, DaemonUnreachable, ref
+from netweft.cli import render
+from netweft.cli.client import ApiError, Client, DaemonUnreachable, call_each, ref
 from netweft.errors import NetweftError
 from netweft import validate
 
 
 def table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    for row in [headers, *rows]:
-        click.echo("   ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    click.echo(render.table(headers, rows))
 
 
 def dump(obj) -> None:
@@ -120,10 +118,8 @@ def network_create(ctx, driver, subnet, gateway, ip_range, aux_address, internal
     labels = validate.parse_key_values(list(label), "label")
     options = validate.parse_key_values(list(opt), "option", allow_bare=True)
     aux = validate.parse_key_values(list(aux_address), "aux-address")
-    cfg = {k: v for k, v in {"Subnet": subnet, "Gateway": gateway, "IPRange": ip_range,
-                             "AuxiliaryAddresses": aux}.items() if v}
-    body = {"Name": name, "Driver": driver, "Internal": internal, "Attachable": attachable,
-            "Labels": labels, "Options": options, "IPAM": {"Driver": "default", "Config": [cfg] if cfg else []}}
+    body = render.network_create_body(name, driver, subnet, gateway, ip_range, aux, internal, attachable,
+                                      labels, options)
     click.echo(api(ctx).call("POST", "/networks/create", body)["Id"])
 
 
@@ -131,29 +127,10 @@ def parse_filters(items) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("name", "driver", "label", "id", "scope", "type"):
+        if not sep or key not in render.FILTER_KEYS:
             raise click.UsageError(f"invalid filter {item!r}: use name=, driver=, label=, id=, scope= or type=")
         out.setdefault(key, []).append(value)
     return out
-
-
-def go_time(iso: str) -> str:
-    """An ISO time as Go prints one (Docker's CreatedAt): 2024-05-01 10:11:12.123456 +0000 UTC."""
-    try:
-        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except (ValueError, AttributeError):
-        return iso or ""
-    frac = f"{t.microsecond:06d}".rstrip("0")
-    return t.strftime("%Y-%m-%d %H:%M:%S") + (f".{frac}" if frac else "") + " +0000 UTC"
-
-
-def network_line(n: dict, no_trunc: bool) -> dict:
-    """One network as `docker network ls --format json` prints it: Docker's keys, every value a string."""
-    return {"CreatedAt": go_time(n.get("Created", "")), "Driver": n["Driver"],
-            "ID": n["Id"] if no_trunc else n["Id"][:12], "IPv4": "true",
-            "IPv6": str(bool(n.get("EnableIPv6"))).lower(), "Internal": str(bool(n.get("Internal"))).lower(),
-            "Labels": ",".join(f"{k}={v}" for k, v in (n.get("Labels") or {}).items()),
-            "Name": n["Name"], "Scope": n["Scope"]}
 
 
 @network.command("ls")
@@ -168,18 +145,9 @@ def network_line(n: dict, no_trunc: bool) -> dict:
 def network_ls(ctx, quiet, filters, fmt, no_trunc):
     """List networks (with the predefined host and none, as Docker does), sorted by name."""
     f = parse_filters(filters)
-    nets = sorted(api(ctx).call("GET", "/networks", filters=json.dumps(f) if f else None), key=lambda n: n["Name"])
-    if fmt == "json" and not quiet:
-        for n in nets:
-            click.echo(json.dumps(network_line(n, no_trunc), sort_keys=True))
-        return
-    ids = [n["Id"] if no_trunc else n["Id"][:12] for n in nets]
-    if quiet:
-        for i in ids:
-            click.echo(i)
-        return
-    table(["NETWORK ID", "NAME", "DRIVER", "SCOPE"],
-          [[i, n["Name"], n["Driver"], n["Scope"]] for i, n in zip(ids, nets)])
+    nets = api(ctx).call("GET", "/networks", filters=json.dumps(f) if f else None)
+    for line in render.network_ls(nets, quiet, fmt, no_trunc):
+        click.echo(line)
 
 
 @network.command("inspect")
@@ -257,9 +225,8 @@ def network_disconnect(ctx, net, container):
 @click.pass_context
 def run(ctx, detach, name, hostname, network_, ip, mac_address, network_alias, env, cmd):
     """Run a command in a new lightweight container: netweft run [OPTIONS] -- CMD [ARGS...]"""
-    body = {"Name": name, "Hostname": hostname, "NetworkMode": network_ or "none", "IPAddress": ip,
-            "MacAddress": mac_address, "Aliases": list(network_alias), "Cmd": list(cmd),
-            "Env": validate.parse_key_values(list(env), "environment variable")}
+    body = render.run_body(name, hostname, network_, ip, mac_address, network_alias, cmd,
+                           validate.parse_key_values(list(env), "environment variable"))
     c = api(ctx)
     ctr = c.call("POST", "/containers/create", body)
     if detach:
@@ -277,21 +244,8 @@ def run(ctx, detach, name, hostname, network_, ip, mac_address, network_alias, e
 @click.pass_context
 def ps(ctx, all_, quiet):
     """List containers."""
-    ctrs = api(ctx).call("GET", "/containers/json", all=1 if all_ else None)
-    if quiet:
-        for c in ctrs:
-            click.echo(c["Id"][:12])
-        return
-    rows = []
-    for c in ctrs:
-        st = c["State"]
-        status = "running" if st["Running"] else (f"exited ({st['ExitCode']})" if st["Status"] == "exited"
-                                                  else st["Status"])
-        nets = c["NetworkSettings"]["Networks"]
-        addrs = ",".join(f"{n}:{e['IPAddress']}" for n, e in nets.items()) or c["HostConfig"]["NetworkMode"]
-        rows.append([c["Id"][:12], c["Name"], c["Config"]["Hostname"], status, addrs,
-                     " ".join(c["Config"]["Cmd"])[:30]])
-    table(["CONTAINER ID", "NAME", "HOSTNAME", "STATUS", "NETWORKS", "COMMAND"], rows)
+    for line in render.ps(api(ctx).call("GET", "/containers/json", all=1 if all_ else None), quiet):
+        click.echo(line)
 
 
 @cli.command()
@@ -356,10 +310,17 @@ def start(ctx, names):
 @click.argument("names", nargs=-1, required=True)
 @click.pass_context
 def rm(ctx, force, names):
-    """Remove containers and their network endpoints."""
-    for n in names:
-        api(ctx).call("DELETE", f"/containers/{ref(n)}", force=1 if force else None)
-        click.echo(n)
+    """Remove containers and their network endpoints (several at once; a failure does not stop the others)."""
+    calls = [("DELETE", f"/containers/{ref(n)}", {"force": 1 if force else None}) for n in names]
+    failed = False
+    for n, result in zip(names, call_each(api(ctx), calls)):
+        if isinstance(result, Exception):
+            click.echo(f"Error: {result}", err=True)
+            failed = True
+        else:
+            click.echo(n)
+    if failed:
+        sys.exit(1)
 
 
 @cli.command()
@@ -379,3 +340,6 @@ if __name__ == "__main__":
 
 # Subcommand groups live in their own modules; importing them registers them on `cli`.
 from netweft.cli import cluster as _cluster, lab as _lab  # noqa: E402,F401
+from netweft.cli import cni as _cni  # noqa: E402,F401
+from netweft.cli import events as _events, version as _version  # noqa: E402,F401
+from netweft.cli import doctor as _doctor  # noqa: E402,F401

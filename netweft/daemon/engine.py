@@ -23,12 +23,16 @@ from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 
 from netweft import validate
+from netweft.daemon import collisions
 from netweft.agent.overlay import OverlayAgent
+from netweft.daemon import ports
+from netweft.daemon.local_events import LocalEvents
 from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
-from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, Unavailable
+from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
 from netweft.ipam import tunnel
+from netweft.model.api import peer_health_view
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Owner
 from netweft.runtime import container as runtime
@@ -41,6 +45,7 @@ BRIDGE_PREFIX = "nw-"
 VETH_PREFIX = "nwv"
 SPECIAL_MODES = ("host", "none")
 DEFAULT_MTU = 1500
+GWBRIDGE_PREFIX = 20  # the gateway bridge's subnet: 4,093 overlay containers on one host (Docker's is a /16)
 FORMAT = 2            # the shape of the local store's documents (2: model objects, endpoint records)
 
 
@@ -81,10 +86,12 @@ class Engine:
         self.overlay_host = OverlayHost(self)
         self.swarm = None                              # the daemon's Swarm role, set by the daemon
         self.overlay_agent: OverlayAgent | None = None  # while this node is in a swarm
+        self.events = LocalEvents()                     # local networks' events, for `netweft events`
 
     async def start(self) -> None:
         self._check_format()
         await self.reconcile()
+        await ports.apply(self)
 
     async def close(self) -> None:
         self.store.close()
@@ -193,6 +200,7 @@ class Engine:
                 raise
             with self.store.tx():
                 self.store.put("networks", net.id, name, to_builtins(net))
+        self.events.network("create", net)
         log.info("network created", extra={"network": name, "id": net.id, "subnet": net.subnet})
         return self.network_view(net)
 
@@ -243,7 +251,7 @@ class Engine:
         # Overlay subnets count too: a container on both would get two routes to one prefix.
         taken = [(IPv4Network(o.subnet), f"network {o.name!r}") for o in others + overlays]
         taken.append((tunnel.TUNNEL_NET, tunnel.TUNNEL_WHAT))
-        routes = [] if parent else [(r, "a route of this host") for r in await self.dp.host_routes(BRIDGE_PREFIX)]
+        routes = [] if parent else await collisions.host_claims(self.dp, BRIDGE_PREFIX)
         if c.get("Subnet"):
             subnet = ipam.parse_network(c["Subnet"])
             for other, what in taken + routes:
@@ -270,9 +278,20 @@ class Engine:
             wg = await self.dp.wireguard()
             if wg.kind == "none":
                 raise InvalidRequest(f"-o encrypted refused: {wg.problem}")
+        await self.refuse_host_overlap(((req.get("IPAM") or {}).get("Config") or [{}])[0].get("Subnet"), "subnet")
         doc = await _awaited(self.swarm.admin("POST", "/networks", req,
                                               local=lambda: self.swarm.manager.overlays.create_network(req)))
         return self.network_view(convert(doc, Network, "network from the manager"))
+
+    async def refuse_host_overlap(self, text, what: str) -> None:
+        """Refuse a subnet given by the operator that overlaps a route or an address of this host."""
+        if not isinstance(text, str) or not text:
+            return
+        subnet = ipam.parse_network(text, what)
+        hit = collisions.overlap(subnet, await collisions.host_claims(self.dp, BRIDGE_PREFIX))
+        if hit is not None:
+            raise Conflict(f"{what} {subnet} overlaps {hit[0]} of {hit[1]} (containers could not reach it); "
+                           f"choose another {what}")
 
     async def _program_network(self, net: Network) -> None:
         # On a parent (LAN) network the gateway is a router on that LAN, not us.
@@ -300,8 +319,11 @@ class Engine:
                 nets = self._local_networks()
                 overlays = self.overlay_agent.networks() if self.overlay_agent is not None else []
                 taken = [IPv4Network(n.subnet) for n in nets + overlays] + [tunnel.TUNNEL_NET]
-                taken += await self.dp.host_routes(BRIDGE_PREFIX)
-                subnet = ipam.allocate_subnet(self.pools, taken)
+                taken += [net for net, _ in await collisions.host_claims(self.dp, BRIDGE_PREFIX)]
+                try:  # room for GWBRIDGE_PREFIX's worth of overlay containers on this host, else the pools' size
+                    subnet = ipam.allocate_subnet(self.pools, taken, GWBRIDGE_PREFIX)
+                except PoolExhausted:
+                    subnet = ipam.allocate_subnet(self.pools, taken)
                 gw = {"Subnet": str(subnet), "Gateway": str(next(subnet.hosts()))}
                 put_setting(self.store, "gwbridge", gw)
                 await self._apply_firewall(nets)
@@ -337,7 +359,8 @@ class Engine:
                 "Options": options, "Labels": dict(net.labels), "Containers": containers}
         if net.driver == "overlay":
             peers = self.overlay_agent.peers_view(net.id) if self.overlay_agent is not None else []
-            view["Peers"] = [{"Name": h, "IP": ip} for h, ip in peers]
+            view["Peers"] = [{"Name": h, "IP": ip, **({"Health": peer_health_view(hv)} if hv else {})}
+                             for h, ip, hv in peers]
             if net.encrypted and self.overlay_agent is not None and net.id in {n.id for n in self.overlay_agent.networks()}:
                 view["Encryption"] = self.overlay_agent.tunnels.view(net.id)
         return view
@@ -386,6 +409,7 @@ class Engine:
             await self.dp.delete_bridge(net.bridge, net.parent)
             with self.store.tx():
                 self.store.delete("networks", net.id)
+        self.events.network("remove", net)
         log.info("network removed", extra={"network": net.name, "id": net.id})
 
     def _owner_name(self, ep: Endpoint) -> str:
@@ -439,15 +463,23 @@ class Engine:
         ifname = next(free)
         first = not existing
         owner = Owner(kind="netweft", id=ctr["Id"], name=ctr["Name"])
-        netns = self.netns_path(ctr["Id"])
+        gw_ifname = next(free) if first and net.driver == "overlay" and not net.internal else None
+        ep = await self._attach(net, owner, self.netns_path(ctr["Id"]), ifname, ip=ip, mac=mac, aliases=aliases,
+                                gateway=first, gw_ifname=gw_ifname)
+        self.events.network("connect", net, ep, ctr["Name"])
+        log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
+        return ep
+
+    async def _attach(self, net: Network, owner: Owner, netns: str, ifname: str, *, ip: str | None, mac: str | None,
+                      aliases: list[str], gateway: bool, gw_ifname: str | None) -> Endpoint:
+        """Allocate, record and program one endpoint of any owner into the namespace at `netns`: a netweft
+        container's, or one another runtime made (CNI_NETNS, Docker's sandbox key). `gateway`: its default
+        route (bridge networks); `gw_ifname`: an overlay endpoint's port on the gateway bridge (and route)."""
         if net.driver == "overlay":
             if self.overlay_agent is None:
                 raise Unavailable("this node is not part of a swarm (any more): it cannot join overlay networks")
-            ep = await self.overlay_agent.attach(owner, net.id, netns, ifname,
-                                                 gw_ifname=next(free) if first and not net.internal else None,
-                                                 ip=ip, mac=mac, aliases=aliases)
-            log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
-            return ep
+            return await self.overlay_agent.attach(owner, net.id, netns, ifname, gw_ifname=gw_ifname,
+                                                   ip=ip, mac=mac, aliases=aliases)
         async with self.lock:   # the address is chosen and recorded at one instant
             on_net = self.endpoints_on(net.id)
             cfg = ipam.build_subnet_config(IPv4Network(net.subnet), net.gateway, net.ip_range, net.aux_addresses)
@@ -460,7 +492,7 @@ class Engine:
             ep = Endpoint(id=ep_id, network_id=net.id, ip=str(addr), prefix_len=cfg.subnet.prefixlen, mac=mac,
                           owner=owner, aliases=list(aliases), ip_requested=bool(ip), sandbox_key=netns,
                           ifname=ifname, host_ifname=VETH_PREFIX + ep_id[:12],
-                          gateway=net.gateway if first and not net.internal else None)
+                          gateway=net.gateway if gateway and not net.internal else None)
             self._insert_endpoint(ep)
         try:
             await self._program_endpoint(net, ep)
@@ -468,8 +500,65 @@ class Engine:
             await self.dp.delete_endpoint(ep.host_ifname)
             self._delete_endpoint_record(ep.id)
             raise
-        log.info("endpoint attached", extra={"network": net.name, "container": ctr["Name"], "ip": ep.ip})
         return ep
+
+    # ------------------------------------------------------ other runtimes' endpoints
+    def owned_endpoints(self, kind: str, owner_id: str) -> list[Endpoint]:
+        """The endpoints of one owner of any kind (a CNI attachment, a Docker endpoint)."""
+        out = []
+        for doc in self.store.with_name_prefix(ENDPOINTS, owner_prefix(kind, owner_id)):
+            try:
+                out.append(convert(doc, Endpoint, "endpoint record"))
+            except InvalidRequest as e:
+                log.warning("an endpoint record is unreadable; ignored", extra={"reason": str(e)})
+        return out
+
+    def endpoints_of_kind(self, kind: str) -> list[Endpoint]:
+        """Every endpoint record of this host whose owner is of `kind`."""
+        out = []
+        for doc in self.store.list(ENDPOINTS):
+            if (doc.get("owner") or {}).get("kind") == kind:
+                try:
+                    out.append(convert(doc, Endpoint, "endpoint record"))
+                except InvalidRequest:
+                    pass
+        return out
+
+    async def attach_owner(self, owner: Owner, net_ref: str, netns: str, ifname: str, *, ip: str | None = None,
+                           mac: str | None = None, aliases: list[str] | tuple = (),
+                           gw_ifname: str | None = None) -> tuple[Network, Endpoint]:
+        """An endpoint of another runtime's namespace on a network, by the path a netweft container's
+        connect takes. Once per owner and network: a repeated request answers the record there (a runtime
+        retrying), unless it names another namespace."""
+        net = await self.network(net_ref)
+        for a in aliases:
+            validate.check_hostname(a)
+        async with self._container_lock(f"{owner.kind}/{owner.id}"):
+            same = next((e for e in self.owned_endpoints(owner.kind, owner.id) if e.network_id == net.id), None)
+            if same is not None:
+                if same.sandbox_key != netns:
+                    raise Conflict(f"{owner.kind} attachment {owner.id!r} is already on network {net.name!r} in "
+                                   f"another namespace; delete it first")
+                return net, same
+            first = not any(e.sandbox_key == netns for e in self.endpoints_of_kind(owner.kind))
+            ep = await self._attach(net, owner, netns, ifname, ip=ip, mac=mac, aliases=list(aliases),
+                                    gateway=first, gw_ifname=gw_ifname if net.driver == "overlay" and first
+                                    and not net.internal else None)
+        self.events.network("connect", net, ep, owner.name or owner.id)
+        log.info("endpoint attached", extra={"network": net.name, "owner": f"{owner.kind} {owner.id}", "ip": ep.ip})
+        return net, ep
+
+    async def detach_owner(self, kind: str, owner_id: str, net_id: str | None = None) -> int:
+        """Remove an owner's endpoints (on one network, or all): idempotent, also when its namespace is gone."""
+        async with self._container_lock(f"{kind}/{owner_id}"):
+            eps = [e for e in self.owned_endpoints(kind, owner_id) if net_id is None or e.network_id == net_id]
+            for ep in eps:
+                await self._delete_endpoint(ep)
+        await ports.unpublish(self, [e.id for e in eps])
+        self._ctr_locks.pop(f"{kind}/{owner_id}", None)
+        for ep in eps:
+            log.info("endpoint detached", extra={"owner": f"{kind} {owner_id}", "ip": ep.ip})
+        return len(eps)
 
     async def _program_endpoint(self, net: Network, ep: Endpoint) -> None:
         await self.dp.ensure_endpoint(ep.sandbox_key, net.bridge, ep.host_ifname, ep.ifname,
@@ -491,7 +580,14 @@ class Engine:
                 await self.overlay_agent.detach(ep)
             return
         await self.dp.delete_endpoint(ep.host_ifname)
+        name = self._owner_name(ep)
         self._delete_endpoint_record(ep.id)
+        try:
+            net = self.store.get("networks", ep.network_id)
+            if net is not None:
+                self.events.network("disconnect", convert(net, Network, "network record"), ep, name)
+        except InvalidRequest:
+            pass   # an unreadable record is the reconcile's to report; the endpoint is gone all the same
 
     # ------------------------------------------------------------- containers
     async def create_container(self, req: dict, start: bool = True) -> dict:
@@ -537,7 +633,7 @@ class Engine:
         return self.container_view(ctr)
 
     async def _start_process(self, ctr: dict) -> None:
-        """Start the container's process off the event loop: starting a shim takes tens of ms."""
+        """Start the container's process off the event loop (the host's supervisor forks it)."""
         state_dir = self.ctr_state_dir(ctr["Id"])
         for stale in ("pid", "exit_code", "starttime"):
             if os.path.exists(os.path.join(state_dir, stale)):
@@ -550,6 +646,7 @@ class Engine:
             "resolv_file": None if mode == "host" else os.path.join(state_dir, "resolv.conf"),
             "cmd": ctr["Config"]["Cmd"], "env": ctr["Config"]["Env"],
             "log": ctr["LogPath"], "state_dir": state_dir,
+            "supervisor": os.path.join(self.exec_root, "supervisor.sock"),
         }
         await asyncio.get_running_loop().run_in_executor(None, runtime.start, spec)
 

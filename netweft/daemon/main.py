@@ -13,7 +13,8 @@ import sys
 from aiohttp import web
 
 from netweft import __version__, validate
-from netweft.daemon import logs
+from netweft import metrics
+from netweft.daemon import cni_api, config, docker_driver, doctor, events_api, logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
 from netweft.dataplane.real import RealDataPlane
@@ -52,7 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wireguard-go to use where the kernel has no WireGuard (default: found on PATH)")
     p.add_argument("--wireguard-key-rotation", metavar="DURATION", default="12h", type=_duration,
                    help="how often each host makes a new WireGuard key, make-before-break (default 12h)")
-    return p.parse_args(argv)
+    p.add_argument("--docker-plugin-socket", default=docker_driver.DEFAULT_SOCKET, metavar="PATH",
+                   help="where Docker's network and IPAM driver is served (default "
+                        f"{docker_driver.DEFAULT_SOCKET}; '' for none)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of flags (keys are the long flags without --); the command line overrides it")
+    p.add_argument("--metrics-addr", metavar="IP:PORT", default=None,
+                   help="serve Prometheus metrics on http://IP:PORT/metrics (off by default; no login: "
+                        "keep it on 127.0.0.1 or a management network)")
+    p.add_argument("--dashboard-addr", metavar="IP:PORT", default=None,
+                   help="on a manager, serve the read-only web dashboard on http://IP:PORT/ (off by default). "
+                        "It has no login and shows the whole cluster: bind it to 127.0.0.1 and reach it through "
+                        "an SSH tunnel, or to a management network only")
+    return config.apply(p, argv)
 
 
 def _duration(text: str) -> float:
@@ -111,6 +124,18 @@ def socket_path(host: str) -> str:
     return host[len("unix://"):]
 
 
+def observers(daemon, args: argparse.Namespace) -> list:
+    """The listeners asked for with --metrics-addr and --dashboard-addr (modules loaded only then)."""
+    out = []
+    if args.metrics_addr:
+        from netweft.daemon.metrics_server import MetricsServer
+        out.append(MetricsServer(daemon, config.listen_addr(args.metrics_addr, "--metrics-addr")))
+    if args.dashboard_addr:
+        from netweft.daemon.dashboard import DashboardServer
+        out.append(DashboardServer(daemon, config.listen_addr(args.dashboard_addr, "--dashboard-addr")))
+    return out
+
+
 class Daemon:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -129,9 +154,14 @@ class Daemon:
         # The one data plane of this host, injected into the engine (and through it, the overlay agent).
         self.dataplane = RealDataPlane(args.exec_root, wireguard_go=args.wireguard_go)
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
+        self.engine.events.hostname = self.hostname
         self.swarm = Swarm(self)
         self.wireguard = None   # which WireGuard this host has, found at start (`info` shows it)
         self.extra_routes: list = [self.swarm.routes()]
+        self.extra_routes.append(cni_api.routes(self.engine))
+        self.extra_routes.append(events_api.routes(self))
+        self.observers = observers(self, args)   # opt-in listeners: metrics, dashboard
+        self.extra_routes.append(doctor.routes(self))
 
     def info(self) -> dict:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,
@@ -145,6 +175,7 @@ class Daemon:
         await self.engine.start()
         await self.swarm.start()
         app = build_app(self)
+        app.middlewares[0:0] = metrics.middlewares("local")
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         os.makedirs(os.path.dirname(self.sock), mode=0o755, exist_ok=True)
@@ -157,6 +188,9 @@ class Daemon:
         finally:
             os.umask(old)
         self._share_with_group()
+        driver = await docker_driver.serve(self.engine, self.args.docker_plugin_socket)
+        for o in self.observers:
+            await o.start()
         log.info("netweftd ready", extra={"socket": self.sock, "pid": os.getpid()})
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -164,7 +198,10 @@ class Daemon:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("netweftd stopping; the data plane stays as it is")
+        await driver.close()
         await runner.cleanup()
+        for o in self.observers:
+            await o.stop()
         await self.swarm.stop()
         await self.engine.close()
         await self.dataplane.close()

@@ -3,9 +3,15 @@
 On the leader, administrative calls run against the local Manager. On another manager they are
 forwarded to the leader over mutual TLS with this node's manager certificate. On a worker they
 are refused with a pointer to a manager, as Docker does.
+
+With `swarm init --store etcd` every manager runs a Manager on the shared etcd (and, unless the
+operator runs etcd, an etcd member beside it: daemon/etcdmember.py): a manager that joins or is
+promoted enrolls (POST /managers/enroll), one that is demoted or removed stops serving and becomes
+a worker. The swarm state then holds {"Store": "etcd", "StoreEndpoints": [...], "EtcdMember": bool}.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import ipaddress
 import logging
@@ -18,6 +24,8 @@ from aiohttp import web
 
 from netweft.agent import node as agent
 from netweft.agent.overlay import OverlayAgent
+from netweft.daemon import collisions
+from netweft.daemon.engine import BRIDGE_PREFIX
 from netweft.store.local import get_setting, put_setting
 from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
 from netweft.model import api as m
@@ -25,9 +33,13 @@ from netweft.model import codec
 from netweft import validate
 from netweft.ipam.address import parse_network
 from netweft import pki
-from netweft.manager.cluster import MIN_CERT_EXPIRY, Manager
+from netweft.manager.cluster import MIN_CERT_EXPIRY, Manager, new_node_id
 from netweft.agent.keyring import DEFAULT_PERIOD as DEFAULT_KEY_PERIOD
 from netweft.dataplane.wgconf import DEFAULT_WG_PORT
+from netweft.manager import hastore
+from netweft.daemon.etcdmember import EtcdMember
+from netweft.model.cluster import EnrollAnswer
+from netweft.pki import sealed
 
 log = logging.getLogger("netweft.swarm")
 
@@ -76,6 +88,9 @@ class Swarm:
         self.agent: agent.NodeAgent | None = None
         self.overlay: OverlayAgent | None = None
         self._leader_client: agent.ClusterClient | None = None
+        self.etcd: EtcdMember | None = None
+        self._manager_task: asyncio.Task | None = None
+        self._changing: asyncio.Task | None = None      # a promotion or demotion under way
         daemon.engine.swarm = self
 
     def state(self) -> dict | None:
@@ -87,11 +102,13 @@ class Swarm:
         if st is None:
             return
         if st.get("Leader"):
-            self.manager = Manager(self.dir, st["NodeID"])
+            self.manager = self._new_manager(st["NodeID"])
             await self.manager.start(tuple(st["ListenAddr"]))
+        elif self.ha_manager(st):
+            await self._start_ha_manager(st)
         else:
             self.agent = agent.NodeAgent(self.dir, st["Managers"], st["AdvertiseAddr"], st["HeartbeatPeriod"],
-                                         on_event=self._agent_event)
+                                         on_event=self._agent_event, node_id=st["NodeID"])
             self.agent.start()
         await self._start_overlay(st)
 
@@ -100,7 +117,10 @@ class Swarm:
         if self.agent is not None:
             client = self.agent.client
         else:
-            client = self._leader_client = agent.ClusterClient(self.dir, st["Managers"])
+            client = self._leader_client = agent.ClusterClient(self.dir, st["Managers"], st["NodeID"],
+                                                               on_managers=self._learned_managers)
+            if self.ha_manager(st):
+                client.prefer(f"{st['AdvertiseAddr']}:{st['ListenAddr'][1]}")  # its own manager first
         engine = self.daemon.engine
         self.overlay = OverlayAgent(engine.overlay_host, engine.dp, client, st["NodeID"], st["AdvertiseAddr"],
                                     st["DataPathPort"], wg_port=st.get("WireguardPort", DEFAULT_WG_PORT),
@@ -110,6 +130,17 @@ class Swarm:
         await self.overlay.start()
 
     async def stop(self) -> None:
+        for t in (self._changing, self._manager_task):
+            if t is not None and not t.done():
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
+        self._changing = self._manager_task = None
+        await self._stop_roles()
+        if self.etcd is not None:
+            await self.etcd.stop()
+            self.etcd = None
+
+    async def _stop_roles(self) -> None:
         if self.overlay is not None:
             await self.overlay.stop()
             self.overlay = None
@@ -124,15 +155,167 @@ class Swarm:
             await self.agent.stop()
             self.agent = None
 
+    def _new_manager(self, node_id: str, *args, **kwargs) -> Manager:
+        manager = Manager(self.dir, node_id, *args, **kwargs)
+        dp = self.daemon.engine.dp
+        manager.host_claims = lambda: collisions.host_claims(dp, BRIDGE_PREFIX)
+        return manager
+
     def _agent_event(self, kind: str, info: dict) -> None:
         st = self.state()
         if st is None:
             return
         if kind == "role":
             st["Role"] = info["role"]
+            if info["role"] == "manager" and st.get("Store") == "etcd" and self._changing is None:
+                self._changing = asyncio.ensure_future(self._become_manager())
         elif kind == "refused":
             st["Problem"] = info["reason"]
+        elif kind == "managers":
+            st["Managers"] = info["managers"]
         put_setting(self.store, "swarm", st)
+
+    def _learned_managers(self, managers: list[str]) -> None:
+        """The watch named the managers: kept, so that a restarted node knows them all."""
+        st = self.state()
+        if st is not None and managers and st.get("Managers") != managers:
+            st["Managers"] = managers
+            put_setting(self.store, "swarm", st)
+
+    # ------------------------------------------------------- several managers (etcd)
+    @staticmethod
+    def ha_manager(st: dict) -> bool:
+        return st.get("Store") == "etcd" and st.get("Role") == "manager"
+
+    async def _start_ha_manager(self, st: dict, wait: float = 0.0) -> None:
+        """The etcd member (if this manager runs one), then the Manager in the background: it needs a
+        quorum of etcd, which may come only when the other managers are back."""
+        if st.get("EtcdMember") and self.etcd is None:
+            self.etcd = EtcdMember(self.dir, st["NodeID"], st["AdvertiseAddr"])
+            await self.etcd.start()
+        self._manager_task = asyncio.ensure_future(self._run_manager(st))
+        if wait:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._manager_task), wait)
+            except asyncio.TimeoutError:
+                log.warning("the manager is not serving yet (waiting for a quorum of etcd); it starts when it can")
+
+    async def _refresh_endpoints(self, st: dict) -> None:
+        """The store's endpoints: this member first, then every member etcd lists now (members added
+        after this one joined are not in its enroll answer)."""
+        store = hastore.open_store(self.dir, st["StoreEndpoints"])
+        try:
+            members = await asyncio.wait_for(store.members(), 5)
+        except (NetweftError, asyncio.TimeoutError):
+            return
+        finally:
+            await store.close()
+        own = hastore.client_endpoint(st["AdvertiseAddr"])
+        eps = [own] + sorted({u.removeprefix("https://") for m in members for u in m.client_urls} - {own})
+        if eps != st["StoreEndpoints"]:
+            st["StoreEndpoints"] = eps
+            cur = self.state()
+            if cur is not None and cur.get("NodeID") == st["NodeID"]:
+                cur["StoreEndpoints"] = eps
+                put_setting(self.store, "swarm", cur)
+
+    async def _local_member_ready(self, st: dict, wait: float = 10.0) -> None:
+        """Until this host's etcd member answers (or `wait` passed): the manager's connection then goes to it
+        first (the endpoints are tried in order), not to another host's member."""
+        store = hastore.open_store(self.dir, [hastore.client_endpoint(st["AdvertiseAddr"])])
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    await store.revision()
+                    return
+                except NetweftError:
+                    await asyncio.sleep(0.2)
+        finally:
+            await store.close()
+
+    async def _run_manager(self, st: dict) -> None:
+        last = None
+        while True:
+            if st.get("EtcdMember"):
+                await self._local_member_ready(st)
+                await self._refresh_endpoints(st)
+            m = self._new_manager(st["NodeID"], st["StoreEndpoints"], on_demoted=self._demoted)
+            try:
+                await m.start(tuple(st["ListenAddr"]))
+                self.manager = m
+                log.info("manager serving on the shared store", extra={"node": st["NodeID"]})
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if str(e) != last:
+                    log.warning("the manager cannot start yet; retrying", extra={"reason": str(e)})
+                last = str(e)
+                await asyncio.sleep(1.0)
+
+    def _demoted(self) -> None:
+        if self._changing is None or self._changing.done():
+            self._changing = asyncio.ensure_future(self._become_worker())
+
+    async def _become_worker(self) -> None:
+        """Demoted or removed by another manager: stop serving, drop the etcd member and the store's keys,
+        go on as a worker (whose agent renews to a worker certificate, or learns it was removed)."""
+        st = self.state()
+        log.info("this manager was demoted: it stops serving and goes on as a worker")
+        await self._stop_roles()
+        if self.etcd is not None:
+            await self.etcd.destroy()
+            self.etcd = None
+        hastore.remove_store_files(self.dir)
+        if st is None:
+            return
+        st.update(Role="worker", EtcdMember=False)
+        put_setting(self.store, "swarm", st)
+        self.agent = agent.NodeAgent(self.dir, st["Managers"], st["AdvertiseAddr"], st["HeartbeatPeriod"],
+                                     on_event=self._agent_event, node_id=st["NodeID"])
+        self.agent.start()
+        await self._start_overlay(st)
+        self._changing = None
+
+    async def _enroll(self, client: agent.ClusterClient, node_id: str, advertise: str) -> dict:
+        """Ask a manager for what the shared store needs; write it; start the etcd member. Returns the swarm
+        state's store fields."""
+        key = pki.new_node_key()
+        answer = codec.convert(await client.call("POST", "/managers/enroll", {"CSR": pki.make_csr(key).decode()}),
+                               EnrollAnswer, "enroll answer from the manager")
+        sealed.save_key(self.dir, sealed.decode_key(answer.manager_key))
+        key_pem = answer.store_key.encode() if answer.store_key else pki.key_to_pem(key)
+        hastore.save_store_pair(self.dir, answer.store_ca.encode(), answer.store_cert.encode(), key_pem)
+        endpoints = list(answer.endpoints)
+        if answer.initial_cluster:
+            own = hastore.client_endpoint(advertise)
+            endpoints = [own] + [e for e in endpoints if e != own]
+            self.etcd = EtcdMember(self.dir, node_id, advertise)
+            await self.etcd.destroy()   # a member that left before never comes back with its old data
+            self.etcd = EtcdMember(self.dir, node_id, advertise)
+            await self.etcd.start(answer.initial_cluster, "existing")
+        return {"Store": "etcd", "StoreEndpoints": endpoints, "EtcdMember": bool(answer.initial_cluster),
+                "ListenAddr": ["0.0.0.0", DEFAULT_PORT]}
+
+    async def _become_manager(self) -> None:
+        """Promoted (etcd): enroll, then serve as a manager like the others."""
+        st = self.state()
+        try:
+            fields = await self._enroll(self.agent.client, st["NodeID"], st["AdvertiseAddr"])
+        except Exception as e:
+            log.error("enrolling as a manager failed; this node stays a worker until it is promoted again",
+                      extra={"reason": str(e)})
+            self._changing = None
+            return
+        st = self.state()
+        st.update(fields, Role="manager")
+        put_setting(self.store, "swarm", st)
+        await self._stop_roles()
+        await self._start_ha_manager(st)
+        await self._start_overlay(st)
+        log.info("promoted: serving as a manager on the shared store", extra={"node": st["NodeID"]})
+        self._changing = None
 
     async def _advertise(self, text: str | None) -> str:
         addrs = await self.daemon.engine.dp.ipv4_addresses()
@@ -185,6 +368,12 @@ class Swarm:
         spec["WireguardPort"] = validate_wg_port(req.WireguardPort or DEFAULT_WG_PORT, spec["DataPathPort"], listen[1])
         if req.DefaultAddrPool:
             spec["DefaultAddrPool"] = [str(parse_network(p, "default address pool")) for p in req.DefaultAddrPool]
+            claims = await collisions.host_claims(self.daemon.engine.dp, BRIDGE_PREFIX)
+            for pool in spec["DefaultAddrPool"]:
+                hit = collisions.overlap(parse_network(pool), claims)
+                if hit is not None:
+                    raise InvalidRequest(f"default address pool {pool} overlaps {hit[0]} of {hit[1]} (overlay "
+                                         "containers could not reach it); choose another --default-addr-pool")
         if req.SubnetSize:
             size = req.SubnetSize
             smallest = max(parse_network(p).prefixlen for p in spec["DefaultAddrPool"])
@@ -192,17 +381,32 @@ class Swarm:
                 raise InvalidRequest(f"--default-addr-pool-mask-length must be between {smallest} and 29")
             spec["SubnetSize"] = size
         t0 = time.monotonic()
-        created = await Manager.init_cluster(self.dir, self.daemon.hostname, advertise, listen, spec)
+        if req.Store in (None, "", "sqlite"):
+            created = await Manager.init_cluster(self.dir, self.daemon.hostname, advertise, listen, spec)
+            extra = {"Leader": True}
+        else:
+            try:
+                created, extra = await self._init_on_etcd(req, advertise, listen, spec)
+            except BaseException:
+                if self.etcd is not None:
+                    await self.etcd.destroy()
+                    self.etcd = None
+                self._forget()
+                raise
         node_id = created["node_id"]
         st = {"NodeID": node_id, "ClusterID": created["cluster_id"], "Role": "manager",
-              "Leader": True, "AdvertiseAddr": advertise, "ListenAddr": list(listen),
+              "Leader": False, "AdvertiseAddr": advertise, "ListenAddr": list(listen),
               "Managers": [f"{advertise}:{listen[1]}"], "HeartbeatPeriod": spec["HeartbeatPeriod"],
-              "DataPathPort": spec["DataPathPort"], "WireguardPort": spec.get("WireguardPort", DEFAULT_WG_PORT)}
-        self.manager = Manager(self.dir, node_id)
+              "DataPathPort": spec["DataPathPort"], "WireguardPort": spec.get("WireguardPort", DEFAULT_WG_PORT),
+              **extra}
+        self.manager = self._new_manager(node_id, extra.get("StoreEndpoints"), on_demoted=self._demoted)
         try:
             await self.manager.start(listen)
         except BaseException:
             self.manager = None
+            if self.etcd is not None:
+                await self.etcd.destroy()
+                self.etcd = None
             self._forget()
             raise
         put_setting(self.store, "swarm", st)
@@ -212,6 +416,55 @@ class Swarm:
         tokens = created["join_tokens"]
         return {"NodeID": node_id, "JoinTokens": {"Worker": tokens["worker"], "Manager": tokens["manager"]},
                 "ManagerAddr": f"{advertise}:{listen[1]}"}
+
+    async def _init_on_etcd(self, req: m.SwarmInit, advertise: str, listen: tuple[str, int],
+                            spec: dict) -> tuple[dict, dict]:
+        """A new cluster on etcd: a member beside this manager (--store etcd) or the operator's etcd
+        (--store etcd://...). Returns init_cluster's answer and the swarm state's store fields."""
+        cluster_id, node_id = new_node_id(), new_node_id()
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        embedded = req.Store == "etcd"
+        if embedded:
+            if req.StoreCACert or req.StoreCert or req.StoreKey:
+                raise InvalidRequest("--store-cacert/--store-cert/--store-key are for an etcd you run "
+                                     "(--store etcd://HOST:2379,...); --store etcd makes its own certificates")
+            store_ca = hastore.make_store_ca(cluster_id)
+            key = pki.new_node_key()
+            cert = hastore.sign_store_cert(store_ca, pki.make_csr(key), node_id, cluster_id, advertise)
+            hastore.save_store_pair(self.dir, store_ca.cert_pem, cert, pki.key_to_pem(key))
+            endpoints = [hastore.client_endpoint(advertise)]
+            self.etcd = EtcdMember(self.dir, node_id, advertise)
+            await self.etcd.start(f"{node_id}={hastore.peer_url(advertise)}", "new")
+        else:
+            endpoints = hastore.parse_endpoints(req.Store)
+            if not (req.StoreCACert and req.StoreCert and req.StoreKey):
+                raise InvalidRequest("an etcd you run needs --store-cacert, --store-cert and --store-key "
+                                     "(netweft speaks to etcd with mutual TLS only)")
+            store_ca = None
+            hastore.save_store_pair(self.dir, req.StoreCACert.encode(), req.StoreCert.encode(),
+                                    req.StoreKey.encode())
+        manager_key = sealed.new_key()
+        sealed.save_key(self.dir, manager_key)
+        try:
+            store = hastore.open_store(self.dir, endpoints)
+        except ValueError as e:
+            raise InvalidRequest(f"the etcd client certificate or key is not usable: {e}") from None
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # a new member takes a moment to serve
+                try:
+                    await store.revision()
+                    break
+                except Unavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            created = await Manager.init_cluster(self.dir, self.daemon.hostname, advertise, listen, spec,
+                                                 store=store, manager_key=manager_key, store_ca=store_ca,
+                                                 ids=(cluster_id, node_id))
+        finally:
+            await store.close()
+        return created, {"Store": "etcd", "StoreEndpoints": endpoints, "EtcdMember": embedded}
 
     def _forget(self) -> None:
         """This host is no longer in a swarm. The cluster store (the leader's) lives in the swarm directory
@@ -242,11 +495,29 @@ class Swarm:
         st = {"NodeID": resp["NodeID"], "ClusterID": resp["ClusterID"], "Role": resp["Role"], "Leader": False,
               "AdvertiseAddr": advertise, "Managers": resp["Managers"],
               "HeartbeatPeriod": resp["HeartbeatPeriod"], "DataPathPort": resp["DataPathPort"],
-              "WireguardPort": resp.get("WireguardPort", DEFAULT_WG_PORT)}
-        put_setting(self.store, "swarm", st)
-        self.agent = agent.NodeAgent(self.dir, st["Managers"], advertise, st["HeartbeatPeriod"],
-                                     on_event=self._agent_event)
-        self.agent.start()
+              "WireguardPort": resp.get("WireguardPort", DEFAULT_WG_PORT), "Store": resp.get("Store", "sqlite")}
+        if self.ha_manager(st):
+            if advertise is None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise InvalidRequest("a manager on etcd needs --advertise-addr (its etcd member listens there)")
+            client = agent.ClusterClient(self.dir, st["Managers"], st["NodeID"])
+            try:
+                st.update(await self._enroll(client, st["NodeID"], advertise))
+            except BaseException:
+                if self.etcd is not None:
+                    await self.etcd.destroy()
+                    self.etcd = None
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise
+            finally:
+                await client.close()
+            put_setting(self.store, "swarm", st)
+            await self._start_ha_manager(st, wait=30.0)
+        else:
+            put_setting(self.store, "swarm", st)
+            self.agent = agent.NodeAgent(self.dir, st["Managers"], advertise, st["HeartbeatPeriod"],
+                                         on_event=self._agent_event, node_id=st["NodeID"])
+            self.agent.start()
         await self._start_overlay(st)
         log.info("joined swarm", extra={"node": resp["NodeID"], "role": resp["Role"], "manager": addr})
         return {"NodeID": resp["NodeID"], "Role": resp["Role"]}
@@ -269,9 +540,16 @@ class Swarm:
                 if not force:
                     raise Unavailable(f"could not tell the manager that this node leaves ({e}); "
                                       "use --force to leave anyway") from None
+        if self.manager is not None and self.manager.ha:
+            try:  # its endpoints go, it is Down, and its etcd member leaves the etcd cluster
+                await asyncio.wait_for(self.manager.leave_managers(), 30)
+            except (NetweftError, asyncio.TimeoutError) as e:
+                log.warning("leaving the managers failed; leaving anyway", extra={"reason": str(e)})
         if self.overlay is not None:
             await self.overlay.teardown()
         await self.stop()
+        if self.etcd is not None or st.get("EtcdMember"):
+            await EtcdMember(self.dir, st["NodeID"], st["AdvertiseAddr"]).destroy()
         self._forget()
         log.info("left the swarm", extra={"node": st["NodeID"]})
 
@@ -284,6 +562,9 @@ class Swarm:
         if self.manager is not None:
             result = local()
             return await result if inspect.isawaitable(result) else result
+        if self.ha_manager(st) and self._leader_client is not None:
+            # This manager is not serving yet (no etcd quorum here): another one may be.
+            return await self._leader_client.call(method, "/admin" + path, body)
         if st["Role"] != "manager":
             # An expired certificate is the more urgent news: it says how to get back in (rejoin).
             problem = self.agent.problem if self.agent is not None else None
@@ -295,8 +576,9 @@ class Swarm:
         if st is None:
             return {"LocalNodeState": "inactive"}
         problem = st.get("Problem") or (self.agent.problem if self.agent else None)
+        leader = bool(st.get("Leader")) or (self.manager is not None and self.manager.ha and self.manager.is_leader())
         return {"LocalNodeState": "error" if problem else "active", "NodeID": st["NodeID"],
-                "ClusterID": st["ClusterID"], "Role": st["Role"], "Leader": bool(st.get("Leader")),
+                "ClusterID": st["ClusterID"], "Role": st["Role"], "Leader": leader, "Store": st.get("Store", "sqlite"),
                 "NodeAddr": st["AdvertiseAddr"], "Managers": st["Managers"], "Error": problem or ""}
 
     # ------------------------------------------------------------------ routes

@@ -13,15 +13,28 @@ from __future__ import annotations
 
 import abc
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
-from netweft.dataplane.firewall import BridgeRule
+from netweft.dataplane.firewall import BridgeRule, PortRule
 from netweft.dataplane.wgconf import Implementation, PeerStatus, TunnelSpec
 from netweft.model.objects import Peer
 
 VXLAN_OVERHEAD = 50          # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8: overlay MTU = underlay MTU - 50
 DEFAULT_VXLAN_PORT = 4789
 GWBRIDGE = "nw_gwbridge"     # the overlays' gateway bridge (Docker's docker_gwbridge)
+
+
+class ProbeChannel(Protocol):
+    """Probe frames to and from peer hosts through the data path (see dataplane/probe.py)."""
+
+    def start(self, loop, on_frame: Callable[[bytes], None]) -> None:
+        """Call on_frame(inner Ethernet frame) for every probe frame received, from the loop."""
+
+    def send(self, vtep: str, frame: bytes) -> str | None:
+        """Send a frame to a peer's VTEP; None, or a few words why it could not leave this host."""
+
+    def close(self) -> None: ...
 
 
 class DataPlane(abc.ABC):
@@ -188,6 +201,31 @@ class DataPlane(abc.ABC):
     @abc.abstractmethod
     async def tunnel_probe_replies(self) -> set[str]:
         """The tunnel addresses that answered since the last call."""
+
+    # ---- published ports ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def apply_port_maps(self, rules: list[PortRule]) -> None:
+        """Atomically replace table `inet netweft-ports` with DNAT rules for the published ports (none:
+        delete it)."""
+    # ---- data-path probes (dataplane/probe.py) -----------------------------------------------------
+    @abc.abstractmethod
+    async def open_probe(self, local_ip: str, port: int, mtu: int) -> "ProbeChannel":
+        """The host's probe device (a VXLAN device on the data path's `port`, VNI probe.PROBE_VNI) made or
+        repaired, and a channel on it: frames sent encapsulated to a peer's VTEP with DF, frames received."""
+
+    @abc.abstractmethod
+    async def delete_probe(self) -> None:
+        """Remove the probe device (the host left its swarm). Idempotent."""
+
+    @abc.abstractmethod
+    async def list_antispoof(self, netns_path: str | None = None) -> list[str]:
+        """Container ports guarded against spoofing (dataplane/antispoof.py) in the host namespace, or in the
+        namespace at `netns_path` (an overlay sandbox). ensure_endpoint, ensure_overlay_endpoint and
+        ensure_gw_endpoint guard their port (only its MAC and IPv4 address may send); the delete_* remove it."""
+
+    @abc.abstractmethod
+    async def kernel_features(self) -> dict[str, str | None]:
+        """What the kernel can do (dataplane/features.py): feature -> None if it works, else why not."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -27,11 +27,14 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from netweft.dataplane.api import DataPlane
+from netweft.dataplane.api import VXLAN_OVERHEAD, DataPlane
+from netweft.dataplane.probe import PROBE_DEVICE, PROBE_VNI
+from netweft.dataplane.antispoof import TABLE as ANTISPOOF_TABLE
 from netweft.dataplane.checks import (check_ifname, check_mtu, check_path, check_peers, default_tmp_name, int_in,
                                       ipv4, parse_interface, parse_mac, peer_tables)
-from netweft.dataplane.firewall import (OVERLAY_TABLE, TUNNEL_TABLE, BridgeRule, render_firewall,
-                                        render_overlay_firewall, render_tunnel_firewall)
+from netweft.dataplane.firewall import (OVERLAY_TABLE, PORTS_TABLE, TUNNEL_TABLE, BridgeRule, PortRule,
+                                        render_firewall, render_overlay_firewall, render_port_maps,
+                                        render_tunnel_firewall)
 from netweft.dataplane.wgconf import Implementation, PeerStatus, TunnelSpec, key_bytes
 from netweft.errors import InvalidRequest, KernelError
 from netweft.model.objects import Peer
@@ -58,6 +61,55 @@ class FakeLink:
     loopback: bool = False              # lo
 
 
+class FakeProbeNet:
+    """The underlay between fake hosts, for probes: who reaches whom, and the path MTU of each direction.
+    Several FakeDataPlanes given one FakeProbeNet probe each other; a test blocks a direction or lowers
+    a path's MTU as a firewall or a misconfigured link would."""
+
+    def __init__(self, mtu: int = 1500):
+        self.mtu = mtu
+        self.channels: dict[str, "FakeProbeChannel"] = {}   # VTEP -> the open channel there
+        self.blocked: set[tuple[str, str]] = set()            # (from VTEP, to VTEP)
+        self.path_mtu: dict[tuple[str, str], int] = {}
+
+    def block(self, a: str, b: str, both: bool = True) -> None:
+        self.blocked.add((a, b))
+        if both:
+            self.blocked.add((b, a))
+
+    def unblock(self, a: str, b: str) -> None:
+        self.blocked -= {(a, b), (b, a)}
+
+    def deliver(self, src: str, vtep: str, frame: bytes) -> None:
+        dst = self.channels.get(vtep)
+        outer = len(frame) + VXLAN_OVERHEAD - 14   # the outer IP packet's size, as on the real wire
+        if dst is None or (src, vtep) in self.blocked or outer > self.path_mtu.get((src, vtep), self.mtu):
+            return   # lost, as on a real path: nothing tells the sender
+        if dst.loop is not None and dst.on_frame is not None:
+            dst.loop.call_soon(dst.on_frame, bytes(frame))
+
+
+class FakeProbeChannel:
+    def __init__(self, net: FakeProbeNet, vtep: str):
+        self.net, self.vtep = net, vtep
+        self.loop = self.on_frame = None
+        self.sent = 0
+        net.channels[vtep] = self
+
+    def start(self, loop, on_frame) -> None:
+        self.loop, self.on_frame = loop, on_frame
+
+    def send(self, vtep: str, frame: bytes) -> str | None:
+        self.sent += 1
+        self.net.deliver(self.vtep, vtep, frame)
+        return None
+
+    def close(self) -> None:
+        if self.net.channels.get(self.vtep) is self:
+            del self.net.channels[self.vtep]
+        self.loop = self.on_frame = None
+
+
 def _op(fn):
     """A DataPlane method: bookkeeping (closed, injected failures, a yield to the loop), then the body."""
     name = fn.__name__
@@ -73,13 +125,20 @@ def _op(fn):
 
 
 class FakeDataPlane(DataPlane):
-    def __init__(self, *, yield_to_loop: bool = True):
+    def __init__(self, *, yield_to_loop: bool = True, probe_net: "FakeProbeNet | None" = None):
         self.yield_to_loop = yield_to_loop
+        self.probe_net = probe_net if probe_net is not None else FakeProbeNet()
+        # What kernel_features reports; a test removes one: features["vxlan"] = "Operation not supported".
+        self.features: dict[str, str | None] = {"bridge": None, "vxlan": None, "wireguard": None, "nftables": None,
+                                                "nftables_bridge": None, "br_netfilter": "not loaded",
+                                                "wireguard_go": None}
         self._ns: dict[str, dict[str, FakeLink]] = {HOST: {"lo": FakeLink("lo", "device", 65536, up=True,
                                                                           loopback=True)}}
         self._default: dict[str, tuple[str, str]] = {}    # namespace -> (gateway, device)
         self._routes: list[tuple[ipaddress.IPv4Network, str | None]] = []  # host routes added by a test
         self.tables: dict[str, dict] = {}                  # nftables table -> the libnftables JSON applied
+        # Anti-spoofing (dataplane/antispoof.py): namespace -> guarded port -> (MAC, IP) it may send from.
+        self.guards: dict[str, dict[str, tuple[str, str]]] = {}
         self.ip_forward = False
         self.changes = 0
         self.calls: Counter[str] = Counter()
@@ -224,6 +283,7 @@ class FakeDataPlane(DataPlane):
             self._del(path, name)
         del self._ns[path]
         self._default.pop(path, None)
+        self.guards.pop(path, None)   # the namespace's nftables go with it
         self.changes += 1
 
     def _new_ns(self, path: str) -> None:
@@ -433,11 +493,13 @@ class FakeDataPlane(DataPlane):
         self._set(host, "mtu", mtu)
         self._set(host, "up", True)
         self._container_end(netns_path, peer, want, mac, mtu, gateway)
+        self._guard(HOST, host_ifname, mac, want)
 
     @_op
     def delete_endpoint(self, host_ifname: str) -> None:
         check_ifname(host_ifname, "host interface name")
         self._delete_kind(HOST, host_ifname, "veth", f"delete endpoint {host_ifname}")
+        self._unguard(HOST, host_ifname)
 
     @_op
     def set_ip_forward(self, enabled: bool) -> None:
@@ -450,6 +512,12 @@ class FakeDataPlane(DataPlane):
         networks = list(networks)
         doc = render_firewall(table, networks)
         self._table(table, doc if networks else None)
+
+    @_op
+    def apply_port_maps(self, rules: list[PortRule]) -> None:
+        rules = list(rules)
+        doc = render_port_maps(rules)
+        self._table(PORTS_TABLE, doc if rules else None)
 
     def _table(self, name: str, doc: dict | None) -> None:
         if self.tables.get(name) != doc:
@@ -527,6 +595,7 @@ class FakeDataPlane(DataPlane):
                                 what=what)
         self._port(host, SANDBOX_BRIDGE, mtu, False)
         self._container_end(netns_path, peer, want, mac, mtu, None)
+        self._guard(sandbox_path, host_ifname, mac, want)
 
     @_op
     def delete_overlay_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
@@ -535,6 +604,7 @@ class FakeDataPlane(DataPlane):
         if sandbox_path in self._ns:
             self._delete_kind(sandbox_path, host_ifname, "veth",
                               f"delete overlay endpoint {host_ifname} in {sandbox_path}")
+            self._unguard(sandbox_path, host_ifname)
 
     @_op
     def list_overlay_endpoints(self, sandbox_path: str) -> list[str]:
@@ -645,11 +715,30 @@ class FakeDataPlane(DataPlane):
         host, peer = self._veth(HOST, host_ifname, netns_path, ifname, mac, mtu, replace_peer=False, what=what)
         self._port(host, bridge, mtu, True)
         self._container_end(netns_path, peer, want, mac, mtu, gateway)
+        self._guard(HOST, host_ifname, mac, want)
 
     @_op
     def delete_gw_endpoint(self, host_ifname: str) -> None:
         check_ifname(host_ifname, "host interface name")
         self._delete_kind(HOST, host_ifname, "veth", f"delete gateway endpoint {host_ifname}")
+        self._unguard(HOST, host_ifname)
+
+    @_op
+    def list_antispoof(self, netns_path: str | None = None) -> list[str]:
+        key = HOST if netns_path is None else self._path(netns_path, "namespace path")
+        return sorted(self.guards.get(key, {}))
+
+    def _guard(self, ns: str, port: str, mac: str, address) -> None:
+        entry = (mac, str(address.ip))
+        if ns == HOST and ANTISPOOF_TABLE not in self.tables:
+            self.tables[ANTISPOOF_TABLE] = {"nftables": []}   # made with the first port, kept (as the real one)
+        if self.guards.setdefault(ns, {}).get(port) != entry:
+            self.guards[ns][port] = entry
+            self.changes += 1
+
+    def _unguard(self, ns: str, port: str) -> None:
+        if self.guards.get(ns, {}).pop(port, None) is not None:
+            self.changes += 1
 
     @_op
     def apply_overlay_firewall(self, gwbridge: str, gw_subnet: str) -> None:
@@ -722,6 +811,36 @@ class FakeDataPlane(DataPlane):
     def tunnel_probe_replies(self) -> set[str]:
         out, self._probed = self._probed, set()
         return out
+
+    # ---- data-path probes -----------------------------------------------------------------------------
+
+    @_op
+    def open_probe(self, local_ip: str, port: int, mtu: int) -> "FakeProbeChannel":
+        local_ip = ipv4(local_ip, "local underlay address")
+        int_in(port, 1, 65535, "UDP port")
+        check_mtu(mtu)
+        link = self._ns[HOST].get(PROBE_DEVICE)
+        if link is not None and link.kind != "vxlan":
+            raise KernelError(f"probe device {PROBE_DEVICE}: the name {PROBE_DEVICE} is taken by a non-VXLAN "
+                              "interface")
+        if link is None or link.vxlan != (PROBE_VNI, local_ip, port):
+            self._add(HOST, FakeLink(PROBE_DEVICE, "vxlan", mtu, up=True, vxlan=(PROBE_VNI, local_ip, port)))
+        else:
+            self._set(link, "mtu", mtu)
+            self._set(link, "up", True)
+        return FakeProbeChannel(self.probe_net, local_ip)
+
+    @_op
+    def delete_probe(self) -> None:
+        link = self._ns[HOST].get(PROBE_DEVICE)
+        if link is not None:
+            if link.kind != "vxlan":
+                raise KernelError(f"delete probe device {PROBE_DEVICE}: that interface is not a vxlan")
+            self._del(HOST, PROBE_DEVICE)
+
+    @_op
+    def kernel_features(self) -> dict[str, str | None]:
+        return dict(self.features)
 
     async def close(self) -> None:
         self._closed = True

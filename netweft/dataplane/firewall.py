@@ -225,3 +225,72 @@ def render_tunnel_firewall(wg_ifnames: list[str], vxlan_port: int, vnis: list[in
 def render_delete_tunnel_firewall(table: str = TUNNEL_TABLE) -> dict:
     tbl = {"family": "inet", "name": table}
     return {"nftables": [{"add": {"table": dict(tbl)}}, {"delete": {"table": dict(tbl)}}]}
+
+
+# ---- published ports ------------------------------------------------------------------------------
+
+PORTS_TABLE = "netweft-ports"
+
+
+@dataclass(frozen=True, order=True)
+class PortRule:
+    """One published port: traffic to this host's `host_ip` (any local address if "") on `host_port`
+    goes to `dest_ip`:`dest_port` (a container's address the host can route to)."""
+
+    protocol: str      # tcp | udp | sctp
+    host_port: int
+    host_ip: str
+    dest_ip: str
+    dest_port: int
+
+
+def _check_ports(rules: list[PortRule]) -> None:
+    seen = set()
+    for r in rules:
+        if not isinstance(r, PortRule):
+            raise InvalidRequest(f"expected a PortRule, got {r!r}")
+        if r.protocol not in ("tcp", "udp", "sctp"):
+            raise InvalidRequest(f"invalid protocol {r.protocol!r}: tcp, udp or sctp")
+        for port, what in ((r.host_port, "host port"), (r.dest_port, "container port")):
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                raise InvalidRequest(f"invalid {what} {port!r}: 1-65535")
+        for ip, what in ((r.host_ip, "host IP"), (r.dest_ip, "container IP")):
+            if ip == "" and what == "host IP":
+                continue
+            try:
+                ipaddress.IPv4Address(ip)
+            except (ValueError, TypeError):
+                raise InvalidRequest(f"invalid {what} {ip!r}") from None
+        key = (r.protocol, r.host_port, r.host_ip)
+        if key in seen or (r.protocol, r.host_port, "") in seen or \
+                (r.host_ip == "" and any(k[:2] == key[:2] for k in seen)):
+            raise InvalidRequest(f"{r.protocol} port {r.host_port} of this host is published twice")
+        seen.add(key)
+
+
+def render_port_maps(rules: list[PortRule], table: str = PORTS_TABLE) -> dict:
+    """The libnftables JSON command that atomically replaces table `inet <table>` with DNAT rules for the
+    published ports: from outside (prerouting) and from the host itself (output), only to addresses that
+    are this host's (`fib daddr type local`). No rules: the table is deleted."""
+    rules = sorted(rules)
+    _check_ports(rules)
+    tbl = {"family": FAMILY, "name": table}
+    cmds: list[dict] = [{"add": {"table": dict(tbl)}}, {"delete": {"table": dict(tbl)}}]
+    if not rules:
+        return {"nftables": cmds}
+    cmds.append({"add": {"table": dict(tbl)}})
+    for chain, hook in (("prerouting", "prerouting"), ("output", "output")):
+        cmds.append({"add": {"chain": {"family": FAMILY, "table": table, "name": chain, "type": "nat",
+                                       "hook": hook, "prio": -100, "policy": "accept"}}})
+    for r in rules:
+        match = [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}]
+        if r.host_ip:
+            match.append({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                                    "right": r.host_ip}})
+        match += [_meta("l4proto", "==", r.protocol),
+                  {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
+                             "right": r.host_port}},
+                  {"dnat": {"family": "ip", "addr": r.dest_ip, "port": r.dest_port}}]
+        for chain in ("prerouting", "output"):
+            cmds.append(_rule(table, chain, f"publish {r.protocol} {r.host_ip or '*'}:{r.host_port}", *match))
+    return {"nftables": cmds}

@@ -28,9 +28,9 @@ import socket
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from netweft.dataplane import netns
+from netweft.dataplane import antispoof, netns
 from netweft.dataplane.checks import check_mtu, check_path, ipv4
-from netweft.dataplane.firewall import BridgeRule, render_firewall
+from netweft.dataplane.firewall import PORTS_TABLE, BridgeRule, PortRule, render_firewall, render_port_maps
 from netweft.dataplane.nlutil import (RT_TABLE_MAIN, HostHandles, check_ifname, delete_link, describe,
                                       ensure_container_end, ensure_ipv4, ensure_mtu, ensure_up, ensure_veth,
                                       failing, get_link, ignore, link_kind, netns_iproute,
@@ -122,17 +122,17 @@ class Kernel(HostHandles):
 
     def list_links(self, prefix: str) -> list[str]:
         """Names of host links starting with `prefix`, sorted."""
-        with failing("list links"):
-            names = [link.get("ifname") for link in self._host.link("dump")]
+        names = [name for _, name, _, _ in self._host_nl.links()]
         return sorted(n for n in names if n and n.startswith(prefix))
 
     def list_ports(self, bridge: str) -> list[str]:
         """Names of host links enslaved to `bridge`, sorted; empty if there is no such bridge."""
         check_ifname(bridge, "bridge name")
-        with failing("list links"):
-            links = self._host.link("dump")
-        index = next((link["index"] for link in links if link.get("ifname") == bridge), None)
-        return sorted(link.get("ifname") for link in links if index is not None and link.get("master") == index)
+        with failing(f"list ports of {bridge}"):
+            link = get_link(self._host, bridge)
+        if link is None:
+            return []
+        return sorted(name for _, name, _, _ in self._host_nl.links(master=link["index"]))
 
     def ipv4_addresses(self) -> dict[str, list[str]]:
         """Global IPv4 addresses of the host's interfaces, by interface name (for --advertise-addr)."""
@@ -256,12 +256,17 @@ class Kernel(HostHandles):
                 ensure_mtu(ipr, host, mtu)
                 ensure_up(ipr, host)
                 ensure_container_end(cipr, peer, want, mac, mtu, gw)
+        antispoof.add_port(self._nft_cmd, host_ifname, mac, str(want.ip))
 
     def delete_endpoint(self, host_ifname: str) -> None:
         """Delete the veth whose host end is `host_ifname` (its peer goes with it). Idempotent."""
         check_ifname(host_ifname, "host interface name")
         with failing(f"delete endpoint {host_ifname}"):
             delete_link(self._host, host_ifname, "veth")
+        antispoof.delete_port(self._nft_cmd, host_ifname)
+
+    def list_antispoof(self) -> list[str]:
+        return antispoof.list_ports(self._nft_cmd)
 
     # ---- host settings and firewall -------------------------------------------------------------
 
@@ -273,6 +278,10 @@ class Kernel(HostHandles):
         """Atomically replace nftables table `inet <table>` with rules for `networks`
         (see firewall.render_firewall); an empty list deletes the table."""
         self._nft_cmd(render_firewall(table, list(networks)), f"nftables table {table}")
+
+    def apply_port_maps(self, rules: list[PortRule]) -> None:
+        """Atomically replace table `inet netweft-ports` with the published ports' DNAT rules."""
+        self._nft_cmd(render_port_maps(list(rules)), f"nftables table {PORTS_TABLE}")
 
     def delete_firewall(self, table: str) -> None:
         """Delete nftables table `inet <table>`. Idempotent."""

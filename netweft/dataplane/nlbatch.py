@@ -42,6 +42,8 @@ NLM_F_CAPPED = 0x100   # in an error answer: the request was not echoed (NETLINK
 NLM_F_ACK_TLVS = 0x200  # in an error answer: extended-ack attributes follow
 NLMSGERR_ATTR_MSG = 1
 
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
 RTM_NEWNEIGH = 28
 RTM_DELNEIGH = 29
 RTM_GETNEIGH = 30
@@ -60,6 +62,13 @@ RCVBUF = 8 * 1024 * 1024   # room for a batch of answers (each one costs ≈1 KB
 TIMEOUT = 10.0             # seconds to wait for the kernel before giving up
 
 _HDR = struct.Struct("=IHHII")            # nlmsghdr: len, type, flags, seq, pid
+_IFINFO = struct.Struct("=BxHiII")        # ifinfomsg: family, type, index, flags, change
+IFLA_IFNAME = 3
+IFLA_MASTER = 10
+IFLA_LINKINFO = 18
+IFLA_EXT_MASK = 29
+IFLA_INFO_KIND = 1
+RTEXT_FILTER_SKIP_STATS = 1 << 3
 _NDMSG = struct.Struct("=BxxxiHBB")       # ndmsg: family, ifindex, state, flags, type
 _NLA = struct.Struct("=HH")               # nlattr: len, type
 _ERR = struct.Struct("=i")
@@ -232,21 +241,35 @@ class NeighBatch:
                 out.add((_mac_str(attrs[NDA_LLADDR]), socket.inet_ntop(AF_INET, dst)))
         return out
 
-    def _dump(self, body: bytes) -> list[tuple[int, int, int, int, dict[int, bytes]]]:
+    def links(self, master: int | None = None, kind: str | None = None) -> list[tuple[int, str, str, int]]:
+        """The namespace's links as (index, name, kind, master index or 0), without their statistics.
+        `master` / `kind`: only the ports of that bridge / links of that kind (filtered by the kernel).
+        A pyroute2 dump decodes every attribute of every link: seconds for thousands of veths."""
+        body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _NLA.pack(8, IFLA_EXT_MASK) \
+            + struct.pack("=I", RTEXT_FILTER_SKIP_STATS)
+        if master is not None:
+            body += _NLA.pack(8, IFLA_MASTER) + struct.pack("=I", master)
+        if kind is not None:
+            k = kind.encode() + b"\0"
+            inner = _NLA.pack(4 + len(k), IFLA_INFO_KIND) + k + b"\0" * (-len(k) % 4)
+            body += _NLA.pack(4 + len(inner), IFLA_LINKINFO) + inner
+        return self._dump(body, RTM_GETLINK, "links")
+
+    def _dump(self, body: bytes, request: int = RTM_GETNEIGH, what: str = "neighbours") -> list:
         # The kernel flags a dump that raced with a change (NLM_F_DUMP_INTR); read it again then.
         for _ in range(10):
             try:
-                entries, interrupted = self._dump_once(body)
+                entries, interrupted = self._dump_once(body, request)
             except OSError as e:
-                raise KernelError(f"dump neighbours: netlink: {_strerror(e)}") from None
+                raise KernelError(f"dump {what}: netlink: {_strerror(e)}") from None
             if not interrupted:
                 return entries
-        raise KernelError("dump neighbours: table kept changing during the dump")
+        raise KernelError(f"dump {what}: table kept changing during the dump")
 
-    def _dump_once(self, body: bytes) -> tuple[list, bool]:
+    def _dump_once(self, body: bytes, request: int = RTM_GETNEIGH) -> tuple[list, bool]:
         self._seq += 1
         seq = self._seq
-        self._sock.send(_HDR.pack(16 + len(body), RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        self._sock.send(_HDR.pack(16 + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
         entries = []
         interrupted = False
         buf = self._buf
@@ -268,7 +291,31 @@ class NeighBatch:
                     if mtype == RTM_NEWNEIGH:
                         family, idx, state, nflags, _type = _NDMSG.unpack_from(buf, off + 16)
                         entries.append((family, idx, state, nflags, _attrs(buf, off + 28, off + length)))
+                    elif mtype == RTM_NEWLINK:
+                        entries.append(_link(buf, off, length))
                 off += (length + 3) & ~3
+
+
+def _link(buf: bytearray, off: int, length: int) -> tuple[int, str, str, int]:
+    """(index, name, kind, master) of one RTM_NEWLINK message; only the attributes needed are read."""
+    index = _IFINFO.unpack_from(buf, off + 16)[2]
+    name, kind, master = "", "", 0
+    a, end = off + 32, off + length
+    unpack = _NLA.unpack_from
+    while a + 4 <= end:
+        alen, atype = unpack(buf, a)
+        if alen < 4:
+            break
+        atype &= 0x3FFF
+        if atype == IFLA_IFNAME:
+            name = bytes(buf[a + 4:a + alen]).rstrip(b"\0").decode(errors="replace")
+        elif atype == IFLA_MASTER:
+            master = struct.unpack_from("=I", buf, a + 4)[0]
+        elif atype == IFLA_LINKINFO:
+            kind_raw = _attrs(buf, a + 4, a + alen).get(IFLA_INFO_KIND)
+            kind = kind_raw.rstrip(b"\0").decode(errors="replace") if kind_raw else ""
+        a += (alen + 3) & ~3
+    return index, name, kind, master
 
 
 def _attrs(buf: bytearray, off: int, end: int) -> dict[int, bytes]:

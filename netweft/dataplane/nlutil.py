@@ -20,7 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netweft.dataplane import netns
 from netweft.dataplane.checks import IFNAMSIZ, check_ifname, parse_interface, parse_mac  # noqa: F401 (re-exported)
-from netweft.dataplane.nlbatch import NETLINK_EXT_ACK, NETLINK_ROUTE, SOL_NETLINK
+from netweft.dataplane.nlbatch import NETLINK_EXT_ACK, NETLINK_ROUTE, SOL_NETLINK, NeighBatch, open_route_socket
 from netweft.errors import KernelError
 
 IFF_UP = 0x1
@@ -259,6 +259,7 @@ class HostHandles:
         self._owner: int | None = None
         self._ipr: IPRoute | None = None
         self._nft = None  # nftables.Nftables, created lazily inside the host namespace
+        self._nl: NeighBatch | None = None  # raw netlink for big dumps (thousands of links), lazily
         self._closed = False
 
     def close(self) -> None:
@@ -270,6 +271,9 @@ class HostHandles:
             close_iproute(self._ipr)
             self._ipr = None
         self._nft = None
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
         os.close(self._host_fd)
 
     def __enter__(self):
@@ -296,6 +300,14 @@ class HostHandles:
                 self._ipr = open_iproute(self._host_fd)
         return self._ipr
 
+    @property
+    def _host_nl(self) -> NeighBatch:
+        self._claim_thread()
+        if self._nl is None:
+            with failing("open netlink socket in host namespace"), netns.entered(self._host_fd):
+                self._nl = NeighBatch(open_route_socket())
+        return self._nl
+
     @contextlib.contextmanager
     def _in_host(self) -> Iterator[None]:
         """Run the block with the calling thread in the host namespace (entered only if elsewhere)."""
@@ -318,23 +330,34 @@ class HostHandles:
                     f.seek(0)
                     f.write(value + "\n")
 
-    def _nft_cmd(self, cmd: dict, what: str) -> None:
-        """Run a libnftables JSON command in the host namespace; a refusal is one KernelError line."""
+    def _nft_cmd(self, cmd: dict, what: str):
+        """Run a libnftables JSON command in the host namespace; a refusal is one KernelError line. Returns
+        libnftables' JSON output (for list commands)."""
         self._claim_thread()
         with self._in_host():
             if self._nft is None:
-                import nftables  # pip-nftables over the system libnftables
+                self._nft = new_nft(what)
+            return nft_run(self._nft, cmd, what)
 
-                try:
-                    # A libnftables context stays bound to the namespace it is first used in.
-                    self._nft = nftables.Nftables()
-                except OSError as e:
-                    raise KernelError(f"{what}: cannot load libnftables: {e}") from None
-            rc, _output, error = self._nft.json_cmd(cmd)
-        if rc != 0:
-            lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
-            detail = lines[0] if lines else f"libnftables returned {rc}"
-            # Messages look like "internal:0:0-0: Error: ..."; the location says nothing for JSON input.
-            if "Error:" in detail:
-                detail = detail[detail.index("Error:") + len("Error:"):].strip()
-            raise KernelError(f"{what}: {detail}")
+
+def new_nft(what: str):
+    """A libnftables context: make it (and use it first) inside the namespace it is for; it stays bound there."""
+    import nftables  # pip-nftables over the system libnftables
+
+    try:
+        return nftables.Nftables()
+    except OSError as e:
+        raise KernelError(f"{what}: cannot load libnftables: {e}") from None
+
+
+def nft_run(nft, cmd: dict, what: str):
+    """Run a libnftables JSON command; a refusal is one KernelError line. Returns its JSON output."""
+    rc, output, error = nft.json_cmd(cmd)
+    if rc != 0:
+        lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
+        detail = lines[0] if lines else f"libnftables returned {rc}"
+        # Messages look like "internal:0:0-0: Error: ..."; the location says nothing for JSON input.
+        if "Error:" in detail:
+            detail = detail[detail.index("Error:") + len("Error:"):].strip()
+        raise KernelError(f"{what}: {detail}")
+    return output

@@ -37,17 +37,19 @@ from collections.abc import Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from netweft.dataplane import netns
+from netweft.dataplane import antispoof, netns
 from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)
 from netweft.dataplane.checks import (check_path, check_peers, default_tmp_name, int_in as _int_in, ipv4 as _ipv4,
                                       make_peer, peer_tables)
 from netweft.dataplane.firewall import (OVERLAY_TABLE, render_delete_overlay_firewall,  # noqa: F401
                                         render_overlay_firewall)
 from netweft.dataplane.nlbatch import NeighBatch, open_route_socket
+from netweft.dataplane.probe import PROBE_DEVICE, PROBE_VNI, RealProbeChannel
 from netweft.dataplane.nlutil import (HostHandles, check_ifname, close_iproute, delete_link,
                                       ensure_container_end, ensure_ipv4, ensure_mtu, ensure_up, ensure_veth,
                                       failing, get_link, ignore, link_kind, netns_iproute, netnsid,
-                                      open_iproute, parse_interface, parse_mac, retry_eexist)
+                                      new_nft, nft_run, open_iproute, parse_interface, parse_mac,
+                                      retry_eexist)
 from netweft.errors import KernelError
 from netweft.model.objects import Peer as ModelPeer
 
@@ -70,6 +72,7 @@ class _Sandbox:
         self.fd = fd
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)  # which namespace; notices one replaced under the same path
+        self.nft = None                      # its libnftables context, made inside it on first use
         self.ipr = open_iproute(fd)
         try:
             with netns.entered(fd):
@@ -83,6 +86,7 @@ class _Sandbox:
         close_iproute(self.ipr)
         with contextlib.suppress(OSError):
             self.nl.close()
+        self.nft = None   # its socket would keep a deleted namespace alive
         os.close(self.fd)
 
 
@@ -181,6 +185,7 @@ class Overlay(HostHandles):
         sb = self._sandbox(path)
         ipr = sb.ipr
         with failing(f"sandbox {path}: bridge {SANDBOX_BRIDGE}"):
+            had_bridge = link_kind(get_link(ipr, SANDBOX_BRIDGE)) == "bridge"
             br = self._ensure_bridge(ipr, SANDBOX_BRIDGE, gateway, mtu, ours=True)
         with failing(f"sandbox {path}: VXLAN device (VNI {vni}, port {port})"):
             vx = get_link(ipr, SANDBOX_VXLAN)
@@ -192,11 +197,13 @@ class Overlay(HostHandles):
             if vx.get("master") != br:
                 ipr.link("set", index=vx["index"], master=br)
             ensure_up(ipr, vx)
-        with failing(f"sandbox {path}: endpoint ports"):
-            # A br0 deleted by hand took its ports along: every veth in a sandbox is an endpoint on br0.
-            for link in ipr.link("dump"):
-                if link_kind(link) == "veth" and link.get("master") != br:
-                    ipr.link("set", index=link["index"], master=br)
+        if not had_bridge:
+            with failing(f"sandbox {path}: endpoint ports"):
+                # A br0 deleted by hand took its ports along: every veth in a sandbox is an endpoint on br0.
+                # Only then: a look at every port would make each attach cost more with each endpoint.
+                for index, _, _, master in sb.nl.links(kind="veth"):
+                    if master != br:
+                        ipr.link("set", index=index, master=br)
         with failing(f"sandbox {path}: bring up lo"):
             ensure_up(ipr, get_link(ipr, "lo"))
         self._no_bridge_netfilter(sb)
@@ -330,6 +337,7 @@ class Overlay(HostHandles):
             raise KernelError(f"{what}: sandbox has no {SANDBOX_BRIDGE} (ensure_sandbox first)")
         self._ensure_veth(sb.ipr, ctr_netns_path, *args, master=br["index"], isolated=False,
                           gateway=None, what=what)
+        antispoof.add_port(self._sandbox_nft(sb), args[0], args[3], str(args[2].ip))
 
     def delete_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
         """Delete the endpoint veth `host_ifname` of the sandbox (its container end goes with it).
@@ -341,6 +349,25 @@ class Overlay(HostHandles):
         sb = self._sandbox(sandbox_path)
         with failing(f"delete overlay endpoint {host_ifname} in {sandbox_path}"):
             delete_link(sb.ipr, host_ifname, "veth")
+        antispoof.delete_port(self._sandbox_nft(sb), host_ifname)
+
+    @staticmethod
+    def _sandbox_nft(sb: _Sandbox):
+        """run(cmd, what) with the sandbox's own libnftables context (a context is bound to one namespace)."""
+        def run(cmd: dict, what: str):
+            with netns.entered(sb.fd):
+                if sb.nft is None:
+                    sb.nft = new_nft(what)
+                return nft_run(sb.nft, cmd, what)
+        return run
+
+    def list_antispoof(self, sandbox_path: str | None = None) -> list[str]:
+        if sandbox_path is None:
+            return antispoof.list_ports(self._nft_cmd)
+        self._claim_thread()
+        if not netns.is_netns(sandbox_path):
+            return []
+        return antispoof.list_ports(self._sandbox_nft(self._sandbox(sandbox_path)))
 
     def list_endpoints(self, sandbox_path: str) -> list[str]:
         """Names of the endpoint veths in the sandbox (their sandbox ends), sorted; none without a sandbox."""
@@ -349,7 +376,7 @@ class Overlay(HostHandles):
             return []
         sb = self._sandbox(sandbox_path)
         with failing(f"list endpoints of sandbox {sandbox_path}"):
-            return sorted(link.get("ifname") for link in sb.ipr.link("dump") if link_kind(link) == "veth")
+            return sorted(name for _, name, _, _ in sb.nl.links(kind="veth"))
 
     @staticmethod
     def _endpoint_args(host_ifname: str, ifname: str, address_cidr: str, mac: str, mtu: int) -> tuple:
@@ -480,12 +507,52 @@ class Overlay(HostHandles):
             raise KernelError(f"{what}: no gateway bridge {bridge} (ensure_gwbridge first)")
         self._ensure_veth(ipr, ctr_netns_path, *args, master=br["index"], isolated=True,
                           gateway=gateway, what=what)
+        antispoof.add_port(self._nft_cmd, args[0], args[3], str(args[2].ip))
 
     def delete_gw_endpoint(self, host_ifname: str) -> None:
         """Delete the gateway-bridge veth `host_ifname` (its container end goes with it). Idempotent."""
         check_ifname(host_ifname, "host interface name")
         with failing(f"delete gateway endpoint {host_ifname}"):
             delete_link(self._host, host_ifname, "veth")
+        antispoof.delete_port(self._nft_cmd, host_ifname)
+
+    # ---- data-path probes (dataplane/probe.py) ----------------------------------------------------
+
+    def open_probe(self, local_ip: str, port: int, mtu: int):
+        """The probe device (VXLAN, PROBE_VNI, learning off, no address, up) in the host namespace, made or
+        repaired, and its two sockets opened there."""
+        local_ip = _ipv4(local_ip, "local underlay address")
+        _int_in(port, 1, 65535, "UDP port")
+        _int_in(mtu, 68, 65535, "MTU")
+        host = self._host
+        with failing(f"probe device {PROBE_DEVICE}"):
+            link = get_link(host, PROBE_DEVICE)
+
+            def data(key: str):
+                return link.get(("linkinfo", "data", key))
+            if link is not None and not (link_kind(link) == "vxlan" and data("vxlan_id") == PROBE_VNI
+                                         and data("vxlan_port") == port and data("vxlan_local") == local_ip
+                                         and data("vxlan_learning") == 0 and data("vxlan_group") is None):
+                if link_kind(link) != "vxlan":
+                    raise KernelError(f"the name {PROBE_DEVICE} is taken by a non-VXLAN interface")
+                with ignore(errno.ENODEV):
+                    host.link("del", index=link["index"])
+                link = None
+            if link is None:
+                retry_eexist(lambda: host.link("add", ifname=PROBE_DEVICE, kind="vxlan", vxlan_id=PROBE_VNI,
+                                               vxlan_local=local_ip, vxlan_port=port, vxlan_learning=0, mtu=mtu))
+                link = get_link(host, PROBE_DEVICE)
+            ensure_mtu(host, link, mtu)
+            ensure_up(host, get_link(host, PROBE_DEVICE))
+        with self._in_host():
+            try:
+                return RealProbeChannel.open(PROBE_DEVICE, local_ip, port, PROBE_VNI)
+            except OSError as e:
+                raise KernelError(f"probe sockets on {PROBE_DEVICE}: {e.strerror or e}") from None
+
+    def delete_probe(self) -> None:
+        with failing(f"delete probe device {PROBE_DEVICE}"):
+            delete_link(self._host, PROBE_DEVICE, "vxlan")
 
     # ---- firewall -------------------------------------------------------------------------------
 

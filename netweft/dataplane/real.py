@@ -22,7 +22,7 @@ from typing import TypeVar
 from netweft.dataplane import netns
 from netweft.dataplane.api import DataPlane
 from netweft.dataplane.checks import check_path
-from netweft.dataplane.firewall import BridgeRule
+from netweft.dataplane.firewall import BridgeRule, PortRule
 from netweft.dataplane.kernel import Kernel
 from netweft.dataplane.overlay import Overlay
 from netweft.dataplane.tunnel import Tunnel, detect
@@ -164,6 +164,9 @@ class RealDataPlane(DataPlane):
     async def apply_firewall(self, table: str, networks: list[BridgeRule]) -> None:
         await self._kcall("apply_firewall", table, list(networks))
 
+    async def apply_port_maps(self, rules: list[PortRule]) -> None:
+        await self._kcall("apply_port_maps", list(rules))
+
     # ---- overlay sandboxes ----------------------------------------------------------------------------
 
     async def ensure_sandbox(self, path: str, vni: int, gateway_cidr: str, mtu: int, local_ip: str,
@@ -248,3 +251,21 @@ class RealDataPlane(DataPlane):
 
     async def tunnel_probe_replies(self) -> set[str]:
         return await self._wgcall("probe_replies")
+
+    # ---- data-path probes -------------------------------------------------------------------------
+
+    async def open_probe(self, local_ip: str, port: int, mtu: int):
+        return await self._ovcall("open_probe", local_ip, port, mtu)
+
+    async def delete_probe(self) -> None:
+        await self._ovcall("delete_probe")
+
+    async def list_antispoof(self, netns_path: str | None = None) -> list[str]:
+        if netns_path is None:
+            return await self._kcall("list_antispoof")
+        return await self._ovcall("list_antispoof", _sandbox(netns_path))
+
+    async def kernel_features(self) -> dict[str, str | None]:
+        # Its own thread, not the kernel thread: it leaves the host namespace for a throwaway one.
+        from netweft.dataplane.features import kernel_features
+        return await asyncio.get_running_loop().run_in_executor(None, kernel_features)

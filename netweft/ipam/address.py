@@ -204,15 +204,18 @@ def overlapping(net: IPv4Network, others) -> IPv4Network | None:
     return None
 
 
-def allocate_subnet(pools: list[AddressPool], taken: list[IPv4Network]) -> IPv4Network:
-    """First subnet of any pool that overlaps nothing taken (other networks, host routes)."""
+def allocate_subnet(pools: list[AddressPool], taken: list[IPv4Network],
+                    prefixlen: int | None = None) -> IPv4Network:
+    """First subnet of any pool that overlaps nothing taken (other networks, host routes). `prefixlen`: a
+    block of that size instead of the pool's (never larger than the pool itself)."""
     for pool in pools:
+        size = pool.size if prefixlen is None else max(prefixlen, pool.base.prefixlen)
         # Jump over taken blocks instead of testing every candidate: fast on big pools.
-        step = 1 << (32 - pool.size)
+        step = 1 << (32 - size)
         n = int(pool.base.network_address)
         end = int(pool.base.broadcast_address)
         while n + step - 1 <= end:
-            cand = IPv4Network((n, pool.size))
+            cand = IPv4Network((n, size))
             hit = overlapping(cand, taken)
             if hit is None:
                 return cand

@@ -102,6 +102,8 @@ def main() -> int:
         say(f"   removed {result['processes']} processes, {result['namespaces']} namespaces, "
             f"{result['mounts']} namespace mounts")
     say("\nresult: " + ("containers on three hosts reach each other by their planned addresses" if ok else "FAILED"))
+    say("\nThis demo has one manager. For several managers on etcd (no single point of failure) see README.md,\n"
+        "section \"Several managers (HA)\", or try: netweft lab up --hosts 5 --managers 3 --store etcd")
     return 0 if ok else 1
 
 

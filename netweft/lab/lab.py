@@ -82,9 +82,12 @@ class Lab:
 
     # ---------------------------------------------------------------- up
     def up(self, n: int, underlay: str = DEFAULT_UNDERLAY, mtu: int = 1500, swarm: bool = True,
-           daemon_args: list[str] | None = None, init_opts: dict | None = None, progress=print) -> None:
+           daemon_args: list[str] | None = None, init_opts: dict | None = None, progress=print,
+           managers: int = 1) -> None:
         """Build the hosts and daemons; with swarm, h1 inits (with init_opts, the API's
-        /swarm/init fields) and the others join as workers."""
+        /swarm/init fields), h2..h<managers> join as managers and the others as workers."""
+        if not 1 <= managers <= n:
+            raise InvalidRequest(f"--managers must be between 1 and the number of hosts ({n})")
         if not 1 <= n <= 200:
             raise InvalidRequest("--hosts must be between 1 and 200")
         if self.exists() or (NETNS_DIR / self.ns("sw")).exists():
@@ -96,7 +99,8 @@ class Lab:
         self.root.mkdir(parents=True, mode=0o700)
         me = os.getpid()
         hosts = {f"h{i + 1}": {"address": str(addrs[i]), "prefixlen": net.prefixlen} for i in range(n)}
-        state = {"name": self.name, "underlay": underlay, "mtu": mtu, "hosts": hosts, "created": time.time()}
+        state = {"name": self.name, "underlay": underlay, "mtu": mtu, "hosts": hosts, "created": time.time(),
+                 "managers": managers}
         self.state_file.write_text(json.dumps(state, indent=2))
         try:
             progress(f"lab {self.name}: underlay switch {underlay} (MTU {mtu})")
@@ -106,7 +110,7 @@ class Lab:
                 self.start_daemon(host, daemon_args)
                 progress(f"  {host}: {h['address']}, netweftd up")
             if swarm:
-                self.form_swarm(progress, init_opts)
+                self.form_swarm(progress, init_opts, managers)
         except BaseException:
             if os.getpid() == me:  # never from a forked copy of this process
                 self.down(quiet=True)
@@ -140,7 +144,8 @@ class Lab:
             proc = subprocess.Popen(
                 ["nsenter", f"--net={self.ns_path(host)}", str(BIN / "netweftd"), "-H", self.socket(host),
                  "--data-root", str(d / "data"), "--exec-root", str(d / "run"), "--hostname", host,
-                 "--default-address-pool", LAB_LOCAL_POOL, *(daemon_args or [])],
+                 "--default-address-pool", LAB_LOCAL_POOL, "--docker-plugin-socket", str(d / "docker-plugin.sock"),
+                 *(daemon_args or [])],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         (d / "netweftd.pid").write_text(str(proc.pid))
         deadline = time.monotonic() + 30
@@ -178,7 +183,7 @@ class Lab:
                 pass
             time.sleep(0.05)
 
-    def form_swarm(self, progress=print, init_opts: dict | None = None) -> None:
+    def form_swarm(self, progress=print, init_opts: dict | None = None, managers: int = 1) -> None:
         hosts = self.hosts()
         first = hosts[0]
         t0 = time.monotonic()
@@ -186,12 +191,16 @@ class Lab:
                                                                 "DefaultAddrPool": [LAB_OVERLAY_POOL],
                                                                 **(init_opts or {})})
         progress(f"  {first}: swarm init ({time.monotonic() - t0:.2f} s), manager at {self.address(first)}:2377")
-        token = init["JoinTokens"]["Worker"]
-        for host in hosts[1:]:
+        manager_token = None
+        if managers > 1:
+            manager_token = self.client(first).call("GET", "/swarm")["JoinTokens"]["Manager"]
+        for i, host in enumerate(hosts[1:], start=2):
+            role = "manager" if i <= managers else "worker"
             t0 = time.monotonic()
-            self.client(host).call("POST", "/swarm/join", {"JoinToken": token, "RemoteAddrs": [
-                f"{self.address(first)}:2377"], "AdvertiseAddr": self.address(host)})
-            progress(f"  {host}: joined as worker ({time.monotonic() - t0:.2f} s)")
+            self.client(host).call("POST", "/swarm/join", {
+                "JoinToken": manager_token if role == "manager" else init["JoinTokens"]["Worker"],
+                "RemoteAddrs": [f"{self.address(first)}:2377"], "AdvertiseAddr": self.address(host)})
+            progress(f"  {host}: joined as {role} ({time.monotonic() - t0:.2f} s)")
 
     # ----------------------------------------------------------- exec, down
     def exec_argv(self, host: str, argv: list[str]) -> tuple[list[str], dict]:

@@ -17,20 +17,27 @@ from datetime import datetime, timedelta, timezone
 import msgspec
 from aiohttp import web
 
-from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized, Unavailable
-from netweft import pki
-from netweft.manager import auth
+from netweft.errors import Conflict, Forbidden, InvalidRequest, NetweftError, NotFound, Unauthorized, Unavailable
+from netweft import metrics, pki
+from netweft.manager import auth, events
 from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
-from netweft.manager.watch import CLUSTER, NODES, ClusterState, Hub
+from netweft.manager.overview import overview
+from netweft.manager.watch import CA, CLOCK, CLUSTER, NODES, PRESENCE, ClusterState, Hub
+from netweft.manager import hastore
+from netweft.manager.leader import Coordination
+from netweft.manager.ha import ManagersOnEtcd
+from netweft.pki import sealed
 from netweft.model import codec
-from netweft.model.api import NodeUpdate
+from netweft.model.api import NodeUpdate, peer_health_view
 from netweft.model.objects import Labels, Node, ShortText
 from netweft.model.watch import EndpointRequest
 from netweft.store.api import ClusterStore, Compare, Delete, Put
 from netweft.store.sqlite import SQLiteStore
-from netweft.model.cluster import (HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest, TunnelUpdate,
-                                   vtep_problem)
+from netweft.model.cluster import (EnrollRequest, HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest,
+                                   TunnelUpdate, vtep_problem)
+from netweft.model.cluster import HealthReport
+from netweft.manager import liveness
 from netweft.manager.tunnels import DEFAULT_WG_PORT, set_tunnel
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 from netweft.manager.tlsserver import serve_tls
@@ -38,6 +45,7 @@ from netweft.manager.tlsserver import serve_tls
 log = logging.getLogger("netweft.manager")
 
 HEARTBEAT_MISSES = 3          # a node is Down after this many missed heartbeats
+HEALTH_REFRESH = 30.0         # seconds: a node's health figures are rewritten at most this often unless a state changed
 MIN_CERT_EXPIRY = timedelta(seconds=10)
 RENEW_RETRY_FIRST, RENEW_RETRY_MAX = 1.0, 60.0   # seconds between retries of a failed renewal of the leader's
 STORE_FILE = "cluster.db"     # the cluster store, in the swarm directory (mode 0600: it holds the tokens)
@@ -72,34 +80,47 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-class Manager:
+class Manager(ManagersOnEtcd):
     """The leader's cluster state and API. Pure state operations are plain methods; the API wraps them."""
 
     admission: auth.Admission | None = None  # the API's guard, once the API is built
+    host_claims = None   # async () -> this host's routes and addresses, for overlay subnets (set by the daemon)
 
-    def __init__(self, swarm_dir: str, node_id: str):
+    def __init__(self, swarm_dir: str, node_id: str, store_endpoints: list[str] | None = None,
+                 on_demoted=None):
+        """store_endpoints: etcd's (several managers); None: this manager's own SQLite store."""
         self.dir, self.node_id = swarm_dir, node_id
+        self.store_endpoints = store_endpoints
+        self.ha = store_endpoints is not None
+        self.on_demoted = on_demoted       # called once when this manager is demoted or removed (etcd)
+        self.coord: Coordination | None = None
+        self.store_ca: pki.RootCA | None = None
         repair_node_pair(swarm_dir)
         f = files(swarm_dir)
-        self.ca = pki.RootCA.from_pem(pki.load_pem(f["ca"]), pki.load_pem(f["ca_key"]))
+        # With etcd the CA key is in the store, sealed with the managers' key (start() opens it).
+        self.ca = None if self.ha else pki.RootCA.from_pem(pki.load_pem(f["ca"]), pki.load_pem(f["ca_key"]))
         self.server: asyncio.base_events.Server | None = None
         self.runner: web.AppRunner | None = None
         self.tasks: list[asyncio.Task] = []
-        # Heartbeats are kept in memory; the store only sees Ready/Down transitions.
+        # Heartbeats are kept in memory; the store only sees Ready/Down transitions (with etcd, each
+        # manager also publishes whom it heard from: see leader.py).
         self.last_seen: dict[str, float] = {}
+        self.seen_wall: dict[str, float] = {}
         # The cluster's own store (not the host's local database); opened by start().
         self.store: ClusterStore | None = None
         self.hub: Hub | None = None
         self.overlays: Overlays | None = None
+        self.health_written: dict[str, float] = {}   # node -> when its health was last written to the store
 
     # ------------------------------------------------------------------ setup
     @staticmethod
     async def init_cluster(swarm_dir: str, hostname: str, advertise: str, listen: tuple[str, int],
-                           spec: dict) -> dict:
-        """Create the root CA, the tokens and this node as the first manager, in a new cluster store.
-        Returns {"node_id", "cluster_id", "join_tokens"}."""
-        cluster_id = new_node_id()
-        node_id = new_node_id()
+                           spec: dict, store: ClusterStore | None = None, manager_key: bytes | None = None,
+                           store_ca: pki.RootCA | None = None, ids: tuple[str, str] | None = None) -> dict:
+        """Create the root CA, the tokens and this node as the first manager, in a new cluster store:
+        this node's SQLite file, or (store given) etcd, where the CA key (and the store CA's, for an
+        embedded etcd) is kept sealed with manager_key. Returns {"node_id", "cluster_id", "join_tokens"}."""
+        cluster_id, node_id = ids or (new_node_id(), new_node_id())
         ca = pki.create_root_ca(cluster_id)
         key = pki.new_node_key()
         expiry = timedelta(seconds=spec["CertExpiry"])
@@ -108,7 +129,8 @@ class Manager:
         os.makedirs(swarm_dir, mode=0o700, exist_ok=True)
         f = files(swarm_dir)
         pki.save_pem(f["ca"], ca.cert_pem)
-        pki.save_pem(f["ca_key"], ca.key_pem, private=True)
+        if store is None:
+            pki.save_pem(f["ca_key"], ca.key_pem, private=True)
         pki.save_pem(f["key"], pki.key_to_pem(key), private=True)
         pki.save_pem(f["cert"], cert)
         digest = ca.digest()
@@ -120,14 +142,26 @@ class Manager:
         node = Node(id=node_id, hostname=hostname, role="manager", addr=advertise, manager_addr=manager_addr,
                     created=utcnow(), updated=utcnow(), cert_serial=str(ident.serial),
                     cert_not_after=ident.not_after.isoformat())
-        store = await SQLiteStore.open(os.path.join(swarm_dir, STORE_FILE))
-        try:
-            r = await store.txn([Compare(CLUSTER, "cluster", 0)], [Put(CLUSTER, "cluster", codec.encode(cluster)),
-                                                                    Put(NODES, node_id, codec.encode(node))])
-        finally:
-            await store.close()
+        ops = [Put(CLUSTER, "cluster", codec.encode(cluster)), Put(NODES, node_id, codec.encode(node)),
+               Put(CLOCK, "time", str(time.time_ns()).encode())]
+        if store is None:
+            store = await SQLiteStore.open(os.path.join(swarm_dir, STORE_FILE))
+            try:
+                r = await store.txn([Compare(CLUSTER, "cluster", 0)], ops)
+            finally:
+                await store.close()
+        else:
+            cluster["store"] = "etcd"
+            sealed_ca = {"cert": ca.cert_pem.decode(), "key": sealed.seal(manager_key, "ca-key", ca.key_pem)}
+            if store_ca is not None:
+                sealed_ca.update(store_cert=store_ca.cert_pem.decode(),
+                                 store_key=sealed.seal(manager_key, "store-ca-key", store_ca.key_pem))
+            ops = [Put(CLUSTER, "cluster", codec.encode(cluster)), ops[1], ops[2], Put(CA, "root", codec.encode(sealed_ca))]
+            r = await store.txn([Compare(CLUSTER, "cluster", 0)], ops)
         if not r.ok:
-            raise Conflict(f"{swarm_dir} already holds a cluster store; `netweft swarm leave --force` first")
+            where = swarm_dir if isinstance(store, SQLiteStore) else "etcd"
+            raise Conflict(f"{where} already holds a cluster; `netweft swarm leave --force` first "
+                           "(or use an etcd that holds no netweft cluster)")
         return {"node_id": node_id, "cluster_id": cluster_id, "join_tokens": cluster["join_tokens"]}
 
     @property
@@ -141,14 +175,21 @@ class Manager:
         return self.cluster()["spec"]
 
     async def start(self, listen: tuple[str, int]) -> None:
-        self.store = await SQLiteStore.open(os.path.join(self.dir, STORE_FILE))
+        if self.ha:
+            self.store = hastore.open_store(self.dir, self.store_endpoints)
+        else:
+            self.store = await SQLiteStore.open(os.path.join(self.dir, STORE_FILE))
         try:
             self.hub = Hub(self.store)
             await self.hub.start()
             if self.state.get(CLUSTER, "cluster") is None:
-                raise Unavailable(f"the cluster store in {self.dir} holds no cluster; "
+                where = "etcd" if self.ha else f"the cluster store in {self.dir}"
+                raise Unavailable(f"{where} holds no cluster; "
                                   "leave the swarm (`netweft swarm leave --force`) and init or join again")
+            if self.ha:
+                self._open_sealed()
             self.overlays = Overlays(self.hub, self.spec)
+            self.overlays.host_claims = self.host_claims
             f = files(self.dir)
             ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
                                                     pki.load_pem(f["key"]), require_client_cert=False)
@@ -172,12 +213,24 @@ class Manager:
         for node in self.state.nodes():  # grace after a restart: nobody is Down yet
             self.last_seen[node.id] = now
         self.tasks = [asyncio.ensure_future(self._monitor()), asyncio.ensure_future(self._renew_own_cert())]
+        if self.ha:
+            me = self.state.get(NODES, self.node_id)
+            self.coord = Coordination(self.store, self.hub, self.node_id,
+                                      (me.manager_addr if me else "") or f"{listen[0]}:{listen[1]}")
+            self.tasks += [asyncio.ensure_future(self.coord.run()), asyncio.ensure_future(self._publish_seen()),
+                           asyncio.ensure_future(self._trim_history()), asyncio.ensure_future(self._watch_self())]
         log.info("cluster API listening", extra={"addr": f"{listen[0]}:{listen[1]}", "rev": self.state.rev})
 
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.coord is not None:
+            try:
+                async with asyncio.timeout(2):
+                    await self.coord.stop()
+            except (TimeoutError, NetweftError):
+                pass
         if self.server is not None:
             self.server.close()
         if self.hub is not None:
@@ -243,12 +296,14 @@ class Manager:
                 [Put(NODES, node_id, codec.encode(node))], (node, cert, cluster)
         (node, cert, cluster), _ = await self.hub.commit(plan)
         self.last_seen[node_id] = time.monotonic()
+        self.seen_wall[node_id] = time.time()
         log.info("node joined", extra={"node": node_id, "hostname": hostname, "role": node.role, "addr": addr})
         return {"NodeID": node_id, "Role": node.role, "ClusterID": cluster["id"], "Certificate": cert.decode(),
-                "CACert": self.ca.cert_pem.decode(), "Managers": [cluster["leader"]["addr"]],
+                "CACert": self.ca.cert_pem.decode(), "Managers": self.manager_addrs(),
                 "HeartbeatPeriod": cluster["spec"]["HeartbeatPeriod"],
                 "DataPathPort": cluster["spec"]["DataPathPort"],
-                "WireguardPort": cluster["spec"].get("WireguardPort", DEFAULT_WG_PORT)}
+                "WireguardPort": cluster["spec"].get("WireguardPort", DEFAULT_WG_PORT),
+                "Store": cluster.get("store", "sqlite")}
 
     def _sign(self, csr_pem: str, node_id: str, role: str, addr: str | None) -> bytes:
         expiry = timedelta(seconds=self.spec()["CertExpiry"])
@@ -272,11 +327,50 @@ class Manager:
 
     async def heartbeat(self, node: Node, addr: str | None) -> dict:
         self.last_seen[node.id] = time.monotonic()
+        self.seen_wall[node.id] = time.time()
         if node.state != "ready" or (addr and node.addr != addr):
             node = await self._update(node.id, lambda n: msgspec.structs.replace(n, state="ready",
-                                                                                 addr=addr or n.addr))
+                                                                                 addr=addr or n.addr,
+                                                                                 withdrawn=False))
             log.info("node ready", extra={"node": node.id, "hostname": node.hostname})
         return {"Period": self.spec()["HeartbeatPeriod"], "Role": node.role, "Availability": node.availability}
+
+    async def record_health(self, node: Node, report: HealthReport) -> None:
+        """A node's view of the data path to its peers, kept in its Node document. Written when a state
+        changes, else at most every HEALTH_REFRESH (the figures alone would rewrite it every few seconds)."""
+        known = {n.id for n in self.state.nodes()}
+        health = {k: v for k, v in report.health.items() if k in known and k != node.id}
+
+        def key(h: dict) -> dict:
+            return {k: (v.state, v.mtu_ok, v.reason) for k, v in h.items()}
+
+        def change(n: Node) -> Node | None:
+            if key(n.health) == key(health) and time.monotonic() - self.health_written.get(n.id, 0) < HEALTH_REFRESH:
+                return None
+            self.health_written[n.id] = time.monotonic()
+            return msgspec.structs.replace(n, health=health)
+        before = key(node.health)
+        await self._update(node.id, change)
+        if before != key(health):
+            await self.evaluate_liveness()
+
+    async def evaluate_liveness(self) -> None:
+        """Withdraw (or reinstate) hosts by manager/liveness.py's rule; one compare-and-write per node."""
+        nodes = {n.id: n for n in self.state.nodes()}
+        for node_id, want in liveness.withdrawals(nodes, self.state.node_nets).items():
+            try:
+                await self._update(node_id, lambda n: msgspec.structs.replace(n, withdrawn=want)
+                                   if n.withdrawn != want else None)
+            except NotFound:
+                continue
+            node = nodes[node_id]
+            if want:
+                log.warning("host withdrawn: down for the managers and unreachable on the data path from every "
+                            "host sharing a network with it; its endpoints leave every host's peer tables",
+                            extra={"node": node_id, "hostname": node.hostname})
+            else:
+                log.info("host reinstated: its endpoints are back in the peer tables",
+                         extra={"node": node_id, "hostname": node.hostname})
 
     async def leave(self, node: Node) -> None:
         """The node is Down and its endpoints are gone from every host's tables, in one revision."""
@@ -293,6 +387,7 @@ class Manager:
                 ops + [Put(NODES, n.id, codec.encode(down))], count
         count, _ = await self.hub.commit(plan)
         log.info("node left", extra={"node": node.id, "hostname": node.hostname, "endpoints_purged": count})
+        metrics.released("endpoint", count)
 
     async def _monitor(self) -> None:
         while True:
@@ -300,10 +395,22 @@ class Manager:
             await asyncio.sleep(min(1.0, period / 4))
             limit = HEARTBEAT_MISSES * period
             now = time.monotonic()
+            if self.ha:  # the leader alone, from what every manager heard (since it leads, at the earliest)
+                if not self.is_leader():
+                    continue
+                wall = time.time()
+                since = self.coord.leader_since
             for node in self.state.nodes():
                 if node.id == self.node_id or node.state != "ready":
                     continue
-                if now - self.last_seen.get(node.id, now) > limit:
+                if self.ha and self.state.get(PRESENCE, node.id) is not None:
+                    late = False  # a manager that holds its lease is up (it may still be starting)
+                elif self.ha:  # (+ one period: what other managers heard reaches the leader a little later)
+                    late = wall - max(self.coord.last_seen(node.id), self.seen_wall.get(node.id, 0.0),
+                                      since) > limit + period
+                else:
+                    late = now - self.last_seen.get(node.id, now) > limit
+                if late:
                     try:
                         await self._update(node.id, lambda n: msgspec.structs.replace(n, state="down")
                                            if n.state == "ready" else None)
@@ -314,6 +421,11 @@ class Manager:
                         continue
                     log.warning("node down: missed heartbeats",
                                 extra={"node": node.id, "hostname": node.hostname, "after_s": limit})
+            if any(n.state == "down" or n.withdrawn for n in self.state.nodes()):
+                try:
+                    await self.evaluate_liveness()
+                except Exception as e:  # the store failing: try again next round
+                    log.error("could not evaluate withdrawals", extra={"reason": str(e)})
 
     async def _renew_own_cert(self) -> None:
         """The leader signs its own renewals: same timing rule as every node (50-80 % of the lifetime).
@@ -349,16 +461,34 @@ class Manager:
                 "Description": {"Hostname": node.hostname},
                 "Status": {"State": "ready" if node.id == self.node_id else node.state, "Addr": node.addr},
                 "Certificate": {"Serial": node.cert_serial, "NotAfter": node.cert_not_after}}
+        view["DataPath"] = self.data_path_view(node)
         if node.role == "manager":
-            view["ManagerStatus"] = {"Leader": node.id == self.cluster()["leader"]["node_id"],
-                                     "Reachability": "reachable", "Addr": node.manager_addr or f"{node.addr}:2377"}
+            reach = "reachable"
+            if self.ha and node.id != self.node_id and self.state.get(PRESENCE, node.id) is None:
+                reach = "unreachable"
+            view["ManagerStatus"] = {"Leader": node.id == self.leader_id(),
+                                     "Reachability": reach, "Addr": node.manager_addr or f"{node.addr}:2377"}
         return view
+
+    def data_path_view(self, node: Node) -> dict:
+        """How the other hosts' probes see this node's data path (State: healthy, degraded, unreachable or
+        unknown when nobody probes it), whether its endpoints are withdrawn, and its own probes' view."""
+        nodes = {n.id: n for n in self.state.nodes()}
+        seen: dict[str, dict] = {}
+        for other in nodes.values():
+            h = other.health.get(node.id)
+            if h is not None and other.id != node.id:
+                seen[other.hostname or other.id] = peer_health_view(h)
+        states = {h["State"] for h in seen.values()} - {"unknown"}
+        state = ("unknown" if not states else next(iter(states)) if len(states) == 1 else "degraded")
+        own = {(nodes[k].hostname if k in nodes else k): peer_health_view(v) for k, v in node.health.items()}
+        return {"State": state, "Withdrawn": node.withdrawn, "SeenBy": seen, "Probes": own}
 
     async def remove_node(self, ref: str, force: bool) -> None:
         node = self.node(ref)
         name = node.hostname
         if node.id == self.node_id:
-            raise Conflict(f"node {name!r} is the leader (this manager); it cannot remove itself: "
+            raise Conflict(f"node {name!r} is this manager; it cannot remove itself: "
                            "use `netweft swarm leave --force` on it")
         if node.role == "manager" and not force:
             raise Conflict(f"node {name!r} is a manager; demote it first (`netweft node demote {name}`) "
@@ -366,6 +496,9 @@ class Manager:
         if node.state == "ready" and not force:
             raise Conflict(f"node {name!r} is not down and can't be removed; stop its daemon first "
                            "or use --force")
+
+        if self.ha and node.role == "manager":
+            await self._drop_member(node)   # first: a member left behind would count against the quorum
 
         def plan():  # the node, its endpoints and its revocation go in one revision
             if self.state.get(NODES, node.id) is None:
@@ -378,6 +511,7 @@ class Manager:
             ops += [Delete(NODES, node.id), Put(CLUSTER, "cluster", codec.encode(cluster))]
             return compares, ops, count
         count, _ = await self.hub.commit(plan)
+        metrics.released("endpoint", count)
         self.last_seen.pop(node.id, None)
         self.hub.disconnect(node.id)
         # Its open connections (a watch stream, kept-alive calls) end now, not at their next request.
@@ -392,9 +526,12 @@ class Manager:
         node = self.node(ref)
         if role is not None and role not in pki.ROLES:
             raise InvalidRequest(f"invalid role {str(role)[:40]!r}: use manager or worker")
-        if node.id == self.node_id and role not in (None, "manager"):
-            raise Conflict("the leader cannot be demoted: it holds the cluster store "
-                           "(several managers come with the HA issue)")
+        if self.ha and role == "worker" and node.role == "manager":
+            if not [n for n in self.state.nodes() if n.role == "manager" and n.id != node.id]:
+                raise Conflict(f"node {node.hostname!r} is the last manager; promote another node first")
+        elif node.id == self.node_id and role not in (None, "manager"):
+            raise Conflict("the leader cannot be demoted: it holds the cluster store (a cluster made with "
+                           "`swarm init --store etcd` has several managers)")
         if availability is not None and availability not in ("active", "pause", "drain"):
             raise InvalidRequest(f"invalid availability {str(availability)[:40]!r}: use active, pause or drain")
         labels_add = codec.convert(labels_add or {}, Labels, "labels to add")
@@ -408,6 +545,8 @@ class Manager:
                 n, role=new_role, availability=availability or n.availability,
                 labels=codec.convert(labels, Labels, "labels"),
                 manager_addr=(n.manager_addr or f"{n.addr}:2377") if new_role == "manager" else "")
+        if self.ha and role == "worker" and node.role == "manager":
+            await self._drop_member(node)   # first: if etcd refuses, nothing changed
         return self.node_view(await self._update(node.id, change))
 
     async def rotate_token(self, role: str) -> str:
@@ -428,8 +567,12 @@ class Manager:
         """Docker's shape of the swarm (`swarm inspect`; the CLI leaves the tokens out)."""
         c = self.cluster()
         _, not_after = pki.validity(self.ca.cert)
-        return {"ID": c["id"], "CreatedAt": c["created"], "Spec": c["spec"],
-                "Leader": {"NodeID": c["leader"]["node_id"], "Addr": c["leader"]["addr"]},
+        leader = {"NodeID": c["leader"]["node_id"], "Addr": c["leader"]["addr"]}
+        if self.ha:
+            rec = self.coord.leader() if self.coord is not None else None
+            leader = {"NodeID": rec["node_id"], "Addr": rec["addr"]} if rec else {"NodeID": "", "Addr": ""}
+        return {"ID": c["id"], "CreatedAt": c["created"], "Spec": c["spec"], "Leader": leader,
+                "Store": c.get("store", "sqlite"), "Managers": self.manager_addrs(),
                 "RootCA": {"Digest": self.ca.digest(), "NotAfter": not_after.isoformat(),
                            "CertPEM": self.ca.cert_pem.decode()},
                 "JoinTokens": {"Worker": c["join_tokens"]["worker"], "Manager": c["join_tokens"]["manager"]}}
@@ -485,6 +628,19 @@ class Manager:
             b = await auth.read_body(request, HeartbeatRequest)
             return web.json_response(await self.heartbeat(request["node"], b.addr))
 
+        @routes.get("/time")
+        @allow(WORKER)
+        async def clock(request):
+            # `netweft doctor` measures this host's clock against each manager's.
+            return web.json_response({"Time": time.time()})
+
+        @routes.post("/health")
+        @allow(WORKER)
+        async def health(request):
+            b = await auth.read_body(request, HealthReport)
+            await self.record_health(request["node"], b)
+            return web.json_response({})
+
         @routes.post("/leave")
         @allow(WORKER)
         async def leave(request):
@@ -497,6 +653,12 @@ class Manager:
         async def tunnel(request):
             b = await auth.read_body(request, TunnelUpdate)
             return web.json_response(await set_tunnel(self.hub, request["node"].id, b))
+
+        @routes.post("/managers/enroll")
+        @allow(MANAGER)
+        async def enroll(request):
+            b = await auth.read_body(request, EnrollRequest)
+            return web.json_response(await self.enroll(request["node"], b.csr))
 
         @routes.get("/admin/swarm")
         @allow(MANAGER)
@@ -536,6 +698,17 @@ class Manager:
         async def watch(request):
             return await self.hub.serve(request, request["node"])
 
+        @routes.get("/admin/overview")
+        @allow(MANAGER)
+        async def a_overview(request):
+            return web.json_response(overview(self.state, self.node_id))
+
+        @routes.get("/events")
+        @allow(WORKER)
+        async def events_stream(request):
+            return await events.serve(request, self.store, lambda: self.state,
+                                      events.visible_to(request["node"], lambda: self.state))
+
         @routes.get("/networks")
         @allow(WORKER)
         async def net_list(request):
@@ -573,6 +746,7 @@ class Manager:
             await self.overlays.remove_network(request.match_info["ref"])
             return web.json_response({})
 
-        app = web.Application(middlewares=[self.admission.middleware], client_max_size=auth.BODY_LIMIT)
+        app = web.Application(middlewares=[*metrics.middlewares("cluster"), self.admission.middleware],
+                              client_max_size=auth.BODY_LIMIT)
         app.add_routes(routes)
         return app

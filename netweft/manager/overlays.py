@@ -20,7 +20,7 @@ import secrets
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 
-from netweft import validate
+from netweft import metrics, validate
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, PoolExhausted
 from netweft.ipam import address as ipam
 from netweft.ipam import tunnel
@@ -74,6 +74,9 @@ class Overlays:
     def __init__(self, hub: Hub, spec_fn):
         self.hub, self.spec = hub, spec_fn
         self._lock = asyncio.Lock()
+        # async () -> [(prefix, words)]: the routes and addresses of the leader's host (daemon/collisions.py),
+        # which an explicit subnet must not overlap and automatic choices skip. None: no host to ask.
+        self.host_claims = None
 
     @property
     def state(self):
@@ -100,8 +103,10 @@ class Overlays:
         else:
             req = codec.convert(body, NetworkCreate, "network create request")
         spec = self._check_request(req)
+        claims = await self.host_claims() if self.host_claims is not None else []
         async with self._lock:
-            net, _ = await self.hub.commit(lambda: self._plan_network(req, spec))
+            net, _ = await self.hub.commit(lambda: self._plan_network(req, spec, claims))
+        metrics.allocated("network")
         log.info("overlay network created", extra={"network": net.name, "subnet": net.subnet, "vni": net.vni})
         return codec.to_builtins(net)
 
@@ -138,7 +143,7 @@ class Overlays:
             tunnel.check_not_tunnels(out["cfg"].subnet)
         return out
 
-    def _plan_network(self, req: NetworkCreate, spec: dict):
+    def _plan_network(self, req: NetworkCreate, spec: dict, claims=()):
         st = self.state
         nets = st.networks()
         if req.Name in st.names:
@@ -160,10 +165,15 @@ class Overlays:
                 if cfg.subnet.overlaps(other):
                     raise Conflict(f"subnet {cfg.subnet} overlaps {other} of network {oname!r}; "
                                    "choose another subnet")
+            for other, what in claims:
+                if cfg.subnet.overlaps(other):
+                    raise Conflict(f"subnet {cfg.subnet} overlaps {other} of {what} (the manager's host; containers "
+                                   "could not reach it); choose another subnet")
         else:
             cluster = self.spec()
             pools = [ipam.AddressPool(IPv4Network(p), cluster["SubnetSize"]) for p in cluster["DefaultAddrPool"]]
-            cfg = ipam.build_subnet_config(ipam.allocate_subnet(pools, [t for t, _ in taken] + [tunnel.TUNNEL_NET]))
+            cfg = ipam.build_subnet_config(ipam.allocate_subnet(pools, [t for t, _ in taken] +
+                                                                [c for c, _ in claims] + [tunnel.TUNNEL_NET]))
         net_id = secrets.token_hex(32)
         while net_id in st.names or net_id in st.kinds[NETWORKS]:
             net_id = secrets.token_hex(32)
@@ -182,6 +192,7 @@ class Overlays:
     async def remove_network(self, ref: str) -> None:
         async with self._lock:
             net, _ = await self.hub.commit(lambda: self._plan_remove(ref))
+        metrics.released("network")
         log.info("overlay network removed", extra={"network": net.name})
 
     def _plan_remove(self, ref: str):
@@ -209,6 +220,7 @@ class Overlays:
         async with self._lock:
             (ep, parts), rev = await self.hub.commit(lambda: self._plan_endpoint(node_id, req, ip, mac, aliases))
         net_raw, ep_raw, others, seen = parts
+        metrics.allocated("endpoint", int(ep is not None))
         if ep is None:
             # A retried request: the endpoint it made before, with the endpoints at the revision they
             # were read at (the commit's wait may have moved the state on since; an agent taking a later
@@ -289,7 +301,8 @@ class Overlays:
         """DELETE /endpoints/{id}: idempotent; only the node that owns the endpoint may delete it."""
         await self.hub.sync()  # an endpoint made a moment ago through another manager is known
         async with self._lock:
-            await self.hub.commit(lambda: self._plan_delete(node_id, ep_id))
+            ep, _ = await self.hub.commit(lambda: self._plan_delete(node_id, ep_id))
+        metrics.released("endpoint", int(ep is not None))
 
     def _plan_delete(self, node_id: str, ep_id: str):
         st = self.state

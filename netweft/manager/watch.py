@@ -26,23 +26,28 @@ from ipaddress import IPv4Address
 import msgspec
 from aiohttp import web
 
-from netweft.errors import Conflict, InvalidRequest
+from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
 from netweft.model.objects import ID_PATTERN, Endpoint, Network, Node
-from netweft.store.api import Changes, ClusterStore, Compacted
+from netweft.store.api import Changes, ClusterStore, Compacted, Put
 
 log = logging.getLogger("netweft.manager.watch")
 
 # Store kinds the manager keeps, and the watch's name of those it sends.
 NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS = "nodes", "networks", "endpoints", "cluster", "allocations"
-KINDS = (NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS)
+# Several managers (etcd): the sealed CA, the elected leader, who is up, whom each heard from.
+CA, ELECTION, PRESENCE, HEARTBEATS = "ca", "election", "managers", "heartbeats"
+KINDS = (NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS, CA, ELECTION, PRESENCE, HEARTBEATS)
 WATCHED = {NODES: b"node", NETWORKS: b"network", ENDPOINTS: b"endpoint"}
 _TYPES = {NODES: Node, NETWORKS: Network, ENDPOINTS: Endpoint}
+CLOCK = "clock"   # not kept in the state: commits rewrite it with the time (see manager/events.py)
+CLOCK_EVERY = 0.1  # seconds: a commit sooner after the last stamp carries none (its time is the last one's)
 
 PING = 2.0                    # seconds between keep-alive lines on an idle stream
 QUEUE_FRAMES = 1024           # a watcher this many revisions behind is cut off...
 QUEUE_BYTES = 64 << 20        # ... or this many bytes behind
 WRITE_CHUNK = 1 << 20         # frames written to the socket together, up to this size
 MAX_ASKED = 1024              # networks a watcher may name in ?networks=
+CATCH_UP = 5.0                # seconds this manager's view may take to reach a revision before it gives up
 
 _ID = re.compile(ID_PATTERN)
 _decoders = {kind: msgspec.json.Decoder(t) for kind, t in _TYPES.items()}
@@ -278,6 +283,7 @@ class Hub:
         self.max_frames, self.max_bytes = max_frames, max_bytes
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
+        self._stamped = -CLOCK_EVERY
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -302,19 +308,16 @@ class Hub:
 
     async def _load(self) -> None:
         """Every object at one revision (retried until the kinds were read at the same one)."""
-        while True:
-            lists = [await self.store.list(kind) for kind in KINDS]
-            if len({rev for rev, _ in lists}) == 1:
-                break
+        rev, kinds = await self.store.snapshot(KINDS)
         state = ClusterState()
-        for kind, (_, records) in zip(KINDS, lists):
+        for kind, records in kinds.items():
             for r in records:
                 try:
                     state.put(kind, r.key, r.value, r.mod_rev)
                 except (msgspec.ValidationError, msgspec.DecodeError) as e:
                     log.error("unreadable object in the cluster store skipped",
                               extra={"kind": kind, "key": r.key, "reason": str(e)})
-        state.rev = lists[0][0]
+        state.rev = rev
         self.state = state
 
     async def _follow(self) -> None:
@@ -353,9 +356,20 @@ class Hub:
         again. Returns (result, revision); the state holds that revision when this returns."""
         for _ in range(tries):
             compares, ops, result = plan()
-            r = await self.store.txn(compares, ops)
-            await self.wait(r.rev)
+            # The clock rides along (every CLOCK_EVERY s at most): the history says when things happened
+            # (manager/events.py).
+            stamp = bool(ops) and time.monotonic() - self._stamped >= CLOCK_EVERY
+            r = await self.store.txn(compares, ops + [Put(CLOCK, "time", str(time.time_ns()).encode())]
+                                     if stamp else ops)
+            try:
+                async with asyncio.timeout(CATCH_UP):
+                    await self.wait(r.rev)
+            except TimeoutError:
+                raise Unavailable("this manager's view of the cluster store is behind (its watch is stalled); "
+                                  "retry, or use another manager") from None
             if r.ok:
+                if stamp:
+                    self._stamped = time.monotonic()
                 return result, r.rev
         raise Conflict("the cluster store is too busy to complete this change (it kept changing underneath); "
                        "retry")
@@ -503,6 +517,14 @@ class Hub:
     async def serve(self, request: web.Request, node: Node) -> web.StreamResponse:
         """GET /watch?since=REV[&networks=ID,...] for `node` (the caller, by its certificate)."""
         since, asked = parse_query(request.query)
+        if since > self.state.rev:
+            # Resumed here after another manager (several managers, one store): catch up to its revision
+            # first, so that it gets the events it missed, not a snapshot.
+            try:
+                async with asyncio.timeout(CATCH_UP):
+                    await self.sync()
+            except (TimeoutError, NetweftError):
+                pass
         w = self.subscribe(node.id, node.hostname, since, asked)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         t0 = time.monotonic()

@@ -92,6 +92,10 @@ class SwarmInit(msgspec.Struct, kw_only=True):
     CertExpiry: Str | None = None
     HeartbeatPeriod: Str | None = None
     WireguardPort: int | None = None
+    Store: Str | None = None            # "etcd" (a member beside each manager) or "etcd://HOST:2379,..."
+    StoreCACert: Annotated[str, msgspec.Meta(max_length=65536)] | None = None   # PEM, for an external etcd
+    StoreCert: Annotated[str, msgspec.Meta(max_length=65536)] | None = None
+    StoreKey: Annotated[str, msgspec.Meta(max_length=65536)] | None = None
 
 
 class SwarmJoin(msgspec.Struct, kw_only=True):
@@ -180,3 +184,9 @@ class NetworkFilters(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             if key not in labels or (sep and labels[key] != value):
                 return False
         return True
+
+
+def peer_health_view(h) -> dict:
+    """A PeerHealth as the API shows it (`network inspect`'s peers, `node inspect`'s DataPath): Docker's case."""
+    return {"State": h.state, "Loss": h.loss, "RttMs": h.rtt_ms, "MtuOk": h.mtu_ok, "Reason": h.reason,
+            "Since": h.since}

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from netweft.model.objects import Hostname, IPv4, ObjectID, WireGuardKey
+from netweft.model.objects import Hostname, IPv4, ObjectID, PeerHealth, WireGuardKey
 
 # A PEM certificate or CSR of any key we accept (P-256..P-521, RSA up to 8192 bits) is far below this.
 PEM = Annotated[str, msgspec.Meta(min_length=1, max_length=16 * 1024)]
@@ -64,6 +64,7 @@ class JoinAnswer(msgspec.Struct, rename="pascal", kw_only=True):
     heartbeat_period: Annotated[float, msgspec.Meta(gt=0, le=3600)]
     data_path_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
     wireguard_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 51820
+    store: Literal["sqlite", "etcd"] = "sqlite"   # etcd: a manager enrolls (POST /managers/enroll) next
 
 
 class RenewRequest(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
@@ -114,3 +115,28 @@ class TunnelUpdate(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, 
 
 class TunnelAnswer(msgspec.Struct, rename="pascal", kw_only=True):
     addrs: Annotated[list[IPv4], msgspec.Meta(min_length=2, max_length=2)]
+
+
+class EnrollRequest(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
+    """POST /managers/enroll (a manager certificate, mutual TLS): the CSR of the new manager's etcd key."""
+    csr: PEM = msgspec.field(name="CSR")
+
+
+B64Key = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Endpoint = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class EnrollAnswer(msgspec.Struct, rename="pascal", kw_only=True):
+    """What a new manager needs for the shared store: the key the CA keys are sealed with, its etcd
+    certificate, where etcd is, and (embedded etcd) how to start its own member as an `existing` one."""
+    manager_key: B64Key
+    store_ca: PEM = msgspec.field(name="StoreCA")
+    store_cert: PEM
+    store_key: PEM | None = None     # an external etcd: the operator's client key, shared by the managers
+    endpoints: Annotated[list[Endpoint], msgspec.Meta(min_length=1, max_length=64)]
+    initial_cluster: Annotated[str, msgspec.Meta(max_length=8192)] = ""   # empty: an external etcd
+
+
+class HealthReport(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
+    """POST /health: what this node's data-path probes say of each peer host (agent/health.py), by node ID."""
+    health: Annotated[dict[ObjectID, PeerHealth], msgspec.Meta(max_length=10000)] = {}

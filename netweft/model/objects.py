@@ -109,6 +109,9 @@ class Node(msgspec.Struct, kw_only=True):
     cert_not_after: ShortText = ""
     # What this node's data-path probes say of each peer host it shares an overlay with (by node id).
     health: Annotated[dict[ShortText, "PeerHealth"], msgspec.Meta(max_length=10000)] = {}
+    # Down for the managers and unreachable on the data path from every host sharing a network with it:
+    # its endpoints are left out of every host's peer tables until either stops being true.
+    withdrawn: bool = False
     # WireGuard (encrypted overlays): its UDP port, the tunnel address pair the managers gave it, and its public
     # keys (two while a rotation is under way; the one marked current is where encrypted VXLAN goes).
     tunnel_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0

@@ -1,25 +1,27 @@
 """Start, inspect and stop containers; called by the daemon (all synchronous and quick).
 
-A container is a process in its own network, UTS and mount namespaces, run by a detached
-shim (netweft.runtime.shim) that records its pid and exit code in a state directory, so
-containers survive daemon restarts. There is no pid namespace: stop() signals the
-container's process group, and the shim kills what is left of it when the main process exits.
+A container is a process in its own network, UTS and mount namespaces, a child of the host's one
+supervisor (netweft.runtime.supervisor, started here when missing), which records its pid and exit code in
+its state directory, so containers survive daemon restarts. There is no pid namespace: stop() signals the
+container's process group, and the supervisor kills what is left of it when the main process exits.
 """
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 from netweft.errors import Conflict, InvalidRequest, NetweftError
-from netweft.runtime.shim import proc_starttime, write_atomic
+from netweft.runtime.launch import proc_starttime
 
 START_TIMEOUT = 5.0
 POLL_INTERVAL = 0.02
-# After the container process is gone, how long the shim may take to write exit_code.
+# After the container process is gone, how long the supervisor may take to write exit_code.
 EXIT_CODE_GRACE = 3.0
+SUPERVISOR_SOCKET = "supervisor.sock"
 
 
 class ContainerError(NetweftError):
@@ -62,12 +64,70 @@ def _validate(spec):
         raise InvalidRequest(f"hostname {hostname!r} is longer than 64 bytes")
 
 
-def _shim_env():
-    # The shim must import netweft even if it is not installed (e.g. run from a checkout).
+def _supervisor_env():
+    # The supervisor must import netweft even if it is not installed (e.g. run from a checkout).
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
+
+
+def supervisor_socket(spec: dict) -> str:
+    """The supervisor's socket: the spec's `supervisor`, else SUPERVISOR_SOCKET next to the state dir."""
+    return spec.get("supervisor") or os.path.join(os.path.dirname(os.path.abspath(spec["state_dir"])),
+                                                  SUPERVISOR_SOCKET)
+
+
+def _spawn_supervisor(path: str) -> None:
+    """Start the supervisor of `path`; returns once it listens (or another one does)."""
+    with open(path + ".log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "netweft.runtime.supervisor", path],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                                start_new_session=True, cwd="/", env=_supervisor_env())
+    try:
+        returncode = proc.wait(timeout=START_TIMEOUT * 2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        returncode = None
+    if returncode != 0:
+        raise ContainerError(f"the container supervisor did not start: {_last_log_line(path + '.log')}")
+
+
+def supervisor_call(path: str, request: dict, timeout: float = START_TIMEOUT) -> dict:
+    """One request to the supervisor of `path`, started first if nobody listens there."""
+    if len(path.encode()) > 107:
+        raise ContainerError(f"supervisor socket path {path!r} is longer than a unix socket allows (107 bytes): "
+                             "use a shorter --exec-root")
+    for attempt in range(2):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            try:
+                s.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if attempt:
+                    raise ContainerError(f"the container supervisor at {path} does not answer; "
+                                         f"see {path}.log") from None
+                _spawn_supervisor(path)
+                continue
+            s.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            raise ContainerError(f"the container supervisor at {path} did not answer within {timeout:g} s") from None
+        finally:
+            s.close()
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise ContainerError(f"the container supervisor at {path} hung up without an answer; "
+                                 f"see {path}.log") from None
+    raise AssertionError("not reached")
 
 
 def start(spec: dict) -> int:
@@ -83,47 +143,20 @@ def start(spec: dict) -> int:
             os.unlink(_path(state_dir, name))
         except FileNotFoundError:
             pass
-    spec_path = _path(state_dir, "spec.json")
-    write_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
-
-    # The shim's own early errors (bad spec, import error) land in the container log too.
-    with open(spec["log"], "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "netweft.runtime.shim", spec_path],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-            close_fds=True, start_new_session=True, cwd="/", env=_shim_env())
-    try:
-        # The first shim process exits right after forking the real shim (double fork).
-        returncode = proc.wait(timeout=START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        returncode = None
-    if returncode != 0:
-        raise ContainerError(f"container shim failed to start: {_last_log_line(spec['log'])}")
-
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        # The shim writes pid once the command is exec'd (then exit_code, maybe at once);
-        # exit_code without pid means the start failed. Re-read pid: it may just have come.
-        pid = _read_int(_path(state_dir, "pid"))
-        if pid is None and (code := _read_int(_path(state_dir, "exit_code"))) is not None:
-            pid = _read_int(_path(state_dir, "pid"))
-            if pid is None:
-                raise ContainerError(f"container failed to start (exit code {code}): "
-                                     f"{_last_log_line(spec['log'])}")
-        if pid is not None:
-            return pid
-        time.sleep(POLL_INTERVAL)
-    raise ContainerError(f"container did not start within {START_TIMEOUT:g} s: "
-                         f"{_last_log_line(spec['log'])}")
+    reply = supervisor_call(supervisor_socket(spec), {"op": "start", "spec": spec})
+    if isinstance(reply.get("pid"), int):
+        return reply["pid"]
+    if "exit_code" in reply:
+        raise ContainerError(f"container failed to start (exit code {reply['exit_code']}): "
+                             f"{_last_log_line(spec['log']) or reply.get('error', '')}")
+    raise ContainerError(f"container did not start: {reply.get('error') or 'the supervisor gave no reason'}")
 
 
 def status(state_dir):
     """("running", pid) | ("exited", exit_code) | ("unknown", None).
 
     "unknown": never started, still starting, or its process is gone without an exit
-    code (shim killed, host rebooted); a pid now used by another process is recognised
+    code (supervisor killed, host rebooted); a pid now used by another process is recognised
     by its different start time."""
     code = _read_int(_path(state_dir, "exit_code"))
     if code is not None:
@@ -146,8 +179,8 @@ def _signal(pid, sig):
 
 
 def _wait_for_exit_code(state_dir, timeout):
-    """Wait until the shim records the exit code; give up after timeout, or a little
-    after the container process is gone without one (the shim is dead)."""
+    """Wait until the supervisor records the exit code; give up after timeout, or a little
+    after the container process is gone without one (the supervisor is dead)."""
     deadline = time.monotonic() + timeout
     gone_since = None
     while time.monotonic() < deadline:

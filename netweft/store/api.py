@@ -37,9 +37,12 @@ class Compare(msgspec.Struct, frozen=True):
 
 
 class Put(msgspec.Struct, frozen=True):
+    """lease: the etcd lease the object lives with (it goes when the lease expires); 0 for none. A store
+    without leases (SQLite, one manager) keeps the object until it is deleted."""
     kind: str
     key: str
     value: bytes
+    lease: int = 0
 
 
 class Delete(msgspec.Struct, frozen=True):
@@ -100,6 +103,13 @@ class ClusterStore(ABC):
     def watch(self, since: int) -> AsyncIterator[Changes]:
         """Every revision after `since`, in order, then each new one as it commits; never ends by itself.
         Raises Compacted (on the first iteration) when `since` is older than the kept history."""
+
+    async def snapshot(self, kinds: tuple[str, ...]) -> tuple[int, dict[str, list[Record]]]:
+        """Every object of these kinds, read at one revision (retried until the kinds agree)."""
+        while True:
+            lists = [await self.list(kind) for kind in kinds]
+            if len({rev for rev, _ in lists}) == 1:
+                return lists[0][0], {kind: recs for kind, (_, recs) in zip(kinds, lists)}
 
     @abstractmethod
     async def close(self) -> None:

@@ -16,6 +16,7 @@ import ipaddress
 from collections.abc import AsyncIterator
 
 import grpc
+import msgspec
 from aetcd import rpc
 
 from netweft.errors import Unavailable
@@ -23,16 +24,27 @@ from netweft.store.api import (ClusterStore, Changes, Compacted, Compare, Delete
                                key_range)
 
 PREFIX = "/netweft/"
+
+
+class Member(msgspec.Struct, frozen=True):
+    """One etcd member: its ID, name (empty until it started), peer and client URLs."""
+    id: int
+    name: str
+    peer_urls: list[str]
+    client_urls: list[str]
 TIMEOUT = 10.0       # seconds for one unary call (etcd answers in ms; longer means no quorum)
+LEASE_TIMEOUT = 2.0  # seconds for a lease call: a leader that cannot renew in time steps down
+RETRIES, RETRY_DELAY = 3, 0.2   # a call that found its member gone is tried again (on the next endpoint)
 RECONNECT = 0.5      # seconds between two attempts to resume a broken watch
 
 
 class EtcdStore(ClusterStore):
     """endpoints: "HOST:PORT" strings (several: IP addresses, tried in turn). cacert/cert/key: PEM bytes
-    for mutual TLS (cacert alone: server TLS only); none of them: plain http."""
+    for mutual TLS (cacert alone: server TLS only); none of them: plain http. server_name: the name
+    the servers' certificates are checked for (default: the endpoint's host; needed with several)."""
 
     def __init__(self, endpoints: list[str], cacert: bytes | None = None, cert: bytes | None = None,
-                 key: bytes | None = None, prefix: str = PREFIX):
+                 key: bytes | None = None, prefix: str = PREFIX, server_name: str | None = None):
         if not endpoints:
             raise ValueError("no etcd endpoint given: pass HOST:PORT")
         if (cert is None) != (key is None):
@@ -52,14 +64,23 @@ class EtcdStore(ClusterStore):
                 except ValueError:
                     raise ValueError(f"etcd endpoint {ep!r}: several endpoints must be IPv4:PORT") from None
             target = "ipv4:" + ",".join(endpoints)
+        # Keepalive pings find a connection that went silent (a member cut off, no reset) within seconds, not
+        # after TCP's retransmissions; etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+        keepalive = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 2000),
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
         if cacert is None:
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(target, options=keepalive)
         else:
             creds = grpc.ssl_channel_credentials(root_certificates=cacert, private_key=key, certificate_chain=cert)
-            self._channel = grpc.aio.secure_channel(target, creds)
+            # With several endpoints gRPC has no single host name to check the servers' certificates
+            # against: server_name names the one every member's certificate carries.
+            opts = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            self._channel = grpc.aio.secure_channel(target, creds, options=opts + keepalive)
         self.target = target
         self._kv = rpc.KVStub(self._channel)
         self._watch = rpc.WatchStub(self._channel)
+        self._lease = rpc.LeaseStub(self._channel)
+        self._cluster = rpc.ClusterStub(self._channel)
         self._closed = False
         self._watches: set[asyncio.Future] = set()
 
@@ -83,15 +104,31 @@ class EtcdStore(ClusterStore):
 
     def _unavailable(self, e: grpc.aio.AioRpcError) -> Unavailable:
         """gRPC's error as one line for a person (its own text is a multi-line debug string)."""
+        details = " ".join((e.details() or "").split())[:120]
+        if e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED) or "no leader" in details:
+            return Unavailable(f"the cluster store (etcd at {self.target}) has no quorum here "
+                               f"({e.code().name}: {details or 'no answer'}): this manager is cut off from the "
+                               "others, or too few managers are up; retry, or use another manager")
+        if "unhealthy cluster" in details:
+            return Unavailable(f"etcd at {self.target} refuses: {details}")
         return Unavailable(f"the cluster store (etcd at {self.target}) failed the call ({e.code().name}): "
                            "check that etcd is running, reachable and trusts this node's certificate")
 
     async def _range(self, req):
+        return await self._unary(self._kv.Range, req)
+
+    async def _unary(self, method, req, timeout: float = TIMEOUT):
+        """One call; UNAVAILABLE (the member we were connected to went away: gRPC fails the call, then picks
+        the next endpoint) is retried a few times before it is an error. A transaction retried this way
+        may have landed the first time: its compares then fail, and the caller re-reads and decides again."""
         self._check_open()
-        try:
-            return await self._kv.Range(req, timeout=TIMEOUT)
-        except grpc.aio.AioRpcError as e:
-            raise self._unavailable(e) from None
+        for attempt in range(RETRIES + 1):
+            try:
+                return await method(req, timeout=timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES or self._closed:
+                    raise self._unavailable(e) from None
+            await asyncio.sleep(RETRY_DELAY)
 
     # ---------------------------------------------------------------- reads
     async def get(self, kind: str, key: str) -> Record | None:
@@ -108,6 +145,17 @@ class EtcdStore(ClusterStore):
         return resp.header.revision, [Record(kind, self._split(kv.key)[1], kv.value, kv.create_revision,
                                              kv.mod_revision) for kv in resp.kvs]
 
+    async def snapshot(self, kinds: tuple[str, ...]) -> tuple[int, dict[str, list[Record]]]:
+        # One Range over the whole prefix: every kind from one etcd snapshot.
+        start, end = self._range_all()
+        resp = await self._range(rpc.RangeRequest(key=start, range_end=end))
+        out: dict[str, list[Record]] = {k: [] for k in kinds}
+        for kv in resp.kvs:
+            kind, key = self._split(kv.key)
+            if kind in out:
+                out[kind].append(Record(kind, key, kv.value, kv.create_revision, kv.mod_revision))
+        return resp.header.revision, out
+
     async def revision(self) -> int:
         # count_only over our (maybe empty) prefix: just the header, whatever the store holds
         resp = await self._range(rpc.RangeRequest(key=self.prefix.encode(), count_only=True))
@@ -122,16 +170,68 @@ class EtcdStore(ClusterStore):
         req = rpc.TxnRequest(
             compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=self._key(c.kind, c.key),
                                  mod_revision=c.mod_rev) for c in compares],
-            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=self._key(op.kind, op.key), value=op.value))
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=self._key(op.kind, op.key), value=op.value,
+                                                              lease=op.lease))
                      if isinstance(op, Put) else
                      rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._key(op.kind, op.key)))
                      for op in ops])
         # A txn that changes nothing (only deletes of absent keys) makes no new etcd revision, as in SQLite.
+        resp = await self._unary(self._kv.Txn, req)
+        return TxnResult(resp.succeeded, resp.header.revision)
+
+    async def compact(self, rev: int) -> None:
+        """Forget the history up to rev (the objects stay); a watch from before it gets Compacted.
+        A revision already compacted is no error."""
         try:
-            resp = await self._kv.Txn(req, timeout=TIMEOUT)
+            await self._unary(self._kv.Compact, rpc.CompactionRequest(revision=rev))
+        except Unavailable as e:
+            if "OUT_OF_RANGE" not in str(e):
+                raise
+
+    # ---------------------------------------------------------------- leases
+    async def lease_grant(self, ttl: int) -> int:
+        """A new lease of ttl seconds; objects put with it go when it expires or is revoked."""
+        resp = await self._unary(self._lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl), timeout=LEASE_TIMEOUT)
+        return resp.ID
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """Renew a lease: its TTL afresh, or 0 if it has expired (its objects are gone)."""
+        self._check_open()
+        call = self._lease.LeaseKeepAlive(timeout=LEASE_TIMEOUT)
+        try:
+            await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
+            resp = await call.read()
+            return 0 if resp is grpc.aio.EOF else resp.TTL
         except grpc.aio.AioRpcError as e:
             raise self._unavailable(e) from None
-        return TxnResult(resp.succeeded, resp.header.revision)
+        finally:
+            call.cancel()
+
+    async def lease_revoke(self, lease: int) -> None:
+        try:
+            await self._unary(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease), timeout=LEASE_TIMEOUT)
+        except Unavailable:
+            pass  # it expires by itself
+
+    # ---------------------------------------------------------------- members
+    async def members(self) -> list[Member]:
+        resp = await self._unary(self._cluster.MemberList, rpc.MemberListRequest())
+        return [Member(m.ID, m.name, list(m.peerURLs), list(m.clientURLs)) for m in resp.members]
+
+    async def member_add(self, peer_url: str) -> tuple[int, list[Member]]:
+        """Add a member (it starts afterwards with --initial-cluster-state existing); its ID and all members."""
+        resp = await self._unary(self._cluster.MemberAdd, rpc.MemberAddRequest(peerURLs=[peer_url]))
+        return resp.member.ID, [Member(m.ID, m.name, list(m.peerURLs), list(m.clientURLs)) for m in resp.members]
+
+    async def member_remove(self, member_id: int) -> bool:
+        """Remove a member; False if there was no such member."""
+        try:
+            await self._unary(self._cluster.MemberRemove, rpc.MemberRemoveRequest(ID=member_id))
+        except Unavailable as e:
+            if "NOT_FOUND" in str(e):
+                return False
+            raise
+        return True
 
     # ---------------------------------------------------------------- watch
     async def watch(self, since: int) -> AsyncIterator[Changes]:

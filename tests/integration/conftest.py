@@ -57,7 +57,8 @@ class Daemon:
         self.log = open(self.root / "netweftd.log", "ab")
         self.proc = subprocess.Popen(
             ["nsenter", f"--net={self.host.path}", str(BIN / "netweftd"), "-H", f"unix://{self.sock}",
-             "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "run"), *self.extra],
+             "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "run"),
+             "--docker-plugin-socket", str(self.root / "docker-plugin.sock"), *self.extra],
             stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

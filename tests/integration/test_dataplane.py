@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from netweft.dataplane import netns
-from netweft.dataplane.firewall import BridgeRule
+from netweft.dataplane.firewall import BridgeRule, PortRule
 from netweft.dataplane.kernel import Kernel
 from netweft.errors import InvalidRequest, KernelError
 
@@ -740,6 +740,10 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
         ("ensure_gw_endpoint", c2, "nwtgw", "nwtg-o2", "eth1", "198.19.255.2/24", "02:00:c6:13:ff:02", 1400,
          "198.19.255.1"),
         ("apply_overlay_firewall", "nwtgw", "198.19.255.0/24"),
+        ("apply_port_maps", [PortRule("tcp", 8080, "", "198.19.255.2", 80), PortRule("udp", 53, "192.0.2.1",
+                                                                                     "198.18.0.2", 5353)]),
+        ("apply_port_maps", [PortRule("tcp", 8080, "", "198.19.255.2", 80), PortRule("tcp", 8080, "", "198.18.0.2",
+                                                                                     80)]),   # refused: twice
         # Kernel refusals.
         ("ensure_sandbox", sb2, 4242, "198.18.2.1/24", 1350, "192.0.2.1", 4789, "nwtx4242"),   # VNI in use
         ("ensure_overlay_endpoint", sb1, c3, "nwv-o9", "lo", "198.18.1.9/24", "02:00:c6:12:01:09", 1350),
@@ -766,6 +770,7 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
         ("delete_overlay_firewall",),
         ("delete_gwbridge", "nwtgw"),
         ("apply_firewall", TABLE, []),
+        ("apply_port_maps", []),
         ("delete_bridge", "nwb0", None),
     ]
 
@@ -785,7 +790,8 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
                                                           "a/b")],
                 "ports": [await dp.list_ports(b) for b in ("nwb0", "nwtgw", "nwtx4242")],
                 "endpoints": [await dp.list_overlay_endpoints(s) for s in (sb1, sb2)],
-                "peers": [await dp.list_peers(s) for s in (sb1, sb2)]}
+                "peers": [await dp.list_peers(s) for s in (sb1, sb2)],
+                "guarded": [await dp.list_antispoof(s) for s in (None, sb1, sb2)]}
 
     async def main():
         real = RealDataPlane(os.path.join(nsdir, "run"), host_netns=h)
@@ -800,5 +806,53 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
             await real.close()
             for path in (c1, c2, c3, sb1, sb2):
                 netns.delete_netns(path)
+
+    asyncio.run(main())
+
+
+def test_the_probe_device_carries_a_probe_and_goes_on_delete(make_ns, nsdir):
+    """The data-path probe channel (dataplane/probe.py) on the real kernel: a probe sent to this host's own
+    VTEP goes out as VXLAN on the data path's port, comes in through the probe device and is read back;
+    opening again repairs nothing that is right; delete removes the device. The fake keeps the same device."""
+    from netweft.dataplane import probe as wire
+    from netweft.dataplane.fake import FakeDataPlane
+    from netweft.dataplane.real import RealDataPlane
+
+    h = make_ns("host")
+    sh(h, "ip", "link", "add", "nwtul0", "type", "veth", "peer", "name", "nwtul1")
+    sh(h, "ip", "addr", "add", "192.0.2.1/24", "dev", "nwtul0")
+    sh(h, "ip", "link", "set", "nwtul0", "up")
+    sh(h, "ip", "link", "set", "lo", "up")   # a probe to this host's own VTEP goes through lo
+
+    async def main():
+        real = RealDataPlane(os.path.join(nsdir, "run"), host_netns=h)
+        fake = FakeDataPlane()
+        fake.add_host_interface("nwtul0", "192.0.2.1/24")
+        try:
+            got: list[bytes] = []
+            ch = await real.open_probe("192.0.2.1", 4789, 1450)
+            ch.start(asyncio.get_running_loop(), got.append)
+            try:
+                frame = wire.encode(wire.Probe(wire.REQUEST, 9, 12345, "nodea", "nodeb", 1464))
+                assert ch.send("192.0.2.1", frame) is None
+                for _ in range(100):
+                    if got:
+                        break
+                    await asyncio.sleep(0.02)
+                assert [wire.parse(f) for f in got] == [wire.parse(frame)]
+                assert ch.send("192.0.2.1", b"\x00" * 70000) is not None   # one line why, no exception
+            finally:
+                ch.close()
+            fch = await fake.open_probe("192.0.2.1", 4789, 1450)
+            fch.close()
+            for dp in (real, fake):
+                assert await dp.link_info(wire.PROBE_DEVICE) == ("vxlan", None, False)
+                assert await dp.list_links("nwprobe") == ["nwprobe"]
+                (await dp.open_probe("192.0.2.1", 4789, 1450)).close()   # again: idempotent
+                await dp.delete_probe()
+                await dp.delete_probe()
+                assert await dp.list_links("nwprobe") == []
+        finally:
+            await real.close()
 
     asyncio.run(main())

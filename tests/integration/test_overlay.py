@@ -272,8 +272,10 @@ async def _simulated_host(db: str, net_id: str, count: int, vtep: str) -> str:
 
     store = await SQLiteStore.open(db)
     try:
+        # Ready, as the managers never heard from it: a Down host that no probe reaches would have its
+        # endpoints withdrawn from every peer table (issue 13, item 8), and nothing answers at this VTEP.
         node = Node(id="simulated" + vtep.replace(".", ""), hostname=f"sim-{vtep}", role="worker", addr=vtep,
-                    state="down")
+                    state="ready")
         while True:
             guard = await store.get(ALLOCATIONS, net_guard(net_id))
             net = codec.decode((await store.get(NETWORKS, net_id)).value, Network)

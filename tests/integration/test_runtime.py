@@ -24,19 +24,19 @@ from netweft.runtime import container
 TMP_PREFIX = os.path.join(tempfile.gettempdir(), "nwt-rt-")
 
 
-def _shims_of_this_suite():
-    out = subprocess.run(["pgrep", "-f", f"netweft.runtime.shim {TMP_PREFIX}"],
+def _supervisors_of_this_suite():
+    out = subprocess.run(["pgrep", "-f", f"netweft.runtime.supervisor {TMP_PREFIX}"],
                          capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_leftover_shims():
+def no_leftover_supervisors():
     yield
-    leftovers = _shims_of_this_suite()
+    leftovers = _supervisors_of_this_suite()
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
-    assert leftovers == [], "shim processes left behind"
+    assert leftovers == [], "supervisor processes left behind"
 
 
 def wait_for(predicate, timeout=5.0, what="condition"):
@@ -82,7 +82,7 @@ class Workspace:
                 os.killpg(int(read(os.path.join(state_dir, "pid"))), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
-        for pid in _shims_of_this_suite():
+        for pid in _supervisors_of_this_suite():  # one per workspace: its socket is in self.dir
             if self.dir in read(f"/proc/{pid}/cmdline").replace("\0", " "):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -209,14 +209,14 @@ def test_container_survives_its_starter_and_records_exit_code(ws, netns):
         capture_output=True, text=True, timeout=30)
     assert starter.returncode == 0, starter.stderr
     pid = int(starter.stdout)
-    # The starter is gone (and never waited on the shim); the container runs on.
+    # The starter is gone (and never waited on the supervisor); the container runs on, a child of the supervisor.
     time.sleep(0.2)
     assert container.status(spec["state_dir"]) == ("running", pid)
-    shim = int(read(f"/proc/{pid}/status").split("PPid:")[1].split()[0])
-    assert "netweft.runtime.shim" in read(f"/proc/{shim}/cmdline")
+    supervisor = int(read(f"/proc/{pid}/status").split("PPid:")[1].split()[0])
+    assert "netweft.runtime.supervisor" in read(f"/proc/{supervisor}/cmdline")
 
     assert container.stop(spec["state_dir"], timeout=5) == ("exited", 143)
-    wait_for(lambda: not os.path.exists(f"/proc/{shim}"), what="shim exit")
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="container reaped")
 
 
 def test_stop_escalates_to_sigkill(ws):
@@ -319,3 +319,82 @@ def test_hosts_file_gives_a_dotted_hostname_its_short_name(ws):
     assert "127.0.1.1\tfoobar.example.com foobar" in hosts.read_text().splitlines()
     container.write_hosts(hosts, "plain", [("198.18.0.5", ["plain"])])
     assert "198.18.0.5\tplain" in hosts.read_text().splitlines()
+
+
+def supervisor_pid(ws):
+    return container.supervisor_call(os.path.join(ws.dir, container.SUPERVISOR_SOCKET), {"op": "ping"})["pid"]
+
+
+def test_one_supervisor_is_the_parent_of_every_container(ws):
+    specs = [ws.spec(f"many{i}", ["sleep", "1000"]) for i in range(4)]
+    # Started from several threads at once, as the daemon's executor does.
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        pids = list(pool.map(container.start, specs))
+    sup = supervisor_pid(ws)
+    assert len(set(pids)) == 4
+    for pid in pids:
+        assert int(read(f"/proc/{pid}/status").split("PPid:")[1].split()[0]) == sup
+    assert [p for p in _supervisors_of_this_suite() if ws.dir in read(f"/proc/{p}/cmdline")] == [sup]
+    # A stray TERM does not take the supervisor (and every exit code) away.
+    os.kill(sup, signal.SIGTERM)
+    time.sleep(0.2)
+    assert os.path.exists(f"/proc/{sup}")
+    for spec in specs:
+        assert container.stop(spec["state_dir"], timeout=5) == ("exited", 143)
+    # A second supervisor for the same socket steps aside.
+    r = subprocess.run([sys.executable, "-m", "netweft.runtime.supervisor",
+                        os.path.join(ws.dir, container.SUPERVISOR_SOCKET)], timeout=30)
+    assert r.returncode == 0 and supervisor_pid(ws) == sup
+
+
+def test_a_command_that_exits_at_once_still_gets_a_pid_and_its_exit_code(ws):
+    for i in range(5):
+        spec = ws.spec(f"instant{i}", ["sh", "-c", f"exit {i}"])
+        pid = container.start(spec)
+        assert pid > 0
+        wait_for(lambda: container.status(spec["state_dir"])[0] == "exited", what="exit code")
+        assert container.status(spec["state_dir"]) == ("exited", i)
+
+
+def test_supervisor_answers_a_bad_request_with_one_line_and_keeps_serving(ws):
+    container.start(ws.spec("first", ["true"]))  # starts the supervisor
+    path = os.path.join(ws.dir, container.SUPERVISOR_SOCKET)
+    for raw in (b"nonsense\n", b'{"op": "launch"}\n', b'{"op": "start", "spec": 3}\n',
+                b'{"op": "start", "spec": {}}\n', b"\n"):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.sendall(raw)
+        reply = json.loads(s.makefile().readline())
+        s.close()
+        assert set(reply) == {"error"} and "\n" not in reply["error"], (raw, reply)
+    assert supervisor_pid(ws) > 0
+
+
+def test_containers_and_exit_codes_outlive_a_restarted_starter(ws):
+    """What a netweftd restart looks like to the runtime: the starter process goes, a new one reads the files."""
+    spec = ws.spec("outlive", ["sh", "-c", "read x < /dev/null; sleep 0.5; exit 7"])
+    starter = subprocess.run(
+        [sys.executable, "-c", "import json, sys; from netweft.runtime import container; "
+         "print(container.start(json.loads(sys.argv[1])))", json.dumps(spec)],
+        capture_output=True, text=True, timeout=30)
+    assert starter.returncode == 0, starter.stderr
+    wait_for(lambda: container.status(spec["state_dir"])[0] == "exited", what="exit code")
+    assert container.status(spec["state_dir"]) == ("exited", 7)
+
+
+def test_a_container_ending_while_the_daemon_is_down_keeps_its_exit_code_and_logs(daemon):
+    d = daemon
+    d.cli("run", "-d", "--name", "brief", "--", "sh", "-c", "echo before; sleep 1; echo after; exit 5")
+    sup = int(read(str(d.root / "run" / "supervisor.sock.pid")))
+    pid = json.loads(d.cli("inspect", "brief").stdout)[0]["State"]["Pid"]
+    assert int(read(f"/proc/{pid}/status").split("PPid:")[1].split()[0]) == sup
+    d.stop()
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10, what="the container's exit")
+    d.start()
+    state = json.loads(d.cli("inspect", "brief").stdout)[0]["State"]
+    assert (state["Status"], state["ExitCode"]) == ("exited", 5)
+    assert d.cli("logs", "brief").stdout.split() == ["before", "after"]
+    d.cli("run", "-d", "--name", "next", "--", "sleep", "1000")   # the same supervisor serves the new daemon
+    assert int(read(str(d.root / "run" / "supervisor.sock.pid"))) == sup
+    d.cli("rm", "-f", "brief", "next")

@@ -605,3 +605,33 @@ def test_a_converged_periodic_resync_looks_into_no_owner_namespace_and_a_remade_
         assert dp.link(ep.gw_host_ifname).master == "nw_gwbridge"
         assert dp.default_route("/run/nwt/netns/c1") == ("198.19.0.1", "eth1")
     run(go())
+
+
+def test_a_withdrawn_node_leaves_the_peer_tables_and_comes_back_when_reinstated(env):
+    """Issue 13 item 8: the managers withdraw a host (down, and unreachable on the data path from every host
+    sharing a network with it); its endpoints go from the peer tables, and come back with it."""
+    from netweft.model.watch import NodeEvent
+    _, dp, _, mgr = env
+    agent = new_agent(env)
+    node = Node(id=OTHER, hostname=OTHER, role="worker", addr=VTEP[OTHER])
+
+    async def go():
+        agent.on_message(events(mgr.rev, NodeEvent(action="put", object=node)))
+        remote, third = mgr.endpoint(OTHER), mgr.endpoint(THIRD)
+        await attach(agent, dp, "c1")
+        sb = agent.sandbox(NET.id)
+        assert await dp.list_peers(sb) == {peer(remote), peer(third)}
+        assert agent.probe_targets() == {OTHER: VTEP[OTHER], THIRD: VTEP[THIRD]}
+        mgr.rev += 1
+        agent.on_message(events(mgr.rev, NodeEvent(action="put", object=msgspec.structs.replace(
+            node, state="down", withdrawn=True))))
+        await settle()
+        assert await dp.list_peers(sb) == {peer(third)}
+        assert OTHER in agent.probe_targets()   # still probed: its return is seen on the data path
+        mgr.rev += 1
+        agent.on_message(events(mgr.rev, NodeEvent(action="put", object=node)))
+        await settle()
+        assert await dp.list_peers(sb) == {peer(remote), peer(third)}
+        await agent.resync()
+        assert await dp.list_peers(sb) == {peer(remote), peer(third)}
+    run(go())

@@ -1,16 +1,13 @@
-"""Container shim: `python -m netweft.runtime.shim SPEC_JSON_PATH`.
+"""What runs in a container's process between fork and exec: enter its namespaces, set up its files, exec.
 
-The shim detaches from whoever started it (double fork + setsid), forks the container
-process into its namespaces, records its pid, waits for it and records the exit code.
-It outlives the daemon, so a daemon restart neither kills containers nor loses exit codes.
-
+The supervisor (supervisor.py) forks; the child calls `child(spec, log_fd, err_fd)`, which never returns.
 In its own network namespace, a container gets lo up and a fresh read-only sysfs, so that
 /sys/class/net lists its interfaces and not the host's.
 
 Spec fields: netns (path or null), hostname, hosts_file, resolv_file (paths or null),
 cmd (list), env (dict, optional), cwd (optional, default "/"), log, state_dir.
 
-Files written into state_dir (each atomically): starttime (the container process's start
+Files the supervisor writes into state_dir (each atomically): starttime (the container process's start
 time from /proc/PID/stat, to recognise pid reuse), pid (only once the command was
 exec'd: exit_code without pid means a failed start), exit_code (128+N if killed by
 signal N; 127 if the command could not be executed; 125 if namespace setup failed).
@@ -18,12 +15,10 @@ signal N; 127 if the command could not be executed; 125 if namespace setup faile
 
 import ctypes
 import fcntl
-import json
 import os
 import signal
 import socket
 import struct
-import sys
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -116,8 +111,9 @@ def _container_env(spec):
     return env
 
 
-def _child(spec, err_w):
-    """Runs in the forked container process; never returns."""
+def child(spec, err_w):
+    """Runs in the forked container process; never returns. Errors go to the container's log (already on
+    fds 1 and 2) and, as one line, to err_w (a close-on-exec pipe: EOF without data means exec succeeded)."""
     def fail(code, message):
         message = message.replace("\n", " ")
         try:
@@ -127,11 +123,21 @@ def _child(spec, err_w):
             os._exit(code)
 
     try:
+        # stdin from /dev/null, stdout and stderr to the container's log; nothing else of the supervisor's
+        # survives exec (its sockets and pipes are close-on-exec).
+        null_fd = os.open("/dev/null", os.O_RDONLY)
+        log_fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        os.dup2(null_fd, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(null_fd)
+        os.close(log_fd)
         # Own session and process group, so stop() can signal everything the container spawned.
         os.setsid()
-        # Python ignores SIGPIPE/SIGXFSZ and the shim ignores TERM/INT/HUP; ignored
+        # Python ignores SIGPIPE/SIGXFSZ and the supervisor ignores TERM/INT/HUP and catches CHLD; ignored
         # dispositions survive exec, so restore the defaults for the command.
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         # The daemon's umask 077 protects its secrets; a container's files follow Docker's default.
         os.umask(0o022)
@@ -172,67 +178,3 @@ def _child(spec, err_w):
             reason = f"executable file not found in $PATH ({env['PATH']})"
         fail(EXIT_EXEC_FAILED, f"netweft: cannot run {cmd[0]!r}: {reason}")
     os._exit(EXIT_EXEC_FAILED)  # not reached
-
-
-def _wait_and_clean_up(pid):
-    """Wait for the container process and return its exit code. Before reaping it, kill
-    whatever is left of its process group (like a pid namespace does when init exits);
-    the unreaped zombie guarantees the group id has not been reused."""
-    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
-
-
-def main(argv):
-    with open(argv[1]) as f:
-        spec = json.load(f)
-    state_dir = spec["state_dir"]
-
-    # Double fork: the first process exits at once (its starter reaps it immediately),
-    # we get reparented to init, so the daemon needs no reaping logic and can restart.
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    os.chdir("/")
-
-    # Hold nothing of the starter's: stdin from /dev/null, stdout/stderr to the log.
-    null_fd = os.open("/dev/null", os.O_RDONLY)
-    log_fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-    os.dup2(null_fd, 0)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-
-    # A stray SIGTERM/SIGHUP to the shim must not lose the exit code.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-
-    # Close-on-exec pipe: EOF without data means exec succeeded.
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(err_r)
-        _child(spec, err_w)
-    os.close(err_w)
-    error = b""
-    while chunk := os.read(err_r, 4096):
-        error += chunk
-    os.close(err_r)
-
-    # starttime before pid: whoever sees pid can also check it.
-    write_atomic(os.path.join(state_dir, "starttime"), f"{proc_starttime(pid)}\n")
-    if not error:
-        # No pid file at all means the start failed (exec or namespace setup).
-        write_atomic(os.path.join(state_dir, "pid"), f"{pid}\n")
-    code = _wait_and_clean_up(pid)
-    write_atomic(os.path.join(state_dir, "exit_code"), f"{code}\n")
-
-
-if __name__ == "__main__":
-    main(sys.argv)

@@ -1,0 +1,163 @@
+"""The manager's part in a cluster of several managers on etcd (issue 8): a mixin of Manager (cluster.py),
+which holds the state it uses (store, hub, coord, ca, store_ca, seen_wall, ...).
+
+- the CA comes from the store, its key sealed with the managers' key (netweft/pki/sealed.py);
+- each manager publishes whom it heard from, the leader (leader.py) trims the store's history;
+- a manager enrolls others (POST /managers/enroll): the managers' key, an etcd certificate from the store
+  CA, and (embedded etcd) a member added before it starts;
+- a demoted, removed or leaving manager's etcd member is removed; a manager that sees itself demoted
+  tells the daemon, which stops it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+
+from netweft import pki
+from netweft.errors import Conflict, Forbidden, NetweftError, Unavailable
+from netweft.manager import hastore
+from netweft.manager.watch import CA, NODES, PRESENCE
+from netweft.model.objects import Node
+from netweft.pki import sealed
+
+log = logging.getLogger("netweft.manager")
+
+HISTORY = 50_000              # revisions of history the leader keeps for agents that resume
+TRIM_EVERY = 60.0             # seconds between two trims of the history by the leader
+MEMBER_TRIES = 40             # tries (0.5 s apart) of a member change etcd refuses for the quorum's sake
+SEEN_KEEP = 6                 # heartbeat periods a node stays in the published map after it was last heard
+
+
+class ManagersOnEtcd:
+    def _open_sealed(self) -> None:
+        """The CA (and the store CA) from the store, their keys opened with this manager's key."""
+        rec = self.state.get(CA, "root")
+        if rec is None:
+            raise Unavailable("etcd holds no cluster CA; leave the swarm (`netweft swarm leave --force`) and join again")
+        key = sealed.load_key(self.dir)
+        self.ca = pki.RootCA.from_pem(rec["cert"].encode(), sealed.unseal(key, "ca-key", rec["key"]))
+        if rec.get("store_key"):
+            self.store_ca = pki.RootCA.from_pem(rec["store_cert"].encode(),
+                                                sealed.unseal(key, "store-ca-key", rec["store_key"]))
+
+    def leader_id(self) -> str | None:
+        if not self.ha:
+            return self.cluster()["leader"]["node_id"]
+        rec = self.coord.leader() if self.coord is not None else None
+        return rec.get("node_id") if rec else None
+
+    def is_leader(self) -> bool:
+        return not self.ha or (self.coord is not None and self.coord.is_leader())
+
+    def manager_addrs(self) -> list[str]:
+        """Every manager's cluster API address: the reachable ones first."""
+        mgrs = [n for n in self.state.nodes() if n.role == "manager"]
+        if self.ha:
+            mgrs.sort(key=lambda n: (self.state.get(PRESENCE, n.id) is None, n.id))
+        return [n.manager_addr or f"{n.addr}:2377" for n in mgrs][:64] or [self.cluster()["leader"]["addr"]]
+
+    async def _publish_seen(self) -> None:
+        """Whom this manager heard from (itself included), for the leader's Down check."""
+        while True:
+            period = self.spec()["HeartbeatPeriod"]
+            await asyncio.sleep(period / 2)
+            now = time.time()
+            self.seen_wall[self.node_id] = now
+            limit = SEEN_KEEP * period
+            seen = {k: round(v, 3) for k, v in self.seen_wall.items() if now - v < limit}
+            try:
+                await self.coord.publish_heartbeats(seen)
+                me = self.state.get(NODES, self.node_id)
+                if me is not None and me.role == "manager" and me.state != "ready":  # back after being Down
+                    await self._update(self.node_id, lambda n: msgspec.structs.replace(n, state="ready"))
+            except NetweftError as e:
+                log.debug("publishing heartbeats failed", extra={"reason": str(e)})
+
+    async def _trim_history(self) -> None:
+        while True:
+            await asyncio.sleep(TRIM_EVERY)
+            if self.is_leader() and self.state.rev > HISTORY:
+                try:
+                    await self.store.compact(self.state.rev - HISTORY)
+                except NetweftError as e:
+                    log.warning("trimming the cluster store's history failed", extra={"reason": str(e)})
+
+    async def _watch_self(self) -> None:
+        """This manager demoted or removed (by another one): tell the daemon once, which stops it."""
+        while True:
+            await asyncio.sleep(0.5)
+            me = self.state.get(NODES, self.node_id)
+            if (me is None or me.role != "manager") and self.on_demoted is not None:
+                log.info("this manager was demoted or removed; it stops serving")
+                self.on_demoted()
+                return
+
+    async def _drop_member(self, node: Node) -> bool:
+        """Remove a manager's etcd member (embedded etcd: found by its name or peer URL); False if it had none."""
+        if self.store_ca is None or not isinstance(self.store, hastore.EtcdStore):
+            return False
+        url = hastore.peer_url(node.addr)
+        for m in await self.store.members():
+            if m.name == node.id or url in m.peer_urls:
+                # etcd refuses while a member restarted only moments ago (it would risk the quorum)
+                for attempt in range(MEMBER_TRIES):
+                    try:
+                        await self.store.member_remove(m.id)
+                        break
+                    except Unavailable as e:
+                        if attempt == MEMBER_TRIES - 1:
+                            raise Unavailable(f"etcd refuses to remove {node.hostname}'s member now ({e}); "
+                                              "nothing was changed: retry when every manager is up") from None
+                        await asyncio.sleep(0.5)
+                log.info("etcd member removed", extra={"node": node.id, "member": f"{m.id:x}"})
+                return True
+        return False
+
+    async def enroll(self, node: Node, csr_pem: str) -> dict:
+        """A new manager (joined with the manager token, or promoted) asks for what the shared store needs.
+        Embedded etcd: its member is added here (before it starts, as etcd requires)."""
+        if not self.ha:
+            raise Conflict("this cluster keeps its state in one manager's store (swarm init without --store etcd): "
+                           "there is nothing to enroll in")
+        if node.role != "manager":
+            raise Forbidden("only a manager enrolls in the cluster store")
+        key = sealed.encode_key(sealed.load_key(self.dir))
+        f = hastore.store_files(self.dir)
+        if self.store_ca is None:  # an etcd the operator runs: its client certificate is shared
+            return {"ManagerKey": key, "StoreCA": pki.load_pem(f["ca"]).decode(),
+                    "StoreCert": pki.load_pem(f["cert"]).decode(), "StoreKey": pki.load_pem(f["key"]).decode(),
+                    "Endpoints": self.store_endpoints}
+        cert = hastore.sign_store_cert(self.store_ca, csr_pem.encode(), node.id, self.cluster()["id"], node.addr)
+        url = hastore.peer_url(node.addr)
+        members = await self.store.members()
+        mine = next((m for m in members if url in m.peer_urls), None)
+        if mine is None:
+            # etcd refuses a member while the last one added has not caught up (it would risk the quorum)
+            for attempt in range(MEMBER_TRIES):
+                try:
+                    member_id, members = await self.store.member_add(url)
+                    break
+                except Unavailable:
+                    if attempt == MEMBER_TRIES - 1:
+                        raise
+                    await asyncio.sleep(0.5)
+            log.info("etcd member added", extra={"node": node.id, "member": f"{member_id:x}", "peer": url})
+        else:
+            member_id = mine.id
+        initial = ",".join(f"{m.name or (node.id if m.id == member_id else f'{m.id:x}')}={m.peer_urls[0]}"
+                           for m in members if m.peer_urls)
+        endpoints = [u.removeprefix("https://") for m in members for u in m.client_urls]
+        endpoints.append(hastore.client_endpoint(node.addr))
+        return {"ManagerKey": key, "StoreCA": self.store_ca.cert_pem.decode(), "StoreCert": cert.decode(),
+                "Endpoints": list(dict.fromkeys(endpoints)), "InitialCluster": initial}
+
+    async def leave_managers(self) -> None:
+        """This manager leaves for good (swarm leave --force): its endpoints go, it is marked down, its
+        etcd member removed."""
+        me = self.state.get(NODES, self.node_id)
+        if me is not None:
+            await self.leave(me)
+            await self._drop_member(me)
