@@ -31,9 +31,11 @@ from urllib.parse import quote
 import msgspec
 
 from netweft import metrics
-from netweft.agent import reconcile
+from netweft.agent import keyring, reconcile
 from netweft.agent.health import Prober
 from netweft.agent.reconcile import DesiredNetwork, Gateway, GwPort, ObservedNetwork, Port
+from netweft.agent.tunnels import TunnelAgent, current_addr
+from netweft.dataplane.wgconf import DEFAULT_WG_PORT, WG_OVERHEAD
 from netweft.agent.watcher import Watcher
 from netweft.dataplane.checks import unicast_mac
 from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
@@ -105,7 +107,8 @@ def _repairs(out: reconcile.Outcome) -> int:
 
 
 class OverlayAgent:
-    def __init__(self, host: OverlayHost, dataplane: DataPlane, client, node_id: str, vtep: str, port: int):
+    def __init__(self, host: OverlayHost, dataplane: DataPlane, client, node_id: str, vtep: str, port: int,
+                 wg_port: int = DEFAULT_WG_PORT, key_period: float = keyring.DEFAULT_PERIOD):
         self.host, self.dp, self.client = host, dataplane, client
         self.store = host.store
         self.node_id, self.vtep, self.port = node_id, vtep, port
@@ -137,11 +140,14 @@ class OverlayAgent:
         self.tasks: list[asyncio.Task] = []
         self.watcher = Watcher(client, since=self._since, handle=self.on_message, on_connect=self._on_connect)
         self._load()
+        # Encrypted networks: this host's WireGuard tunnel (agent/tunnels.py).
+        self.tunnels = TunnelAgent(self, dataplane, client, self.store, node_id, port, wg_port, key_period)
         self._targets: tuple[tuple, dict[str, str]] = ((), {})
         self.prober = Prober(self)   # data-path health of the peer hosts (agent/health.py)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        await self.tunnels.start()
         await self.resync(full=True)
         self.tasks = [asyncio.ensure_future(self.watcher.run()), asyncio.ensure_future(self._resync_loop())]
         self.prober.start()
@@ -155,6 +161,7 @@ class OverlayAgent:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks = []
         await self.prober.stop()
+        await self.tunnels.stop()
         self._save()
 
     @property
@@ -291,13 +298,18 @@ class OverlayAgent:
 
     def _peer(self, ep: Endpoint | None) -> Peer | None:
         """The endpoint as this host programs it, or None for its own endpoints (and unreachable ones).
-        A MAC that is no host's (zero, broadcast, multicast) would be VXLAN's flood destination: never a peer."""
+        A MAC that is no host's (zero, broadcast, multicast) would be VXLAN's flood destination: never a peer.
+        On an encrypted network the VTEP is the node's tunnel address (None until it has published a key)."""
         if ep is None or ep.node_id == self.node_id or not unicast_mac(ep.mac):
             return None
         node = self.nodes.get(ep.node_id)
         if node is not None and node.withdrawn:
             return None   # down for the managers and unreachable on the data path (manager/liveness.py)
-        vtep = self._vtep(ep)
+        ns = self.nets.get(ep.network_id)
+        if ns is not None and ns.network.encrypted:
+            vtep = current_addr(node)
+        else:
+            vtep = self._vtep(ep)
         return Peer(ep.ip, ep.mac, vtep) if vtep else None
 
     def remote_peers(self, net_id: str) -> frozenset[Peer]:
@@ -408,9 +420,11 @@ class OverlayAgent:
     def _apply_node(self, ev: NodeEvent, touched: set[str]) -> None:
         node_id = ev.object.id
         old = self.nodes.get(node_id)
+        self.tunnels.kick()   # its WireGuard keys may have changed
         if ev.action == "put" and old is not None and (old.addr, old.withdrawn) == (ev.object.addr,
-                                                                                     ev.object.withdrawn):
-            self.nodes[node_id] = ev.object   # its VTEP is the same, not withdrawn either: no peer changes
+                                                                                     ev.object.withdrawn) \
+                and current_addr(old) == current_addr(ev.object):
+            self.nodes[node_id] = ev.object   # its VTEPs are the same, not withdrawn either: no peer changes
             return
         affected = [(ns, e) for ns in self.nets.values() for e in ns.endpoints.values() if e.node_id == node_id]
         before = [self._peer(e) for _, e in affected]
@@ -468,6 +482,7 @@ class OverlayAgent:
             ns.rev = rev   # the snapshot is the truth, even below what was held (a manager's history restarted)
             self._schedule_flush(net_id)
         self.rev = rev
+        self.tunnels.kick()
         log.info("watch snapshot applied", extra={"rev": rev, "networks": len(self.nets)})
 
     def _decode(self, msg: dict, key: str, type_, rev: int) -> list:
@@ -554,8 +569,11 @@ class OverlayAgent:
         if not ops:
             return
         path = self.sandbox(ns.network.id)
-        remove = [p for p, add in ops.items() if not add]
         add = [p for p, add in ops.items() if add]
+        # A peer whose VTEP moved (a host's new address or WireGuard key) is replaced in place by its add:
+        # removing it first would leave a moment with no entry for its MAC, and its packets would be lost.
+        moved = {(p.ip, p.mac) for p in add}
+        remove = [p for p, add in ops.items() if not add and (p.ip, p.mac) not in moved]
         t0 = time.monotonic()
         try:
             if remove:
@@ -572,7 +590,25 @@ class OverlayAgent:
     async def _mtu(self, net: Network) -> int:
         if net.mtu:
             return net.mtu
-        return await self._uplink_mtu() - VXLAN_OVERHEAD
+        # An encrypted network's VXLAN travels inside WireGuard: room for both headers.
+        return await self._uplink_mtu() - VXLAN_OVERHEAD - (WG_OVERHEAD if net.encrypted else 0)
+
+    def _local_ip(self, net: Network) -> str:
+        """VXLAN's source: the underlay address, or for an encrypted network none fixed (the tunnel route's
+        source, which moves with the WireGuard key)."""
+        return "" if net.encrypted else self.vtep
+
+    # ---- for the tunnel (agent/tunnels.py) ----
+    def encrypted_networks(self) -> list[Network]:
+        """Encrypted networks in this host's scope (with endpoints here, or being attached)."""
+        return [ns.network for ns in self.nets.values() if ns.network.encrypted]
+
+    def hosts_on(self, net_id: str) -> set[str]:
+        ns = self.nets.get(net_id)
+        return {e.node_id for e in ns.endpoints.values()} if ns is not None else set()
+
+    async def uplink_mtu(self) -> int:
+        return await self._uplink_mtu()
 
     async def _uplink_mtu(self) -> int:
         if self._underlay_mtu is None:
@@ -593,7 +629,8 @@ class OverlayAgent:
     def _desired(self, ns: NetState, local: list[Endpoint], mtu: int) -> DesiredNetwork:
         """Synchronous on purpose: peers and the pending changes they cover are taken at one instant."""
         ns.pending.clear()
-        return DesiredNetwork(sandbox=self._sandbox_spec(ns.network, mtu), local_ip=self.vtep, port=self.port,
+        return DesiredNetwork(sandbox=self._sandbox_spec(ns.network, mtu), local_ip=self._local_ip(ns.network),
+                              port=self.port,
                               tmp_name=f"{VXLAN_TMP}{ns.network.vni:06x}",
                               ports=tuple(self._port(e, mtu) for e in sorted(local, key=lambda e: e.id)),
                               peers=self.remote_peers(ns.network.id))
@@ -676,6 +713,8 @@ class OverlayAgent:
                            "as they are", network=net_id)
                 return None
             try:
+                if ns.network.encrypted:
+                    await self.tunnels.ensure()
                 mtu = await self._mtu(ns.network)
                 while ns.pending and exists:   # what the watch brought is programmed first: the diff is drift
                     await self._flush_locked(ns)
@@ -815,7 +854,10 @@ class OverlayAgent:
         ns = self.nets[ep.network_id]
         mtu = await self._mtu(ns.network)
         sb = self._sandbox_spec(ns.network, mtu)
-        created = await self.dp.ensure_sandbox(sb.path, sb.vni, sb.gateway_cidr, mtu, self.vtep, self.port,
+        if ns.network.encrypted:
+            await self.tunnels.ensure()   # rules and tunnel before the VXLAN device: never a packet in clear
+        created = await self.dp.ensure_sandbox(sb.path, sb.vni, sb.gateway_cidr, mtu, self._local_ip(ns.network),
+                                               self.port,
                                                f"{VXLAN_TMP}{sb.vni:06x}")
         p = self._port(ep, mtu)
         await self.dp.ensure_overlay_endpoint(sb.path, p.netns, p.host_ifname, p.ifname, p.address, p.mac, p.mtu)
@@ -959,6 +1001,7 @@ class OverlayAgent:
         await self.dp.delete_gwbridge(GWBRIDGE)
         await self.dp.delete_probe()
         self.nets.clear()
+        await self.tunnels.teardown()
         with self.store.tx():
             self.store.delete("settings", CACHE_KEY)
         await self.host.gateway_released()

@@ -18,6 +18,8 @@ def swarm():
 @click.option("--advertise-addr", metavar="ADDR|IFACE", help="address other nodes use to reach this manager")
 @click.option("--listen-addr", metavar="ADDR[:PORT]", help="cluster API listen address (default 0.0.0.0:2377)")
 @click.option("--data-path-port", type=int, help="UDP port of VXLAN traffic (default 4789)")
+@click.option("--wireguard-port", type=int,
+              help="UDP port of WireGuard, which carries encrypted overlays between hosts (default 51820)")
 @click.option("--default-addr-pool", multiple=True, metavar="CIDR", help="pool of overlay subnets; repeatable")
 @click.option("--default-addr-pool-mask-length", type=int, help="prefix length of overlay subnets (default 24)")
 @click.option("--cert-expiry", metavar="DURATION", help="node certificate lifetime (default 90d)")
@@ -31,11 +33,12 @@ def swarm():
 @click.option("--store-key", type=click.File("r"), help="client key for the etcd you run (PEM)")
 @click.pass_context
 def swarm_init(ctx, advertise_addr, listen_addr, data_path_port, default_addr_pool, default_addr_pool_mask_length,
-               cert_expiry, dispatcher_heartbeat, store, store_cacert, store_cert, store_key):
+               cert_expiry, dispatcher_heartbeat, wireguard_port, store, store_cacert, store_cert, store_key):
     """Make this host the first manager of a new cluster."""
     body = {"AdvertiseAddr": advertise_addr, "ListenAddr": listen_addr, "DataPathPort": data_path_port,
             "DefaultAddrPool": list(default_addr_pool), "SubnetSize": default_addr_pool_mask_length,
-            "CertExpiry": cert_expiry, "HeartbeatPeriod": dispatcher_heartbeat, "Store": store,
+            "CertExpiry": cert_expiry, "HeartbeatPeriod": dispatcher_heartbeat, "WireguardPort": wireguard_port,
+            "Store": store,
             "StoreCACert": store_cacert.read() if store_cacert else None,
             "StoreCert": store_cert.read() if store_cert else None,
             "StoreKey": store_key.read() if store_key else None}

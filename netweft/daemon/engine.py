@@ -31,6 +31,7 @@ from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
 from netweft.errors import Conflict, InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
+from netweft.ipam import tunnel
 from netweft.model.api import peer_health_view
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Owner
@@ -249,6 +250,7 @@ class Engine:
         c = ipam_cfg[0]
         # Overlay subnets count too: a container on both would get two routes to one prefix.
         taken = [(IPv4Network(o.subnet), f"network {o.name!r}") for o in others + overlays]
+        taken.append((tunnel.TUNNEL_NET, tunnel.TUNNEL_WHAT))
         routes = [] if parent else await collisions.host_claims(self.dp, BRIDGE_PREFIX)
         if c.get("Subnet"):
             subnet = ipam.parse_network(c["Subnet"])
@@ -272,6 +274,10 @@ class Engine:
             raise InvalidRequest("overlay networks need a swarm: run `netweft swarm init` (or join one) first")
         if self.store.by_name("networks", name):
             raise Conflict(f"network {name!r} already exists; choose another name or remove it first")
+        if validate.ENCRYPTED_OPT in (req.get("Options") or {}):
+            wg = await self.dp.wireguard()
+            if wg.kind == "none":
+                raise InvalidRequest(f"-o encrypted refused: {wg.problem}")
         await self.refuse_host_overlap(((req.get("IPAM") or {}).get("Config") or [{}])[0].get("Subnet"), "subnet")
         doc = await _awaited(self.swarm.admin("POST", "/networks", req,
                                               local=lambda: self.swarm.manager.overlays.create_network(req)))
@@ -312,7 +318,7 @@ class Engine:
             if gw is None:
                 nets = self._local_networks()
                 overlays = self.overlay_agent.networks() if self.overlay_agent is not None else []
-                taken = [IPv4Network(n.subnet) for n in nets + overlays]
+                taken = [IPv4Network(n.subnet) for n in nets + overlays] + [tunnel.TUNNEL_NET]
                 taken += [net for net, _ in await collisions.host_claims(self.dp, BRIDGE_PREFIX)]
                 try:  # room for GWBRIDGE_PREFIX's worth of overlay containers on this host, else the pools' size
                     subnet = ipam.allocate_subnet(self.pools, taken, GWBRIDGE_PREFIX)
@@ -355,6 +361,8 @@ class Engine:
             peers = self.overlay_agent.peers_view(net.id) if self.overlay_agent is not None else []
             view["Peers"] = [{"Name": h, "IP": ip, **({"Health": peer_health_view(hv)} if hv else {})}
                              for h, ip, hv in peers]
+            if net.encrypted and self.overlay_agent is not None and net.id in {n.id for n in self.overlay_agent.networks()}:
+                view["Encryption"] = self.overlay_agent.tunnels.view(net.id)
         return view
 
     def _network_name(self, net_id: str) -> str:

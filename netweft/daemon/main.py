@@ -21,6 +21,7 @@ from netweft.dataplane.real import RealDataPlane
 from netweft.daemon.swarm import Swarm
 from netweft.errors import NetweftError
 from netweft.ipam.address import parse_pool
+from netweft.pki import parse_duration
 
 log = logging.getLogger("netweft.daemon")
 
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="this node's name in the cluster (default: the machine's hostname)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"netweftd {__version__}")
+    p.add_argument("--wireguard-go", metavar="PATH", default=None,
+                   help="wireguard-go to use where the kernel has no WireGuard (default: found on PATH)")
+    p.add_argument("--wireguard-key-rotation", metavar="DURATION", default="12h", type=_duration,
+                   help="how often each host makes a new WireGuard key, make-before-break (default 12h)")
     p.add_argument("--docker-plugin-socket", default=docker_driver.DEFAULT_SOCKET, metavar="PATH",
                    help="where Docker's network and IPAM driver is served (default "
                         f"{docker_driver.DEFAULT_SOCKET}; '' for none)")
@@ -61,6 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "It has no login and shows the whole cluster: bind it to 127.0.0.1 and reach it through "
                         "an SSH tunnel, or to a management network only")
     return config.apply(p, argv)
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text).total_seconds()
+    except NetweftError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 2 <= seconds <= 365 * 86400:
+        raise argparse.ArgumentTypeError("must be between 2s and 365d")
+    return seconds
 
 
 def secure_root(root: str) -> None:
@@ -137,10 +152,11 @@ class Daemon:
             secure_root(root)
         self.pools = [parse_pool(p) for p in (args.default_address_pool or [DEFAULT_POOL])]
         # The one data plane of this host, injected into the engine (and through it, the overlay agent).
-        self.dataplane = RealDataPlane(args.exec_root)
+        self.dataplane = RealDataPlane(args.exec_root, wireguard_go=args.wireguard_go)
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
         self.engine.events.hostname = self.hostname
         self.swarm = Swarm(self)
+        self.wireguard = None   # which WireGuard this host has, found at start (`info` shows it)
         self.extra_routes: list = [self.swarm.routes()]
         self.extra_routes.append(cni_api.routes(self.engine))
         self.extra_routes.append(events_api.routes(self))
@@ -151,10 +167,11 @@ class Daemon:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,
                 "ExecRoot": self.args.exec_root, "Socket": self.sock,
                 "DefaultAddressPools": [str(p) for p in self.pools], "Hostname": self.hostname,
-                "Swarm": self.swarm.info()}
+                "Swarm": self.swarm.info(), "WireGuard": self.wireguard.view() if self.wireguard else {}}
 
     async def run(self) -> None:
         await self.dataplane.start()
+        self.wireguard = await self.dataplane.wireguard()
         await self.engine.start()
         await self.swarm.start()
         app = build_app(self)

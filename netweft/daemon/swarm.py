@@ -34,6 +34,8 @@ from netweft import validate
 from netweft.ipam.address import parse_network
 from netweft import pki
 from netweft.manager.cluster import MIN_CERT_EXPIRY, Manager, new_node_id
+from netweft.agent.keyring import DEFAULT_PERIOD as DEFAULT_KEY_PERIOD
+from netweft.dataplane.wgconf import DEFAULT_WG_PORT
 from netweft.manager import hastore
 from netweft.daemon.etcdmember import EtcdMember
 from netweft.model.cluster import EnrollAnswer
@@ -62,6 +64,19 @@ def parse_listen(text: str | None) -> tuple[str, int]:
     except (ValueError, AssertionError):
         raise InvalidRequest(f"invalid --listen-addr {text!r}: expected IP[:PORT], e.g. 0.0.0.0:2377") from None
     return (host, p)
+
+
+def validate_wg_port(port: int, vxlan_port: int, listen_port: int) -> int:
+    """--wireguard-port N: the encrypted overlays' UDP ports N and N+1 (a key rotation moves from one to the other);
+    --data-path-port is VXLAN's, as in Docker."""
+    if not 1024 <= port <= 65534:
+        raise InvalidRequest("--wireguard-port must be between 1024 and 65534 (it uses that port and the next)")
+    if vxlan_port in (port, port + 1):
+        raise InvalidRequest(f"--wireguard-port {port} uses UDP {port} and {port + 1}, and {vxlan_port} is the VXLAN "
+                             "port (--data-path-port); choose another one")
+    if listen_port in (port, port + 1):
+        raise InvalidRequest(f"--wireguard-port {port} uses port {listen_port}, the cluster API's; choose another one")
+    return port
 
 
 class Swarm:
@@ -108,7 +123,9 @@ class Swarm:
                 client.prefer(f"{st['AdvertiseAddr']}:{st['ListenAddr'][1]}")  # its own manager first
         engine = self.daemon.engine
         self.overlay = OverlayAgent(engine.overlay_host, engine.dp, client, st["NodeID"], st["AdvertiseAddr"],
-                                    st["DataPathPort"])
+                                    st["DataPathPort"], wg_port=st.get("WireguardPort", DEFAULT_WG_PORT),
+                                    key_period=getattr(self.daemon.args, "wireguard_key_rotation", None)
+                                    or DEFAULT_KEY_PERIOD)
         self.daemon.engine.overlay_agent = self.overlay
         await self.overlay.start()
 
@@ -348,6 +365,7 @@ class Swarm:
             if not 1024 <= port <= 49151:
                 raise InvalidRequest("--data-path-port must be between 1024 and 49151")
             spec["DataPathPort"] = port
+        spec["WireguardPort"] = validate_wg_port(req.WireguardPort or DEFAULT_WG_PORT, spec["DataPathPort"], listen[1])
         if req.DefaultAddrPool:
             spec["DefaultAddrPool"] = [str(parse_network(p, "default address pool")) for p in req.DefaultAddrPool]
             claims = await collisions.host_claims(self.daemon.engine.dp, BRIDGE_PREFIX)
@@ -379,7 +397,8 @@ class Swarm:
         st = {"NodeID": node_id, "ClusterID": created["cluster_id"], "Role": "manager",
               "Leader": False, "AdvertiseAddr": advertise, "ListenAddr": list(listen),
               "Managers": [f"{advertise}:{listen[1]}"], "HeartbeatPeriod": spec["HeartbeatPeriod"],
-              "DataPathPort": spec["DataPathPort"], **extra}
+              "DataPathPort": spec["DataPathPort"], "WireguardPort": spec.get("WireguardPort", DEFAULT_WG_PORT),
+              **extra}
         self.manager = self._new_manager(node_id, extra.get("StoreEndpoints"), on_demoted=self._demoted)
         try:
             await self.manager.start(listen)
@@ -476,7 +495,7 @@ class Swarm:
         st = {"NodeID": resp["NodeID"], "ClusterID": resp["ClusterID"], "Role": resp["Role"], "Leader": False,
               "AdvertiseAddr": advertise, "Managers": resp["Managers"],
               "HeartbeatPeriod": resp["HeartbeatPeriod"], "DataPathPort": resp["DataPathPort"],
-              "Store": resp.get("Store", "sqlite")}
+              "WireguardPort": resp.get("WireguardPort", DEFAULT_WG_PORT), "Store": resp.get("Store", "sqlite")}
         if self.ha_manager(st):
             if advertise is None:
                 shutil.rmtree(self.dir, ignore_errors=True)

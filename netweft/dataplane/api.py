@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from netweft.dataplane.firewall import BridgeRule, PortRule
+from netweft.dataplane.wgconf import Implementation, PeerStatus, TunnelSpec
 from netweft.model.objects import Peer
 
 VXLAN_OVERHEAD = 50          # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8: overlay MTU = underlay MTU - 50
@@ -107,7 +108,7 @@ class DataPlane(abc.ABC):
     async def ensure_sandbox(self, path: str, vni: int, gateway_cidr: str, mtu: int, local_ip: str,
                              port: int, tmp_name: str) -> bool:
         """Sandbox namespace at `path` with br0 (`gateway_cidr`) and vxlan0 (VNI, source `local_ip`, UDP
-        `port`, socket in the host namespace). Repairs what was deleted or changed by hand (the namespace,
+        `port`, socket in the host namespace; `local_ip` "" leaves the source to the route). Repairs what was deleted or changed by hand (the namespace,
         br0 with its ports back on it, vxlan0). True if vxlan0 was (re)created: its peers are gone with the
         old one and must be programmed again (sync_peers)."""
 
@@ -162,6 +163,44 @@ class DataPlane(abc.ABC):
 
     @abc.abstractmethod
     async def delete_overlay_firewall(self) -> None: ...
+
+    # ---- WireGuard (encrypted overlays) -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def wireguard(self) -> Implementation:
+        """Which WireGuard this host has: the kernel module, wireguard-go (path, version), or none (and why)."""
+
+    @abc.abstractmethod
+    async def ensure_tunnel(self, spec: TunnelSpec) -> bool:
+        """The WireGuard interface as `spec` says: key, port, peers (only what differs is changed, so sessions
+        of unchanged peers live on), addresses, MTU, up, and the tunnel block routed into it with spec.source.
+        Started if missing or dead (wireguard-go: the process too); True if it was (re)started."""
+
+    @abc.abstractmethod
+    async def delete_tunnel(self, ifname: str) -> None:
+        """The interface (and its wireguard-go process) gone. Idempotent."""
+
+    @abc.abstractmethod
+    async def list_tunnels(self, prefix: str) -> list[str]:
+        """Our WireGuard interfaces named `prefix`*, including a crash's leftovers."""
+
+    @abc.abstractmethod
+    async def tunnel_status(self, ifname: str) -> list[PeerStatus]:
+        """Each peer key of the interface with its last handshake and byte counters ([] if it is not running)."""
+
+    @abc.abstractmethod
+    async def apply_tunnel_firewall(self, ifnames: list[str], vxlan_port: int, vnis: list[int]) -> None:
+        """Atomically replace table `inet netweft-wg`: VXLAN of `vnis` leaves and enters only through `ifnames`."""
+
+    @abc.abstractmethod
+    async def delete_tunnel_firewall(self) -> None: ...
+
+    @abc.abstractmethod
+    async def send_tunnel_probes(self, addrs: list[str]) -> None:
+        """An echo request to each peer tunnel address, through the tunnel."""
+
+    @abc.abstractmethod
+    async def tunnel_probe_replies(self) -> set[str]:
+        """The tunnel addresses that answered since the last call."""
 
     # ---- published ports ----------------------------------------------------------------------------
     @abc.abstractmethod

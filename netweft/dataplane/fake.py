@@ -32,8 +32,10 @@ from netweft.dataplane.probe import PROBE_DEVICE, PROBE_VNI
 from netweft.dataplane.antispoof import TABLE as ANTISPOOF_TABLE
 from netweft.dataplane.checks import (check_ifname, check_mtu, check_path, check_peers, default_tmp_name, int_in,
                                       ipv4, parse_interface, parse_mac, peer_tables)
-from netweft.dataplane.firewall import (OVERLAY_TABLE, PORTS_TABLE, BridgeRule, PortRule, render_firewall,
-                                        render_overlay_firewall, render_port_maps)
+from netweft.dataplane.firewall import (OVERLAY_TABLE, PORTS_TABLE, TUNNEL_TABLE, BridgeRule, PortRule,
+                                        render_firewall, render_overlay_firewall, render_port_maps,
+                                        render_tunnel_firewall)
+from netweft.dataplane.wgconf import Implementation, PeerStatus, TunnelSpec, key_bytes
 from netweft.errors import InvalidRequest, KernelError
 from netweft.model.objects import Peer
 
@@ -142,6 +144,12 @@ class FakeDataPlane(DataPlane):
         self.calls: Counter[str] = Counter()
         self._failures: dict[str, list] = {}               # method -> [calls to let through, failures left, error]
         self._closed = False
+        # WireGuard: what the host has, the tunnels as configured, addresses whose probes go unanswered.
+        self.wg_impl = Implementation("wireguard-go", "/usr/bin/wireguard-go", "v0.0.fake")
+        self.tunnels: dict[str, TunnelSpec] = {}
+        self.tunnel_starts: Counter[str] = Counter()
+        self.unreachable: set[str] = set()
+        self._probed: set[str] = set()
 
     # ---- test controls ------------------------------------------------------------------------------
 
@@ -529,7 +537,7 @@ class FakeDataPlane(DataPlane):
         check_mtu(mtu)
         int_in(port, 1, 65535, "VXLAN port")
         gateway = parse_interface(gateway_cidr)
-        local_ip = ipv4(local_ip, "local underlay address")
+        local_ip = ipv4(local_ip, "local underlay address") if local_ip else ""   # "": the route's source
         tmp_name = check_ifname(tmp_name or default_tmp_name(vni), "temporary VXLAN name")
         what = f"sandbox {path}: VXLAN device (VNI {vni}, port {port})"
         want = (vni, local_ip, port)
@@ -739,6 +747,70 @@ class FakeDataPlane(DataPlane):
     @_op
     def delete_overlay_firewall(self) -> None:
         self._table(OVERLAY_TABLE, None)
+
+    # ---- WireGuard ------------------------------------------------------------------------------------
+
+    def kill_tunnel(self, ifname: str) -> None:
+        """The tunnel's process died (wireguard-go crashed, or was killed)."""
+        self.tunnels.pop(ifname, None)
+
+    @_op
+    def wireguard(self) -> Implementation:
+        return self.wg_impl
+
+    @_op
+    def ensure_tunnel(self, spec: TunnelSpec) -> bool:
+        check_ifname(spec.ifname, "WireGuard interface name")
+        int_in(spec.port, 1, 65535, "WireGuard port")
+        int_in(spec.mtu, 576, 65535, "tunnel MTU")
+        key_bytes(spec.private_key, "WireGuard private key")
+        if f"{ipv4(spec.source, 'tunnel source address')}/32" not in spec.addresses:
+            raise InvalidRequest(f"tunnel source {spec.source} is not one of the tunnel's addresses")
+        if self.wg_impl.kind == "none":
+            raise KernelError(self.wg_impl.problem)
+        started = spec.ifname not in self.tunnels
+        if self.tunnels.get(spec.ifname) != spec:
+            self.changes += 1
+        self.tunnels[spec.ifname] = spec
+        if started:
+            self.tunnel_starts[spec.ifname] += 1
+        return started
+
+    @_op
+    def delete_tunnel(self, ifname: str) -> None:
+        check_ifname(ifname, "WireGuard interface name")
+        if self.tunnels.pop(ifname, None) is not None:
+            self.changes += 1
+
+    @_op
+    def list_tunnels(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.tunnels if n.startswith(prefix))
+
+    @_op
+    def tunnel_status(self, ifname: str) -> list[PeerStatus]:
+        spec = self.tunnels.get(check_ifname(ifname, "WireGuard interface name"))
+        if spec is None:
+            return []
+        return [PeerStatus(p.public_key, p.endpoint, 0.0, 0, 0, (p.allowed_ip,)) for p in sorted(spec.peers)]
+
+    @_op
+    def apply_tunnel_firewall(self, ifnames: list[str], vxlan_port: int, vnis: list[int]) -> None:
+        self._table(TUNNEL_TABLE, render_tunnel_firewall(list(ifnames), vxlan_port, list(vnis)))
+
+    @_op
+    def delete_tunnel_firewall(self) -> None:
+        self._table(TUNNEL_TABLE, None)
+
+    @_op
+    def send_tunnel_probes(self, addrs: list[str]) -> None:
+        # Answered when some tunnel has a peer key with that address and the test has not cut it off.
+        routed = {p.allowed_ip.split("/")[0] for t in self.tunnels.values() for p in t.peers}
+        self._probed |= {ipv4(a, "tunnel address") for a in addrs} & routed - self.unreachable
+
+    @_op
+    def tunnel_probe_replies(self) -> set[str]:
+        out, self._probed = self._probed, set()
+        return out
 
     # ---- data-path probes -----------------------------------------------------------------------------
 

@@ -174,6 +174,59 @@ def render_delete_overlay_firewall(table: str = OVERLAY_TABLE) -> dict:
     return {"nftables": [{"add": {"table": dict(tbl)}}, {"delete": {"table": dict(tbl)}}]}
 
 
+# ---- encrypted overlays: no VXLAN of theirs in clear -------------------------------------------------
+
+TUNNEL_TABLE = "netweft-wg"
+
+
+def render_tunnel_firewall(wg_ifnames: list[str], vxlan_port: int, vnis: list[int], table: str = TUNNEL_TABLE) -> dict:
+    """The libnftables JSON command that atomically replaces table `inet <table>`: VXLAN (UDP `vxlan_port`)
+    carrying one of the encrypted networks' `vnis` is dropped when it would leave the host through any
+    interface but the WireGuard ones (two during a key rotation), and when it arrives through any other. The VNI is read from the VXLAN
+    header (bits 32-55 after the 8-byte UDP header). The table stays when netweftd stops: fail closed."""
+    if isinstance(wg_ifnames, str) or not wg_ifnames:
+        raise InvalidRequest("give the WireGuard interface names as a non-empty list")
+    ifnames = sorted({check_ifname(n, "WireGuard interface name") for n in wg_ifnames})
+    ours = {"set": ifnames} if len(ifnames) > 1 else ifnames[0]
+    if not isinstance(vxlan_port, int) or isinstance(vxlan_port, bool) or not 1 <= vxlan_port <= 65535:
+        raise InvalidRequest(f"invalid VXLAN port {vxlan_port!r}")
+    vnis = sorted(set(vnis))
+    if not vnis or any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < 1 << 24 for v in vnis):
+        raise InvalidRequest(f"invalid VNIs {vnis[:8]!r}: give one or more between 1 and 16777215")
+    tbl = {"family": "inet", "name": table}
+
+    def vxlan_of_ours() -> list[dict]:
+        return [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                           "right": vxlan_port}},
+                {"match": {"op": "==", "left": {"payload": {"base": "th", "offset": 96, "len": 24}},
+                           "right": {"set": vnis} if len(vnis) > 1 else vnis[0]}}]
+
+    def rule(chain: str, comment: str, *expr: dict) -> dict:
+        return {"add": {"rule": {"family": "inet", "table": table, "chain": chain, "comment": comment,
+                                 "expr": list(expr)}}}
+
+    def chain(name: str, hook: str) -> dict:
+        return {"add": {"chain": {"family": "inet", "table": table, "name": name, "type": "filter",
+                                  "hook": hook, "prio": -10, "policy": "accept"}}}
+
+    return {"nftables": [
+        {"add": {"table": dict(tbl)}},
+        {"delete": {"table": dict(tbl)}},
+        {"add": {"table": dict(tbl)}},
+        chain("output", "output"),
+        chain("input", "input"),
+        rule("output", "encrypted VXLAN never leaves in clear", *vxlan_of_ours(),
+             _meta("oifname", "!=", ours), {"counter": None}, {"drop": None}),
+        rule("input", "encrypted VXLAN is accepted only out of the tunnel", *vxlan_of_ours(),
+             _meta("iifname", "!=", ours), {"counter": None}, {"drop": None}),
+    ]}
+
+
+def render_delete_tunnel_firewall(table: str = TUNNEL_TABLE) -> dict:
+    tbl = {"family": "inet", "name": table}
+    return {"nftables": [{"add": {"table": dict(tbl)}}, {"delete": {"table": dict(tbl)}}]}
+
+
 # ---- published ports ------------------------------------------------------------------------------
 
 PORTS_TABLE = "netweft-ports"

@@ -175,7 +175,8 @@ class Overlay(HostHandles):
         _int_in(mtu, 68, 65535, "MTU")
         _int_in(port, 1, 65535, "VXLAN port")
         gateway = parse_interface(gateway_cidr)
-        local_ip = _ipv4(local_ip, "local underlay address")
+        # "": no fixed source, the route's (encrypted overlays: the tunnel route's source switches with the key).
+        local_ip = _ipv4(local_ip, "local underlay address") if local_ip else None
         tmp_name = check_ifname(tmp_name or default_tmp_name(vni), "temporary VXLAN name")
         self._claim_thread()
 
@@ -244,8 +245,9 @@ class Overlay(HostHandles):
                 sb.ipr.link("del", index=old["index"])
         self._delete_tmp_vxlan(tmp_name)  # left by a crash between create and move
         # Created here, in the host namespace, so the UDP socket it opens when up stays here.
-        retry_eexist(lambda: host.link("add", ifname=tmp_name, kind="vxlan", vxlan_id=vni, vxlan_local=local_ip,
-                                       vxlan_port=port, vxlan_learning=0, vxlan_proxy=1, mtu=mtu))
+        local = {"vxlan_local": local_ip} if local_ip else {}
+        retry_eexist(lambda: host.link("add", ifname=tmp_name, kind="vxlan", vxlan_id=vni, vxlan_port=port,
+                                       vxlan_learning=0, vxlan_proxy=1, mtu=mtu, **local))
         tmp = get_link(host, tmp_name)
         try:
             # Move and rename in one step.

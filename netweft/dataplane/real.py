@@ -25,6 +25,8 @@ from netweft.dataplane.checks import check_path
 from netweft.dataplane.firewall import BridgeRule, PortRule
 from netweft.dataplane.kernel import Kernel
 from netweft.dataplane.overlay import Overlay
+from netweft.dataplane.tunnel import Tunnel, detect
+from netweft.dataplane.wgconf import Implementation, PeerStatus, TunnelSpec
 from netweft.errors import KernelError
 from netweft.model.objects import Peer
 
@@ -36,8 +38,10 @@ def _sandbox(path: str) -> str:
 
 
 class RealDataPlane(DataPlane):
-    def __init__(self, run_dir: str, host_netns: str | None = None):
+    def __init__(self, run_dir: str, host_netns: str | None = None, wireguard_go: str | None = None):
         self.run_dir = run_dir
+        self.wireguard_go = wireguard_go   # None: found on PATH
+        self._tunnel: Tunnel | None = None    # made in the kernel thread on first use
         self._host_fd = netns.open_netns(host_netns) if host_netns else None
         init = (netns.setns, (self._host_fd,)) if self._host_fd is not None else (None, ())
         self._kx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel",
@@ -63,6 +67,14 @@ class RealDataPlane(DataPlane):
             self._overlay = Overlay()
         return self._overlay
 
+    def _wg(self) -> Tunnel:
+        if self._tunnel is None:
+            self._tunnel = Tunnel(self._ov(), self.run_dir, detect(self.wireguard_go))
+        return self._tunnel
+
+    async def _wgcall(self, name: str, *args):
+        return await self._run(lambda: getattr(self._wg(), name)(*args))
+
     async def _kcall(self, name: str, *args):
         return await self._run(lambda: getattr(self._k(), name)(*args))
 
@@ -79,6 +91,8 @@ class RealDataPlane(DataPlane):
 
         def release() -> None:
             try:
+                if self._tunnel is not None:
+                    self._tunnel.close()
                 if self._overlay is not None:
                     self._overlay.close()
             finally:
@@ -208,6 +222,35 @@ class RealDataPlane(DataPlane):
 
     async def delete_overlay_firewall(self) -> None:
         await self._ovcall("delete_overlay_firewall")
+
+    # ---- WireGuard --------------------------------------------------------------------------------------
+
+    async def wireguard(self) -> Implementation:
+        return await self._run(lambda: self._wg().impl)
+
+    async def ensure_tunnel(self, spec: TunnelSpec) -> bool:
+        return await self._wgcall("ensure", spec)
+
+    async def delete_tunnel(self, ifname: str) -> None:
+        await self._wgcall("delete", ifname)
+
+    async def list_tunnels(self, prefix: str) -> list[str]:
+        return await self._wgcall("list", prefix)
+
+    async def tunnel_status(self, ifname: str) -> list[PeerStatus]:
+        return await self._wgcall("status", ifname)
+
+    async def apply_tunnel_firewall(self, ifnames: list[str], vxlan_port: int, vnis: list[int]) -> None:
+        await self._wgcall("apply_firewall", list(ifnames), vxlan_port, list(vnis))
+
+    async def delete_tunnel_firewall(self) -> None:
+        await self._wgcall("delete_firewall")
+
+    async def send_tunnel_probes(self, addrs: list[str]) -> None:
+        await self._wgcall("send_probes", list(addrs))
+
+    async def tunnel_probe_replies(self) -> set[str]:
+        return await self._wgcall("probe_replies")
 
     # ---- data-path probes -------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import ctypes
 import glob
 import os
 import shutil
+import socket
 import signal
 import time
 
@@ -62,6 +63,38 @@ def kill_processes_in(ns_inodes: set[int]) -> int:
     return killed
 
 
+WIREGUARD_SOCKETS = "/var/run/wireguard"
+WIREGUARD_PREFIXES = ("nwwg", "nwbwg")   # netweft's interfaces (agent/tunnels.py) and the benchmark's
+
+
+def remove_dead_wireguard_sockets() -> int:
+    """wireguard-go killed with its namespace leaves its control socket in the machine-wide directory: remove
+    ours that nothing listens on any more (a live one, another lab's or a host's, is left alone)."""
+    removed = 0
+    try:
+        names = os.listdir(WIREGUARD_SOCKETS)
+    except OSError:
+        return 0
+    for name in names:
+        if not (name.startswith(WIREGUARD_PREFIXES) and name.endswith(".sock")):
+            continue
+        path = os.path.join(WIREGUARD_SOCKETS, name)
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                continue
+            except ConnectionRefusedError:
+                pass
+            except OSError:
+                continue
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def clean(roots: list[str] | None = None, ns_prefixes: tuple[str, ...] = NS_PREFIXES, quiet: bool = False) -> dict:
     """Kill, unmount and delete everything under roots and the namespaces named ns_prefixes*
     (default: every lab and test root)."""
@@ -86,6 +119,8 @@ def clean(roots: list[str] | None = None, ns_prefixes: tuple[str, ...] = NS_PREF
             pass
     for r in roots:
         shutil.rmtree(r, ignore_errors=True)
+    if killed:
+        remove_dead_wireguard_sockets()
     result = {"processes": killed, "mounts": len(set(mounts)), "namespaces": len(host_ns), "dirs": len(roots)}
     if not quiet:
         print("removed: " + ", ".join(f"{v} {k}" for k, v in result.items()))

@@ -35,9 +35,10 @@ from netweft.model.watch import EndpointRequest
 from netweft.store.api import ClusterStore, Compare, Delete, Put
 from netweft.store.sqlite import SQLiteStore
 from netweft.model.cluster import (EnrollRequest, HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest,
-                                   vtep_problem)
+                                   TunnelUpdate, vtep_problem)
 from netweft.model.cluster import HealthReport
 from netweft.manager import liveness
+from netweft.manager.tunnels import DEFAULT_WG_PORT, set_tunnel
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 from netweft.manager.tlsserver import serve_tls
 
@@ -300,7 +301,9 @@ class Manager(ManagersOnEtcd):
         return {"NodeID": node_id, "Role": node.role, "ClusterID": cluster["id"], "Certificate": cert.decode(),
                 "CACert": self.ca.cert_pem.decode(), "Managers": self.manager_addrs(),
                 "HeartbeatPeriod": cluster["spec"]["HeartbeatPeriod"],
-                "DataPathPort": cluster["spec"]["DataPathPort"], "Store": cluster.get("store", "sqlite")}
+                "DataPathPort": cluster["spec"]["DataPathPort"],
+                "WireguardPort": cluster["spec"].get("WireguardPort", DEFAULT_WG_PORT),
+                "Store": cluster.get("store", "sqlite")}
 
     def _sign(self, csr_pem: str, node_id: str, role: str, addr: str | None) -> bytes:
         expiry = timedelta(seconds=self.spec()["CertExpiry"])
@@ -378,7 +381,8 @@ class Manager(ManagersOnEtcd):
             if n is None:
                 raise NotFound(f"node {node.id!r} not found")
             compares, ops, count = self.overlays.purge_plan(node.id)
-            down = msgspec.structs.replace(n, state="down", updated=utcnow())
+            # Its keys go too: no host keeps a WireGuard peer for a node that left.
+            down = msgspec.structs.replace(n, state="down", updated=utcnow(), tunnel_keys=[])
             return compares + [Compare(NODES, n.id, self.state.mod_rev(NODES, n.id))], \
                 ops + [Put(NODES, n.id, codec.encode(down))], count
         count, _ = await self.hub.commit(plan)
@@ -643,6 +647,12 @@ class Manager(ManagersOnEtcd):
             await auth.read_body(request, LeaveRequest, empty_ok=True)
             await self.leave(request["node"])
             return web.json_response({})
+
+        @routes.post("/tunnel")
+        @allow(WORKER)
+        async def tunnel(request):
+            b = await auth.read_body(request, TunnelUpdate)
+            return web.json_response(await set_tunnel(self.hub, request["node"].id, b))
 
         @routes.post("/managers/enroll")
         @allow(MANAGER)

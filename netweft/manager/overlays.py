@@ -23,6 +23,7 @@ from ipaddress import IPv4Address, IPv4Network
 from netweft import metrics, validate
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, PoolExhausted
 from netweft.ipam import address as ipam
+from netweft.ipam import tunnel
 from netweft.manager.watch import ALLOCATIONS, ENDPOINTS, NETWORKS, NODES, Hub
 from netweft.model import codec
 from netweft.model.api import NetworkCreate
@@ -125,9 +126,9 @@ class Overlays:
         if req.IPAM.Driver not in ("", "default"):
             raise InvalidRequest(f"IPAM driver {req.IPAM.Driver[:40]!r} is not supported: use the default one")
         options = validate.check_driver_options("overlay", dict(req.Options))
-        if validate.ENCRYPTED_OPT in options:
-            raise InvalidRequest("encrypted overlay networks are not supported yet (this kernel has no IPsec ESP; "
-                                 "WireGuard-based encryption is planned): create the network without -o encrypted")
+        if options.get(validate.ENCRYPTED_OPT, "") not in ("", "true", "1"):
+            raise InvalidRequest(f"invalid -o encrypted={options[validate.ENCRYPTED_OPT][:40]!r}: give -o encrypted "
+                                 "alone (or =true)")
         out: dict = {"mtu": validate.parse_mtu(options[validate.MTU_OPT]) if validate.MTU_OPT in options else None,
                      "vni": validate.parse_vni(options[validate.VXLANID_OPT]) if validate.VXLANID_OPT in options
                      else None, "options": options}
@@ -139,6 +140,7 @@ class Overlays:
         if c is not None and c.Subnet:
             out["cfg"] = ipam.build_subnet_config(ipam.parse_network(c.Subnet), c.Gateway or None,
                                                   c.IPRange or None, dict(c.AuxiliaryAddresses))
+            tunnel.check_not_tunnels(out["cfg"].subnet)
         return out
 
     def _plan_network(self, req: NetworkCreate, spec: dict, claims=()):
@@ -171,7 +173,7 @@ class Overlays:
             cluster = self.spec()
             pools = [ipam.AddressPool(IPv4Network(p), cluster["SubnetSize"]) for p in cluster["DefaultAddrPool"]]
             cfg = ipam.build_subnet_config(ipam.allocate_subnet(pools, [t for t, _ in taken] +
-                                                                [c for c, _ in claims]))
+                                                                [c for c, _ in claims] + [tunnel.TUNNEL_NET]))
         net_id = secrets.token_hex(32)
         while net_id in st.names or net_id in st.kinds[NETWORKS]:
             net_id = secrets.token_hex(32)
@@ -180,6 +182,7 @@ class Overlays:
                       ip_range=str(cfg.ip_range) if cfg.ip_range else None,
                       aux_addresses={k: str(v) for k, v in cfg.aux.items()},
                       internal=req.Internal, attachable=req.Attachable, options=spec["options"],
+                      encrypted=validate.ENCRYPTED_OPT in spec["options"],
                       labels=dict(req.Labels), mtu=spec["mtu"], vni=vni)
         compares = [Compare(ALLOCATIONS, NETWORKS_GUARD, st.mod_rev(ALLOCATIONS, NETWORKS_GUARD))]
         ops = [Put(NETWORKS, net.id, codec.encode(net)), Put(ALLOCATIONS, NETWORKS_GUARD, GUARD),

@@ -91,6 +91,7 @@ class SwarmInit(msgspec.Struct, kw_only=True):
     SubnetSize: int | None = None
     CertExpiry: Str | None = None
     HeartbeatPeriod: Str | None = None
+    WireguardPort: int | None = None
     Store: Str | None = None            # "etcd" (a member beside each manager) or "etcd://HOST:2379,..."
     StoreCACert: Annotated[str, msgspec.Meta(max_length=65536)] | None = None   # PEM, for an external etcd
     StoreCert: Annotated[str, msgspec.Meta(max_length=65536)] | None = None

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from netweft.model.objects import Hostname, IPv4, ObjectID, PeerHealth
+from netweft.model.objects import Hostname, IPv4, ObjectID, PeerHealth, WireGuardKey
 
 # A PEM certificate or CSR of any key we accept (P-256..P-521, RSA up to 8192 bits) is far below this.
 PEM = Annotated[str, msgspec.Meta(min_length=1, max_length=16 * 1024)]
@@ -63,6 +63,7 @@ class JoinAnswer(msgspec.Struct, rename="pascal", kw_only=True):
     managers: Annotated[list[ManagerAddr], msgspec.Meta(min_length=1, max_length=64)]
     heartbeat_period: Annotated[float, msgspec.Meta(gt=0, le=3600)]
     data_path_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    wireguard_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 51820
     store: Literal["sqlite", "etcd"] = "sqlite"   # etcd: a manager enrolls (POST /managers/enroll) next
 
 
@@ -92,6 +93,28 @@ class HeartbeatAnswer(msgspec.Struct, rename="pascal", kw_only=True):
 
 class LeaveRequest(msgspec.Struct, forbid_unknown_fields=True):
     """POST /leave: no fields (an empty body is the same)."""
+
+
+class TunnelKeyRequest(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
+    public_key: WireGuardKey
+    slot: Literal[0, 1]          # which of the node's two tunnel addresses this key sends from
+    current: bool
+
+
+class TunnelUpdate(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):
+    """POST /tunnel: this node's WireGuard port and public keys (the private ones never leave the node)."""
+    port: Annotated[int, msgspec.Meta(ge=1, le=65534)]   # slot 0's; slot 1's is port + 1
+    keys: Annotated[list[TunnelKeyRequest], msgspec.Meta(min_length=1, max_length=2)]
+
+    def __post_init__(self) -> None:
+        if sum(k.current for k in self.keys) != 1:
+            raise ValueError("exactly one key must be current - at `$.Keys`")
+        if len({k.slot for k in self.keys}) != len(self.keys) or len({k.public_key for k in self.keys}) != len(self.keys):
+            raise ValueError("two keys share a slot or a public key - at `$.Keys`")
+
+
+class TunnelAnswer(msgspec.Struct, rename="pascal", kw_only=True):
+    addrs: Annotated[list[IPv4], msgspec.Meta(min_length=2, max_length=2)]
 
 
 class EnrollRequest(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):

@@ -112,6 +112,11 @@ class Node(msgspec.Struct, kw_only=True):
     # Down for the managers and unreachable on the data path from every host sharing a network with it:
     # its endpoints are left out of every host's peer tables until either stops being true.
     withdrawn: bool = False
+    # WireGuard (encrypted overlays): its UDP port, the tunnel address pair the managers gave it, and its public
+    # keys (two while a rotation is under way; the one marked current is where encrypted VXLAN goes).
+    tunnel_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    tunnel_addrs: Annotated[list[IPv4], msgspec.Meta(max_length=2)] = []
+    tunnel_keys: Annotated[list["TunnelKey"], msgspec.Meta(max_length=2)] = []
 
 
 class PeerHealth(msgspec.Struct, kw_only=True):
@@ -122,6 +127,18 @@ class PeerHealth(msgspec.Struct, kw_only=True):
     mtu_ok: bool | None = None       # a full-MTU DF probe got through (None: not probed yet)
     reason: ShortText = ""           # words naming the likely cause, when not healthy
     since: ShortText = ""            # RFC 3339 time the state began
+
+
+WG_KEY_PATTERN = r"\A[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\Z"   # 32 bytes in base64, as `wg` prints them
+WireGuardKey = Annotated[str, msgspec.Meta(pattern=WG_KEY_PATTERN)]
+
+
+class TunnelKey(msgspec.Struct, frozen=True, kw_only=True):
+    """One WireGuard public key of a node: the interface holding it listens on `port` and has address `addr`."""
+    public_key: WireGuardKey
+    addr: IPv4
+    current: bool = False
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 class Peer(msgspec.Struct, frozen=True, order=True):

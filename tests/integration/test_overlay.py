@@ -331,7 +331,9 @@ def test_overlay_refusals_change_nothing(make_lab):
         "-o", "com.docker.network.driver.overlay.vxlanid_list=5000", "svc")  # not attachable
     before = cli(lab, "h1", "network", "ls", "--format", "json").stdout
     cases = [
-        (["network", "create", "-d", "overlay", "-o", "encrypted", "sec"], "not supported yet", "h1"),
+        (["network", "create", "-d", "overlay", "--subnet", "198.19.240.0/24", "x"], "tunnel addresses (reserved)",
+         "h1"),
+        (["network", "create", "--subnet", "198.19.247.0/24", "lan"], "tunnel addresses (reserved)", "h2"),
         (["network", "create", "-d", "overlay", "--subnet", "198.18.5.128/25", "x"], "overlaps", "h1"),
         (["network", "create", "-d", "overlay", "-o", "com.docker.network.driver.overlay.vxlanid_list=5000", "x"],
          "already used", "h1"),

@@ -444,8 +444,10 @@ def test_answers_ignore_unknown_fields_but_check_known_ones():
             codec.convert(bad, HeartbeatAnswer)
     join = {"NodeID": "abc", "Role": "worker", "ClusterID": "c1", "Certificate": "PEM", "CACert": "ignored",
             "Managers": ["192.0.2.11:2377"], "HeartbeatPeriod": 5.0, "DataPathPort": 4789}
+    # WireguardPort: a manager from before encrypted overlays sends none; the default (51820) is taken.
     assert codec.to_builtins(codec.convert(join, JoinAnswer)) == {
-        **{k: v for k, v in join.items() if k != "CACert"}, "Store": "sqlite"}  # an older manager: SQLite
+        **{k: v for k, v in join.items() if k != "CACert"}, "WireguardPort": 51820,
+        "Store": "sqlite"}  # an older manager: SQLite
     with pytest.raises(InvalidRequest, match="Managers"):
         codec.convert({**join, "Managers": []}, JoinAnswer)
 

@@ -20,3 +20,13 @@ def test_host_claims_are_routes_and_foreign_addresses_not_our_bridges():
                                                                             "a route of this host")
     assert collisions.overlap(IPv4Network("198.18.0.0/24"), claims) is None
     assert ("192.0.2.11/32", "this host's address on eth0") in {(str(n), w) for n, w in claims}
+
+
+def test_our_wireguard_tunnel_is_no_host_claim():
+    # The tunnel block routed into WireGuard is refused in its own words (reserved), not as a host route.
+    dp = FakeDataPlane()
+    dp.add_host_interface("nwwgabc0", "198.19.240.1/32")
+    dp.add_route("198.19.240.0/21", "nwwgabc0")
+    dp.add_route("198.19.0.0/16", "eth0")
+    nets = {str(n) for n, _ in asyncio.run(collisions.host_claims(dp, "nw-"))}
+    assert nets == {"198.19.0.0/16"}
