@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-DEBS := python3 python3-venv iproute2 iputils-ping nftables libnftables1 util-linux procps iperf3 etcd-server
+DEBS := python3 python3-venv iproute2 iputils-ping nftables libnftables1 util-linux procps iperf3 etcd-server dnsperf
 PYTEST_ARGS ?=
 
 .PHONY: install demo test unit clean-lab bench

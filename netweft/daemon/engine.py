@@ -80,6 +80,7 @@ class Engine:
         self.overlay_host = OverlayHost(self)
         self.swarm = None                              # the daemon's Swarm role, set by the daemon
         self.overlay_agent: OverlayAgent | None = None  # while this node is in a swarm
+        self.names = None                              # the containers' resolver (daemon.names), set by the daemon
 
     async def start(self) -> None:
         self._check_format()
@@ -404,6 +405,8 @@ class Engine:
         net, ctr = await self.network(net_ref), self.container(ctr_ref)
         ep = await self._connect(net, ctr, ip, aliases or [], mac)
         self._write_hosts(ctr)
+        if self.names is not None:
+            await self.names.container_changed(ctr)
         return self.endpoint_view(ep)
 
     def _container_lock(self, ctr_id: str) -> asyncio.Lock:
@@ -474,6 +477,8 @@ class Engine:
             raise NotFound(f"container {ctr['Name']!r} is not connected to network {net.name!r}")
         await self._delete_endpoint(ep)
         self._write_hosts(ctr)
+        if self.names is not None:
+            await self.names.container_changed(ctr)
 
     async def _delete_endpoint(self, ep: Endpoint) -> None:
         if ep.node_id:   # an overlay endpoint
@@ -520,7 +525,11 @@ class Engine:
             if net is not None:
                 await self._connect(net, ctr, req.get("IPAddress"), req.get("Aliases") or [], req.get("MacAddress"))
             self._write_hosts(ctr)
-            runtime.write_resolv(os.path.join(state_dir, "resolv.conf"), *_host_resolvers())
+            if net is not None and self.names is not None:   # on a network: the host's resolver at 127.0.0.11
+                await self.names.container_changed(ctr)
+                runtime.write_resolv(os.path.join(state_dir, "resolv.conf"), *self.names.resolv_conf())
+            else:
+                runtime.write_resolv(os.path.join(state_dir, "resolv.conf"), *_host_resolvers())
             if start:
                 await self._start_process(ctr)
         except BaseException:
@@ -578,8 +587,11 @@ class Engine:
 
     async def _teardown_container(self, ctr: dict) -> None:
         """Endpoints, namespace, files, then the document: what a crash half way leaves is still removable."""
-        for ep in self.endpoints_of(ctr["Id"]):
+        eps = self.endpoints_of(ctr["Id"])
+        for ep in eps:
             await self._delete_endpoint(ep)
+        if self.names is not None:
+            self.names.container_removed(ctr["Id"], [ep.network_id for ep in eps])
         if ctr["HostConfig"]["NetworkMode"] != "host":
             await self.dp.delete_netns(self.netns_path(ctr["Id"]))
         shutil.rmtree(self.ctr_state_dir(ctr["Id"]), ignore_errors=True)

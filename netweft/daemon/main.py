@@ -16,6 +16,7 @@ from netweft import __version__, validate
 from netweft.daemon import logs
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
+from netweft.daemon.names import ContainerNames, parse_upstream
 from netweft.dataplane.real import RealDataPlane
 from netweft.daemon.swarm import Swarm
 from netweft.errors import NetweftError
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hostname", default=None,
                    help="this node's name in the cluster (default: the machine's hostname)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--dns", action="append", metavar="IP",
+                   help="DNS server the containers' resolver forwards unknown names to (default: the host's "
+                        "/etc/resolv.conf nameservers); repeatable")
     p.add_argument("--version", action="version", version=f"netweftd {__version__}")
     return p.parse_args(argv)
 
@@ -115,6 +119,7 @@ class Daemon:
         self.dataplane = RealDataPlane(args.exec_root)
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
         self.swarm = Swarm(self)
+        self.engine.names = ContainerNames(self.engine, [parse_upstream(a) for a in args.dns or []])
         self.extra_routes: list = [self.swarm.routes()]
 
     def info(self) -> dict:
@@ -127,6 +132,7 @@ class Daemon:
         await self.dataplane.start()
         await self.engine.start()
         await self.swarm.start()
+        await self.engine.names.start()
         app = build_app(self)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
@@ -149,6 +155,7 @@ class Daemon:
         log.info("netweftd stopping; the data plane stays as it is")
         await runner.cleanup()
         await self.swarm.stop()
+        await self.engine.names.stop()
         await self.engine.close()
         await self.dataplane.close()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import ipaddress
+import socket
 from collections.abc import Iterable
 
 from netweft.dataplane.firewall import BridgeRule
@@ -149,6 +150,12 @@ class DataPlane(abc.ABC):
 
     @abc.abstractmethod
     async def delete_overlay_firewall(self) -> None: ...
+
+    # ---- the resolver's sockets in containers ----------------------------------------------------
+    @abc.abstractmethod
+    async def open_dns_sockets(self, netns_path: str) -> tuple[socket.socket, socket.socket]:
+        """(UDP socket, listening TCP socket) bound to 127.0.0.11:53 inside the namespace at `netns_path`,
+        non-blocking, for the host's resolver to serve (the caller owns and closes them)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -23,6 +23,7 @@ import asyncio
 import functools
 import ipaddress
 import os
+import socket
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class FakeDataPlane(DataPlane):
         self.calls: Counter[str] = Counter()
         self._failures: dict[str, list] = {}               # method -> [calls to let through, failures left, error]
         self._closed = False
+        self.dns_addresses: dict[str, tuple] = {}          # namespace -> (UDP, TCP) address of its resolver sockets
 
     # ---- test controls ------------------------------------------------------------------------------
 
@@ -651,6 +653,23 @@ class FakeDataPlane(DataPlane):
     @_op
     def delete_overlay_firewall(self) -> None:
         self._table(OVERLAY_TABLE, None)
+
+    # ---- the resolver's sockets in containers -------------------------------------------------------
+
+    @_op
+    def open_dns_sockets(self, netns_path: str):
+        """Real sockets, on 127.0.0.1 with ports the kernel picks (there is no namespace to listen in):
+        a test sends its queries to `dns_addresses[netns_path]`."""
+        self._netns(self._path(netns_path), "resolver sockets")
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(64)
+        udp.setblocking(False)
+        tcp.setblocking(False)
+        self.dns_addresses[netns_path] = (udp.getsockname(), tcp.getsockname())
+        return udp, tcp
 
     async def close(self) -> None:
         self._closed = True

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from netweft.dataplane import netns
+from netweft.dataplane import netns, sockets
 from netweft.dataplane.api import DataPlane
 from netweft.dataplane.checks import check_path
 from netweft.dataplane.firewall import BridgeRule
@@ -205,3 +205,9 @@ class RealDataPlane(DataPlane):
 
     async def delete_overlay_firewall(self) -> None:
         await self._ovcall("delete_overlay_firewall")
+
+    # ---- the resolver's sockets in containers -------------------------------------------------------
+
+    async def open_dns_sockets(self, netns_path: str):
+        path = check_path(netns_path)
+        return await self._run(lambda: sockets.open_dns_sockets(path))
