@@ -176,6 +176,8 @@ class Engine:
             return await self._create_overlay(req, name)
         if driver != "bridge":
             raise InvalidRequest(f"unknown driver {driver!r}: use -d bridge or -d overlay")
+        if req.get("Ingress"):
+            raise InvalidRequest("--ingress needs -d overlay: the ingress network spans the swarm")
         overlays = await self._overlays_for_checks()   # may ask a manager: before the lock
         async with self.lock:
             if self.store.by_name("networks", name) or any(o.name == name for o in overlays):
@@ -508,7 +510,8 @@ class Engine:
         state_dir = self.ctr_state_dir(ctr_id)
         ctr = {
             "Id": ctr_id, "Name": name, "Created": now(),
-            "Config": {"Hostname": hostname, "Cmd": cmd, "Env": req.get("Env") or {}},
+            "Config": {"Hostname": hostname, "Cmd": cmd, "Env": req.get("Env") or {},
+                       "Labels": dict(req.get("Labels") or {})},
             "HostConfig": {"NetworkMode": mode},
             "NetworkSettings": {"SandboxKey": "" if mode == "host" else self.netns_path(ctr_id)},
             "LogPath": os.path.join(state_dir, "log"),
@@ -560,7 +563,10 @@ class Engine:
         names = [ctr["Config"]["Hostname"]]
         if ctr["Name"] != ctr["Config"]["Hostname"]:
             names.append(ctr["Name"])
-        entries = [(ep.ip, names + list(ep.aliases)) for ep in self.endpoints_of(ctr["Id"])]
+        # A service task's aliases are its service's names: DNS answers them with every task; in /etc/hosts
+        # they would shadow the other tasks.
+        task = "com.docker.swarm.task.id" in (ctr["Config"].get("Labels") or {})
+        entries = [(ep.ip, names + ([] if task else list(ep.aliases))) for ep in self.endpoints_of(ctr["Id"])]
         runtime.write_hosts(os.path.join(self.ctr_state_dir(ctr["Id"]), "hosts"), ctr["Config"]["Hostname"], entries)
 
     async def start_container(self, ref: str) -> dict:

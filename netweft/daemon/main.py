@@ -13,7 +13,7 @@ import sys
 from aiohttp import web
 
 from netweft import __version__, validate
-from netweft.daemon import logs
+from netweft.daemon import logs, tasks
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
 from netweft.daemon.names import ContainerNames, parse_upstream
@@ -120,7 +120,8 @@ class Daemon:
         self.engine = Engine(args.data_root, args.exec_root, self.pools, self.dataplane)
         self.swarm = Swarm(self)
         self.engine.names = ContainerNames(self.engine, [parse_upstream(a) for a in args.dns or []])
-        self.extra_routes: list = [self.swarm.routes()]
+        self.extra_routes: list = [self.swarm.routes(), tasks.routes(self)]
+        self.tasks = tasks.TaskRunner(self.engine)   # this host's service tasks
 
     def info(self) -> dict:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,
@@ -133,6 +134,7 @@ class Daemon:
         await self.engine.start()
         await self.swarm.start()
         await self.engine.names.start()
+        self.tasks.start()
         app = build_app(self)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
@@ -154,6 +156,7 @@ class Daemon:
         await stop.wait()
         log.info("netweftd stopping; the data plane stays as it is")
         await runner.cleanup()
+        await self.tasks.stop()
         await self.swarm.stop()
         await self.engine.names.stop()
         await self.engine.close()

@@ -25,6 +25,7 @@ from netweft.model import codec
 from netweft import validate
 from netweft.ipam.address import parse_network
 from netweft import pki
+from netweft.manager import ingress
 from netweft.manager.cluster import MIN_CERT_EXPIRY, Manager
 
 log = logging.getLogger("netweft.swarm")
@@ -189,6 +190,7 @@ class Swarm:
             raise
         put_setting(self.store, "swarm", st)
         await self._start_overlay(st)
+        await ingress.create_default(self.manager.overlays)
         log.info("swarm initialised", extra={"node": node_id, "advertise": advertise,
                                              "ms": round((time.monotonic() - t0) * 1000)})
         tokens = created["join_tokens"]

@@ -22,6 +22,7 @@ from netweft import pki
 from netweft.manager import auth
 from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
 from netweft.manager.overlays import Overlays
+from netweft.manager.services import Services
 from netweft.manager.watch import CLUSTER, NODES, ClusterState, Hub
 from netweft.model import codec
 from netweft.model.api import NodeUpdate
@@ -147,6 +148,7 @@ class Manager:
                 raise Unavailable(f"the cluster store in {self.dir} holds no cluster; "
                                   "leave the swarm (`netweft swarm leave --force`) and init or join again")
             self.overlays = Overlays(self.hub, self.spec)
+            self.services = Services(self.hub, self.overlays)
             f = files(self.dir)
             ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
                                                     pki.load_pem(f["key"]), require_client_cert=False)
@@ -170,6 +172,7 @@ class Manager:
         for node in self.state.nodes():  # grace after a restart: nobody is Down yet
             self.last_seen[node.id] = now
         self.tasks = [asyncio.ensure_future(self._monitor()), asyncio.ensure_future(self._renew_own_cert())]
+        self.tasks.append(asyncio.ensure_future(self.services.run()))   # the scheduler
         log.info("cluster API listening", extra={"addr": f"{listen[0]}:{listen[1]}", "rev": self.state.rev})
 
     async def stop(self) -> None:
@@ -565,4 +568,5 @@ class Manager:
 
         app = web.Application(middlewares=[self.admission.middleware], client_max_size=auth.BODY_LIMIT)
         app.add_routes(routes)
+        app.add_routes(self.services.routes())
         return app

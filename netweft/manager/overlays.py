@@ -23,6 +23,7 @@ from ipaddress import IPv4Address, IPv4Network
 from netweft import validate
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, PoolExhausted
 from netweft.ipam import address as ipam
+from netweft.manager import ingress
 from netweft.manager.watch import ALLOCATIONS, ENDPOINTS, NETWORKS, NODES, Hub
 from netweft.model import codec
 from netweft.model.api import NetworkCreate
@@ -73,6 +74,10 @@ class Overlays:
     def __init__(self, hub: Hub, spec_fn):
         self.hub, self.spec = hub, spec_fn
         self._lock = asyncio.Lock()
+        # Set by manager/services.py: may (node, owner) join non-attachable network (a service's task)?
+        # and may this network go (the ingress network is kept while services publish ports)?
+        self.may_attach = None
+        self.check_removal = None
 
     @property
     def state(self):
@@ -114,7 +119,7 @@ class Overlays:
             raise InvalidRequest(f"the cluster creates overlay networks only, not {req.Driver[:40]!r}: "
                                  "create other networks on the host itself")
         if req.Ingress:
-            raise InvalidRequest("ingress networks are not supported yet (they come with services)")
+            ingress.check_request(req)
         if req.EnableIPv6:
             raise InvalidRequest("IPv6 is not supported on overlay networks yet: create the network without --ipv6")
         if req.IPAM.Driver not in ("", "default"):
@@ -143,6 +148,8 @@ class Overlays:
             raise Conflict(f"network {req.Name!r} already exists; choose another name or remove it first")
         if req.Name in st.kinds[NETWORKS]:
             raise Conflict(f"network name {req.Name!r} is the ID of another network; choose another name")
+        if req.Ingress:
+            ingress.check_unique(nets)
         vnis = {n.vni for n in nets}
         vni = spec["vni"]
         if vni is None:
@@ -161,7 +168,8 @@ class Overlays:
         else:
             cluster = self.spec()
             pools = [ipam.AddressPool(IPv4Network(p), cluster["SubnetSize"]) for p in cluster["DefaultAddrPool"]]
-            cfg = ipam.build_subnet_config(ipam.allocate_subnet(pools, [t for t, _ in taken]))
+            allocate = ingress.top_subnet if req.Ingress else ipam.allocate_subnet
+            cfg = ipam.build_subnet_config(allocate(pools, [t for t, _ in taken]))
         net_id = secrets.token_hex(32)
         while net_id in st.names or net_id in st.kinds[NETWORKS]:
             net_id = secrets.token_hex(32)
@@ -170,7 +178,7 @@ class Overlays:
                       ip_range=str(cfg.ip_range) if cfg.ip_range else None,
                       aux_addresses={k: str(v) for k, v in cfg.aux.items()},
                       internal=req.Internal, attachable=req.Attachable, options=spec["options"],
-                      labels=dict(req.Labels), mtu=spec["mtu"], vni=vni)
+                      labels=dict(req.Labels), mtu=spec["mtu"], vni=vni, ingress=req.Ingress)
         compares = [Compare(ALLOCATIONS, NETWORKS_GUARD, st.mod_rev(ALLOCATIONS, NETWORKS_GUARD))]
         ops = [Put(NETWORKS, net.id, codec.encode(net)), Put(ALLOCATIONS, NETWORKS_GUARD, GUARD),
                Put(ALLOCATIONS, net_guard(net.id), GUARD)]
@@ -184,6 +192,8 @@ class Overlays:
     def _plan_remove(self, ref: str):
         st = self.state
         net = self.network(ref)
+        if self.check_removal is not None:
+            self.check_removal(net)
         eps = st.endpoints_of(net.id)
         if eps:
             where = sorted({f"{e.owner.name or e.owner.id[:12]} on {e.hostname or e.node_id}" for e in eps})
@@ -223,7 +233,7 @@ class Overlays:
         if net is None:
             raise NotFound(f"network {req.network_id!r} not found; see `netweft network ls`")
         # Whatever the request says: only the managers will place service tasks on such a network.
-        if not net.attachable:
+        if not net.attachable and not (self.may_attach and self.may_attach(node.id, req.owner, net.id)):
             raise Forbidden(f"network {net.name!r} is not attachable: it is kept for services; "
                             "create it with --attachable to run plain containers on it")
         eps = st.kinds[ENDPOINTS]
