@@ -13,6 +13,7 @@ import sys
 from aiohttp import web
 
 from netweft import __version__, validate
+from netweft.agent.vip import ServiceBalancer
 from netweft.daemon import logs, tasks
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
@@ -122,6 +123,7 @@ class Daemon:
         self.engine.names = ContainerNames(self.engine, [parse_upstream(a) for a in args.dns or []])
         self.extra_routes: list = [self.swarm.routes(), tasks.routes(self)]
         self.tasks = tasks.TaskRunner(self.engine)   # this host's service tasks
+        self.balancer = ServiceBalancer(self.dataplane)   # service VIPs in this host's containers
 
     def info(self) -> dict:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,
@@ -135,6 +137,7 @@ class Daemon:
         await self.swarm.start()
         await self.engine.names.start()
         self.tasks.start()
+        balancing = asyncio.get_running_loop().create_task(self.balancer.run(lambda: self.engine.overlay_agent))
         app = build_app(self)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
@@ -157,6 +160,8 @@ class Daemon:
         log.info("netweftd stopping; the data plane stays as it is")
         await runner.cleanup()
         await self.tasks.stop()
+        balancing.cancel()
+        await asyncio.gather(balancing, return_exceptions=True)
         await self.swarm.stop()
         await self.engine.names.stop()
         await self.engine.close()

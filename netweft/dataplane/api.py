@@ -157,5 +157,11 @@ class DataPlane(abc.ABC):
         """(UDP socket, listening TCP socket) bound to 127.0.0.11:53 inside the namespace at `netns_path`,
         non-blocking, for the host's resolver to serve (the caller owns and closes them)."""
 
+    # ---- service VIPs in containers --------------------------------------------------------------
+    @abc.abstractmethod
+    async def sync_vips(self, netns_path: str, wanted: dict[str, tuple[str, ...]]) -> int:
+        """Make the load balancing in the namespace exactly `wanted` (VIP -> its tasks' addresses), element
+        by element (dataplane/vip.py); returns the number of changes (0: it was so already)."""
+
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from netweft.dataplane import vip
 from netweft.dataplane.api import DataPlane
 from netweft.dataplane.checks import (check_ifname, check_mtu, check_path, check_peers, default_tmp_name, int_in,
                                       ipv4, parse_interface, parse_mac, peer_tables)
@@ -85,7 +86,8 @@ class FakeDataPlane(DataPlane):
         self.calls: Counter[str] = Counter()
         self._failures: dict[str, list] = {}               # method -> [calls to let through, failures left, error]
         self._closed = False
-        self.dns_addresses: dict[str, tuple] = {}          # namespace -> (UDP, TCP) address of its resolver sockets
+        self.dns_addresses: dict[str, tuple] = {}
+        self.vips: dict[str, dict[str, tuple[str, ...]]] = {}   # namespace -> VIP -> backends (slot order)          # namespace -> (UDP, TCP) address of its resolver sockets
 
     # ---- test controls ------------------------------------------------------------------------------
 
@@ -219,6 +221,7 @@ class FakeDataPlane(DataPlane):
             self._del(path, name)
         del self._ns[path]
         self._default.pop(path, None)
+        self.vips.pop(path, None)   # the namespace's nftables go with it
         self.changes += 1
 
     def _new_ns(self, path: str) -> None:
@@ -670,6 +673,20 @@ class FakeDataPlane(DataPlane):
         tcp.setblocking(False)
         self.dns_addresses[netns_path] = (udp.getsockname(), tcp.getsockname())
         return udp, tcp
+
+    @_op
+    def sync_vips(self, netns_path: str, wanted: dict[str, tuple[str, ...]]) -> int:
+        netns_path = self._path(netns_path)
+        self._netns(netns_path, "service VIPs")
+        wanted = vip.check(wanted)
+        observed = self.vips.get(netns_path)
+        text, cmds, result = vip.plan_sync(observed or {}, wanted, observed is not None)
+        if result:
+            self.vips[netns_path] = result
+        elif observed is not None:
+            self.vips[netns_path] = {}
+        self.changes += bool(text or cmds)
+        return len(text) + len(cmds)
 
     async def close(self) -> None:
         self._closed = True

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from netweft.dataplane import netns, sockets
+from netweft.dataplane import netns, sockets, vip
 from netweft.dataplane.api import DataPlane
 from netweft.dataplane.checks import check_path
 from netweft.dataplane.firewall import BridgeRule
@@ -211,3 +211,8 @@ class RealDataPlane(DataPlane):
     async def open_dns_sockets(self, netns_path: str):
         path = check_path(netns_path)
         return await self._run(lambda: sockets.open_dns_sockets(path))
+
+    async def sync_vips(self, netns_path: str, wanted: dict[str, tuple[str, ...]]) -> int:
+        path = check_path(netns_path)
+        wanted = vip.check(wanted)
+        return await self._run(lambda: vip.sync_in_netns(path, wanted))

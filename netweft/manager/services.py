@@ -25,7 +25,10 @@ from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from netweft.manager import ingress, scheduler
 from netweft.manager.auth import MANAGER, WORKER, allow
 from netweft.model import codec
-from netweft.model.objects import Network, Node
+from netweft.ipam import address as ipam
+from netweft.manager.overlays import GUARD, net_guard, subnet_config
+from netweft.manager.watch import ALLOCATIONS, ENDPOINTS
+from netweft.model.objects import Endpoint, Network, Node, Owner
 from netweft.model.services import PortConfig, Service, ServiceSpec, Task, TaskStatus
 from netweft.store.api import Compare, Delete, Put
 
@@ -154,6 +157,35 @@ class Services:
                     raise Conflict(f"port {p.published}/{p.protocol} is already published by service "
                                    f"{s.spec.name!r}")
 
+    def _vip_ops(self, svc: Service, old: Service | None) -> tuple[list, list]:
+        """Compares and ops that give the service one VIP endpoint on each of its networks (vip mode) and
+        remove those it no longer needs. A VIP is an Endpoint of no node (owner kind "service"): its address
+        is allocated like any other, every host on the network hears of it through the watch, answers the
+        service's name with it, and balances it over the tasks (dataplane/vip.py)."""
+        st = self.state
+        have = {e.network_id: e for e in self._vip_endpoints(svc.id)}
+        want = set(svc.spec.networks) if svc.spec.endpoint_mode == "vip" else set()
+        compares, ops = [], []
+        for net_id, ep in have.items():
+            if net_id not in want:
+                ops += [Delete(ENDPOINTS, ep.id), Put(ALLOCATIONS, net_guard(net_id), GUARD)]
+        for net_id in want - set(have):
+            net = st.get("networks", net_id)
+            if net is None:
+                continue
+            ip = self.overlays._lowest_free(net.id, subnet_config(net), st.net_ips[net.id])
+            ep = Endpoint(id=secrets.token_hex(32), network_id=net.id, ip=str(ip),
+                          prefix_len=IPv4Network(net.subnet).prefixlen, mac=ipam.mac_for_ip(ip),
+                          owner=Owner(kind="service", id=svc.id, name=svc.spec.name))
+            compares += [Compare("networks", net.id, st.mod_rev("networks", net.id)),
+                         Compare(ALLOCATIONS, net_guard(net.id), st.mod_rev(ALLOCATIONS, net_guard(net.id)))]
+            ops += [Put(ENDPOINTS, ep.id, codec.encode(ep)), Put(ALLOCATIONS, net_guard(net.id), GUARD)]
+        return compares, ops
+
+    def _vip_endpoints(self, service_id: str) -> list[Endpoint]:
+        return [e.obj for e in self.state.kinds[ENDPOINTS].values()
+                if e.obj.owner.kind == "service" and e.obj.owner.id == service_id]
+
     async def create(self, body: bytes) -> dict:
         req = codec.decode(body, ServiceRequest, "service create request")
         spec = self._spec(req)
@@ -165,7 +197,8 @@ class Services:
             ports = self._assign_ports(spec, None)
             svc = Service(id=new_id(), spec=msgspec.structs.replace(spec, ports=ports), created=utcnow(),
                           updated=utcnow())
-            return [Compare(SERVICES, svc.id, 0)], [Put(SERVICES, svc.id, codec.encode(svc))], svc
+            compares, ops = self._vip_ops(svc, None)
+            return [Compare(SERVICES, svc.id, 0), *compares], [Put(SERVICES, svc.id, codec.encode(svc)), *ops], svc
 
         async with self._lock:
             svc, _ = await self.hub.commit(plan)
@@ -201,8 +234,9 @@ class Services:
             scale_only = msgspec.structs.replace(spec, replicas=old.spec.replicas) == old.spec
             svc = msgspec.structs.replace(old, spec=spec, updated=utcnow(),
                                           version=old.version if scale_only else old.version + 1)
-            return ([Compare(SERVICES, old.id, self.state.mod_rev(SERVICES, old.id))],
-                    [Put(SERVICES, svc.id, codec.encode(svc))], svc)
+            compares, ops = self._vip_ops(svc, old)
+            return ([Compare(SERVICES, old.id, self.state.mod_rev(SERVICES, old.id)), *compares],
+                    [Put(SERVICES, svc.id, codec.encode(svc)), *ops], svc)
 
         async with self._lock:
             svc, _ = await self.hub.commit(plan)
@@ -212,7 +246,10 @@ class Services:
     async def remove(self, ref: str) -> None:
         def plan():
             svc = self.service(ref)
-            return [], [Delete(SERVICES, svc.id)], svc
+            ops = [Delete(SERVICES, svc.id)]
+            for ep in self._vip_endpoints(svc.id):
+                ops += [Delete(ENDPOINTS, ep.id), Put(ALLOCATIONS, net_guard(ep.network_id), GUARD)]
+            return [], ops, svc
 
         async with self._lock:
             svc, _ = await self.hub.commit(plan)
@@ -302,8 +339,8 @@ class Services:
         async with self._lock:
             p, _ = await self.hub.commit(plan)
         if not p.empty():
-            log.info("tasks scheduled", extra={"created": len(p.create), "changed": len(p.update),
-                                               "deleted": len(p.delete)})
+            log.info("tasks scheduled", extra={"new_tasks": len(p.create), "changed_tasks": len(p.update),
+                                               "deleted_tasks": len(p.delete)})
         return p
 
     # ------------------------------------------------------------------ Docker-shaped views
@@ -321,11 +358,8 @@ class Services:
             "Mode": {"Replicated": {"Replicas": spec.replicas}} if spec.mode == "replicated" else {"Global": {}},
             "EndpointSpec": {"Mode": spec.endpoint_mode, "Ports": ports},
         }
-        vips = []
-        for net_id, ip in svc.vips.items():
-            net = self.state.get("networks", net_id)
-            if net is not None:
-                vips.append({"NetworkID": net_id, "Addr": f"{ip}/{IPv4Network(net.subnet).prefixlen}"})
+        vips = [{"NetworkID": ep.network_id, "Addr": f"{ep.ip}/{ep.prefix_len}"}
+                for ep in sorted(self._vip_endpoints(svc.id), key=lambda e: e.network_id)]
         return {"ID": svc.id, "Version": {"Index": svc.version}, "CreatedAt": svc.created, "UpdatedAt": svc.updated,
                 "Spec": docker_spec, "Endpoint": {"Spec": docker_spec["EndpointSpec"], "Ports": ports,
                                                   "VirtualIPs": vips},
