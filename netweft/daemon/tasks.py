@@ -21,7 +21,8 @@ from netweft.model.codec import convert, to_builtins
 
 log = logging.getLogger("netweft.tasks")
 
-POLL = 0.25                        # seconds between looks at the assignments
+POLL = 0.3                         # seconds between looks at the assignments (at the managers)
+EXIT_POLL = 0.1                    # seconds between looks at the task containers (on this host)
 TASK_LABEL = "com.docker.swarm.task.id"
 SERVICE_LABEL = "com.docker.swarm.service.name"
 
@@ -63,13 +64,18 @@ class TaskRunner:
         return out
 
     async def _loop(self) -> None:
+        tick = 0
         while True:
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(EXIT_POLL)
             agent = self.engine.overlay_agent
             if agent is None:
                 continue
+            tick += 1
             try:
-                await self.round(agent.client)
+                if tick % round(POLL / EXIT_POLL):
+                    await self.reap(agent.client)
+                else:
+                    await self.round(agent.client)
             except asyncio.CancelledError:
                 raise
             except NetweftError as e:
@@ -79,6 +85,25 @@ class TaskRunner:
                                 extra={"reason": str(e)})
             except Exception:
                 log.exception("service tasks: a round failed")
+
+    async def reap(self, client) -> None:
+        """Between rounds: a task container that exited is removed at once (its addresses leave DNS and
+        every VIP as its endpoints go) and its exit reported; the manager then replaces the task."""
+        exited = [lt for lt in self.local() if lt.status == "exited"]
+        if not exited:
+            return
+        report = []
+        for lt in exited:
+            code = lt.exit_code if lt.exit_code is not None else -1
+            report.append({"id": lt.task_id, "state": "complete" if code == 0 else "failed", "exit_code": code,
+                           "message": f"task exited with code {code}", "container_id": lt.container_id,
+                           "error": "" if code == 0 else f"task: non-zero exit ({code})"})
+            try:
+                await self.engine.remove_container(lt.container, force=True)
+            except NetweftError as e:
+                log.warning("service tasks: cannot remove a task container", extra={"container": lt.container,
+                                                                                    "reason": str(e)})
+        await client.call("POST", "/tasks/status", report)
 
     async def round(self, client) -> None:
         assignments = convert(await client.call("GET", "/tasks/assigned"), list[Assignment], "task assignments")
