@@ -23,7 +23,23 @@ class Assignment(msgspec.Struct, kw_only=True):
     task: Task
     name: str
     service: ServiceSpec | None = None
-    networks: dict[str, str] = {}     # network id -> name
+    ingress: str = ""                 # the ingress network it joins (its service publishes ports), or ""
+
+
+class Published(msgspec.Struct, kw_only=True):
+    """A port a service publishes: every host answers it (mode ingress) or hosts with a task (mode host)."""
+    service: str
+    protocol: str
+    published: int
+    target: int
+    mode: str
+
+
+class Assignments(msgspec.Struct, kw_only=True):
+    """GET /tasks/assigned."""
+    tasks: list[Assignment] = []
+    published: list[Published] = []
+    ingress: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import os
 
 from aiohttp import web
 
-from netweft.agent.services import Assignment, LocalTask, plan
+from netweft.agent.services import Assignment, Assignments, LocalTask, plan
+from netweft.daemon.mesh import RoutingMesh
 from netweft.errors import NetweftError, NotFound
 from netweft.model.codec import convert, to_builtins
 
@@ -41,6 +42,7 @@ class TaskRunner:
         self.engine = engine
         self._task: asyncio.Task | None = None
         self.failed: dict[str, str] = {}      # task id -> why it could not start
+        self.mesh = RoutingMesh(engine)
         self._logged: set[str] = set()
 
     def start(self) -> None:
@@ -106,7 +108,8 @@ class TaskRunner:
         await client.call("POST", "/tasks/status", report)
 
     async def round(self, client) -> None:
-        assignments = convert(await client.call("GET", "/tasks/assigned"), list[Assignment], "task assignments")
+        got = convert(await client.call("GET", "/tasks/assigned"), Assignments, "task assignments")
+        assignments = got.tasks
         self._logged.clear()
         local = self.local()
         wanted = {a.task.id for a in assignments}
@@ -130,10 +133,11 @@ class TaskRunner:
                 log.warning("service tasks: cannot start a task", extra={"task": a.name, "reason": str(e)})
         if report:
             await client.call("POST", "/tasks/status", [to_builtins(s) for s in report])
+        await self.mesh.sync(got)
 
     async def _start(self, a: Assignment) -> None:
         spec = a.service
-        nets = list(spec.networks)
+        nets = list(spec.networks) + ([a.ingress] if a.ingress else [])
         # A leftover container of this task (a crash between create and start): replaced.
         for lt in self.local():
             if lt.task_id == a.task.id:

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Iterable
 
 from netweft.dataplane.firewall import BridgeRule
+from netweft.dataplane.mesh import MeshRule
 from netweft.model.objects import Peer
 
 VXLAN_OVERHEAD = 50          # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8: overlay MTU = underlay MTU - 50
@@ -162,6 +163,13 @@ class DataPlane(abc.ABC):
     async def sync_vips(self, netns_path: str, wanted: dict[str, tuple[str, ...]]) -> int:
         """Make the load balancing in the namespace exactly `wanted` (VIP -> its tasks' addresses), element
         by element (dataplane/vip.py); returns the number of changes (0: it was so already)."""
+
+    # ---- the routing mesh -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def apply_mesh(self, netns_path: str | None, rules: list[MeshRule], masquerade_out: str | None) -> None:
+        """Replace the routing mesh's table (dataplane/mesh.py): in the host namespace (netns_path None:
+        published ports on the host's own addresses) or in an ingress sandbox (spread over the tasks,
+        masqueraded out of `masquerade_out`). IPv4 forwarding is turned on there. Empty rules: no table."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from netweft.dataplane import vip
+from netweft.dataplane import mesh, vip
 from netweft.dataplane.api import DataPlane
 from netweft.dataplane.checks import (check_ifname, check_mtu, check_path, check_peers, default_tmp_name, int_in,
                                       ipv4, parse_interface, parse_mac, peer_tables)
@@ -87,6 +87,7 @@ class FakeDataPlane(DataPlane):
         self._failures: dict[str, list] = {}               # method -> [calls to let through, failures left, error]
         self._closed = False
         self.dns_addresses: dict[str, tuple] = {}
+        self.mesh: dict[str, str] = {}                    # namespace ("" the host) -> the mesh table (nft text)
         self.vips: dict[str, dict[str, tuple[str, ...]]] = {}   # namespace -> VIP -> backends (slot order)          # namespace -> (UDP, TCP) address of its resolver sockets
 
     # ---- test controls ------------------------------------------------------------------------------
@@ -222,6 +223,7 @@ class FakeDataPlane(DataPlane):
         del self._ns[path]
         self._default.pop(path, None)
         self.vips.pop(path, None)   # the namespace's nftables go with it
+        self.mesh.pop(path, None)
         self.changes += 1
 
     def _new_ns(self, path: str) -> None:
@@ -687,6 +689,19 @@ class FakeDataPlane(DataPlane):
             self.vips[netns_path] = {}
         self.changes += bool(text or cmds)
         return len(text) + len(cmds)
+
+    @_op
+    def apply_mesh(self, netns_path, rules, masquerade_out) -> None:
+        key = HOST if netns_path is None else self._path(netns_path)
+        if netns_path is not None:
+            self._netns(key, "routing mesh")
+        text = mesh.render(list(rules), netns_path is None, masquerade_out) if rules else None
+        if self.mesh.get(key) != text:
+            self.changes += 1
+        if text is None:
+            self.mesh.pop(key, None)
+        else:
+            self.mesh[key] = text
 
     async def close(self) -> None:
         self._closed = True

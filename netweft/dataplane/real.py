@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from netweft.dataplane import netns, sockets, vip
+from netweft.dataplane import mesh, netns, sockets, vip
 from netweft.dataplane.api import DataPlane
 from netweft.dataplane.checks import check_path
 from netweft.dataplane.firewall import BridgeRule
@@ -216,3 +216,11 @@ class RealDataPlane(DataPlane):
         path = check_path(netns_path)
         wanted = vip.check(wanted)
         return await self._run(lambda: vip.sync_in_netns(path, wanted))
+
+    async def apply_mesh(self, netns_path, rules, masquerade_out) -> None:
+        text = mesh.render(list(rules), netns_path is None, masquerade_out) if rules else mesh.render_delete()
+        if netns_path is None:
+            await self._run(lambda: mesh.apply_here(text, bool(rules), "routing mesh on this host"))
+        else:
+            path = check_path(netns_path)
+            await self._run(lambda: mesh.apply_in_netns(path, text, bool(rules), "routing mesh in the ingress sandbox"))

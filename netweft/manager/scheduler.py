@@ -200,10 +200,15 @@ def schedule(services: list[Service], tasks: list[Task], nodes: list[Node], now:
     return plan
 
 
-def service_running(svc: Service, tasks: list[Task]) -> tuple[int, int]:
+def service_running(svc: Service, tasks: list[Task], nodes: list[Node]) -> tuple[int, int]:
     """(running, desired) for `service ls` and progress: tasks running of the current version, and how many
-    are wanted (replicated: replicas; global: the live tasks, one per eligible node)."""
+    are wanted (replicated: replicas; global: one per eligible node)."""
     current = [t for t in tasks if t.service_id == svc.id and t.desired_state == "running"]
     running = sum(1 for t in current if t.state == "running" and t.spec_version == svc.version)
-    desired = svc.spec.replicas if svc.spec.mode == "replicated" else len(current)
-    return running, desired
+    if svc.spec.mode == "replicated":
+        return running, svc.spec.replicas
+    try:
+        return running, sum(1 for n in nodes if n.state == "ready" and n.availability == "active"
+                            and satisfies(n, svc.spec.constraints))
+    except ConstraintError:
+        return running, 0

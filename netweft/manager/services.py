@@ -36,6 +36,7 @@ log = logging.getLogger("netweft.manager.services")
 
 SERVICES, TASKS = "services", "tasks"
 ROUND = 1.0                  # seconds between scheduling rounds without changes
+INGRESS_SANDBOX = "ingress-sbox"   # the container holding each host's end of the routing mesh
 MAX_NAME = 32                # a task's container name (SERVICE.SLOT.ID) must fit 64 characters
 
 
@@ -82,11 +83,14 @@ class Services:
         container named after a live task of that node whose service is on the network."""
         if owner.kind != "netweft":
             return False
+        ingress = net_id in self.state.ingress
+        if ingress and owner.name == INGRESS_SANDBOX:   # each host's ingress sandbox (the routing mesh)
+            return True
         svcs = {s.id: s for s in self.services()}
         for t in self.tasks():
             if t.node_id == node_id and t.name[:64] == owner.name and t.desired_state == "running":
                 svc = svcs.get(t.service_id)
-                return svc is not None and net_id in svc.spec.networks
+                return svc is not None and (net_id in svc.spec.networks or (ingress and self.publishes(svc)))
         return False
 
     @property
@@ -257,18 +261,31 @@ class Services:
         log.info("service removed", extra={"service": svc.spec.name})
 
     # ------------------------------------------------------------------ agents
+    def ingress_network(self) -> str:
+        return next(iter(self.state.ingress), "")
+
+    @staticmethod
+    def publishes(svc: Service) -> bool:
+        """Its tasks join the ingress network: it publishes ports (mode=host ones too: a task needs an
+        overlay endpoint to have an address on the host's gateway bridge)."""
+        return any(p.published for p in svc.spec.ports)
+
     def assigned(self, node: Node) -> bytes:
-        """GET /tasks/assigned: the node's tasks, each with its service's spec (None once removed)."""
+        """GET /tasks/assigned: the node's tasks, each with its service's spec (None once removed) and the
+        ingress network it joins if it publishes ports; and every published port of the cluster (each host
+        answers them all: the routing mesh)."""
         svcs = {s.id: s for s in self.services()}
-        out = []
+        ingress_id = self.ingress_network()
+        tasks = []
         for t in self.tasks():
             if t.node_id != node.id:
                 continue
             s = svcs.get(t.service_id)
-            out.append({"task": t, "name": t.name, "service": s.spec if s else None,
-                        "networks": {n: self.state.get("networks", n).name for n in (s.spec.networks if s else [])
-                                     if self.state.get("networks", n) is not None}})
-        return codec.encode(out)
+            tasks.append({"task": t, "name": t.name, "service": s.spec if s else None,
+                          "ingress": ingress_id if s is not None and self.publishes(s) else ""})
+        published = [{"service": s.spec.name, "protocol": p.protocol, "published": p.published, "target": p.target,
+                      "mode": p.mode} for s in svcs.values() for p in s.spec.ports if p.published]
+        return codec.encode({"tasks": tasks, "published": published, "ingress": ingress_id})
 
     async def report(self, node: Node, body: bytes) -> None:
         """POST /tasks/status: states of the node's own tasks; others' are refused, unknown ones skipped."""
@@ -346,7 +363,7 @@ class Services:
     # ------------------------------------------------------------------ Docker-shaped views
     def service_view(self, svc: Service) -> dict:
         spec = svc.spec
-        running, desired = scheduler.service_running(svc, self.tasks())
+        running, desired = scheduler.service_running(svc, self.tasks(), self.state.nodes())
         ports = [{"Protocol": p.protocol, "TargetPort": p.target, "PublishedPort": p.published,
                   "PublishMode": p.mode} for p in spec.ports]
         docker_spec = {

@@ -155,7 +155,8 @@ def test_scale_down_and_update_and_removal():
     old = live(tasks)[0]
     tasks = converge([s2], nodes(3), tasks)
     assert live(tasks)[0].id != old.id and live(tasks)[0].spec_version == 2
-    assert service_running(s2, tasks) == (1, 1)
+    assert service_running(s2, tasks, nodes(3)) == (1, 1)
+    assert service_running(svc(mode="global"), [], nodes(3, n2={"availability": "drain"})) == (0, 2)
     tasks = converge([], nodes(3), tasks)
     assert tasks == []
 
