@@ -2,8 +2,8 @@
 
 Services and tasks are objects of the cluster store (kinds "services" and "tasks"), read through the
 Hub's state like nodes and networks. The leader runs the scheduler (manager/scheduler.py, pure) in a
-loop: on every change of services, tasks or nodes (and every ROUND seconds, for the Down grace period),
-it plans and writes the difference in one transaction.
+loop: at once after an operator's call or an agent's report, and every ROUND seconds (node changes: drain,
+Down, the grace period), it plans and writes the difference in one transaction.
 
 Agents ask for their assignments (GET /tasks/assigned: the node's tasks with what is needed to run
 them) every POLL seconds and report their tasks' states (POST /tasks/status); a node can report only

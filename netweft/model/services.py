@@ -4,7 +4,8 @@ A Service is the operator's wish (a command, how many copies or one per node, ne
 ports, where it may run); a Task is one copy of it on one node, with a slot (replicated: 1..replicas;
 global: one per node) and the state its node reports. The managers create, place and remove tasks; the
 node's agent runs its tasks as containers and reports their state. Docker-shaped JSON is made from
-these at the API edge (daemon/services_view.py).
+these at the API edge (Services.service_view and task_view in manager/services.py). A service's VIPs
+are Endpoints owned by it (Owner kind "service"), stored and watched like every endpoint.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from netweft.model.objects import IPv4, Labels, Name, ObjectID, ShortText
+from netweft.model.objects import Labels, Name, ObjectID, ShortText
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Command = Annotated[list[Annotated[str, msgspec.Meta(max_length=4096)]], msgspec.Meta(min_length=1, max_length=256)]
@@ -54,7 +55,6 @@ class Service(msgspec.Struct, kw_only=True):
     version: Annotated[int, msgspec.Meta(ge=1)] = 1   # moves on each update
     created: ShortText = ""
     updated: ShortText = ""
-    vips: dict[ObjectID, IPv4] = {}                    # network -> the service's virtual IP (vip mode)
 
 
 class Task(msgspec.Struct, kw_only=True):
@@ -72,7 +72,6 @@ class Task(msgspec.Struct, kw_only=True):
     container_id: ShortText = ""
     created: ShortText = ""
     updated: ShortText = ""
-    down_since: float | None = None                    # when its node was first seen Down (manager clock)
 
     @property
     def name(self) -> str:
