@@ -7,8 +7,8 @@ changed element by element in dataplane/vip.py):
   DNATed to the ingress sandbox's address on the gateway bridge (mode=ingress), or straight to a task
   of this host (mode=host);
 - in the ingress sandbox (a namespace on the ingress network and the gateway bridge, one per host):
-  the connection is DNATed to one of the service's tasks on the ingress network (numgen over their
-  addresses), and masqueraded out of the ingress interface so the answer comes back the same way.
+  the connection is DNATed to one of the service's tasks on the ingress network (numgen inc: in turn),
+  and masqueraded out of the ingress interface so the answer comes back the same way.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def render(rules: list[MeshRule], local_only: bool, masquerade_out: str | None) 
             body.append(f"    {match}{r.protocol} dport {r.port} dnat to {ip}:{port}")
         else:
             elems = ", ".join(f"{i} : {ip} . {port}" for i, (ip, port) in enumerate(r.backends))
-            body.append(f"    {match}{r.protocol} dport {r.port} dnat ip addr . port to numgen random mod "
+            body.append(f"    {match}{r.protocol} dport {r.port} dnat ip addr . port to numgen inc mod "
                         f"{len(r.backends)} map {{ {elems} }}")
     lines += body + ["  }"]
     if local_only:   # the host itself connecting to its own address and a published port

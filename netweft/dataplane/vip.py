@@ -5,8 +5,11 @@ The table `ip netweft-lb` of a container's namespace:
 
     map vips { type ipv4_addr : verdict }            VIP -> goto svc-<VIP in hex>
     chain output { type nat hook output priority -100; ip daddr vmap @vips }
-    map be-<hex> { typeof numgen random mod 1 : ip daddr }   slot 0..N-1 -> a task's address
-    chain svc-<hex> { dnat to numgen random mod N map @be-<hex> }   (reject when N = 0)
+    map be-<hex> { typeof numgen inc mod 1 : ip daddr }      slot 0..N-1 -> a task's address
+    chain svc-<hex> { dnat to numgen inc mod N map @be-<hex> }      (reject when N = 0)
+
+numgen inc takes the slots in turn (round robin, as IPVS's default scheduler): new connections of one
+client spread evenly, not just on average.
 
 Only the first packet of a flow meets the nat hook: conntrack keeps the rest of the flow on the task it
 chose. Changes are element by element, computed here as a pure diff (`plan_sync`): a VIP is one element
@@ -63,7 +66,7 @@ def _rule(vip_hex: str, n: int) -> dict:
     if n == 0:
         expr = [{"reject": None}]
     else:
-        expr = [{"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "random", "mod": n, "offset": 0}},
+        expr = [{"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": n, "offset": 0}},
                                            "data": f"@be-{vip_hex}"}}}}]
     return {"add": {"rule": {**_T, "chain": f"svc-{vip_hex}", "expr": expr}}}
 
@@ -103,7 +106,7 @@ def plan_sync(observed: dict[str, tuple[str, ...]], wanted: dict[str, tuple[str,
         new = slots(old or (), backends)
         result[vip] = new
         if old is None:
-            text.append(f"add map {FAMILY} {TABLE} be-{h} {{ typeof numgen random mod 1 : ip daddr; }}")
+            text.append(f"add map {FAMILY} {TABLE} be-{h} {{ typeof numgen inc mod 1 : ip daddr; }}")
             cmds.append({"add": {"chain": {**_T, "name": f"svc-{h}"}}})
             if new:
                 cmds.append({"add": {"element": {**_T, "name": f"be-{h}", "elem": [[i, b] for i, b in

@@ -354,6 +354,8 @@ class Services:
             return compares, ops, p
 
         async with self._lock:
+            if plan()[2].empty():   # the usual round: nothing to write, no transaction
+                return scheduler.Plan()
             p, _ = await self.hub.commit(plan)
         if not p.empty():
             log.info("tasks scheduled", extra={"new_tasks": len(p.create), "changed_tasks": len(p.update),

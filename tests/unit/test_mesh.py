@@ -15,7 +15,7 @@ R = [mesh.MeshRule("tcp", 8080, (("198.18.255.5", 80), ("198.18.255.6", 80))),
 
 def test_host_table_matches_only_the_hosts_own_addresses_and_covers_local_connections():
     text = mesh.render(R, True, None)
-    assert "fib daddr type local tcp dport 8080 dnat ip addr . port to numgen random mod 2 map " \
+    assert "fib daddr type local tcp dport 8080 dnat ip addr . port to numgen inc mod 2 map " \
            "{ 0 : 198.18.255.5 . 80, 1 : 198.18.255.6 . 80 }" in text
     assert "fib daddr type local udp dport 53 dnat to 198.18.255.7:5353" in text
     assert "tcp dport 9000 reject" in text                   # no task: refused, not left hanging
