@@ -16,7 +16,7 @@ import os
 from aiohttp import web
 
 from netweft.agent.services import Assignment, Assignments, LocalTask, plan
-from netweft.daemon.mesh import RoutingMesh
+from netweft.daemon.mesh import SANDBOX, RoutingMesh
 from netweft.errors import NetweftError, NotFound
 from netweft.model.codec import convert, to_builtins
 
@@ -43,6 +43,7 @@ class TaskRunner:
         self._task: asyncio.Task | None = None
         self.failed: dict[str, str] = {}      # task id -> why it could not start
         self.mesh = RoutingMesh(engine)
+        self._in_swarm: bool | None = None
         self._logged: set[str] = set()
 
     def start(self) -> None:
@@ -71,7 +72,14 @@ class TaskRunner:
             await asyncio.sleep(EXIT_POLL)
             agent = self.engine.overlay_agent
             if agent is None:
+                if self._in_swarm is not False:   # at start, or it just left: once, not every tick
+                    self._in_swarm = False
+                    try:
+                        await self.leave()
+                    except Exception:
+                        log.exception("service tasks: removing the task containers of a left swarm failed")
                 continue
+            self._in_swarm = True
             tick += 1
             try:
                 if tick % round(POLL / EXIT_POLL):
@@ -87,6 +95,22 @@ class TaskRunner:
                                 extra={"reason": str(e)})
             except Exception:
                 log.exception("service tasks: a round failed")
+
+    async def leave(self) -> None:
+        """Out of the swarm (it left, or never joined): no task container and no ingress sandbox stays."""
+        names = [lt.container for lt in self.local()]
+        if self.mesh._sandbox() is not None:
+            names.append(SANDBOX)
+        for name in names:
+            try:
+                await self.engine.remove_container(name, force=True)
+                log.info("removed a container of the swarm this host left", extra={"container": name})
+            except NotFound:
+                pass
+            except NetweftError as e:
+                log.warning("cannot remove a task container", extra={"container": name, "reason": str(e)})
+        if names:
+            self.mesh.host_applied = self.mesh.sbox_applied = None
 
     async def reap(self, client) -> None:
         """Between rounds: a task container that exited is removed at once (its addresses leave DNS and

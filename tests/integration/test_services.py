@@ -101,3 +101,7 @@ def test_a_down_nodes_tasks_come_back_elsewhere_after_the_grace_period(lab3):
     wait_for(lambda: len(running(lab, "w")) == 3 and all(t["Node"] == "h2" for t in running(lab, "w")), 60,
              "w's tasks back on h2 after h3 was Down past the grace period")
     assert sorted(t["Node"] for t in running(lab, "g")) == ["h1", "h2"]
+    # A host that leaves the swarm stops and removes its task containers.
+    assert run_cli(lab, "h2", "ps", "-q").stdout.strip()
+    run_cli(lab, "h2", "swarm", "leave")
+    wait_for(lambda: run_cli(lab, "h2", "ps", "-a", "-q").stdout.strip() == "", 30, "h2's task containers gone")
