@@ -25,7 +25,6 @@ _RUN = {"-d": ("detach", "flag"), "--detach": ("detach", "flag"), "--name": ("na
         "--ip": ("ip", "one"), "--mac-address": ("mac", "one"), "--network-alias": ("alias", "many"),
         "-e": ("env", "many"), "--env": ("env", "many")}
 _RM = {"-f": ("force", "flag"), "--force": ("force", "flag")}
-_NONE: dict = {}
 
 
 class _Unsure(Exception):
@@ -102,7 +101,7 @@ def run_lean(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "network" and rest:
         cmd, rest = "network " + rest[0], rest[1:]
-    spec = {"network ls": _NETWORK_LS, "network create": _NETWORK_CREATE, "network rm": _NONE, "ps": _PS,
+    spec = {"network ls": _NETWORK_LS, "network create": _NETWORK_CREATE, "ps": _PS,
             "run": _RUN, "rm": _RM}.get(cmd)
     if spec is None:
         raise _Unsure
@@ -148,27 +147,18 @@ def run_lean(argv: list[str]) -> int:
                                    o.get("alias", []), pos, key_values(o.get("env", [])))
             _lines([Client(host).call("POST", "/containers/create", body)["Id"]])
             return 0
+        # rm: several at once, each answered in order, as main.rm (network rm is click's: removing the
+        # ingress network asks first)
         if not pos:
             raise _Unsure
-        c = Client(host)
-        if cmd == "rm":  # as main.rm: several at once, each answered in order
-            calls = [("DELETE", f"/containers/{ref(n)}", {"force": 1 if o.get("force") else None}) for n in pos]
-            failed = False
-            for n, result in zip(pos, call_each(c, calls)):
-                if isinstance(result, Exception):
-                    sys.stderr.write(f"Error: {result}\n")
-                    failed = True
-                else:
-                    _lines([n])
-            return 1 if failed else 0
-        failed = False  # network rm: each name on its own, as main.network_rm
-        for n in pos:
-            try:
-                c.call("DELETE", f"/networks/{ref(n)}")
-                _lines([n])
-            except ApiError as e:
-                sys.stderr.write(f"Error: {e}\n")
+        calls = [("DELETE", f"/containers/{ref(n)}", {"force": 1 if o.get("force") else None}) for n in pos]
+        failed = False
+        for n, result in zip(pos, call_each(Client(host), calls)):
+            if isinstance(result, Exception):
+                sys.stderr.write(f"Error: {result}\n")
                 failed = True
+            else:
+                _lines([n])
         return 1 if failed else 0
     except (ApiError, DaemonUnreachable) as e:
         sys.stderr.write(f"Error: {e}\n")

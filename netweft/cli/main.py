@@ -100,13 +100,15 @@ def network():
 @click.option("--internal", is_flag=True, help="no traffic in or out of the network")
 @click.option("--attachable", is_flag=True, help="(overlay) allow plain containers to attach")
 @click.option("--label", multiple=True, metavar="K=V", help="metadata; repeatable")
+@click.option("--ingress", is_flag=True, help="(overlay) the routing-mesh network; one per swarm")
 @click.option("-o", "--opt", multiple=True, metavar="K=V",
               help="driver options; repeatable; others are refused. Any driver: com.docker.network.driver.mtu=N. "
                    "bridge: com.docker.network.bridge.name=NAME, parent=IFACE (bridge a host interface: "
                    "containers sit on that LAN, no NAT). overlay: com.docker.network.driver.overlay.vxlanid_list=VNI")
 @click.argument("name")
 @click.pass_context
-def network_create(ctx, driver, subnet, gateway, ip_range, aux_address, internal, attachable, label, opt, name):
+def network_create(ctx, driver, subnet, gateway, ip_range, aux_address, internal, attachable, label, ingress, opt,
+                   name):
     """Create a network.
 
     \b
@@ -120,6 +122,8 @@ def network_create(ctx, driver, subnet, gateway, ip_range, aux_address, internal
     aux = validate.parse_key_values(list(aux_address), "aux-address")
     body = render.network_create_body(name, driver, subnet, gateway, ip_range, aux, internal, attachable,
                                       labels, options)
+    if ingress:
+        body["Ingress"] = True
     click.echo(api(ctx).call("POST", "/networks/create", body)["Id"])
 
 
@@ -159,13 +163,17 @@ def network_inspect(ctx, names):
 
 
 @network.command("rm")
+@click.option("-f", "--force", is_flag=True, help="do not ask before removing the ingress network")
 @click.argument("names", nargs=-1, required=True)
 @click.pass_context
-def network_rm(ctx, names):
+def network_rm(ctx, force, names):
     """Remove networks (refused while containers are attached)."""
     failed = False
     for n in names:
         try:
+            if not force and not confirm_ingress_removal(api(ctx), n):
+                failed = True
+                continue
             api(ctx).call("DELETE", f"/networks/{ref(n)}")
             click.echo(n)
         except ApiError as e:
@@ -173,6 +181,20 @@ def network_rm(ctx, names):
             failed = True
     if failed:
         sys.exit(1)
+
+
+def confirm_ingress_removal(client, name: str) -> bool:
+    """For the ingress network: say what stops working and ask; True to go on (other networks: True)."""
+    try:
+        net = client.call("GET", f"/networks/{ref(name)}")
+    except ApiError:
+        return True   # the DELETE reports what is wrong
+    if not net.get("Ingress"):
+        return True
+    click.echo(f"WARNING! {net['Name']!r} is the ingress network: without it, ports published by services "
+               "(mode=ingress) stop answering on every host, until an ingress network is created again.",
+               err=True)
+    return click.confirm("Are you sure you want to continue?", default=False, err=True)
 
 
 @network.command("prune")
@@ -343,3 +365,4 @@ from netweft.cli import cluster as _cluster, lab as _lab  # noqa: E402,F401
 from netweft.cli import cni as _cni  # noqa: E402,F401
 from netweft.cli import events as _events, version as _version  # noqa: E402,F401
 from netweft.cli import doctor as _doctor  # noqa: E402,F401
+from netweft.cli import service as _service  # noqa: E402,F401

@@ -27,7 +27,7 @@ def network_line(n: dict, no_trunc: bool) -> dict:
             "ID": n["Id"] if no_trunc else n["Id"][:12], "IPv4": "true",
             "IPv6": str(bool(n.get("EnableIPv6"))).lower(), "Internal": str(bool(n.get("Internal"))).lower(),
             "Labels": ",".join(f"{k}={v}" for k, v in (n.get("Labels") or {}).items()),
-            "Name": n["Name"], "Scope": n["Scope"]}
+            "Name": n["Name"], "Scope": n["Scope"], "Ingress": str(bool(n.get("Ingress"))).lower()}
 
 
 def network_ls(nets: list[dict], quiet: bool, fmt: str, no_trunc: bool) -> list[str]:

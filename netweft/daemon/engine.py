@@ -87,6 +87,7 @@ class Engine:
         self.swarm = None                              # the daemon's Swarm role, set by the daemon
         self.overlay_agent: OverlayAgent | None = None  # while this node is in a swarm
         self.events = LocalEvents()                     # local networks' events, for `netweft events`
+        self.names = None                              # the containers' resolver (daemon.names), set by the daemon
 
     async def start(self) -> None:
         self._check_format()
@@ -183,6 +184,8 @@ class Engine:
             return await self._create_overlay(req, name)
         if driver != "bridge":
             raise InvalidRequest(f"unknown driver {driver!r}: use -d bridge or -d overlay")
+        if req.get("Ingress"):
+            raise InvalidRequest("--ingress needs -d overlay: the ingress network spans the swarm")
         overlays = await self._overlays_for_checks()   # may ask a manager: before the lock
         async with self.lock:
             if self.store.by_name("networks", name) or any(o.name == name for o in overlays):
@@ -436,6 +439,8 @@ class Engine:
         net, ctr = await self.network(net_ref), self.container(ctr_ref)
         ep = await self._connect(net, ctr, ip, aliases or [], mac)
         self._write_hosts(ctr)
+        if self.names is not None:
+            await self.names.container_changed(ctr)
         return self.endpoint_view(ep)
 
     def _container_lock(self, ctr_id: str) -> asyncio.Lock:
@@ -573,6 +578,8 @@ class Engine:
             raise NotFound(f"container {ctr['Name']!r} is not connected to network {net.name!r}")
         await self._delete_endpoint(ep)
         self._write_hosts(ctr)
+        if self.names is not None:
+            await self.names.container_changed(ctr)
 
     async def _delete_endpoint(self, ep: Endpoint) -> None:
         if ep.node_id:   # an overlay endpoint
@@ -609,7 +616,8 @@ class Engine:
         state_dir = self.ctr_state_dir(ctr_id)
         ctr = {
             "Id": ctr_id, "Name": name, "Created": now(),
-            "Config": {"Hostname": hostname, "Cmd": cmd, "Env": req.get("Env") or {}},
+            "Config": {"Hostname": hostname, "Cmd": cmd, "Env": req.get("Env") or {},
+                       "Labels": dict(req.get("Labels") or {})},
             "HostConfig": {"NetworkMode": mode},
             "NetworkSettings": {"SandboxKey": "" if mode == "host" else self.netns_path(ctr_id)},
             "LogPath": os.path.join(state_dir, "log"),
@@ -626,7 +634,11 @@ class Engine:
             if net is not None:
                 await self._connect(net, ctr, req.get("IPAddress"), req.get("Aliases") or [], req.get("MacAddress"))
             self._write_hosts(ctr)
-            runtime.write_resolv(os.path.join(state_dir, "resolv.conf"), *_host_resolvers())
+            if net is not None and self.names is not None:   # on a network: the host's resolver at 127.0.0.11
+                await self.names.container_changed(ctr)
+                runtime.write_resolv(os.path.join(state_dir, "resolv.conf"), *self.names.resolv_conf())
+            else:
+                runtime.write_resolv(os.path.join(state_dir, "resolv.conf"), *_host_resolvers())
             if start:
                 await self._start_process(ctr)
         except BaseException:
@@ -658,7 +670,10 @@ class Engine:
         names = [ctr["Config"]["Hostname"]]
         if ctr["Name"] != ctr["Config"]["Hostname"]:
             names.append(ctr["Name"])
-        entries = [(ep.ip, names + list(ep.aliases)) for ep in self.endpoints_of(ctr["Id"])]
+        # A service task's aliases are its service's names: DNS answers them with every task; in /etc/hosts
+        # they would shadow the other tasks.
+        task = "com.docker.swarm.task.id" in (ctr["Config"].get("Labels") or {})
+        entries = [(ep.ip, names + ([] if task else list(ep.aliases))) for ep in self.endpoints_of(ctr["Id"])]
         runtime.write_hosts(os.path.join(self.ctr_state_dir(ctr["Id"]), "hosts"), ctr["Config"]["Hostname"], entries)
 
     async def start_container(self, ref: str) -> dict:
@@ -685,8 +700,11 @@ class Engine:
 
     async def _teardown_container(self, ctr: dict) -> None:
         """Endpoints, namespace, files, then the document: what a crash half way leaves is still removable."""
-        for ep in self.endpoints_of(ctr["Id"]):
+        eps = self.endpoints_of(ctr["Id"])
+        for ep in eps:
             await self._delete_endpoint(ep)
+        if self.names is not None:
+            self.names.container_removed(ctr["Id"], [ep.network_id for ep in eps])
         if ctr["HostConfig"]["NetworkMode"] != "host":
             await self.dp.delete_netns(self.netns_path(ctr["Id"]))
         shutil.rmtree(self.ctr_state_dir(ctr["Id"]), ignore_errors=True)

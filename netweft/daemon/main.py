@@ -14,9 +14,11 @@ from aiohttp import web
 
 from netweft import __version__, validate
 from netweft import metrics
-from netweft.daemon import cni_api, config, docker_driver, doctor, events_api, logs
+from netweft.agent.vip import ServiceBalancer
+from netweft.daemon import cni_api, config, docker_driver, doctor, events_api, logs, tasks
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
+from netweft.daemon.names import ContainerNames, parse_upstream
 from netweft.dataplane.real import RealDataPlane
 from netweft.daemon.swarm import Swarm
 from netweft.errors import NetweftError
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hostname", default=None,
                    help="this node's name in the cluster (default: the machine's hostname)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--dns", action="append", metavar="IP",
+                   help="DNS server the containers' resolver forwards unknown names to (default: the host's "
+                        "/etc/resolv.conf nameservers); repeatable")
     p.add_argument("--version", action="version", version=f"netweftd {__version__}")
     p.add_argument("--wireguard-go", metavar="PATH", default=None,
                    help="wireguard-go to use where the kernel has no WireGuard (default: found on PATH)")
@@ -157,11 +162,14 @@ class Daemon:
         self.engine.events.hostname = self.hostname
         self.swarm = Swarm(self)
         self.wireguard = None   # which WireGuard this host has, found at start (`info` shows it)
-        self.extra_routes: list = [self.swarm.routes()]
+        self.extra_routes: list = [self.swarm.routes(), tasks.routes(self)]
         self.extra_routes.append(cni_api.routes(self.engine))
         self.extra_routes.append(events_api.routes(self))
         self.observers = observers(self, args)   # opt-in listeners: metrics, dashboard
         self.extra_routes.append(doctor.routes(self))
+        self.engine.names = ContainerNames(self.engine, [parse_upstream(a) for a in args.dns or []])
+        self.tasks = tasks.TaskRunner(self.engine)   # this host's service tasks
+        self.balancer = ServiceBalancer(self.dataplane)   # service VIPs in this host's containers
 
     def info(self) -> dict:
         return {"Version": __version__, "Pid": os.getpid(), "DataRoot": self.args.data_root,
@@ -174,6 +182,9 @@ class Daemon:
         self.wireguard = await self.dataplane.wireguard()
         await self.engine.start()
         await self.swarm.start()
+        await self.engine.names.start()
+        self.tasks.start()
+        balancing = asyncio.get_running_loop().create_task(self.balancer.run(lambda: self.engine.overlay_agent))
         app = build_app(self)
         app.middlewares[0:0] = metrics.middlewares("local")
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
@@ -202,7 +213,11 @@ class Daemon:
         await runner.cleanup()
         for o in self.observers:
             await o.stop()
+        await self.tasks.stop()
+        balancing.cancel()
+        await asyncio.gather(balancing, return_exceptions=True)
         await self.swarm.stop()
+        await self.engine.names.stop()
         await self.engine.close()
         await self.dataplane.close()
 

@@ -40,6 +40,7 @@ from netweft.manager import hastore
 from netweft.daemon.etcdmember import EtcdMember
 from netweft.model.cluster import EnrollAnswer
 from netweft.pki import sealed
+from netweft.manager import ingress
 
 log = logging.getLogger("netweft.swarm")
 
@@ -411,6 +412,7 @@ class Swarm:
             raise
         put_setting(self.store, "swarm", st)
         await self._start_overlay(st)
+        await ingress.create_default(self.manager.overlays)
         log.info("swarm initialised", extra={"node": node_id, "advertise": advertise,
                                              "ms": round((time.monotonic() - t0) * 1000)})
         tokens = created["join_tokens"]

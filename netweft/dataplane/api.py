@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import abc
 import ipaddress
+import socket
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from netweft.dataplane.firewall import BridgeRule, PortRule
 from netweft.dataplane.wgconf import Implementation, PeerStatus, TunnelSpec
+from netweft.dataplane.mesh import MeshRule
 from netweft.model.objects import Peer
 
 VXLAN_OVERHEAD = 50          # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8: overlay MTU = underlay MTU - 50
@@ -226,6 +228,25 @@ class DataPlane(abc.ABC):
     @abc.abstractmethod
     async def kernel_features(self) -> dict[str, str | None]:
         """What the kernel can do (dataplane/features.py): feature -> None if it works, else why not."""
+
+    # ---- the resolver's sockets in containers ----------------------------------------------------
+    @abc.abstractmethod
+    async def open_dns_sockets(self, netns_path: str) -> tuple[socket.socket, socket.socket]:
+        """(UDP socket, listening TCP socket) bound to 127.0.0.11:53 inside the namespace at `netns_path`,
+        non-blocking, for the host's resolver to serve (the caller owns and closes them)."""
+
+    # ---- service VIPs in containers --------------------------------------------------------------
+    @abc.abstractmethod
+    async def sync_vips(self, netns_path: str, wanted: dict[str, tuple[str, ...]]) -> int:
+        """Make the load balancing in the namespace exactly `wanted` (VIP -> its tasks' addresses), element
+        by element (dataplane/vip.py); returns the number of changes (0: it was so already)."""
+
+    # ---- the routing mesh -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def apply_mesh(self, netns_path: str | None, rules: list[MeshRule], masquerade_out: str | None) -> None:
+        """Replace the routing mesh's table (dataplane/mesh.py): in the host namespace (netns_path None:
+        published ports on the host's own addresses) or in an ingress sandbox (spread over the tasks,
+        masqueraded out of `masquerade_out`). IPv4 forwarding is turned on there. Empty rules: no table."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -23,6 +23,7 @@ import asyncio
 import functools
 import ipaddress
 import os
+import socket
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from netweft.dataplane.api import VXLAN_OVERHEAD, DataPlane
 from netweft.dataplane.probe import PROBE_DEVICE, PROBE_VNI
 from netweft.dataplane.antispoof import TABLE as ANTISPOOF_TABLE
+from netweft.dataplane import mesh, vip
 from netweft.dataplane.checks import (check_ifname, check_mtu, check_path, check_peers, default_tmp_name, int_in,
                                       ipv4, parse_interface, parse_mac, peer_tables)
 from netweft.dataplane.firewall import (OVERLAY_TABLE, PORTS_TABLE, TUNNEL_TABLE, BridgeRule, PortRule,
@@ -150,6 +152,10 @@ class FakeDataPlane(DataPlane):
         self.tunnel_starts: Counter[str] = Counter()
         self.unreachable: set[str] = set()
         self._probed: set[str] = set()
+
+        self.dns_addresses: dict[str, tuple] = {}
+        self.mesh: dict[str, str] = {}                    # namespace ("" the host) -> the mesh table (nft text)
+        self.vips: dict[str, dict[str, tuple[str, ...]]] = {}   # namespace -> VIP -> backends (slot order)          # namespace -> (UDP, TCP) address of its resolver sockets
 
     # ---- test controls ------------------------------------------------------------------------------
 
@@ -284,6 +290,8 @@ class FakeDataPlane(DataPlane):
         del self._ns[path]
         self._default.pop(path, None)
         self.guards.pop(path, None)   # the namespace's nftables go with it
+        self.vips.pop(path, None)
+        self.mesh.pop(path, None)
         self.changes += 1
 
     def _new_ns(self, path: str) -> None:
@@ -841,6 +849,50 @@ class FakeDataPlane(DataPlane):
     @_op
     def kernel_features(self) -> dict[str, str | None]:
         return dict(self.features)
+
+    # ---- the resolver's sockets in containers -------------------------------------------------------
+
+    @_op
+    def open_dns_sockets(self, netns_path: str):
+        """Real sockets, on 127.0.0.1 with ports the kernel picks (there is no namespace to listen in):
+        a test sends its queries to `dns_addresses[netns_path]`."""
+        self._netns(self._path(netns_path), "resolver sockets")
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(64)
+        udp.setblocking(False)
+        tcp.setblocking(False)
+        self.dns_addresses[netns_path] = (udp.getsockname(), tcp.getsockname())
+        return udp, tcp
+
+    @_op
+    def sync_vips(self, netns_path: str, wanted: dict[str, tuple[str, ...]]) -> int:
+        netns_path = self._path(netns_path)
+        self._netns(netns_path, "service VIPs")
+        wanted = vip.check(wanted)
+        observed = self.vips.get(netns_path)
+        text, cmds, result = vip.plan_sync(observed or {}, wanted, observed is not None)
+        if result:
+            self.vips[netns_path] = result
+        elif observed is not None:
+            self.vips[netns_path] = {}
+        self.changes += bool(text or cmds)
+        return len(text) + len(cmds)
+
+    @_op
+    def apply_mesh(self, netns_path, rules, masquerade_out) -> None:
+        key = HOST if netns_path is None else self._path(netns_path)
+        if netns_path is not None:
+            self._netns(key, "routing mesh")
+        text = mesh.render(list(rules), netns_path is None, masquerade_out) if rules else None
+        if self.mesh.get(key) != text:
+            self.changes += 1
+        if text is None:
+            self.mesh.pop(key, None)
+        else:
+            self.mesh[key] = text
 
     async def close(self) -> None:
         self._closed = True

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from netweft.dataplane import netns
+from netweft.dataplane import mesh, netns, sockets, vip
 from netweft.dataplane.api import DataPlane
 from netweft.dataplane.checks import check_path
 from netweft.dataplane.firewall import BridgeRule, PortRule
@@ -269,3 +269,22 @@ class RealDataPlane(DataPlane):
         # Its own thread, not the kernel thread: it leaves the host namespace for a throwaway one.
         from netweft.dataplane.features import kernel_features
         return await asyncio.get_running_loop().run_in_executor(None, kernel_features)
+
+    # ---- the resolver's sockets in containers -------------------------------------------------------
+
+    async def open_dns_sockets(self, netns_path: str):
+        path = check_path(netns_path)
+        return await self._run(lambda: sockets.open_dns_sockets(path))
+
+    async def sync_vips(self, netns_path: str, wanted: dict[str, tuple[str, ...]]) -> int:
+        path = check_path(netns_path)
+        wanted = vip.check(wanted)
+        return await self._run(lambda: vip.sync_in_netns(path, wanted))
+
+    async def apply_mesh(self, netns_path, rules, masquerade_out) -> None:
+        text = mesh.render(list(rules), netns_path is None, masquerade_out) if rules else mesh.render_delete()
+        if netns_path is None:
+            await self._run(lambda: mesh.apply_here(text, bool(rules), "routing mesh on this host"))
+        else:
+            path = check_path(netns_path)
+            await self._run(lambda: mesh.apply_in_netns(path, text, bool(rules), "routing mesh in the ingress sandbox"))

@@ -28,6 +28,7 @@ from netweft.manager import hastore
 from netweft.manager.leader import Coordination
 from netweft.manager.ha import ManagersOnEtcd
 from netweft.pki import sealed
+from netweft.manager.services import Services
 from netweft.model import codec
 from netweft.model.api import NodeUpdate, peer_health_view
 from netweft.model.objects import Labels, Node, ShortText
@@ -190,6 +191,7 @@ class Manager(ManagersOnEtcd):
                 self._open_sealed()
             self.overlays = Overlays(self.hub, self.spec)
             self.overlays.host_claims = self.host_claims
+            self.services = Services(self.hub, self.overlays)
             f = files(self.dir)
             ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
                                                     pki.load_pem(f["key"]), require_client_cert=False)
@@ -219,6 +221,7 @@ class Manager(ManagersOnEtcd):
                                       (me.manager_addr if me else "") or f"{listen[0]}:{listen[1]}")
             self.tasks += [asyncio.ensure_future(self.coord.run()), asyncio.ensure_future(self._publish_seen()),
                            asyncio.ensure_future(self._trim_history()), asyncio.ensure_future(self._watch_self())]
+        self.tasks.append(asyncio.ensure_future(self.services.run()))   # the scheduler
         log.info("cluster API listening", extra={"addr": f"{listen[0]}:{listen[1]}", "rev": self.state.rev})
 
     async def stop(self) -> None:
@@ -749,4 +752,5 @@ class Manager(ManagersOnEtcd):
         app = web.Application(middlewares=[*metrics.middlewares("cluster"), self.admission.middleware],
                               client_max_size=auth.BODY_LIMIT)
         app.add_routes(routes)
+        app.add_routes(self.services.routes())
         return app

@@ -24,6 +24,7 @@ from netweft import metrics, validate
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound, PoolExhausted
 from netweft.ipam import address as ipam
 from netweft.ipam import tunnel
+from netweft.manager import ingress
 from netweft.manager.watch import ALLOCATIONS, ENDPOINTS, NETWORKS, NODES, Hub
 from netweft.model import codec
 from netweft.model.api import NetworkCreate
@@ -77,6 +78,10 @@ class Overlays:
         # async () -> [(prefix, words)]: the routes and addresses of the leader's host (daemon/collisions.py),
         # which an explicit subnet must not overlap and automatic choices skip. None: no host to ask.
         self.host_claims = None
+        # Set by manager/services.py: may (node, owner) join non-attachable network (a service's task)?
+        # and may this network go (the ingress network is kept while services publish ports)?
+        self.may_attach = None
+        self.check_removal = None
 
     @property
     def state(self):
@@ -120,7 +125,7 @@ class Overlays:
             raise InvalidRequest(f"the cluster creates overlay networks only, not {req.Driver[:40]!r}: "
                                  "create other networks on the host itself")
         if req.Ingress:
-            raise InvalidRequest("ingress networks are not supported yet (they come with services)")
+            ingress.check_request(req)
         if req.EnableIPv6:
             raise InvalidRequest("IPv6 is not supported on overlay networks yet: create the network without --ipv6")
         if req.IPAM.Driver not in ("", "default"):
@@ -150,6 +155,8 @@ class Overlays:
             raise Conflict(f"network {req.Name!r} already exists; choose another name or remove it first")
         if req.Name in st.kinds[NETWORKS]:
             raise Conflict(f"network name {req.Name!r} is the ID of another network; choose another name")
+        if req.Ingress:
+            ingress.check_unique(nets)
         vnis = {n.vni for n in nets}
         vni = spec["vni"]
         if vni is None:
@@ -172,8 +179,9 @@ class Overlays:
         else:
             cluster = self.spec()
             pools = [ipam.AddressPool(IPv4Network(p), cluster["SubnetSize"]) for p in cluster["DefaultAddrPool"]]
-            cfg = ipam.build_subnet_config(ipam.allocate_subnet(pools, [t for t, _ in taken] +
-                                                                [c for c, _ in claims] + [tunnel.TUNNEL_NET]))
+            allocate = ingress.top_subnet if req.Ingress else ipam.allocate_subnet
+            cfg = ipam.build_subnet_config(allocate(pools, [t for t, _ in taken] + [c for c, _ in claims] +
+                                                    [tunnel.TUNNEL_NET]))
         net_id = secrets.token_hex(32)
         while net_id in st.names or net_id in st.kinds[NETWORKS]:
             net_id = secrets.token_hex(32)
@@ -183,7 +191,7 @@ class Overlays:
                       aux_addresses={k: str(v) for k, v in cfg.aux.items()},
                       internal=req.Internal, attachable=req.Attachable, options=spec["options"],
                       encrypted=validate.ENCRYPTED_OPT in spec["options"],
-                      labels=dict(req.Labels), mtu=spec["mtu"], vni=vni)
+                      labels=dict(req.Labels), mtu=spec["mtu"], vni=vni, ingress=req.Ingress)
         compares = [Compare(ALLOCATIONS, NETWORKS_GUARD, st.mod_rev(ALLOCATIONS, NETWORKS_GUARD))]
         ops = [Put(NETWORKS, net.id, codec.encode(net)), Put(ALLOCATIONS, NETWORKS_GUARD, GUARD),
                Put(ALLOCATIONS, net_guard(net.id), GUARD)]
@@ -198,6 +206,8 @@ class Overlays:
     def _plan_remove(self, ref: str):
         st = self.state
         net = self.network(ref)
+        if self.check_removal is not None:
+            self.check_removal(net)
         eps = st.endpoints_of(net.id)
         if eps:
             where = sorted({f"{e.owner.name or e.owner.id[:12]} on {e.hostname or e.node_id}" for e in eps})
@@ -238,7 +248,7 @@ class Overlays:
         if net is None:
             raise NotFound(f"network {req.network_id!r} not found; see `netweft network ls`")
         # Whatever the request says: only the managers will place service tasks on such a network.
-        if not net.attachable:
+        if not net.attachable and not (self.may_attach and self.may_attach(node.id, req.owner, net.id)):
             raise Forbidden(f"network {net.name!r} is not attachable: it is kept for services; "
                             "create it with --attachable to run plain containers on it")
         eps = st.kinds[ENDPOINTS]

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from netweft.errors import Conflict, InvalidRequest, NetweftError, Unavailable
 from netweft.model.objects import ID_PATTERN, Endpoint, Network, Node
+from netweft.model.services import Service, Task
 from netweft.store.api import Changes, ClusterStore, Compacted, Put
 
 log = logging.getLogger("netweft.manager.watch")
@@ -36,9 +37,10 @@ log = logging.getLogger("netweft.manager.watch")
 NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS = "nodes", "networks", "endpoints", "cluster", "allocations"
 # Several managers (etcd): the sealed CA, the elected leader, who is up, whom each heard from.
 CA, ELECTION, PRESENCE, HEARTBEATS = "ca", "election", "managers", "heartbeats"
-KINDS = (NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS, CA, ELECTION, PRESENCE, HEARTBEATS)
+SERVICES, TASKS = "services", "tasks"    # manager/services.py
+KINDS = (NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS, CA, ELECTION, PRESENCE, HEARTBEATS, SERVICES, TASKS)
 WATCHED = {NODES: b"node", NETWORKS: b"network", ENDPOINTS: b"endpoint"}
-_TYPES = {NODES: Node, NETWORKS: Network, ENDPOINTS: Endpoint}
+_TYPES = {NODES: Node, NETWORKS: Network, ENDPOINTS: Endpoint, SERVICES: Service, TASKS: Task}
 CLOCK = "clock"   # not kept in the state: commits rewrite it with the time (see manager/events.py)
 CLOCK_EVERY = 0.1  # seconds: a commit sooner after the last stamp carries none (its time is the last one's)
 
@@ -79,6 +81,7 @@ class ClusterState:
         self.net_low: dict[str, int] = {}       # network -> no free address below this one (a search hint)
         self.owners: dict[tuple[str, str, str, str], str] = {}             # (network, node, kind, id) -> endpoint
         self.names: dict[str, str] = {}                                    # network name -> id
+        self.ingress: set[str] = set()      # the ingress network (one, at most): every node watches it
 
     # ------------------------------------------------------------ reads
     def get(self, kind: str, key: str):
@@ -110,7 +113,7 @@ class ClusterState:
     def scope(self, node_id: str, asked: Iterable[str] = ()) -> set[str]:
         """The networks a node watches: those it has endpoints on, and those it asked for (existing or not:
         a network it asked for still reaches it when it is removed)."""
-        return set(self.node_nets.get(node_id, ())).union(asked)
+        return set(self.node_nets.get(node_id, ())).union(asked, self.ingress)
 
     # ------------------------------------------------------------ changes
     def put(self, kind: str, key: str, raw: bytes, mod_rev: int):
@@ -138,6 +141,8 @@ class ClusterState:
             self.owners[(obj.network_id, obj.node_id, obj.owner.kind, obj.owner.id)] = obj.id
         elif kind == NETWORKS:
             self.names[obj.name] = obj.id
+            if obj.ingress:
+                self.ingress.add(obj.id)
 
     def _unindex(self, kind: str, obj) -> None:
         if kind == ENDPOINTS:
@@ -160,6 +165,7 @@ class ClusterState:
         elif kind == NETWORKS:
             if self.names.get(obj.name) == obj.id:
                 del self.names[obj.name]
+            self.ingress.discard(obj.id)
             for index in (self.net_ips, self.net_macs, self.net_low):
                 if not index.get(obj.id):
                     index.pop(obj.id, None)
@@ -178,7 +184,7 @@ class Batch:
     `touched[net]` the nodes whose endpoints on `net` changed (a node that loses its last endpoint
     on a network still hears of it). `frame(nets)` is cached per selection."""
 
-    __slots__ = ("rev", "events", "touched", "has_nodes", "_frames")
+    __slots__ = ("rev", "events", "touched", "has_nodes", "_frames", "everyone")
 
     def __init__(self, rev: int):
         self.rev = rev
@@ -186,6 +192,7 @@ class Batch:
         self.touched: dict[str, set[str]] = {}
         self.has_nodes = False
         self._frames: dict[frozenset, bytes | None] = {}
+        self.everyone: set[str] = set()
 
     def add(self, kind: str, action: str, raw: bytes, obj) -> None:
         net = None
@@ -195,12 +202,15 @@ class Batch:
         elif kind == NETWORKS:
             net = obj.id
             self.touched.setdefault(net, set())
+            if obj.ingress:   # every node watches the ingress network: its removal reaches them all too
+                self.everyone.add(net)
         else:
             self.has_nodes = True
         self.events.append((net, event_bytes(kind, action, raw)))
 
     def select(self, node_id: str, scope: set[str]) -> frozenset:
-        return frozenset(n for n, nodes in self.touched.items() if n in scope or node_id in nodes)
+        return frozenset(n for n, nodes in self.touched.items()
+                         if n in scope or node_id in nodes or n in self.everyone)
 
     def frame(self, nets: frozenset) -> bytes | None:
         """The Events line carrying node events and those of `nets`; None if that is nothing."""

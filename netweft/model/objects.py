@@ -61,7 +61,7 @@ class Network(msgspec.Struct, kw_only=True):
 
 class Owner(msgspec.Struct, frozen=True, kw_only=True):
     """Who an endpoint belongs to. The agent never removes an endpoint whose owner record it does not hold."""
-    kind: Literal["netweft", "cni", "docker"]
+    kind: Literal["netweft", "cni", "docker", "service"]   # service: a service's VIP on a network
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     name: ShortText = ""
 

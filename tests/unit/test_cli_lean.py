@@ -64,7 +64,7 @@ def test_parse_leaves_what_it_does_not_know_to_click(args):
     ["network", "ls", "-f", "colour=red"], ["network", "ls", "extra"], ["ps", "x"], ["run", "--", "sleep", "1"],
     ["run", "-d"], ["rm"], ["network", "rm"], ["network", "create"], ["network", "create", "a", "b"],
     ["network", "create", "--label", "novalue", "a"], ["network", "create", "--subnet", "1", "--subnet", "2", "a"],
-    ["run", "-d", "-e", "=x", "--", "true"], ["ps", "--help"], ["-Hx", "ps"],
+    ["run", "-d", "-e", "=x", "--", "true"], ["ps", "--help"], ["-Hx", "ps"], ["network", "rm", "ingress"],
 ])
 def test_run_lean_leaves_to_click(argv):
     with pytest.raises(entry._Unsure):
@@ -110,7 +110,7 @@ class Recorder:
     ["run", "-d", "--name", "a", "--hostname", "h", "--net", "n", "--ip", "198.18.0.9", "--mac-address",
      "02:00:00:00:00:01", "--network-alias", "x", "-e", "A=1", "--", "sleep", "infinity"],
     ["run", "--detach", "sleep", "1"],
-    ["rm", "-f", "a", "b/c"], ["rm", "a"], ["network", "rm", "a", "b"],
+    ["rm", "-f", "a", "b/c"], ["rm", "a"],
 ])
 def test_lean_path_sends_and_prints_what_click_does(argv, monkeypatch, capsys):
     rec = Recorder(monkeypatch)

@@ -457,7 +457,7 @@ def test_an_unreadable_object_in_the_store_is_skipped_and_the_rest_goes_on(tmp_p
         m = await Manager.open(tmp_path / "c.db")
         a = await m.node("a", "192.0.2.1")
         w = m.hub.subscribe(a, "a", m.hub.state.rev)
-        r = await m.store.txn([], [Put("endpoints", "bad", b'{"id": 5}'), Put("services", "x", b"{}")])
+        r = await m.store.txn([], [Put("endpoints", "bad", b'{"id": 5}'), Put("widgets", "x", b"{}")])
         await m.hub.wait(r.rev)
         await m.node("b", "192.0.2.2")
         assert ids(pending(w), "node") == ["b"]

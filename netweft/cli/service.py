@@ -1,0 +1,244 @@
+"""`netweft service ...`: services of the swarm (run on a manager), with Docker's verbs and flags."""
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from netweft.cli.client import ApiError, ref
+from netweft.cli.main import api, cli, inspect_each, table, validate
+
+CONVERGE_TIMEOUT = 120.0
+
+
+@cli.group()
+def service():
+    """Manage services (on a swarm manager)."""
+
+
+def parse_publish(text: str) -> dict:
+    """published=P,target=T[,protocol=tcp|udp][,mode=ingress|host], or P:T[/proto]."""
+    if "=" not in text:
+        proto = "tcp"
+        if "/" in text:
+            text, proto = text.split("/", 1)
+        if ":" in text:
+            pub, _, tgt = text.partition(":")
+        else:
+            pub, tgt = "", text
+        fields = {"target": tgt, "protocol": proto, **({"published": pub} if pub else {})}
+    else:
+        fields = {}
+        for part in text.split(","):
+            k, sep, v = part.partition("=")
+            if not sep or k not in ("published", "target", "protocol", "mode"):
+                raise click.BadParameter(f"invalid --publish {text!r}: expected published=P,target=T"
+                                         "[,protocol=tcp|udp][,mode=ingress|host]")
+            fields[k] = v
+    if "target" not in fields:
+        raise click.BadParameter(f"invalid --publish {text!r}: target=PORT is missing")
+    out = {}
+    for k in ("published", "target"):
+        if k in fields:
+            try:
+                out[k] = int(fields[k])
+            except ValueError:
+                raise click.BadParameter(f"invalid --publish {text!r}: {k} must be a port number") from None
+    out["protocol"] = fields.get("protocol", "tcp")
+    out["mode"] = fields.get("mode", "ingress")
+    return out
+
+
+def spec_from_view(v: dict) -> dict:
+    """The create request a service's inspect view stands for (to change it with update/scale)."""
+    s = v["Spec"]
+    ctr = s["TaskTemplate"]["ContainerSpec"]
+    return {"name": s["Name"], "command": ctr["Command"],
+            "env": dict(e.split("=", 1) for e in ctr.get("Env", [])),
+            "mode": "replicated" if "Replicated" in s["Mode"] else "global",
+            "replicas": s["Mode"]["Replicated"]["Replicas"] if "Replicated" in s["Mode"] else None,
+            "networks": [n["Target"] for n in s["TaskTemplate"].get("Networks", [])],
+            "ports": [{"target": p["TargetPort"], "published": p["PublishedPort"], "protocol": p["Protocol"],
+                       "mode": p["PublishMode"]} for p in s["EndpointSpec"].get("Ports", [])],
+            "endpoint_mode": s["EndpointSpec"]["Mode"], "constraints": s["TaskTemplate"]["Placement"]["Constraints"],
+            "labels": s.get("Labels", {})}
+
+
+def wait_converged(client, sid: str, quiet: bool) -> None:
+    """Docker's progress: `overall progress: N out of M tasks` until they all run, then `verify`."""
+    deadline = time.monotonic() + CONVERGE_TIMEOUT
+    last = None
+    while True:
+        v = client.call("GET", f"/services/{sid}")
+        st = v["ServiceStatus"]
+        now = (st["RunningTasks"], st["DesiredTasks"])
+        if now != last and not quiet:
+            click.echo(f"overall progress: {now[0]} out of {now[1]} tasks")
+            last = now
+        if now[0] == now[1]:
+            if not quiet:
+                click.echo("verify: Service converged")
+            return
+        if time.monotonic() > deadline:
+            click.echo(f"Error: the service did not converge within {CONVERGE_TIMEOUT:g} s; "
+                       f"see `netweft service ps {v['Spec']['Name']}`", err=True)
+            sys.exit(1)
+        time.sleep(0.2)
+
+
+@service.command("create", context_settings={"ignore_unknown_options": False})
+@click.option("--name", required=True, help="service name")
+@click.option("--replicas", type=int, help="number of tasks (replicated mode; default 1)")
+@click.option("--mode", type=click.Choice(["replicated", "global"]), default="replicated", show_default=True)
+@click.option("--network", multiple=True, help="overlay network to attach tasks to; repeatable")
+@click.option("-p", "--publish", multiple=True, metavar="published=P,target=T[,protocol=,mode=]",
+              help="publish a port; repeatable")
+@click.option("--endpoint-mode", type=click.Choice(["vip", "dnsrr"]), default="vip", show_default=True)
+@click.option("-e", "--env", multiple=True, metavar="K=V", help="environment variable; repeatable")
+@click.option("--constraint", multiple=True, metavar="node.hostname==H", help="placement constraint; repeatable")
+@click.option("--label", multiple=True, metavar="K=V", help="service label; repeatable")
+@click.option("-d", "--detach", is_flag=True, help="do not wait for the tasks to run")
+@click.option("-q", "--quiet", is_flag=True, help="print only the ID")
+@click.argument("cmd", nargs=-1, required=True)
+@click.pass_context
+def service_create(ctx, name, replicas, mode, network, publish, endpoint_mode, env, constraint, label, detach,
+                   quiet, cmd):
+    """Create a service: netweft service create --name S [OPTIONS] -- CMD [ARGS...]"""
+    body = {"name": name, "command": list(cmd), "env": validate.parse_key_values(list(env), "env"),
+            "mode": mode, "replicas": replicas, "networks": list(network),
+            "ports": [parse_publish(p) for p in publish], "endpoint_mode": endpoint_mode,
+            "constraints": list(constraint), "labels": validate.parse_key_values(list(label), "label")}
+    client = api(ctx)
+    sid = client.call("POST", "/services/create", body)["ID"]
+    click.echo(sid)
+    if not detach:
+        wait_converged(client, sid, quiet)
+
+
+@service.command("ls")
+@click.option("-q", "--quiet", is_flag=True, help="only IDs")
+@click.pass_context
+def service_ls(ctx, quiet):
+    """List services."""
+    views = api(ctx).call("GET", "/services")
+    if quiet:
+        for v in views:
+            click.echo(v["ID"][:12])
+        return
+    rows = []
+    for v in views:
+        st = v["ServiceStatus"]
+        mode = "replicated" if "Replicated" in v["Spec"]["Mode"] else "global"
+        ports = ", ".join(f"*:{p['PublishedPort']}->{p['TargetPort']}/{p['Protocol']}" for p in v["Endpoint"]["Ports"])
+        rows.append([v["ID"][:12], v["Spec"]["Name"], mode, f"{st['RunningTasks']}/{st['DesiredTasks']}", ports])
+    table(["ID", "NAME", "MODE", "REPLICAS", "PORTS"], rows)
+
+
+@service.command("ps")
+@click.option("-q", "--quiet", is_flag=True, help="only IDs")
+@click.option("--no-trunc", is_flag=True, help="full IDs")
+@click.argument("services", nargs=-1, required=True)
+@click.pass_context
+def service_ps(ctx, quiet, no_trunc, services):
+    """List the tasks of services (newest first per slot, as Docker: history shown with \\_)."""
+    rows = []
+    for s in services:
+        for v in api(ctx).call("GET", "/tasks", service=s):
+            tid = v["ID"] if no_trunc else v["ID"][:12]
+            if quiet:
+                click.echo(tid)
+                continue
+            rows.append([tid, v["Name"], v["Node"], v["DesiredState"].capitalize(),
+                         v["Status"]["State"].capitalize(), v["Status"]["Err"]])
+    if not quiet:
+        table(["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"], rows)
+
+
+@service.command("inspect")
+@click.argument("services", nargs=-1, required=True)
+@click.pass_context
+def service_inspect(ctx, services):
+    """Show services as JSON (Docker's shape)."""
+    inspect_each(lambda s: api(ctx).call("GET", f"/services/{ref(s)}"), services)
+
+
+def _update(ctx, name: str, change, detach: bool, quiet: bool = False) -> None:
+    client = api(ctx)
+    v = client.call("GET", f"/services/{ref(name)}")
+    body = spec_from_view(v)
+    change(body)
+    client.call("POST", f"/services/{ref(v['ID'])}/update", body)
+    click.echo(v["Spec"]["Name"])
+    if not detach:
+        wait_converged(client, v["ID"], quiet)
+
+
+@service.command("scale")
+@click.option("-d", "--detach", is_flag=True, help="do not wait for the tasks to run")
+@click.argument("pairs", nargs=-1, required=True, metavar="SERVICE=REPLICAS...")
+@click.pass_context
+def service_scale(ctx, detach, pairs):
+    """Change the number of tasks of replicated services."""
+    for pair in pairs:
+        name, sep, n = pair.partition("=")
+        if not sep or not n.isdigit():
+            raise click.BadParameter(f"invalid {pair!r}: expected SERVICE=REPLICAS")
+        _update(ctx, name, lambda b: b.update(replicas=int(n)), detach)
+
+
+@service.command("update")
+@click.option("--replicas", type=int)
+@click.option("--env-add", multiple=True, metavar="K=V")
+@click.option("--env-rm", multiple=True, metavar="K")
+@click.option("--constraint-add", multiple=True)
+@click.option("--constraint-rm", multiple=True)
+@click.option("--publish-add", multiple=True)
+@click.option("--publish-rm", multiple=True, metavar="TARGET", type=int)
+@click.option("-d", "--detach", is_flag=True, help="do not wait for the tasks to run")
+@click.argument("name")
+@click.pass_context
+def service_update(ctx, replicas, env_add, env_rm, constraint_add, constraint_rm, publish_add, publish_rm, detach,
+                   name):
+    """Change a service; its tasks are replaced when more than the replica count changes."""
+    def change(b):
+        if replicas is not None:
+            b["replicas"] = replicas
+        b["env"].update(validate.parse_key_values(list(env_add), "env"))
+        for k in env_rm:
+            b["env"].pop(k, None)
+        b["constraints"] = [c for c in b["constraints"] if c not in constraint_rm] + list(constraint_add)
+        b["ports"] = [p for p in b["ports"] if p["target"] not in publish_rm] + [parse_publish(p) for p in publish_add]
+    _update(ctx, name, change, detach)
+
+
+@service.command("rm")
+@click.argument("services", nargs=-1, required=True)
+@click.pass_context
+def service_rm(ctx, services):
+    """Remove services (their tasks stop)."""
+    failed = False
+    for s in services:
+        try:
+            api(ctx).call("DELETE", f"/services/{ref(s)}")
+            click.echo(s)
+        except ApiError as e:
+            click.echo(f"Error: {e}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+@service.command("logs")
+@click.argument("name")
+@click.pass_context
+def service_logs(ctx, name):
+    """Output of the service's tasks that run on this host (each line prefixed TASK@NODE)."""
+    r = api(ctx).call("GET", f"/services/{ref(name)}/logs")
+    for line in r["Lines"]:
+        click.echo(line)
+    for where in r["Elsewhere"]:
+        click.echo(f"({where}: runs on another host; run `netweft service logs {name}` there)", err=True)
+
+
+

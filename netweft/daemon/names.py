@@ -1,0 +1,151 @@
+"""Container names: keeps the host's resolver (netweft/dns) in step with this host's containers and networks.
+
+Who asks: each netweft container on a network gets the resolver's sockets in its namespace (see
+dns/resolver.py for how queries reach it) and `nameserver 127.0.0.11` in its resolv.conf; it is
+answered from the networks its endpoints are on. What is answered: per network, the name of every
+endpoint's owner (a container's name), a netweft container's short ID, and the endpoint's aliases. Local
+networks' names come from the engine's endpoint records, told by the engine as they change; overlays'
+from the overlay agent's copy of the cluster (every host's endpoints of the networks this host is on),
+followed every FOLLOW_PERIOD seconds, rebuilt only for networks whose revision moved, and a table
+changes (and answer caches empty) only when its names did.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Iterable
+
+from netweft.dns.forward import Forwarder
+from netweft.dns.names import NameRecord
+from netweft.dns.resolver import Resolver
+from netweft.errors import InvalidRequest, NetweftError
+from netweft.model.objects import Endpoint
+
+log = logging.getLogger("netweft.dns")
+
+RESOLVER_ADDRESS = "127.0.0.11"
+FOLLOW_PERIOD = 0.1
+SPECIAL_MODES = ("host", "none")
+
+
+def parse_upstream(text: str) -> str:
+    """A --dns server: an IPv4 address (loopback too: forwarding happens in the host's namespace)."""
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise InvalidRequest(f"invalid --dns {text!r}: expected the IPv4 address of a DNS server") from None
+
+
+def host_upstreams(path: str = "/etc/resolv.conf") -> tuple[list[str], list[str]]:
+    """The host's nameservers (loopback ones too: queries are forwarded from the host's namespace) and
+    search domains."""
+    servers, search = [], []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    servers.append(parts[1])
+                elif parts and parts[0] == "search":
+                    search = parts[1:]
+    except OSError:
+        pass
+    return servers, search
+
+
+def endpoint_records(endpoints: Iterable[Endpoint]) -> list[NameRecord]:
+    """The names of a network's endpoints, in a stable order (by address). The owner's name answers
+    reverse lookups of the address."""
+    out = []
+    for ep in sorted(endpoints, key=lambda e: (e.ip, e.id)):
+        names = [ep.owner.name] if ep.owner.name else []
+        if ep.owner.kind == "netweft":
+            names.append(ep.owner.id[:12])
+        names += ep.aliases
+        for i, name in enumerate(dict.fromkeys(names)):
+            out.append(NameRecord(name, (ep.ip,), reverse=i == 0))
+    return out
+
+
+class ContainerNames:
+    def __init__(self, engine, upstreams: list[str] | None = None):
+        self.engine = engine
+        servers, self.search = host_upstreams()
+        self.resolver = Resolver(Forwarder(upstreams if upstreams else servers))
+        self._revs: dict[str, int] = {}      # overlay -> the agent's revision its table was built at
+        self._task: asyncio.Task | None = None
+
+    def resolv_conf(self) -> tuple[list[str], list[str], list[str]]:
+        """(nameservers, search, options) of a container's resolv.conf: the resolver, the host's search
+        domains, and ndots:0 so a bare name is asked as it is first."""
+        return [RESOLVER_ADDRESS], self.search, ["ndots:0"]
+
+    async def start(self) -> None:
+        for ctr in self.engine.store.list("containers"):
+            try:
+                await self.container_changed(ctr)
+            except NetweftError as e:
+                log.warning("container names: cannot serve a container", extra={"container": ctr["Name"],
+                                                                                "reason": str(e)})
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.resolver.close()
+
+    # ------------------------------------------------------------------ told by the engine
+    async def container_changed(self, ctr: dict) -> None:
+        """A container was made, connected or disconnected: its sockets, its scope, its networks' names."""
+        if ctr["HostConfig"]["NetworkMode"] in SPECIAL_MODES:
+            return
+        nets = [ep.network_id for ep in self.engine.endpoints_of(ctr["Id"])]
+        old = self.resolver.networks_of(ctr["Id"])
+        if old is None:
+            udp, tcp = await self.engine.dp.open_dns_sockets(self.engine.netns_path(ctr["Id"]))
+            await self.resolver.attach(ctr["Id"], udp, tcp, nets)
+        else:
+            self.resolver.set_networks(ctr["Id"], nets)
+        for net_id in set(nets) | set(old or ()):
+            self.refresh(net_id)
+
+    def container_removed(self, ctr_id: str, net_ids: Iterable[str]) -> None:
+        self.resolver.detach(ctr_id)
+        for net_id in net_ids:
+            self.refresh(net_id)
+
+    def refresh(self, net_id: str) -> None:
+        """Rebuild one network's names from what this host knows now."""
+        agent = self.engine.overlay_agent
+        eps = {e.id: e for e in self.engine.endpoints_on(net_id)}
+        if agent is not None and net_id in agent.nets:
+            eps.update(agent.nets[net_id].endpoints)
+            self._revs[net_id] = agent.nets[net_id].rev
+        if eps:
+            self.resolver.set_network(net_id, endpoint_records(eps.values()))
+        else:
+            self.resolver.remove_network(net_id)
+
+    # ------------------------------------------------------------------ following the overlay agent
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(FOLLOW_PERIOD)
+            try:
+                self._follow_once()
+            except Exception:   # a bad record must not end name service; the next round retries
+                log.exception("container names: could not follow the cluster's endpoints")
+
+    def _follow_once(self) -> None:
+        agent = self.engine.overlay_agent
+        nets = agent.nets if agent is not None else {}
+        for net_id, ns in list(nets.items()):
+            if self._revs.get(net_id) != ns.rev:
+                self._revs[net_id] = ns.rev
+                self.resolver.set_network(net_id, endpoint_records(
+                    {**{e.id: e for e in agent.local.values() if e.network_id == net_id},
+                     **ns.endpoints}.values()))
+        for net_id in [n for n in self._revs if n not in nets]:
+            del self._revs[net_id]
+            self.resolver.remove_network(net_id)
