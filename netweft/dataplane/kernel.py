@@ -148,10 +148,9 @@ class Kernel(HostHandles):
     def host_routes(self, bridge_prefix: str) -> list[ipaddress.IPv4Network]:
         """Destinations of the host's main-table IPv4 routes, except the default route and routes
         out of bridges whose names start with `bridge_prefix` (our own networks)."""
+        names = {index: name for index, name, _, _ in self._host_nl.links()}   # thousands of veths: not pyroute2
         with failing("list routes"):
-            ipr = self._host
-            names = {link["index"]: link.get("ifname") or "" for link in ipr.link("dump")}
-            routes = ipr.route("dump", family=socket.AF_INET)
+            routes = self._host.route("dump", family=socket.AF_INET)
             result = set()
             for r in routes:
                 table = r.get("table") or r["table"]  # RTA_TABLE holds ids > 255
