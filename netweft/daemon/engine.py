@@ -26,6 +26,7 @@ from netweft import validate
 from netweft.daemon import collisions
 from netweft.agent.overlay import OverlayAgent
 from netweft.daemon import ports
+from netweft.daemon.memory import trimmer
 from netweft.daemon.local_events import LocalEvents
 from netweft.dataplane.api import GWBRIDGE, DataPlane
 from netweft.dataplane.firewall import BridgeRule
@@ -582,6 +583,7 @@ class Engine:
             await self.names.container_changed(ctr)
 
     async def _delete_endpoint(self, ep: Endpoint) -> None:
+        trimmer.released()
         if ep.node_id:   # an overlay endpoint
             if self.overlay_agent is None:
                 self._delete_endpoint_record(ep.id)   # its data plane left with the swarm

@@ -30,7 +30,7 @@ def _probe() -> dict[str, str | None]:
     if libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    from pyroute2 import IPRoute
+    from netweft.dataplane.pyroute2_parts import IPRoute
 
     out: dict[str, str | None] = {}
     ipr = IPRoute()

@@ -26,7 +26,7 @@ import os
 import random
 import socket
 
-from pyroute2.netlink.exceptions import NetlinkError
+from netweft.dataplane.pyroute2_parts import NetlinkError
 
 from netweft.dataplane import antispoof, netns
 from netweft.dataplane.checks import check_mtu, check_path, ipv4

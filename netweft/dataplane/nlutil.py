@@ -15,8 +15,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from netweft.dataplane.pyroute2_parts import IPRoute
+from netweft.dataplane.pyroute2_parts import NetlinkError
 
 from netweft.dataplane import netns
 from netweft.dataplane.checks import IFNAMSIZ, check_ifname, parse_interface, parse_mac  # noqa: F401 (re-exported)

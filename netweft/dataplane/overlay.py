@@ -34,8 +34,8 @@ import socket
 from collections import defaultdict
 from collections.abc import Iterable
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from netweft.dataplane.pyroute2_parts import IPRoute
+from netweft.dataplane.pyroute2_parts import NetlinkError
 
 from netweft.dataplane import antispoof, netns
 from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)

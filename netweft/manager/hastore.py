@@ -18,7 +18,6 @@ from datetime import timedelta
 from netweft import pki
 from netweft.errors import InvalidRequest
 from netweft.pki import sealed
-from netweft.store.etcd import EtcdStore
 
 CLIENT_PORT, PEER_PORT = 2379, 2380
 STORE_CERT_EXPIRY = timedelta(days=3650)   # the store CA's lifetime; not renewed (see the README's HA section)
@@ -80,6 +79,7 @@ def open_store(swarm_dir: str, endpoints: list[str]) -> EtcdStore:
     """With several endpoints the servers' certificates are checked for the manager DNS name, which our
     own members' certificates carry whatever address was dialled (an etcd you run with several
     endpoints needs certificates with that name too; with one endpoint, its host is checked)."""
+    from netweft.store.etcd import EtcdStore  # aetcd + grpc cost a daemon ~10 MiB: only on an etcd cluster
     f = store_files(swarm_dir)
     return EtcdStore(endpoints, cacert=pki.load_pem(f["ca"]), cert=pki.load_pem(f["cert"]),
                      key=pki.load_pem(f["key"]), server_name=pki.MANAGER_HOSTNAME if len(endpoints) > 1 else None)
@@ -91,3 +91,10 @@ def remove_store_files(swarm_dir: str) -> None:
             os.unlink(p)
         except FileNotFoundError:
             pass
+
+
+def __getattr__(name: str):
+    if name == "EtcdStore":  # hastore.EtcdStore, imported only when asked for (see open_store)
+        from netweft.store.etcd import EtcdStore
+        return EtcdStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

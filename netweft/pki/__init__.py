@@ -34,13 +34,31 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, NamedTuple, Union
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+import importlib
 
 from netweft.errors import InvalidRequest, NetweftError
+from netweft.pki import der
+
+
+class _Lazy:
+    """A cryptography module (or a class in one) imported on first use: it costs a daemon ~9 MiB, and a
+    worker needs it only to join and renew (reading its own certificate goes through pki.der)."""
+
+    def __init__(self, module: str, attr: str = ""):
+        self._module, self._attr = module, attr
+
+    def __getattr__(self, name: str):
+        obj = importlib.import_module(self._module)
+        return getattr(getattr(obj, self._attr) if self._attr else obj, name)
+
+
+x509 = _Lazy("cryptography.x509")
+hashes = _Lazy("cryptography.hazmat.primitives.hashes")
+serialization = _Lazy("cryptography.hazmat.primitives.serialization")
+ec = _Lazy("cryptography.hazmat.primitives.asymmetric.ec")
+rsa = _Lazy("cryptography.hazmat.primitives.asymmetric.rsa")
+ExtendedKeyUsageOID = _Lazy("cryptography.x509.oid", "ExtendedKeyUsageOID")
+NameOID = _Lazy("cryptography.x509.oid", "NameOID")
 
 ROOT_CN = "netweft-root-ca"
 # Every manager certificate carries this DNS SAN, and clients verify managers by it,
@@ -437,20 +455,28 @@ class NodeIdentity:
 
 def cert_identity(cert: Union[PemLike, x509.Certificate]) -> NodeIdentity:
     """The node identity a certificate carries (no trust check: see verify_node_cert)."""
-    cert = load_cert(cert)
-    node_id = _name_attr(cert.subject, NameOID.COMMON_NAME)
-    ou = _name_attr(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
-    cluster_id = _name_attr(cert.subject, NameOID.ORGANIZATION_NAME)
+    if isinstance(cert, (bytes, bytearray, str)):  # PEM/DER: read without loading cryptography
+        f = der.read(cert)
+        node_id, ou, cluster_id = (f.subject.get(oid) for oid in (_CN, _OU, _O))
+        serial, (not_before, not_after) = f.serial, (f.not_before, f.not_after)
+    else:
+        cert = load_cert(cert)
+        node_id = _name_attr(cert.subject, NameOID.COMMON_NAME)
+        ou = _name_attr(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+        cluster_id = _name_attr(cert.subject, NameOID.ORGANIZATION_NAME)
+        serial, (not_before, not_after) = cert.serial_number, validity(cert)
     if not node_id or not cluster_id:
         raise InvalidRequest("certificate carries no node identity")
     if ou not in _OU_TO_ROLE:
         raise InvalidRequest(f"certificate has unknown role {ou!r}")
-    not_before, not_after = validity(cert)
-    return NodeIdentity(node_id, _OU_TO_ROLE[ou], cluster_id, cert.serial_number,
-                        not_before, not_after)
+    return NodeIdentity(node_id, _OU_TO_ROLE[ou], cluster_id, serial, not_before, not_after)
+
+
+_CN, _OU, _O = "2.5.4.3", "2.5.4.11", "2.5.4.10"  # NameOID COMMON_NAME, ORGANIZATIONAL_UNIT_NAME, ORGANIZATION_NAME
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    from cryptography.exceptions import InvalidSignature
     try:
         cert.verify_directly_issued_by(ca)
         return True

@@ -12,9 +12,6 @@ import binascii
 import os
 import secrets
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from netweft.errors import InvalidRequest
 
 KEY_FILE = "manager.key"
@@ -40,11 +37,14 @@ def decode_key(text: str) -> bytes:
 
 
 def seal(key: bytes, purpose: str, secret: bytes) -> str:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # only managers seal: keep it off workers
     nonce = secrets.token_bytes(12)
     return base64.b64encode(nonce + AESGCM(key).encrypt(nonce, secret, purpose.encode())).decode()
 
 
 def unseal(key: bytes, purpose: str, sealed: str) -> bytes:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     try:
         raw = base64.b64decode(sealed, validate=True)
         return AESGCM(key).decrypt(raw[:12], raw[12:], purpose.encode())
