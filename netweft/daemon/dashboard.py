@@ -19,7 +19,8 @@ from importlib import resources
 import msgspec
 from aiohttp import web
 
-from netweft.errors import Conflict, NetweftError
+from netweft.daemon.listen import serve_tcp
+from netweft.errors import NetweftError
 from netweft.manager.overview import overview
 
 log = logging.getLogger("netweft.dashboard")
@@ -79,14 +80,7 @@ class DashboardServer:
             app.router.add_get(path, self.asset)
         app.router.add_get("/api/overview", self.overview_json)
         app.router.add_get("/api/stream", self.stream)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await self.runner.setup()
-        try:
-            await web.TCPSite(self.runner, self.addr[0], self.addr[1]).start()
-        except OSError as e:
-            await self.runner.cleanup()
-            raise Conflict(f"cannot listen on --dashboard-addr {self.addr[0]}:{self.addr[1]}: {e.strerror}; "
-                           "choose another address") from None
+        self.runner = await serve_tcp(app, self.addr, "--dashboard-addr")
         extra = {"url": f"http://{self.addr[0]}:{self.addr[1]}/"}
         if not ipaddress.ip_address(self.addr[0]).is_loopback:
             log.warning("the dashboard has no login and listens beyond this host: anyone who reaches it sees the "

@@ -24,6 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from netweft import validate
 from netweft.daemon import collisions
+from netweft.daemon.names import host_upstreams
 from netweft.agent.overlay import OverlayAgent
 from netweft.daemon import ports
 from netweft.daemon.memory import trimmer
@@ -793,15 +794,5 @@ async def _awaited(value):
 
 def _host_resolvers() -> tuple[list[str], list[str]]:
     """Nameservers and search domains of the host, minus loopback ones that mean nothing in a container."""
-    servers, search = [], []
-    try:
-        with open("/etc/resolv.conf") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "nameserver" and not parts[1].startswith("127."):
-                    servers.append(parts[1])
-                elif parts and parts[0] == "search":
-                    search = parts[1:]
-    except OSError:
-        pass
-    return servers, search
+    servers, search = host_upstreams()
+    return [s for s in servers if not s.startswith("127.")], search

@@ -12,8 +12,9 @@ import time
 
 from aiohttp import web
 
+from netweft.daemon.listen import serve_tcp
 from netweft import metrics, pki
-from netweft.errors import Conflict, NetweftError
+from netweft.errors import NetweftError
 from netweft.pki.nodepair import files
 
 log = logging.getLogger("netweft.metrics")
@@ -28,14 +29,7 @@ class MetricsServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self.scrape)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await self.runner.setup()
-        try:
-            await web.TCPSite(self.runner, self.addr[0], self.addr[1]).start()
-        except OSError as e:
-            await self.runner.cleanup()
-            raise Conflict(f"cannot listen on --metrics-addr {self.addr[0]}:{self.addr[1]}: {e.strerror}; "
-                           "choose another address") from None
+        self.runner = await serve_tcp(app, self.addr, "--metrics-addr")
         log.info("metrics served", extra={"url": f"http://{self.addr[0]}:{self.addr[1]}/metrics"})
 
     async def stop(self) -> None:

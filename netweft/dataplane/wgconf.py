@@ -7,12 +7,8 @@ the same kind of lines. Everything here renders or parses that text, or compares
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from dataclasses import dataclass, field
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from netweft.errors import InvalidRequest, KernelError
 
@@ -25,12 +21,17 @@ MAX_ANSWER = 1 << 20      # a get answer for a few thousand peers stays far belo
 # ---- keys ---------------------------------------------------------------------------------------
 
 def new_private_key() -> str:
+    # cryptography is loaded here, not at import: a host without encrypted networks never needs it
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     raw = X25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                                     serialization.NoEncryption())
     return base64.b64encode(raw).decode()
 
 
 def public_key(private_b64: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     key = X25519PrivateKey.from_private_bytes(key_bytes(private_b64, "private key"))
     return base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw,
                                                           serialization.PublicFormat.Raw)).decode()
