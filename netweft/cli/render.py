@@ -23,11 +23,14 @@ def go_time(iso: str) -> str:
 
 def network_line(n: dict, no_trunc: bool) -> dict:
     """One network as `docker network ls --format json` prints it: Docker's keys, every value a string."""
-    return {"CreatedAt": go_time(n.get("Created", "")), "Driver": n["Driver"],
+    line = {"CreatedAt": go_time(n.get("Created", "")), "Driver": n["Driver"],
             "ID": n["Id"] if no_trunc else n["Id"][:12], "IPv4": "true",
             "IPv6": str(bool(n.get("EnableIPv6"))).lower(), "Internal": str(bool(n.get("Internal"))).lower(),
             "Labels": ",".join(f"{k}={v}" for k, v in (n.get("Labels") or {}).items()),
-            "Name": n["Name"], "Scope": n["Scope"], "Ingress": str(bool(n.get("Ingress"))).lower()}
+            "Name": n["Name"], "Scope": n["Scope"]}
+    if n.get("Ingress"):   # Docker's keys for every network; the routing mesh's one is flagged too
+        line["Ingress"] = "true"
+    return line
 
 
 def network_ls(nets: list[dict], quiet: bool, fmt: str, no_trunc: bool) -> list[str]:
