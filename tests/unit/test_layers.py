@@ -69,3 +69,11 @@ def test_the_rule_resolves_relative_imports(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("from ..daemon.engine import Engine\nfrom .. import agent\nfrom . import watch\n")
     assert imports(bad, "netweft.manager") == {"daemon", "agent", "manager"}
+
+
+def test_no_test_module_name_is_used_twice():
+    # `make test` collects tests/unit and tests/integration in one run: a shared basename fails collection.
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    names = [p.name for d in ("unit", "integration") for p in (root / d).glob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
