@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _lab import Bench, daemon_pid, median, pct, rss_kib  # noqa: E402
-from _simhost import SimHost, add_source_addresses, enter_netns  # noqa: E402
+from _simhost import SimHost, SimOverlayAgent, add_source_addresses, enter_netns  # noqa: E402
 
 from netweft.lab.lab import Lab  # noqa: E402
 
@@ -118,6 +118,7 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
     net = c.call("POST", "/networks/create", {"Name": "scale", "Driver": "overlay", "Attachable": True,
                                                "IPAM": {"Config": [{"Subnet": "198.18.0.0/17"}]}})
     net_id = net["Id"]
+    SimOverlayAgent.share = args.hosts
     root = tempfile.mkdtemp(prefix="nwt-sim-")
     sources = [f"192.0.2.{i}" for i in range(100, 250)]   # the lab's underlay /24; its hosts are .11-.13
     add_source_addresses(lab.ns("h1"), sources, 24)
