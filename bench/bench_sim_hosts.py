@@ -128,13 +128,18 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
     try:
         cpu0 = mgr.cpu()
         t = time.monotonic()
-        await gather_limited((s.join(token, manager) for s in sims), 16)
+
+
+        async def join_and_start(s: SimHost) -> None:
+            await s.join(token, manager)
+            await s.start(args.resync, args.prober)   # heartbeats at once: a joined node that is silent goes down
+
+        await gather_limited((join_and_start(s) for s in sims), 16)
         res["join_s"] = time.monotonic() - t
-        print(f"  {len(sims)} hosts joined in {res['join_s']:.1f} s", flush=True)
+        print(f"  {len(sims)} hosts joined and started in {res['join_s']:.1f} s", flush=True)
         t = time.monotonic()
-        await gather_limited((s.start(args.resync, args.prober) for s in sims), 64)
         await asyncio.wait_for(asyncio.gather(*(s.overlay.connected.wait() for s in sims)), timeout=300)
-        print(f"  {len(sims)} agents watching in {time.monotonic() - t:.1f} s", flush=True)
+        print(f"  {len(sims)} agents watching {time.monotonic() - t:.1f} s later", flush=True)
         t = time.monotonic()
         await gather_limited((s.attach(net_id, f"{s.name}c0") for s in sims), 16)
         res["attach_s"] = time.monotonic() - t
