@@ -382,7 +382,9 @@ def test_rotation_under_ping_loses_nothing_and_a_removed_host_is_cut_off():
         cli(lab, "h1", "rm", "-f", "c1")
         wait_for(lambda: not any(n.startswith(prefix) for n in os.listdir("/var/run/wireguard")), 15,
                  "h1's WireGuard interfaces removed")
-        assert ns_run(lab, "h1", "nft", "list", "table", "inet", "netweft-wg", check=False).returncode != 0
+        # (the rules go right after the interfaces)
+        wait_for(lambda: ns_run(lab, "h1", "nft", "list", "table", "inet", "netweft-wg", check=False).returncode != 0,
+                 10, "h1's tunnel rules removed")
         assert not [link for link in json.loads(ns_run(lab, "h1", "ip", "-j", "link").stdout)
                     if link["ifname"].startswith(prefix)]
     finally:
