@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-DEBS := python3 python3-venv iproute2 iputils-ping nftables libnftables1 util-linux procps iperf3 etcd-server podman docker.io busybox runc containernetworking-plugins chromium wireguard-go tcpdump dnsperf
+DEBS := python3 python3-venv iproute2 iputils-ping nftables libnftables1 util-linux procps iperf3 etcd-server podman docker.io busybox runc containernetworking-plugins chromium wireguard-go tcpdump dnsperf systemd
 CNI_BIN_DIR ?= /opt/cni/bin
 PYTEST_ARGS ?=
 

@@ -21,9 +21,6 @@ import pytest
 from lab_fixture import LogWatch, new_lab_name, run_cli, wait_for
 from netweft.lab.lab import Lab
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/wireguard-go"),
-                                reason="wireguard-go is not installed (make install installs it)")
-
 SEC, CLR = "198.18.10.0/24", "198.18.11.0/24"
 WG_PORT = 51820
 VXLAN_PORT = 4789

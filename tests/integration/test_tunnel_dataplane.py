@@ -15,7 +15,6 @@ from netweft.dataplane.real import RealDataPlane
 from netweft.dataplane.wgconf import TunnelPeer, TunnelSpec, new_private_key, public_key
 from netweft.errors import InvalidRequest
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/wireguard-go"), reason="wireguard-go is not installed")
 
 ROUTE = "198.19.240.0/21"
 
