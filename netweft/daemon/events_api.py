@@ -86,6 +86,12 @@ async def merged(request: web.Request, local, source, since: int | None, until: 
             await write(v)
         pending.clear()
 
+    async def tell(item) -> None:   # held back until the managers' past is told, so the past stays in order
+        if told:
+            await write(item)
+        else:
+            pending.append(item)
+
     told = lines is None   # no managers' history to wait for (not in a swarm, or nothing in the window)
     if first is not None:
         await queue.put(("cluster", first, None))
@@ -108,12 +114,8 @@ async def merged(request: web.Request, local, source, since: int | None, until: 
                     await write({"type": "ping"})
                 continue
             if kind == "local":
-                if not wanted(ev):
-                    pass
-                elif told:
-                    await write(item)
-                else:
-                    pending.append(item)
+                if wanted(ev):
+                    await tell(item)
                 continue
             if kind == "cluster":
                 t = item.get("type")
@@ -121,12 +123,8 @@ async def merged(request: web.Request, local, source, since: int | None, until: 
                     if not told:
                         told = True
                         await tell_past()
-                elif t == "ping" and not told:
-                    pass
-                elif told:
-                    await write(item)
-                else:
-                    pending.append(item)
+                elif t != "ping" or told:
+                    await tell(item)
                 continue
             if not told:
                 await tell_past()

@@ -6,22 +6,12 @@ import os
 import pytest
 
 from netweft.daemon.engine import Engine
-from netweft.dataplane.fake import FakeDataPlane
 from netweft.errors import Conflict, InvalidRequest
-from netweft.ipam.address import parse_pool
 from netweft.store.local import ENDPOINTS
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-@pytest.fixture
-def engine(tmp_path):
-    dp = FakeDataPlane()
-    eng = Engine(str(tmp_path / "data"), str(tmp_path / "run"), [parse_pool("base=198.18.0.0/16,size=24")], dp)
-    yield eng
-    run(eng.close())
 
 
 def bridge_req(name: str, subnet: str, **options) -> dict:

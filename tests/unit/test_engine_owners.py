@@ -6,24 +6,14 @@ import pytest
 
 from netweft.daemon import ports
 from netweft.daemon.engine import Engine
-from netweft.dataplane.fake import FakeDataPlane
 from netweft.dataplane.firewall import PORTS_TABLE
 from netweft.errors import Conflict
-from netweft.ipam.address import parse_pool
 from netweft.model.objects import Owner
 from netweft.model.runtimes import PublishedPort
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-@pytest.fixture
-def engine(tmp_path):
-    dp = FakeDataPlane()
-    eng = Engine(str(tmp_path / "data"), str(tmp_path / "run"), [parse_pool("base=198.18.0.0/16,size=24")], dp)
-    yield eng
-    run(eng.close())
 
 
 def owner(i: int) -> Owner:
