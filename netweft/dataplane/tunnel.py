@@ -173,28 +173,7 @@ class Tunnel:
 
     def _uapi(self, ifname: str, request: str) -> str:
         with failing(f"WireGuard control socket of {ifname}"):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(5)
-                deadline = time.monotonic() + 1.0
-                while True:
-                    try:
-                        s.connect(self._socket(ifname))
-                        break
-                    except ConnectionRefusedError:
-                        # A wireguard-go just started binds its socket a moment before it listens.
-                        if time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.01)
-                s.sendall(request.encode())
-                buf = b""
-                while not buf.endswith(b"\n\n"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if len(buf) > MAX_ANSWER:
-                        raise KernelError("answer too long")
-        return buf.decode(errors="replace")
+            return uapi_exchange(self._socket(ifname), request)
 
     def _get(self, ifname: str) -> DeviceState:
         if self.impl.kind == "kernel":
@@ -400,3 +379,29 @@ class Tunnel:
             self._icmp = None
         # wireguard-go processes outlive the daemon (the data plane stays as it is when netweftd stops).
         self._procs.clear()
+
+
+def uapi_exchange(path: str, request: str, listen_wait: float = 1.0) -> str:
+    """One request on a wireguard-go control socket and its answer (ends with a blank line)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        deadline = time.monotonic() + listen_wait
+        while True:
+            try:
+                s.connect(path)
+                break
+            except ConnectionRefusedError:
+                # A wireguard-go just started binds its socket a moment before it listens.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        s.sendall(request.encode())
+        buf = b""
+        while not buf.endswith(b"\n\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > MAX_ANSWER:
+                raise KernelError("answer too long")
+    return buf.decode(errors="replace")

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import struct
 import subprocess
 import time
@@ -19,6 +18,9 @@ from contextlib import contextmanager
 import pytest
 
 from lab_fixture import LogWatch, new_lab_name, run_cli, wait_for
+from netweft.dataplane.tunnel import uapi_exchange
+from netweft.dataplane.wgconf import PeerStatus, parse_get
+from netweft.errors import KernelError
 from netweft.lab.lab import Lab
 
 SEC, CLR = "198.18.10.0/24", "198.18.11.0/24"
@@ -125,7 +127,7 @@ def wire_facts(path: str, vnis: list[int], marker: bytes) -> dict:
     return facts
 
 
-def tunnel_peers(lab: Lab, host: str) -> dict[str, dict]:
+def tunnel_peers(lab: Lab, host: str) -> dict[str, PeerStatus]:
     """The WireGuard peers of a host's interfaces (one per key it holds), read from wireguard-go's control sockets."""
     prefix = inspect(lab, host, "sec")["Encryption"]["Interface"][:-1]
     peers = {}
@@ -133,24 +135,9 @@ def tunnel_peers(lab: Lab, host: str) -> dict[str, dict]:
         if not (name.startswith(prefix) and name.endswith(".sock")):
             continue
         try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(f"/var/run/wireguard/{name}")
-                s.sendall(b"get=1\n\n")
-                buf = b""
-                while not buf.endswith(b"\n\n"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-        except OSError:
+            peers.update(parse_get(uapi_exchange(f"/var/run/wireguard/{name}", "get=1\n\n", 0)).peers)
+        except (OSError, KernelError):
             continue   # an old key's interface going away
-        cur = None
-        for line in buf.decode().splitlines():
-            k, _, v = line.partition("=")
-            if k == "public_key":
-                cur = peers.setdefault(v, {})
-            elif cur is not None and k in ("allowed_ip", "rx_bytes", "endpoint"):
-                cur[k] = v
     return peers
 
 
@@ -361,16 +348,16 @@ def test_rotation_under_ping_loses_nothing_and_a_removed_host_is_cut_off():
         keys_after = set(tunnel_peers(lab, "h2"))
         assert keys_after - keys_before, "no key was rotated during the ping"
         # swarm init --wireguard-port 51830: every host listens there (and on 51831 while rotating).
-        ports = {p["endpoint"].rsplit(":", 1)[1] for p in tunnel_peers(lab, "h2").values()}
+        ports = {p.endpoint.rsplit(":", 1)[1] for p in tunnel_peers(lab, "h2").values()}
         assert ports and ports <= {"51830", "51831"}, ports
         # h3 is removed: its keys are gone from every host at once, and nothing of theirs reaches it any more.
-        h3_keys = {k for k, p in tunnel_peers(lab, "h1").items() if p.get("endpoint", "").startswith(lab.address("h3"))}
+        h3_keys = {k for k, p in tunnel_peers(lab, "h1").items() if (p.endpoint or "").startswith(lab.address("h3"))}
         assert h3_keys
         node_id = json.loads(cli(lab, "h3", "info").stdout)["Swarm"]["NodeID"]
         cli(lab, "h1", "node", "rm", "--force", node_id)
         for host in ("h1", "h2"):
             wait_for(lambda: not (set(tunnel_peers(lab, host)) & h3_keys), 10, f"h3's keys gone from {host}")
-            wait_for(lambda: not any(p.get("endpoint", "").startswith(lab.address("h3"))
+            wait_for(lambda: not any((p.endpoint or "").startswith(lab.address("h3"))
                                      for p in tunnel_peers(lab, host).values()), 10, f"no peer at h3 on {host}")
         assert ping(lab, "h3", "c3", "198.18.10.11", 2).returncode != 0
         assert ping(lab, "h1", "c1", "198.18.10.12").returncode == 0
