@@ -329,12 +329,16 @@ class Manager(ManagersOnEtcd):
         return {"Certificate": out["Certificate"], "Role": out["Role"]}
 
     async def heartbeat(self, node: Node, addr: str | None) -> dict:
+        node = self.state.get(NODES, node.id) or node   # as it is now: the request may have waited
+        if node.left:   # a heartbeat sent just before its `swarm leave` must not bring it back
+            raise Forbidden(f"node {node.id} left the swarm; join again with a token")
         self.last_seen[node.id] = time.monotonic()
         self.seen_wall[node.id] = time.time()
         if node.state != "ready" or (addr and node.addr != addr):
-            node = await self._update(node.id, lambda n: msgspec.structs.replace(n, state="ready",
-                                                                                 addr=addr or n.addr,
-                                                                                 withdrawn=False))
+            node = await self._update(node.id, lambda n: None if n.left else msgspec.structs.replace(
+                n, state="ready", addr=addr or n.addr, withdrawn=False))
+            if node.left:   # it left while this heartbeat waited
+                raise Forbidden(f"node {node.id} left the swarm; join again with a token")
             log.info("node ready", extra={"node": node.id, "hostname": node.hostname})
         return {"Period": self.spec()["HeartbeatPeriod"], "Role": node.role, "Availability": node.availability}
 
@@ -385,7 +389,7 @@ class Manager(ManagersOnEtcd):
                 raise NotFound(f"node {node.id!r} not found")
             compares, ops, count = self.overlays.purge_plan(node.id)
             # Its keys go too: no host keeps a WireGuard peer for a node that left.
-            down = msgspec.structs.replace(n, state="down", updated=utcnow(), tunnel_keys=[])
+            down = msgspec.structs.replace(n, state="down", updated=utcnow(), tunnel_keys=[], left=True)
             return compares + [Compare(NODES, n.id, self.state.mod_rev(NODES, n.id))], \
                 ops + [Put(NODES, n.id, codec.encode(down))], count
         count, _ = await self.hub.commit(plan)

@@ -117,6 +117,8 @@ class Node(msgspec.Struct, kw_only=True):
     tunnel_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     tunnel_addrs: Annotated[list[IPv4], msgspec.Meta(max_length=2)] = []
     tunnel_keys: Annotated[list["TunnelKey"], msgspec.Meta(max_length=2)] = []
+    # It left the swarm (`swarm leave`): it stays Down, whatever a heartbeat sent before it left says.
+    left: bool = False
 
 
 class PeerHealth(msgspec.Struct, kw_only=True):

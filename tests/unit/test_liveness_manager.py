@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from netweft import pki
-from netweft.errors import InvalidRequest
+from netweft.errors import Forbidden, InvalidRequest
 from netweft.manager import cluster
 from netweft.model import codec
 from netweft.model.cluster import HealthReport
@@ -71,3 +71,25 @@ def test_a_health_report_is_parsed_strictly():
         codec.decode(b'{"Health": {"n1": {"state": "healthy", "loss": 2}}}', HealthReport)
     ok = codec.decode(b'{"Health": {"n1": {"state": "degraded", "loss": 0.4, "mtu_ok": false}}}', HealthReport)
     assert ok.health["n1"].mtu_ok is False
+
+
+def test_a_heartbeat_after_leave_is_refused_and_the_node_stays_down(tmp_path):
+    # A heartbeat sent just before `swarm leave` can arrive after it: it must not bring the node back.
+    async def main():
+        swarm = str(tmp_path / "swarm")
+        made = await cluster.Manager.init_cluster(swarm, "lead", "192.0.2.11", ("127.0.0.1", 0), SPEC)
+        m = cluster.Manager(swarm, made["node_id"])
+        await m.start(("127.0.0.1", 0))
+        try:
+            csr = pki.make_csr(pki.new_node_key()).decode()
+            b = (await m.join(m.cluster()["join_tokens"]["worker"], csr, "b", "192.0.2.12"))["NodeID"]
+            stale = m.node(b)
+            await m.leave(stale)
+            with pytest.raises(Forbidden, match="left the swarm; join again"):
+                await m.heartbeat(m.node(b), None)
+            with pytest.raises(Forbidden):
+                await m.heartbeat(stale, None)   # the copy the request was authorised with is re-read
+            assert m.node(b).state == "down" and m.node(b).left
+        finally:
+            await m.stop()
+    asyncio.run(main())
