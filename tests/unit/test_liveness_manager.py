@@ -1,6 +1,7 @@
 """The leader keeps each node's data-path health (POST /health) in its Node document and withdraws a host that
 is down and unreachable from every host sharing a network with it, on a real manager and store (no kernel)."""
 import asyncio
+import contextlib
 
 import msgspec
 import pytest
@@ -17,23 +18,32 @@ SPEC = {"CertExpiry": 3600, "HeartbeatPeriod": 5.0, "DataPathPort": 4789, "Defau
         "SubnetSize": 24}
 
 
+@contextlib.asynccontextmanager
+async def manager(tmp_path):
+    """A started leader on its own store (no kernel) and its init answer."""
+    swarm = str(tmp_path / "swarm")
+    made = await cluster.Manager.init_cluster(swarm, "lead", "192.0.2.11", ("127.0.0.1", 0), SPEC)
+    m = cluster.Manager(swarm, made["node_id"])
+    await m.start(("127.0.0.1", 0))
+    try:
+        yield m, made
+    finally:
+        await m.stop()
+
+
+async def join(m, name: str, addr: str) -> str:
+    csr = pki.make_csr(pki.new_node_key()).decode()
+    return (await m.join(m.cluster()["join_tokens"]["worker"], csr, name, addr))["NodeID"]
+
+
 def report(**views) -> HealthReport:
     return HealthReport(health={k: PeerHealth(state=v) for k, v in views.items()})
 
 
 def test_health_is_stored_and_a_dead_host_withdrawn_then_reinstated(tmp_path):
     async def main():
-        swarm = str(tmp_path / "swarm")
-        made = await cluster.Manager.init_cluster(swarm, "lead", "192.0.2.11", ("127.0.0.1", 0), SPEC)
-        m = cluster.Manager(swarm, made["node_id"])
-        await m.start(("127.0.0.1", 0))
-        try:
-            token = m.cluster()["join_tokens"]["worker"]
-            ids = {}
-            for i, name in ((2, "b"), (3, "c")):
-                csr = pki.make_csr(pki.new_node_key()).decode()
-                ids[name] = (await m.join(token, csr, name, f"192.0.2.1{i}"))["NodeID"]
-            b, c = ids["b"], ids["c"]
+        async with manager(tmp_path) as (m, made):
+            b, c = await join(m, "b", "192.0.2.12"), await join(m, "c", "192.0.2.13")
             net = await m.overlays.create_network({"Name": "ov", "Driver": "overlay", "Attachable": True,
                                                    "IPAM": {"Config": [{"Subnet": "198.18.0.0/24"}]}})
             for node in (b, c, made["node_id"]):
@@ -55,8 +65,6 @@ def test_health_is_stored_and_a_dead_host_withdrawn_then_reinstated(tmp_path):
             # Views of unknown nodes and of itself are not kept.
             await m.record_health(m.node(b), report(**{b: "healthy", "zzz": "healthy", c: "healthy"}))
             assert set(m.node(b).health) == {c}
-        finally:
-            await m.stop()
     asyncio.run(main())
 
 
@@ -76,13 +84,8 @@ def test_a_health_report_is_parsed_strictly():
 def test_a_heartbeat_after_leave_is_refused_and_the_node_stays_down(tmp_path):
     # A heartbeat sent just before `swarm leave` can arrive after it: it must not bring the node back.
     async def main():
-        swarm = str(tmp_path / "swarm")
-        made = await cluster.Manager.init_cluster(swarm, "lead", "192.0.2.11", ("127.0.0.1", 0), SPEC)
-        m = cluster.Manager(swarm, made["node_id"])
-        await m.start(("127.0.0.1", 0))
-        try:
-            csr = pki.make_csr(pki.new_node_key()).decode()
-            b = (await m.join(m.cluster()["join_tokens"]["worker"], csr, "b", "192.0.2.12"))["NodeID"]
+        async with manager(tmp_path) as (m, _):
+            b = await join(m, "b", "192.0.2.12")
             stale = m.node(b)
             await m.leave(stale)
             with pytest.raises(Forbidden, match="left the swarm; join again"):
@@ -90,6 +93,4 @@ def test_a_heartbeat_after_leave_is_refused_and_the_node_stays_down(tmp_path):
             with pytest.raises(Forbidden):
                 await m.heartbeat(stale, None)   # the copy the request was authorised with is re-read
             assert m.node(b).state == "down" and m.node(b).left
-        finally:
-            await m.stop()
     asyncio.run(main())
