@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from engine_fixture import engine  # noqa: F401 (a fixture)
 from netweft.daemon.engine import Engine
 from netweft.errors import Conflict, InvalidRequest
 from netweft.store.local import ENDPOINTS

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from engine_fixture import engine  # noqa: F401 (a fixture)
 from netweft.daemon import ports
 from netweft.daemon.engine import Engine
 from netweft.dataplane.firewall import PORTS_TABLE

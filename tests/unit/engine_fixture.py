@@ -1,4 +1,4 @@
-"""Fixtures the unit tests share."""
+"""The engine fixture the unit tests share (not a conftest.py: integration tests import `conftest` by name)."""
 import asyncio
 
 import pytest
