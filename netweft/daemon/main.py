@@ -15,7 +15,7 @@ from aiohttp import web
 from netweft import __version__, validate
 from netweft import metrics
 from netweft.agent.vip import ServiceBalancer
-from netweft.daemon import cni_api, config, docker_driver, doctor, events_api, logs, tasks
+from netweft.daemon import cni_api, config, docker_driver, doctor, events_api, logs, memory, tasks
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
 from netweft.daemon.names import ContainerNames, parse_upstream
@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.geteuid() != 0:
         print("netweftd: must run as root (it programs the kernel's network)", file=sys.stderr)
         sys.exit(1)
+    memory.one_malloc_arena()
     try:
         daemon = Daemon(args)
         asyncio.run(daemon.run())
