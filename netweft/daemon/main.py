@@ -10,7 +10,11 @@ import socket
 import stat
 import sys
 
-from aiohttp import web
+# frozenlist's compiled extension (aiohttp's signal lists, nothing hot) drags in libstdc++: ≈1.5 MiB resident.
+# Its pure-Python twin does the same job. Set before aiohttp is first imported.
+os.environ.setdefault("FROZENLIST_NO_EXTENSIONS", "1")
+
+from aiohttp import web  # noqa: E402
 
 from netweft import __version__, validate
 from netweft import metrics
