@@ -483,6 +483,7 @@ class Engine:
         """Allocate, record and program one endpoint of any owner into the namespace at `netns`: a netweft
         container's, or one another runtime made (CNI_NETNS, Docker's sandbox key). `gateway`: its default
         route (bridge networks); `gw_ifname`: an overlay endpoint's port on the gateway bridge (and route)."""
+        trimmer.attached()
         if net.driver == "overlay":
             if self.overlay_agent is None:
                 raise Unavailable("this node is not part of a swarm (any more): it cannot join overlay networks")

@@ -16,8 +16,10 @@ import time
 from aiohttp import web
 
 from netweft.errors import NetweftError
-from netweft.manager import events
 from netweft.model.events import ClusterEvent, EventFilters, docker_view, parse_filters
+from netweft.daemon.memory import lazy_module
+
+events = lazy_module("netweft.manager.events")   # the manager's code: loaded when events are first asked for
 
 
 def routes(daemon) -> web.RouteTableDef:

@@ -1,8 +1,13 @@
-"""Memory given back to the system after many endpoints are removed.
+"""A small daemon: code loaded only where it is used, and memory given back after many endpoints are removed.
+
+Every module a daemon imports costs it memory for as long as it runs (≈50-100 KiB each, code and all):
+`lazy_module` gives a module object whose code runs on its first attribute access, so a worker never loads
+the manager's code, nor a manager the etcd client it does not use.
 
 CPython returns freed objects to glibc's heap, which keeps the pages: after a 1,000-container `rm` the daemon
-would stay at its peak. Once removals stop for a moment, a garbage collection and malloc_trim(0) hand the free
-pages back (measured by bench/bench_daemon_memory.py). Small removals are not worth a trim.
+would stay at its peak, and a burst of creations leaves behind the free space of its passing buffers (≈7 MiB
+after 200 containers). Once removals or creations stop for a moment, a garbage collection and malloc_trim(0)
+hand the free pages back (measured by bench/bench_daemon_memory.py). A few are not worth a trim.
 """
 from __future__ import annotations
 
@@ -10,12 +15,30 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+import importlib.util
 import logging
+import sys
+from types import ModuleType
 
 log = logging.getLogger(__name__)
 
+M_ARENA_MAX = -8   # mallopt(3)
 QUIET = 1.0        # seconds without removals before trimming: one trim for a whole `rm -f` of thousands
-MIN_REMOVED = 16   # endpoints removed since the last trim before one is worth it
+MIN_REMOVED = 16   # endpoints made or removed since the last trim before one is worth it
+
+
+def lazy_module(name: str) -> ModuleType:
+    """Module `name`, loaded on its first attribute access (at once if it is loaded already)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module named {name!r}")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)   # only arms the load: the module's code runs on first use
+    return module
 
 
 def _malloc_trim():
@@ -23,6 +46,17 @@ def _malloc_trim():
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to give back this way
         return None
+
+
+def one_malloc_arena() -> None:
+    """One glibc malloc arena for the whole process. Each thread that allocates (the kernel thread: pyroute2,
+    nftables) otherwise gets an arena of its own, a few MiB that are never given back; the GIL serialises
+    the allocations anyway. Call before any thread starts."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):  # not glibc: its allocator has its own rules
+        pass
 
 
 class Trimmer:
@@ -44,6 +78,10 @@ class Trimmer:
         if self._handle is not None:
             self._handle.cancel()
         self._handle = loop.call_later(QUIET, self.trim)
+
+    def attached(self, count: int = 1) -> None:
+        """`count` endpoints were made: a burst of them leaves free heap behind, trimmed as after removals."""
+        self.released(count)
 
     def trim(self) -> None:
         self._handle, self.removed = None, 0

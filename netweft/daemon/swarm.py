@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from aiohttp import web
@@ -33,14 +34,20 @@ from netweft.model import codec
 from netweft import validate
 from netweft.ipam.address import parse_network
 from netweft import pki
-from netweft.manager.cluster import MIN_CERT_EXPIRY, Manager, new_node_id
 from netweft.agent.keyring import DEFAULT_PERIOD as DEFAULT_KEY_PERIOD
 from netweft.dataplane.wgconf import DEFAULT_WG_PORT
-from netweft.manager import hastore
-from netweft.daemon.etcdmember import EtcdMember
 from netweft.model.cluster import EnrollAnswer
 from netweft.pki import sealed
-from netweft.manager import ingress
+from netweft.daemon.memory import lazy_module
+
+# A worker never runs the manager's code, nor a manager without etcd the etcd parts: loaded on first use.
+cluster = lazy_module("netweft.manager.cluster")
+ingress = lazy_module("netweft.manager.ingress")
+hastore = lazy_module("netweft.manager.hastore")
+etcdmember = lazy_module("netweft.daemon.etcdmember")
+if TYPE_CHECKING:
+    from netweft.daemon.etcdmember import EtcdMember
+    from netweft.manager.cluster import Manager
 
 log = logging.getLogger("netweft.swarm")
 
@@ -157,7 +164,7 @@ class Swarm:
             self.agent = None
 
     def _new_manager(self, node_id: str, *args, **kwargs) -> Manager:
-        manager = Manager(self.dir, node_id, *args, **kwargs)
+        manager = cluster.Manager(self.dir, node_id, *args, **kwargs)
         dp = self.daemon.engine.dp
         manager.host_claims = lambda: collisions.host_claims(dp, BRIDGE_PREFIX)
         return manager
@@ -192,7 +199,7 @@ class Swarm:
         """The etcd member (if this manager runs one), then the Manager in the background: it needs a
         quorum of etcd, which may come only when the other managers are back."""
         if st.get("EtcdMember") and self.etcd is None:
-            self.etcd = EtcdMember(self.dir, st["NodeID"], st["AdvertiseAddr"])
+            self.etcd = etcdmember.EtcdMember(self.dir, st["NodeID"], st["AdvertiseAddr"])
             await self.etcd.start()
         self._manager_task = asyncio.ensure_future(self._run_manager(st))
         if wait:
@@ -292,9 +299,9 @@ class Swarm:
         if answer.initial_cluster:
             own = hastore.client_endpoint(advertise)
             endpoints = [own] + [e for e in endpoints if e != own]
-            self.etcd = EtcdMember(self.dir, node_id, advertise)
+            self.etcd = etcdmember.EtcdMember(self.dir, node_id, advertise)
             await self.etcd.destroy()   # a member that left before never comes back with its old data
-            self.etcd = EtcdMember(self.dir, node_id, advertise)
+            self.etcd = etcdmember.EtcdMember(self.dir, node_id, advertise)
             await self.etcd.start(answer.initial_cluster, "existing")
         return {"Store": "etcd", "StoreEndpoints": endpoints, "EtcdMember": bool(answer.initial_cluster),
                 "ListenAddr": ["0.0.0.0", DEFAULT_PORT]}
@@ -350,8 +357,9 @@ class Swarm:
         spec = dict(DEFAULT_SPEC)
         if req.CertExpiry:
             expiry = pki.parse_duration(req.CertExpiry)
-            if expiry < MIN_CERT_EXPIRY:
-                raise InvalidRequest(f"--cert-expiry must be at least {int(MIN_CERT_EXPIRY.total_seconds())}s")
+            if expiry < cluster.MIN_CERT_EXPIRY:
+                least = int(cluster.MIN_CERT_EXPIRY.total_seconds())
+                raise InvalidRequest(f"--cert-expiry must be at least {least}s")
             if expiry > pki.CA_LIFETIME:
                 raise InvalidRequest(f"--cert-expiry must be at most {pki.CA_LIFETIME.days}d, the cluster CA's "
                                      "lifetime (a certificate never outlives its CA)")
@@ -383,7 +391,7 @@ class Swarm:
             spec["SubnetSize"] = size
         t0 = time.monotonic()
         if req.Store in (None, "", "sqlite"):
-            created = await Manager.init_cluster(self.dir, self.daemon.hostname, advertise, listen, spec)
+            created = await cluster.Manager.init_cluster(self.dir, self.daemon.hostname, advertise, listen, spec)
             extra = {"Leader": True}
         else:
             try:
@@ -423,7 +431,7 @@ class Swarm:
                             spec: dict) -> tuple[dict, dict]:
         """A new cluster on etcd: a member beside this manager (--store etcd) or the operator's etcd
         (--store etcd://...). Returns init_cluster's answer and the swarm state's store fields."""
-        cluster_id, node_id = new_node_id(), new_node_id()
+        cluster_id, node_id = cluster.new_node_id(), cluster.new_node_id()
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         embedded = req.Store == "etcd"
         if embedded:
@@ -435,7 +443,7 @@ class Swarm:
             cert = hastore.sign_store_cert(store_ca, pki.make_csr(key), node_id, cluster_id, advertise)
             hastore.save_store_pair(self.dir, store_ca.cert_pem, cert, pki.key_to_pem(key))
             endpoints = [hastore.client_endpoint(advertise)]
-            self.etcd = EtcdMember(self.dir, node_id, advertise)
+            self.etcd = etcdmember.EtcdMember(self.dir, node_id, advertise)
             await self.etcd.start(f"{node_id}={hastore.peer_url(advertise)}", "new")
         else:
             endpoints = hastore.parse_endpoints(req.Store)
@@ -461,7 +469,7 @@ class Swarm:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.2)
-            created = await Manager.init_cluster(self.dir, self.daemon.hostname, advertise, listen, spec,
+            created = await cluster.Manager.init_cluster(self.dir, self.daemon.hostname, advertise, listen, spec,
                                                  store=store, manager_key=manager_key, store_ca=store_ca,
                                                  ids=(cluster_id, node_id))
         finally:
@@ -551,7 +559,7 @@ class Swarm:
             await self.overlay.teardown()
         await self.stop()
         if self.etcd is not None or st.get("EtcdMember"):
-            await EtcdMember(self.dir, st["NodeID"], st["AdvertiseAddr"]).destroy()
+            await etcdmember.EtcdMember(self.dir, st["NodeID"], st["AdvertiseAddr"]).destroy()
         self._forget()
         log.info("left the swarm", extra={"node": st["NodeID"]})
 

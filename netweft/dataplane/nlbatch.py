@@ -15,6 +15,7 @@ permanent`) and VXLAN FDB entries (`bridge fdb replace MAC dev vxlan0 dst VTEP s
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import socket
 import struct
@@ -125,7 +126,8 @@ class NeighBatch:
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._seq = 0
-        self._buf = bytearray(1 << 20)
+        # Anonymous pages: only what big answers ever filled is resident (a bytearray holds 1 MiB per handle).
+        self._buf = mmap.mmap(-1, 1 << 20)
 
     def close(self) -> None:
         self._sock.close()

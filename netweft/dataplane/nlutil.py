@@ -14,14 +14,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from netweft.dataplane.pyroute2_parts import IPRoute
-from netweft.dataplane.pyroute2_parts import NetlinkError
+from netweft.dataplane.pyroute2_parts import NetlinkError, iproute
 
 from netweft.dataplane import netns
 from netweft.dataplane.checks import IFNAMSIZ, check_ifname, parse_interface, parse_mac  # noqa: F401 (re-exported)
 from netweft.dataplane.nlbatch import NETLINK_EXT_ACK, NETLINK_ROUTE, SOL_NETLINK, NeighBatch, open_route_socket
 from netweft.errors import KernelError
+
+if TYPE_CHECKING:
+    from netweft.dataplane.pyroute2_parts import IPRoute
 
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
@@ -219,7 +222,7 @@ def open_iproute(ns_fd: int) -> IPRoute:
     try:
         with contextlib.suppress(OSError):
             sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)  # kernel explains some refusals
-        return IPRoute(use_socket=sock)
+        return iproute(use_socket=sock)
     except BaseException:
         sock.close()
         raise

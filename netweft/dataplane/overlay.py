@@ -33,9 +33,12 @@ import os
 import socket
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from netweft.dataplane.pyroute2_parts import IPRoute
 from netweft.dataplane.pyroute2_parts import NetlinkError
+
+if TYPE_CHECKING:  # pyroute2's IPRoute is loaded on first use
+    from netweft.dataplane.pyroute2_parts import IPRoute
 
 from netweft.dataplane import antispoof, netns
 from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)

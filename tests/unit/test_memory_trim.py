@@ -46,3 +46,15 @@ def test_real_trim_runs_here():
     t = memory.Trimmer()
     t.trim()  # glibc here: must not raise
     assert t.trims == (1 if t._trim is not None else 0)
+
+
+def test_a_burst_of_creations_is_trimmed_too(monkeypatch):
+    t, calls = make(monkeypatch)
+
+    async def burst():
+        for _ in range(100):
+            t.attached()
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.2)
+    asyncio.run(burst())
+    assert calls == [0] and t.trims == 1
