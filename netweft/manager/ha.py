@@ -37,6 +37,7 @@ HISTORY = 50_000              # revisions of history the leader keeps for agents
 TRIM_EVERY = 60.0             # seconds between two trims of the history by the leader
 MEMBER_TRIES = 40             # tries (0.5 s apart) of a member change etcd refuses for the quorum's sake
 SEEN_KEEP = 6                 # heartbeat periods a node stays in the published map after it was last heard
+STALE_VIEW = 3.0              # seconds without a store revision before a manager asks another what it is
 SECRETS_EVERY = 1.0           # seconds between two checks by the leader of revocations and key holders
 
 
@@ -142,14 +143,43 @@ class ManagersOnEtcd(StoreCerts, ManagerKey):
                     log.warning("trimming the cluster store's history failed", extra={"reason": str(e)})
 
     async def _watch_self(self) -> None:
-        """This manager demoted or removed (by another one): tell the daemon once, which stops it."""
+        """This manager demoted or removed (by another one): tell the daemon once, which stops it. Its view of
+        the store may stop before it sees that (its etcd certificate is revoked at the demotion): when the view
+        has not moved for a while, another manager is asked over mutual TLS (its node certificate) what it is."""
+        rev, since = self.state.rev, time.monotonic()
         while True:
             await asyncio.sleep(0.5)
             me = self.state.get(NODES, self.node_id)
-            if (me is None or me.role != "manager") and self.on_demoted is not None:
+            demoted = me is None or me.role != "manager"
+            if self.state.rev != rev:
+                rev, since = self.state.rev, time.monotonic()
+            elif not demoted and time.monotonic() - since > STALE_VIEW:
+                since = time.monotonic()
+                demoted = await self._demoted_say_others()
+            if demoted and self.on_demoted is not None:
                 log.info("this manager was demoted or removed; it stops serving")
                 self.on_demoted()
                 return
+
+    async def _demoted_say_others(self) -> bool:
+        """Whether another manager answers this node's heartbeat with a worker role (or refuses it as removed)."""
+        import aiohttp
+        from netweft.pki.nodepair import files
+        f = files(self.dir)
+        ctx = pki.client_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]), pki.load_pem(f["key"]))
+        others = [n for n in self.state.nodes() if n.role == "manager" and n.id != self.node_id]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as s:
+            for n in others:
+                try:
+                    async with s.post(f"https://{n.manager_addr or n.addr + ':2377'}/heartbeat", ssl=ctx,
+                                      json={}) as r:
+                        if r.status == 403:
+                            return True      # removed from the cluster
+                        if r.status == 200:
+                            return (await r.json()).get("Role") == "worker"
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+                    continue
+        return False
 
     async def _drop_member(self, node: Node) -> bool:
         """Remove a manager's etcd member (embedded etcd: found by its name or peer URL); False if it had none."""

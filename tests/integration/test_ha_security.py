@@ -235,6 +235,9 @@ def test_etcd_certificates_renewed_revoked_and_the_managers_key_rotated(sec_lab)
         ok = probe(lab, "h1", "peer", target, store_pair(lab, "h1")[0])   # the same request with a current cert
         assert ok.get("ok") == 200, ok
         assert "ok" in probe(lab, "h1", "etcd", target, store_pair(lab, "h1")[0])
+    # h3 learns it was demoted (its etcd view stopped at the revocation: it asks another manager) and goes on
+    # as a worker
+    wait_for(lambda: lab.client("h3").call("GET", "/info")["Swarm"]["Role"] == "worker", 30, "h3 a worker")
     wait_for(lambda: manager_key(lab, "h1") not in (None, h3_key), 30, "the key rotated after the demotion")
     rec = wait_for(lambda: (p := probe(lab, "h1", "root", "h1", store_pair(lab, "h1")[0])).get("ok")
                    and not opens(h3_key, p["ok"]) and p["ok"], 30, "CA/root sealed under a key h3 never had")
