@@ -31,9 +31,12 @@ def swarm():
 @click.option("--store-cacert", type=click.File("r"), help="CA certificate of the etcd you run (PEM)")
 @click.option("--store-cert", type=click.File("r"), help="client certificate for the etcd you run (PEM)")
 @click.option("--store-key", type=click.File("r"), help="client key for the etcd you run (PEM)")
+@click.option("--store-cert-expiry", metavar="DURATION", hidden=True,
+              help="lifetime of the managers' etcd certificates (default: --cert-expiry)")
 @click.pass_context
 def swarm_init(ctx, advertise_addr, listen_addr, data_path_port, default_addr_pool, default_addr_pool_mask_length,
-               cert_expiry, dispatcher_heartbeat, wireguard_port, store, store_cacert, store_cert, store_key):
+               cert_expiry, dispatcher_heartbeat, wireguard_port, store, store_cacert, store_cert, store_key,
+               store_cert_expiry):
     """Make this host the first manager of a new cluster."""
     body = {"AdvertiseAddr": advertise_addr, "ListenAddr": listen_addr, "DataPathPort": data_path_port,
             "DefaultAddrPool": list(default_addr_pool), "SubnetSize": default_addr_pool_mask_length,
@@ -41,7 +44,7 @@ def swarm_init(ctx, advertise_addr, listen_addr, data_path_port, default_addr_po
             "Store": store,
             "StoreCACert": store_cacert.read() if store_cacert else None,
             "StoreCert": store_cert.read() if store_cert else None,
-            "StoreKey": store_key.read() if store_key else None}
+            "StoreKey": store_key.read() if store_key else None, "StoreCertExpiry": store_cert_expiry}
     r = api(ctx).call("POST", "/swarm/init", body)
     click.echo(f"Swarm initialized: current node ({r['NodeID']}) is now a manager.\n")
     click.echo("To add a worker to this swarm, run the following command:\n")
@@ -89,6 +92,21 @@ def swarm_join_token(ctx, rotate, quiet, role):
         return
     click.echo(f"To add a {role} to this swarm, run the following command:\n")
     click.echo(f"    netweft swarm join --token {token} {s['Leader']['Addr']}")
+
+
+@swarm.command("unlock-key")
+@click.option("--rotate", is_flag=True, help="replace the key; the managers fetch the new one from each other")
+@click.pass_context
+def swarm_unlock_key(ctx, rotate):
+    """Rotate the managers' key, which seals the CA keys in the shared store (a cluster on etcd).
+
+    Docker's name: its unlock key guards a manager's secrets. Here every manager keeps the key on its disk
+    (0600, no autolock), so there is nothing to print or to unlock with: only --rotate."""
+    if not rotate:
+        raise click.ClickException("the managers keep their key themselves (there is no autolock to unlock): "
+                               "use `netweft swarm unlock-key --rotate` to replace it")
+    r = api(ctx).call("POST", "/swarm/unlock-key/rotate")
+    click.echo(f"Successfully rotated the managers' key; {r['Managers']} managers hold it.")
 
 
 @swarm.command("inspect")

@@ -4,7 +4,8 @@ with the daemon.
 It runs as its own session (a netweftd killed with -9 leaves it serving, so the cluster keeps its quorum)
 and a restarted netweftd adopts it through its pid file. Its data and log live in the swarm directory's
 etcd/; peer and client TLS use the manager's store certificate (netweft/manager/hastore.py), so only
-managers of this cluster reach it. A member removed from the cluster (demote, node rm, leave) exits by
+managers of this cluster reach it; it is renewed, and revoked certificates refused, through files etcd
+reads per connection (manager/storecerts.py). A member removed from the cluster (demote, node rm, leave) exits by
 itself and is not restarted.
 """
 from __future__ import annotations
@@ -56,16 +57,20 @@ class EtcdMember:
     def argv(self, initial_cluster: str, state: str) -> list[str]:
         f = store_files(self.swarm_dir)
         client = f"https://{self.addr}:{CLIENT_PORT}"
+        # etcd 3.4 reads the certificate and key files at every handshake and the CRL at every accepted
+        # connection (client and peer): a renewal or a revocation written to these files applies to the next
+        # connection, without a restart. Certificate and key are one file (swapped in one rename).
+        crl = ["--client-crl-file", f["crl"], "--peer-crl-file", f["crl"]] if os.path.exists(f["crl"]) else []
         return [ETCD, "--name", self.name, "--data-dir", self.data,
                 "--listen-client-urls", f"{client},https://127.0.0.1:{CLIENT_PORT}",
                 "--advertise-client-urls", client,
                 "--listen-peer-urls", f"https://{self.addr}:{PEER_PORT}",
                 "--initial-advertise-peer-urls", peer_url(self.addr),
                 "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
-                "--cert-file", f["cert"], "--key-file", f["key"], "--trusted-ca-file", f["ca"],
+                "--cert-file", f["pair"], "--key-file", f["pair"], "--trusted-ca-file", f["ca"],
                 "--client-cert-auth",
-                "--peer-cert-file", f["cert"], "--peer-key-file", f["key"], "--peer-trusted-ca-file", f["ca"],
-                "--peer-client-cert-auth",
+                "--peer-cert-file", f["pair"], "--peer-key-file", f["pair"], "--peer-trusted-ca-file", f["ca"],
+                "--peer-client-cert-auth", *crl,
                 # pre-vote: a member cut off does not bump the term and force a new election when it is back
                 "--pre-vote",
                 "--logger", "zap", "--log-outputs", "stderr"]

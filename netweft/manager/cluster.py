@@ -153,7 +153,8 @@ class Manager(ManagersOnEtcd):
                 await store.close()
         else:
             cluster["store"] = "etcd"
-            sealed_ca = {"cert": ca.cert_pem.decode(), "key": sealed.seal(manager_key, "ca-key", ca.key_pem)}
+            sealed_ca = {"cert": ca.cert_pem.decode(), "key": sealed.seal(manager_key, "ca-key", ca.key_pem),
+                         "holders": [node_id]}   # who holds the key (managerkey.py)
             if store_ca is not None:
                 sealed_ca.update(store_cert=store_ca.cert_pem.decode(),
                                  store_key=sealed.seal(manager_key, "store-ca-key", store_ca.key_pem))
@@ -188,7 +189,7 @@ class Manager(ManagersOnEtcd):
                 raise Unavailable(f"{where} holds no cluster; "
                                   "leave the swarm (`netweft swarm leave --force`) and init or join again")
             if self.ha:
-                self._open_sealed()
+                await self._open_sealed()
             self.overlays = Overlays(self.hub, self.spec)
             self.overlays.host_claims = self.host_claims
             self.services = Services(self.hub, self.overlays)
@@ -221,6 +222,7 @@ class Manager(ManagersOnEtcd):
                                       (me.manager_addr if me else "") or f"{listen[0]}:{listen[1]}")
             self.tasks += [asyncio.ensure_future(self.coord.run()), asyncio.ensure_future(self._publish_seen()),
                            asyncio.ensure_future(self._trim_history()), asyncio.ensure_future(self._watch_self())]
+            self.tasks += self._ha_tasks()   # etcd certificates renewed and revoked, managers' key rotated
         self.tasks.append(asyncio.ensure_future(self.services.run()))   # the scheduler
         log.info("cluster API listening", extra={"addr": f"{listen[0]}:{listen[1]}", "rev": self.state.rev})
 
@@ -519,6 +521,8 @@ class Manager(ManagersOnEtcd):
             return compares, ops, count
         count, _ = await self.hub.commit(plan)
         metrics.released("endpoint", count)
+        if self.ha and node.role == "manager":
+            await self.after_manager_gone()   # its etcd certificates revoked, the key it held rotated
         self.last_seen.pop(node.id, None)
         self.hub.disconnect(node.id)
         # Its open connections (a watch stream, kept-alive calls) end now, not at their next request.
@@ -554,7 +558,10 @@ class Manager(ManagersOnEtcd):
                 manager_addr=(n.manager_addr or f"{n.addr}:2377") if new_role == "manager" else "")
         if self.ha and role == "worker" and node.role == "manager":
             await self._drop_member(node)   # first: if etcd refuses, nothing changed
-        return self.node_view(await self._update(node.id, change))
+        updated = await self._update(node.id, change)
+        if self.ha and role == "worker" and node.role == "manager":
+            await self.after_manager_gone()   # its etcd certificates revoked, the key it held rotated
+        return self.node_view(updated)
 
     async def rotate_token(self, role: str) -> str:
         if role not in pki.ROLES:
@@ -757,4 +764,5 @@ class Manager(ManagersOnEtcd):
                               client_max_size=auth.BODY_LIMIT)
         app.add_routes(routes)
         app.add_routes(self.services.routes())
+        app.add_routes(self.ha_routes())
         return app

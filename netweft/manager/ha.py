@@ -6,7 +6,9 @@ which holds the state it uses (store, hub, coord, ca, store_ca, seen_wall, ...).
 - a manager enrolls others (POST /managers/enroll): the managers' key, an etcd certificate from the store
   CA, and (embedded etcd) a member added before it starts;
 - a demoted, removed or leaving manager's etcd member is removed; a manager that sees itself demoted
-  tells the daemon, which stops it.
+  tells the daemon, which stops it;
+- the managers' etcd certificates are renewed and, when their manager goes, revoked (storecerts.py); the
+  managers' key is rotated on demand and when a manager that held it goes (managerkey.py).
 """
 from __future__ import annotations
 
@@ -17,10 +19,16 @@ import time
 import msgspec
 
 from netweft import pki
+from aiohttp import web
+
 from netweft.errors import Conflict, Forbidden, NetweftError, Unavailable
-from netweft.manager import hastore
+from netweft.manager import auth, hastore
+from netweft.manager.auth import MANAGER, allow
+from netweft.manager.managerkey import ManagerKey
+from netweft.manager.storecerts import StoreCerts
 from netweft.manager.watch import CA, NODES, PRESENCE
 from netweft.model.objects import Node
+from netweft.pki import crl as crlmod
 from netweft.pki import sealed
 
 log = logging.getLogger("netweft.manager")
@@ -29,19 +37,23 @@ HISTORY = 50_000              # revisions of history the leader keeps for agents
 TRIM_EVERY = 60.0             # seconds between two trims of the history by the leader
 MEMBER_TRIES = 40             # tries (0.5 s apart) of a member change etcd refuses for the quorum's sake
 SEEN_KEEP = 6                 # heartbeat periods a node stays in the published map after it was last heard
+STALE_VIEW = 3.0              # seconds without a store revision before a manager asks another what it is
+SECRETS_EVERY = 1.0           # seconds between two checks by the leader of revocations and key holders
 
 
-class ManagersOnEtcd:
-    def _open_sealed(self) -> None:
-        """The CA (and the store CA) from the store, their keys opened with this manager's key."""
+class ManagersOnEtcd(StoreCerts, ManagerKey):
+    async def _open_sealed(self) -> None:
+        """The CA (and the store CA) from the store, their keys opened with this manager's key (or the rotated
+        one, fetched from another manager)."""
         rec = self.state.get(CA, "root")
         if rec is None:
             raise Unavailable("etcd holds no cluster CA; leave the swarm (`netweft swarm leave --force`) and join again")
-        key = sealed.load_key(self.dir)
+        key = await self._manager_key(rec)
         self.ca = pki.RootCA.from_pem(rec["cert"].encode(), sealed.unseal(key, "ca-key", rec["key"]))
         if rec.get("store_key"):
             self.store_ca = pki.RootCA.from_pem(rec["store_cert"].encode(),
                                                 sealed.unseal(key, "store-ca-key", rec["store_key"]))
+            hastore.save_sealed_store_ca(self.dir, rec["store_key"])
 
     def leader_id(self) -> str | None:
         if not self.ha:
@@ -76,6 +88,51 @@ class ManagersOnEtcd:
             except NetweftError as e:
                 log.debug("publishing heartbeats failed", extra={"reason": str(e)})
 
+    def _ha_tasks(self) -> list[asyncio.Task]:
+        """The etcd certificates' and the managers' key's background duties (see storecerts.py, managerkey.py)."""
+        return [*self._store_tasks(), asyncio.ensure_future(self._follow_key()),
+                asyncio.ensure_future(self._reconcile_secrets())]
+
+    async def _reconcile_secrets(self) -> None:
+        """The leader: revoke the etcd certificates of, and rotate the key held by, managers that went."""
+        while True:
+            await asyncio.sleep(SECRETS_EVERY)
+            if not self.is_leader():
+                continue
+            try:
+                await self.forget_gone_managers()
+            except NetweftError as e:
+                log.warning("revoking a former manager's secrets failed; retrying", extra={"reason": str(e)})
+
+    async def forget_gone_managers(self) -> None:
+        """Nodes no longer managers: their etcd certificates refused by every member, the key they held
+        replaced. Run at once by a demotion or removal, and every second by the leader."""
+        if self.store_ca is not None:
+            await self.revoke_store_certs()
+        await self.rotate_if_held_by_others()
+
+    async def after_manager_gone(self) -> None:
+        """Right after a demotion or removal (the leader retries every second if this fails)."""
+        try:
+            await self.forget_gone_managers()
+        except NetweftError as e:
+            log.warning("revoking a former manager's secrets failed; the leader retries", extra={"reason": str(e)})
+
+    def ha_routes(self) -> web.RouteTableDef:
+        routes = web.RouteTableDef()
+
+        @routes.get("/managers/key")
+        @allow(MANAGER)
+        async def manager_key(request):
+            return web.json_response(self.key_for_manager(request["node"]))
+
+        @routes.post("/admin/swarm/unlock-key/rotate")
+        @allow(MANAGER)
+        async def a_key_rotate(request):
+            await auth.read_body(request, dict, empty_ok=True)
+            return web.json_response(await self.rotate_manager_key())
+        return routes
+
     async def _trim_history(self) -> None:
         while True:
             await asyncio.sleep(TRIM_EVERY)
@@ -86,14 +143,43 @@ class ManagersOnEtcd:
                     log.warning("trimming the cluster store's history failed", extra={"reason": str(e)})
 
     async def _watch_self(self) -> None:
-        """This manager demoted or removed (by another one): tell the daemon once, which stops it."""
+        """This manager demoted or removed (by another one): tell the daemon once, which stops it. Its view of
+        the store may stop before it sees that (its etcd certificate is revoked at the demotion): when the view
+        has not moved for a while, another manager is asked over mutual TLS (its node certificate) what it is."""
+        rev, since = self.state.rev, time.monotonic()
         while True:
             await asyncio.sleep(0.5)
             me = self.state.get(NODES, self.node_id)
-            if (me is None or me.role != "manager") and self.on_demoted is not None:
+            demoted = me is None or me.role != "manager"
+            if self.state.rev != rev:
+                rev, since = self.state.rev, time.monotonic()
+            elif not demoted and time.monotonic() - since > STALE_VIEW:
+                since = time.monotonic()
+                demoted = await self._demoted_say_others()
+            if demoted and self.on_demoted is not None:
                 log.info("this manager was demoted or removed; it stops serving")
                 self.on_demoted()
                 return
+
+    async def _demoted_say_others(self) -> bool:
+        """Whether another manager answers this node's heartbeat with a worker role (or refuses it as removed)."""
+        import aiohttp
+        from netweft.pki.nodepair import files
+        f = files(self.dir)
+        ctx = pki.client_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]), pki.load_pem(f["key"]))
+        others = [n for n in self.state.nodes() if n.role == "manager" and n.id != self.node_id]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as s:
+            for n in others:
+                try:
+                    async with s.post(f"https://{n.manager_addr or n.addr + ':2377'}/heartbeat", ssl=ctx,
+                                      json={}) as r:
+                        if r.status == 403:
+                            return True      # removed from the cluster
+                        if r.status == 200:
+                            return (await r.json()).get("Role") == "worker"
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+                    continue
+        return False
 
     async def _drop_member(self, node: Node) -> bool:
         """Remove a manager's etcd member (embedded etcd: found by its name or peer URL); False if it had none."""
@@ -124,13 +210,14 @@ class ManagersOnEtcd:
                            "there is nothing to enroll in")
         if node.role != "manager":
             raise Forbidden("only a manager enrolls in the cluster store")
-        key = sealed.encode_key(sealed.load_key(self.dir))
-        f = hastore.store_files(self.dir)
+        key = sealed.encode_key(await self._manager_key(self.state.get(CA, "root")))
+        await self._add_holder(node.id)   # before it has the key: its demotion rotates it
         if self.store_ca is None:  # an etcd the operator runs: its client certificate is shared
-            return {"ManagerKey": key, "StoreCA": pki.load_pem(f["ca"]).decode(),
-                    "StoreCert": pki.load_pem(f["cert"]).decode(), "StoreKey": pki.load_pem(f["key"]).decode(),
-                    "Endpoints": self.store_endpoints}
-        cert = hastore.sign_store_cert(self.store_ca, csr_pem.encode(), node.id, self.cluster()["id"], node.addr)
+            ca_pem, cert_pem, key_pem = hastore.load_store_pair(self.dir)
+            return {"ManagerKey": key, "StoreCA": ca_pem.decode(), "StoreCert": cert_pem.decode(),
+                    "StoreKey": key_pem.decode(), "Endpoints": self.store_endpoints}
+        cert = self.sign_store_cert_for(node.id, csr_pem.encode(), node.addr)
+        await self._record_issued(node.id, cert)   # before it is handed out: a demotion revokes it
         url = hastore.peer_url(node.addr)
         members = await self.store.members()
         mine = next((m for m in members if url in m.peer_urls), None)
@@ -152,7 +239,8 @@ class ManagersOnEtcd:
         endpoints = [u.removeprefix("https://") for m in members for u in m.client_urls]
         endpoints.append(hastore.client_endpoint(node.addr))
         return {"ManagerKey": key, "StoreCA": self.store_ca.cert_pem.decode(), "StoreCert": cert.decode(),
-                "Endpoints": list(dict.fromkeys(endpoints)), "InitialCluster": initial}
+                "Endpoints": list(dict.fromkeys(endpoints)), "InitialCluster": initial,
+                "StoreCRL": self.store_crl_pem() or crlmod.make_crl(self.store_ca, []).decode()}
 
     async def leave_managers(self) -> None:
         """This manager leaves for good (swarm leave --force): its endpoints go, it is marked down, its

@@ -96,6 +96,7 @@ class SwarmInit(msgspec.Struct, kw_only=True):
     StoreCACert: Annotated[str, msgspec.Meta(max_length=65536)] | None = None   # PEM, for an external etcd
     StoreCert: Annotated[str, msgspec.Meta(max_length=65536)] | None = None
     StoreKey: Annotated[str, msgspec.Meta(max_length=65536)] | None = None
+    StoreCertExpiry: Str | None = None  # the managers' etcd certificates' lifetime (default: CertExpiry)
 
 
 class SwarmJoin(msgspec.Struct, kw_only=True):

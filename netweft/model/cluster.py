@@ -135,6 +135,8 @@ class EnrollAnswer(msgspec.Struct, rename="pascal", kw_only=True):
     store_key: PEM | None = None     # an external etcd: the operator's client key, shared by the managers
     endpoints: Annotated[list[Endpoint], msgspec.Meta(min_length=1, max_length=64)]
     initial_cluster: Annotated[str, msgspec.Meta(max_length=8192)] = ""   # empty: an external etcd
+    store_crl: Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)] | None = \
+        msgspec.field(name="StoreCRL", default=None)   # embedded etcd: the revoked certificates
 
 
 class HealthReport(msgspec.Struct, rename="pascal", forbid_unknown_fields=True, kw_only=True):

@@ -15,6 +15,7 @@ import secrets
 from netweft.errors import InvalidRequest
 
 KEY_FILE = "manager.key"
+NEXT_KEY_FILE = "manager.key.next"   # a rotation's new key, until the store holds what it sealed
 KEY_SIZE = 32
 
 
@@ -53,16 +54,41 @@ def unseal(key: bytes, purpose: str, sealed: str) -> bytes:
                              "(another cluster's, or damaged): leave and join again as a manager") from None
 
 
-def save_key(swarm_dir: str, key: bytes) -> None:
-    path = os.path.join(swarm_dir, KEY_FILE)
+def save_key(swarm_dir: str, key: bytes, name: str = KEY_FILE) -> None:
+    path = os.path.join(swarm_dir, name)
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        os.fchmod(fd, 0o600)   # also when an older .tmp was left with other bits
         os.write(fd, encode_key(key).encode())
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    dir_fd = os.open(swarm_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)   # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def save_next_key(swarm_dir: str, key: bytes) -> None:
+    save_key(swarm_dir, key, NEXT_KEY_FILE)
+
+
+def load_next_key(swarm_dir: str) -> bytes:
+    try:
+        with open(os.path.join(swarm_dir, NEXT_KEY_FILE)) as f:
+            return decode_key(f.read().strip())
+    except FileNotFoundError:
+        raise InvalidRequest("no rotation under way") from None
+
+
+def drop_next_key(swarm_dir: str) -> None:
+    try:
+        os.unlink(os.path.join(swarm_dir, NEXT_KEY_FILE))
+    except FileNotFoundError:
+        pass
 
 
 def load_key(swarm_dir: str) -> bytes:

@@ -36,6 +36,7 @@ TIMEOUT = 10.0       # seconds for one unary call (etcd answers in ms; longer me
 LEASE_TIMEOUT = 2.0  # seconds for a lease call: a leader that cannot renew in time steps down
 RETRIES, RETRY_DELAY = 3, 0.2   # a call that found its member gone is tried again (on the next endpoint)
 RECONNECT = 0.5      # seconds between two attempts to resume a broken watch
+CHANNEL_GRACE = 10.0  # seconds calls in flight keep the old channel after a certificate renewal
 
 
 class EtcdStore(ClusterStore):
@@ -68,21 +69,37 @@ class EtcdStore(ClusterStore):
         # after TCP's retransmissions; etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
         keepalive = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 2000),
                      ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+        self.target, self._server_name, self._keepalive = target, server_name, keepalive
+        self._open_channel(cacert, cert, key)
+        self._closed = False
+        self._watches: set[asyncio.Future] = set()
+        self._moved: set = set()        # watch calls ended to move to a new channel (renew_credentials)
+
+    def _open_channel(self, cacert: bytes | None, cert: bytes | None, key: bytes | None) -> None:
         if cacert is None:
-            self._channel = grpc.aio.insecure_channel(target, options=keepalive)
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._keepalive)
         else:
             creds = grpc.ssl_channel_credentials(root_certificates=cacert, private_key=key, certificate_chain=cert)
             # With several endpoints gRPC has no single host name to check the servers' certificates
             # against: server_name names the one every member's certificate carries.
-            opts = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-            self._channel = grpc.aio.secure_channel(target, creds, options=opts + keepalive)
-        self.target = target
+            opts = [("grpc.ssl_target_name_override", self._server_name)] if self._server_name else []
+            self._channel = grpc.aio.secure_channel(self.target, creds, options=opts + self._keepalive)
         self._kv = rpc.KVStub(self._channel)
         self._watch = rpc.WatchStub(self._channel)
         self._lease = rpc.LeaseStub(self._channel)
         self._cluster = rpc.ClusterStub(self._channel)
-        self._closed = False
-        self._watches: set[asyncio.Future] = set()
+
+    def renew_credentials(self, cacert: bytes, cert: bytes, key: bytes, grace: float = CHANNEL_GRACE) -> None:
+        """Present a renewed client certificate: gRPC fixes a channel's credentials, so calls from now on go
+        over a new channel; the watches resume on it at once (from their last revision), calls in flight
+        finish on the old one, which closes after `grace` seconds."""
+        self._check_open()
+        old = self._channel
+        self._open_channel(cacert, cert, key)
+        for call in list(self._watches):
+            self._moved.add(call)
+            call.cancel()
+        asyncio.get_running_loop().call_later(grace, lambda: asyncio.ensure_future(old.close()))
 
     # ---------------------------------------------------------------- keys
     def _key(self, kind: str, key: str) -> bytes:
@@ -255,6 +272,10 @@ class EtcdStore(ClusterStore):
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                 if self._closed:
                     return  # closed under us: the watch ends
+                if call in self._moved:   # moved to a renewed channel: resume there now
+                    self._moved.discard(call)
+                    self._watches.discard(call)
+                    continue
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
