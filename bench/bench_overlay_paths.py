@@ -14,6 +14,11 @@ plus knobs tried on the bridge path (--variants): `gro` (GRO on both veth ends: 
 The tc programs are 4 and 15 instructions, hand-assembled (no compiler here) and loaded with bpf(2). They
 bypass the bridge's nftables (netweft's anti-spoofing), so they are a measurement, not the product.
 
+Measured here (Dec 2026, kernel 6.18, 8 rounds, ratio to underlay): bridge 0.747, tc-bpf 0.743, gro 0.751,
+bigtcp 0.178 (vxlan0's tso_max_size is 64 KiB: bigger skbs are segmented in software there), direct 0.808.
+The skbs stay ~54 KB GSO packets end to end on veths, so GRO has nothing to merge; removing every hop
+(direct) gains 8 %; the rest is VXLAN encapsulation itself.
+
 Everything is in nwt-bp<hex>-* namespaces, removed at the end (also on failure or Ctrl-C).
 
     sudo .venv/bin/python bench/bench_overlay_paths.py [--rounds N] [--seconds S] [--variants gro,bigtcp]

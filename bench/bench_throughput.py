@@ -2,8 +2,8 @@
 
 iperf3 TCP, container -> container across two simulated hosts (overlay) and host -> host (underlay), for
 netweft (a 2-host lab) and for Docker 20.10 swarm (../shared/peers/docker-swarm-baseline.sh: its setup,
-daemons, image, swarm and measure steps build pa-c1 on pa-h1 and pa-c2 on pa-h2 running `iperf3 -s`; its
-cleanup step removes all of it). Each round runs every case once, the order rotating, so drift on a shared
+daemons, image, swarm and measure steps build pa-c1 on pa-h1 and pa-c2 on pa-h2; its cleanup step removes
+all of it). Every iperf3 server, Docker's included, is started by this bench in the right namespace. Each round runs every case once, the order rotating, so drift on a shared
 machine hits all alike. Prints single-stream and multi-stream (-P) medians, overlay/underlay ratios and
 netweft/Docker.
 
