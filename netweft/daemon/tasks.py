@@ -217,6 +217,12 @@ def routes(daemon) -> web.RouteTableDef:
         return web.json_response(await admin("POST", f"/services/{_q(ref)}/update", _json(body),
                                              local=lambda: svc().update(ref, body)))
 
+    @r.post("/services/{ref}/rollback")
+    async def rollback(request):
+        ref = request.match_info["ref"]
+        return web.json_response(await admin("POST", f"/services/{_q(ref)}/rollback", {},
+                                             local=lambda: svc().rollback(ref)))
+
     @r.delete("/services/{ref}")
     async def rm(request):
         ref = request.match_info["ref"]
