@@ -142,3 +142,27 @@ def test_update_rolls_and_rollback_swaps_specs(tmp_path):
             await s.update(sid, body(update_config={"order": "sideways"}))
         await m.close()
     run(main())
+
+
+def test_the_watch_carries_each_node_its_own_tasks_and_every_node_the_services(tmp_path):
+    from test_watch import ids, pending
+
+    async def main():
+        m, s = await setup(tmp_path)
+        ws = {n: m.hub.subscribe(n, n, m.hub.state.rev) for n in ("a", "b", "c")}
+        await s.create(body(replicas=2))
+        for w in ws.values():                          # every node hears of the service (routing mesh)
+            assert ids(pending(w), "service") == [s.service("web").id]
+        p = await s.schedule_once()
+        placed = {t.node_id: t.id for t in p.create}
+        assert len(placed) == 2
+        for n, w in ws.items():                        # a node hears of its own task only
+            assert ids(pending(w), "task") == ([placed[n]] if n in placed else [])
+        # A resuming agent gets the missed task events of its node too.
+        frames = [f async for _, f in m.hub.missed("a", frozenset(), 0, m.hub.state.rev)]
+        got = [e.object.id for f in frames for line in f.splitlines()
+               for e in msgspec.json.decode(line, type=__import__("netweft.model.watch", fromlist=["x"]).WatchMessage
+                                            ).events if type(e).__name__ == "TaskEvent"]
+        assert got == ([placed["a"]] if "a" in placed else [])
+        await m.close()
+    run(main())
