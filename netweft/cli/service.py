@@ -305,15 +305,33 @@ def service_rm(ctx, services):
 
 
 @service.command("logs")
+@click.option("-f", "--follow", is_flag=True, help="follow the output")
+@click.option("-n", "--tail", default="all", show_default=True, help="lines from the end of each task's log")
+@click.option("-t", "--timestamps", is_flag=True, help="show when each line was read by its task's host")
+@click.option("--no-trunc", is_flag=True, help="full task IDs")
 @click.argument("name")
 @click.pass_context
-def service_logs(ctx, name):
-    """Output of the service's tasks that run on this host (each line prefixed TASK@NODE)."""
-    r = api(ctx).call("GET", f"/services/{ref(name)}/logs")
-    for line in r["Lines"]:
-        click.echo(line)
-    for where in r["Elsewhere"]:
-        click.echo(f"({where}: runs on another host; run `netweft service logs {name}` there)", err=True)
-
-
-
+def service_logs(ctx, follow, tail, timestamps, no_trunc, name):
+    """Output of every task of a service, on whichever host it runs (each line prefixed TASK@NODE)."""
+    import json
+    if tail != "all" and not tail.isdigit():
+        raise click.BadParameter(f"invalid --tail {tail!r}: a number of lines or all")
+    q = {"tail": tail, "follow": int(follow), "timestamps": int(timestamps), "no_trunc": int(no_trunc)}
+    buf, failed = b"", False
+    try:
+        for chunk in api(ctx).stream(f"/services/{ref(name)}/logs", **q):
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if not line:
+                    continue
+                msg = json.loads(line)
+                if "out" in msg:
+                    click.echo(msg["out"])
+                else:
+                    click.echo(f"error: {msg.get('err', '')}", err=True)
+                    failed = True
+    except KeyboardInterrupt:
+        return
+    if failed:
+        sys.exit(1)

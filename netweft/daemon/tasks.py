@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from aiohttp import web
 
@@ -266,27 +265,6 @@ def routes(daemon) -> web.RouteTableDef:
         service = request.query.get("service") or None
         path = "/tasks" + (f"?service={_q(service)}" if service else "")
         return web.json_response(await admin("GET", path, local=lambda: svc().task_views(service)))
-
-    @r.get("/services/{ref}/logs")
-    async def logs(request):
-        """The logs of the service's tasks that run on this host, each line prefixed with its task."""
-        ref = request.match_info["ref"]
-        views = await admin("GET", f"/tasks?service={_q(ref)}", local=lambda: svc().task_views(ref))
-        out, elsewhere = [], []
-        for v in views:
-            ctr = daemon.engine.store.find("containers", v["Name"][:64])
-            if ctr is None:
-                if v["DesiredState"] == "running" and v["Node"]:
-                    elsewhere.append(f"{v['Name']}@{v['Node']}")
-                continue
-            try:
-                with open(ctr["LogPath"], "rb") as f:
-                    f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 20)))
-                    text = f.read().decode(errors="replace")
-            except OSError:
-                continue
-            out += [f"{v['Name']}@{v['Node']}    | {line}" for line in text.splitlines()]
-        return web.json_response({"Lines": out, "Elsewhere": elsewhere})
 
     return r
 
