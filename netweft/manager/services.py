@@ -5,9 +5,11 @@ Hub's state like nodes and networks. The leader runs the scheduler (manager/sche
 loop: at once after an operator's call or an agent's report, and every ROUND seconds (node changes: drain,
 Down, the grace period), it plans and writes the difference in one transaction.
 
-Agents ask for their assignments (GET /tasks/assigned: the node's tasks with what is needed to run
-them) every POLL seconds and report their tasks' states (POST /tasks/status); a node can report only
-its own tasks. Docker-shaped JSON (service and task inspect) is made here, at the API edge.
+A node hears of its tasks and of every service through its watch (manager/watch.py: task events to
+the task's node, service events to all); it then asks for its assignments (GET /tasks/assigned: the
+node's tasks with what is needed to run them) and reports its tasks' states (POST /tasks/status); a node
+can report only its own tasks. An update makes a new version of the service, which the scheduler rolls
+out over the tasks as its update config says (scheduler._roll); `rollback` returns to the previous spec. Docker-shaped JSON (service and task inspect) is made here, at the API edge.
 """
 from __future__ import annotations
 
