@@ -41,6 +41,7 @@ BATCH_BYTES = 256 << 10      # characters in one batch
 READ = 256 << 10
 MAX_TASKS = 256              # tasks one `service logs` shows
 REQUEST_LINE_MAX = 64 << 10  # one line of a manager's request stream
+RATE_RETRIES = 30            # a batch refused by the managers' rate limit is sent again, a second apart
 TASK_LABEL = "com.docker.swarm.task.id"
 _decode_msg = msgspec.json.Decoder(AgentMessage)
 
@@ -211,11 +212,15 @@ class LogAgent:
 
     async def _post(self, client, addr: str, rid: str, batch: LogBatch) -> bool:
         """Send one batch; whether to go on."""
-        try:
-            got = await client.call_at(addr, "POST", f"/tasks/logs/{rid}", msgspec.to_builtins(batch))
-            return codec.convert(got, LogReply, "log reply").more
-        except NetweftError:
-            return False   # the request is gone (the caller left, or it timed out)
+        for _ in range(RATE_RETRIES):
+            try:
+                got = await client.call_at(addr, "POST", f"/tasks/logs/{rid}", msgspec.to_builtins(batch))
+                return codec.convert(got, LogReply, "log reply").more
+            except NetweftError as e:
+                if getattr(e, "status", 0) != 429:
+                    return False   # the request is gone (the caller left, or it timed out)
+                await asyncio.sleep(1.0)   # this node's calls are rate-limited: slower, not cut short
+        return False
 
     async def _serve(self, client, addr: str, req: LogRequest) -> None:
         ctr = self.container_of(req.task)

@@ -13,7 +13,7 @@ connected here") and asks the next (daemon/tasklogs.py).
 
 Limits (every peer is hostile): one request stream per node (a new one replaces the old); at most
 PER_NODE requests open per node and OPEN in all; a request the agent does not start answering within
-START_TIMEOUT ends with one line; a batch is parsed with its bounds (1000 lines of 16 KiB); POSTs for a
+START_TIMEOUT ends with one line; a batch is parsed with its bounds (10,000 lines of 16 KiB, 4 MiB a body); POSTs for a
 request go only from the node it was sent to; a request ends after MAX_BYTES unless it follows.
 """
 from __future__ import annotations

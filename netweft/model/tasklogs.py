@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 
 LINE_MAX = 16 * 1024          # characters of one log line (longer ones are split)
-BATCH_LINES = 1000            # lines in one POST
+BATCH_LINES = 10_000          # lines in one POST (at most 256 KiB of text: daemon/tasklogs.py)
 MAX_TAIL = 100_000            # --tail at most (-1: all that is kept)
 
 RequestID = Annotated[str, msgspec.Meta(pattern=r"\A[a-f0-9]{32}\Z")]
