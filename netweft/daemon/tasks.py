@@ -28,6 +28,7 @@ log = logging.getLogger("netweft.tasks")
 
 RESYNC = 10.0                      # seconds between looks at the assignments when the watch said nothing
 EXIT_POLL = 0.1                    # seconds between looks at the task containers (on this host)
+DRAIN = 0.5                        # seconds between a stopping task leaving the VIPs and its stop
 TASK_LABEL = "com.docker.swarm.task.id"
 SERVICE_LABEL = "com.docker.swarm.service.name"
 
@@ -171,6 +172,8 @@ class TaskRunner:
         actions = plan(assignments, local, self.failed)
         exited = [lt for lt in local if lt.status == "exited" and lt.task_id in wanted]
         report = list(actions.report)
+        running = {lt.container for lt in local if lt.status == "running"}
+        await self._drain([n for n in dict.fromkeys(actions.remove) if n in running])
         for name in dict.fromkeys(actions.remove + [lt.container for lt in exited]):
             try:
                 await self.engine.remove_container(name, force=True)
@@ -189,6 +192,23 @@ class TaskRunner:
             await client.call("POST", "/tasks/status", [to_builtins(s) for s in report])
         await self.mesh.sync(got)
         return bool(actions.start or actions.remove or exited)
+
+    async def _drain(self, names: list[str]) -> None:
+        """Running task containers about to be stopped leave their networks first, and DRAIN seconds pass:
+        their addresses go from every host's VIP maps and DNS (through the watch) before they stop
+        answering, so a rolling update or a scale-down refuses no new connection."""
+        left = False
+        for name in names:
+            try:
+                ctr = self.engine.container(name)
+                for ep in self.engine.endpoints_of(ctr["Id"]):
+                    await self.engine.disconnect(ep.network_id, ctr["Id"])
+                    left = True
+            except NetweftError as e:   # it is removed anyway
+                log.info("service tasks: a task container could not leave its networks before it stops",
+                         extra={"container": name, "reason": str(e)})
+        if left:
+            await asyncio.sleep(DRAIN)
 
     async def _start(self, a: Assignment) -> None:
         spec = a.service
