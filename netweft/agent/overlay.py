@@ -43,7 +43,8 @@ from netweft.errors import InvalidRequest, NetweftError, NotFound, PoolExhausted
 from netweft.ipam import address as ipam
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, PeerHealth, Revision, Sandbox
-from netweft.model.watch import Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent
+from netweft.model.watch import (Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent, ServiceEvent,
+                                 TaskEvent)
 from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting
 
 log = logging.getLogger("netweft.agent.overlay")
@@ -139,6 +140,8 @@ class OverlayAgent:
         self._retry_bad_at = 0.0
         self.tasks: list[asyncio.Task] = []
         self.watcher = Watcher(client, since=self._since, handle=self.on_message, on_connect=self._on_connect)
+        # Who else hears the watch: f(event) per event, f(None) at each (re)connection (daemon/tasks.py).
+        self.observers: list = []
         self._load()
         # Encrypted networks: this host's WireGuard tunnel (agent/tunnels.py).
         self.tunnels = TunnelAgent(self, dataplane, client, self.store, node_id, port, wg_port, key_period)
@@ -340,6 +343,8 @@ class OverlayAgent:
 
     def _on_connect(self) -> None:
         self._kick_releases()
+        for f in self.observers:
+            f(None)
 
     def _kick_releases(self) -> None:
         """Release what waits for a manager, in one task at a time."""
@@ -380,6 +385,10 @@ class OverlayAgent:
         self._save_soon()
 
     def _route(self, rev: int, ev, touched: set[str]) -> None:
+        for f in self.observers:
+            f(ev)
+        if isinstance(ev, (ServiceEvent, TaskEvent)):
+            return   # not the data plane's: the observers' (service tasks)
         if isinstance(ev, NodeEvent):
             self._apply_node(ev, touched)
             return

@@ -1,6 +1,6 @@
 """The agent's side of services: the node's assigned tasks against its task containers, as a pure diff.
 
-Each round the agent fetches its assignments (manager/services.py, GET /tasks/assigned) and looks at
+Each round (when the watch says its tasks or the services changed) the agent fetches its assignments (manager/services.py, GET /tasks/assigned) and looks at
 the containers it runs for tasks; `plan` says what to do:
 - a wanted task (desired running, not finished) without a container: start one;
 - a container running for a task the manager does not yet know as running: report "running";

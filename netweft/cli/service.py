@@ -6,8 +6,9 @@ import time
 
 import click
 
+from netweft.cli import render
 from netweft.cli.client import ApiError, ref
-from netweft.cli.main import api, cli, inspect_each, table, validate
+from netweft.cli.main import api, cli, inspect_each, validate
 
 CONVERGE_TIMEOUT = 120.0
 
@@ -50,6 +51,51 @@ def parse_publish(text: str) -> dict:
     return out
 
 
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """A Go duration as Docker's flags take it (10s, 1m30s, 500ms, 0), in seconds."""
+    import re
+    t = text.strip()
+    if t in ("0", ""):
+        return 0.0
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", t)
+    if not parts or "".join(n + u for n, u in parts) != t:
+        raise click.BadParameter(f"invalid duration {text[:40]!r}: expected e.g. 10s, 1m30s or 500ms")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def update_config(parallelism, delay, order, failure_action, old: dict | None = None) -> dict | None:
+    """The update_config of a request from the --update-* flags given (None: none given, keep it)."""
+    if parallelism is None and delay is None and order is None and failure_action is None:
+        return old
+    base = dict(old or {"parallelism": 1, "delay": 0.0, "order": "stop-first", "failure_action": "pause"})
+    if parallelism is not None:
+        base["parallelism"] = parallelism
+    if delay is not None:
+        base["delay"] = parse_duration(delay)
+    if order is not None:
+        base["order"] = order
+    if failure_action is not None:
+        base["failure_action"] = failure_action
+    return base
+
+
+def update_options(f):
+    """Docker's --update-* flags (service create and update)."""
+    for opt in reversed([
+            click.option("--update-parallelism", type=click.IntRange(0, 10000), default=None,
+                         help="tasks updated at once (0: all; default 1)"),
+            click.option("--update-delay", default=None, metavar="DURATION", help="delay between batches (e.g. 10s)"),
+            click.option("--update-order", type=click.Choice(["stop-first", "start-first"]), default=None,
+                         help="stop the old task first (default) or start the new one first"),
+            click.option("--update-failure-action", type=click.Choice(["pause", "continue"]), default=None,
+                         help="when a new task fails: pause the update (default) or continue")]):
+        f = opt(f)
+    return f
+
+
 def spec_from_view(v: dict) -> dict:
     """The create request a service's inspect view stands for (to change it with update/scale)."""
     s = v["Spec"]
@@ -62,7 +108,9 @@ def spec_from_view(v: dict) -> dict:
             "ports": [{"target": p["TargetPort"], "published": p["PublishedPort"], "protocol": p["Protocol"],
                        "mode": p["PublishMode"]} for p in s["EndpointSpec"].get("Ports", [])],
             "endpoint_mode": s["EndpointSpec"]["Mode"], "constraints": s["TaskTemplate"]["Placement"]["Constraints"],
-            "labels": s.get("Labels", {})}
+            "labels": s.get("Labels", {}),
+            **({"update_config": {"parallelism": u["Parallelism"], "delay": u["Delay"] / 1e9, "order": u["Order"],
+                                  "failure_action": u["FailureAction"]}} if (u := s.get("UpdateConfig")) else {})}
 
 
 def wait_converged(client, sid: str, quiet: bool) -> None:
@@ -76,9 +124,15 @@ def wait_converged(client, sid: str, quiet: bool) -> None:
         if now != last and not quiet:
             click.echo(f"overall progress: {now[0]} out of {now[1]} tasks")
             last = now
-        if now[0] == now[1]:
+        state = (v.get("UpdateStatus") or {}).get("State", "")
+        if state in ("paused", "rollback_paused"):
+            click.echo(f"Error: {v['UpdateStatus']['Message']}; see `netweft service ps {v['Spec']['Name']}`, "
+                       "then update again or `netweft service rollback`", err=True)
+            sys.exit(1)
+        if now[0] == now[1] and state not in ("updating", "rollback_started"):
             if not quiet:
-                click.echo("verify: Service converged")
+                click.echo("rollback: rollback completed" if state == "rollback_completed" else
+                           "verify: Service converged")
             return
         if time.monotonic() > deadline:
             click.echo(f"Error: the service did not converge within {CONVERGE_TIMEOUT:g} s; "
@@ -100,15 +154,17 @@ def wait_converged(client, sid: str, quiet: bool) -> None:
 @click.option("--label", multiple=True, metavar="K=V", help="service label; repeatable")
 @click.option("-d", "--detach", is_flag=True, help="do not wait for the tasks to run")
 @click.option("-q", "--quiet", is_flag=True, help="print only the ID")
+@update_options
 @click.argument("cmd", nargs=-1, required=True)
 @click.pass_context
 def service_create(ctx, name, replicas, mode, network, publish, endpoint_mode, env, constraint, label, detach,
-                   quiet, cmd):
+                   quiet, update_parallelism, update_delay, update_order, update_failure_action, cmd):
     """Create a service: netweft service create --name S [OPTIONS] -- CMD [ARGS...]"""
     body = {"name": name, "command": list(cmd), "env": validate.parse_key_values(list(env), "env"),
             "mode": mode, "replicas": replicas, "networks": list(network),
             "ports": [parse_publish(p) for p in publish], "endpoint_mode": endpoint_mode,
-            "constraints": list(constraint), "labels": validate.parse_key_values(list(label), "label")}
+            "constraints": list(constraint), "labels": validate.parse_key_values(list(label), "label"),
+            "update_config": update_config(update_parallelism, update_delay, update_order, update_failure_action)}
     client = api(ctx)
     sid = client.call("POST", "/services/create", body)["ID"]
     click.echo(sid)
@@ -132,7 +188,7 @@ def service_ls(ctx, quiet):
         mode = "replicated" if "Replicated" in v["Spec"]["Mode"] else "global"
         ports = ", ".join(f"*:{p['PublishedPort']}->{p['TargetPort']}/{p['Protocol']}" for p in v["Endpoint"]["Ports"])
         rows.append([v["ID"][:12], v["Spec"]["Name"], mode, f"{st['RunningTasks']}/{st['DesiredTasks']}", ports])
-    table(["ID", "NAME", "MODE", "REPLICAS", "PORTS"], rows)
+    click.echo(render.table(["ID", "NAME", "MODE", "REPLICAS", "PORTS"], rows))
 
 
 @service.command("ps")
@@ -152,7 +208,7 @@ def service_ps(ctx, quiet, no_trunc, services):
             rows.append([tid, v["Name"], v["Node"], v["DesiredState"].capitalize(),
                          v["Status"]["State"].capitalize(), v["Status"]["Err"]])
     if not quiet:
-        table(["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"], rows)
+        click.echo(render.table(["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"], rows))
 
 
 @service.command("inspect")
@@ -196,12 +252,16 @@ def service_scale(ctx, detach, pairs):
 @click.option("--publish-add", multiple=True)
 @click.option("--publish-rm", multiple=True, metavar="TARGET", type=int)
 @click.option("-d", "--detach", is_flag=True, help="do not wait for the tasks to run")
+@update_options
 @click.argument("name")
 @click.pass_context
 def service_update(ctx, replicas, env_add, env_rm, constraint_add, constraint_rm, publish_add, publish_rm, detach,
-                   name):
-    """Change a service; its tasks are replaced when more than the replica count changes."""
+                   update_parallelism, update_delay, update_order, update_failure_action, name):
+    """Change a service; when more than the replica count changes its tasks are replaced, a batch at a time
+    (--update-parallelism, --update-delay, --update-order, --update-failure-action)."""
     def change(b):
+        b["update_config"] = update_config(update_parallelism, update_delay, update_order, update_failure_action,
+                                           b.get("update_config"))
         if replicas is not None:
             b["replicas"] = replicas
         b["env"].update(validate.parse_key_values(list(env_add), "env"))
@@ -210,6 +270,21 @@ def service_update(ctx, replicas, env_add, env_rm, constraint_add, constraint_rm
         b["constraints"] = [c for c in b["constraints"] if c not in constraint_rm] + list(constraint_add)
         b["ports"] = [p for p in b["ports"] if p["target"] not in publish_rm] + [parse_publish(p) for p in publish_add]
     _update(ctx, name, change, detach)
+
+
+@service.command("rollback")
+@click.option("-d", "--detach", is_flag=True, help="do not wait for the tasks to run")
+@click.option("-q", "--quiet", is_flag=True, help="no progress")
+@click.argument("name")
+@click.pass_context
+def service_rollback(ctx, detach, quiet, name):
+    """Return a service to its spec before the last update (rolled out like an update)."""
+    client = api(ctx)
+    v = client.call("GET", f"/services/{ref(name)}")
+    client.call("POST", f"/services/{ref(v['ID'])}/rollback")
+    click.echo(v["Spec"]["Name"])
+    if not detach:
+        wait_converged(client, v["ID"], quiet)
 
 
 @service.command("rm")
@@ -230,15 +305,33 @@ def service_rm(ctx, services):
 
 
 @service.command("logs")
+@click.option("-f", "--follow", is_flag=True, help="follow the output")
+@click.option("-n", "--tail", default="all", show_default=True, help="lines from the end of each task's log")
+@click.option("-t", "--timestamps", is_flag=True, help="show when each line was read by its task's host")
+@click.option("--no-trunc", is_flag=True, help="full task IDs")
 @click.argument("name")
 @click.pass_context
-def service_logs(ctx, name):
-    """Output of the service's tasks that run on this host (each line prefixed TASK@NODE)."""
-    r = api(ctx).call("GET", f"/services/{ref(name)}/logs")
-    for line in r["Lines"]:
-        click.echo(line)
-    for where in r["Elsewhere"]:
-        click.echo(f"({where}: runs on another host; run `netweft service logs {name}` there)", err=True)
-
-
-
+def service_logs(ctx, follow, tail, timestamps, no_trunc, name):
+    """Output of every task of a service, on whichever host it runs (each line prefixed TASK@NODE)."""
+    import json
+    if tail != "all" and not tail.isdigit():
+        raise click.BadParameter(f"invalid --tail {tail!r}: a number of lines or all")
+    q = {"tail": tail, "follow": int(follow), "timestamps": int(timestamps), "no_trunc": int(no_trunc)}
+    buf, failed = b"", False
+    try:
+        for chunk in api(ctx).stream(f"/services/{ref(name)}/logs", **q):
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if not line:
+                    continue
+                msg = json.loads(line)
+                if "out" in msg:
+                    click.echo(msg["out"])
+                else:
+                    click.echo(f"error: {msg.get('err', '')}", err=True)
+                    failed = True
+    except KeyboardInterrupt:
+        return
+    if failed:
+        sys.exit(1)

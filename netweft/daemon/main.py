@@ -19,7 +19,7 @@ from aiohttp import web  # noqa: E402
 from netweft import __version__, validate
 from netweft import metrics
 from netweft.agent.vip import ServiceBalancer
-from netweft.daemon import cni_api, config, docker_driver, doctor, events_api, logs, memory, tasks
+from netweft.daemon import cni_api, config, docker_driver, doctor, events_api, logs, memory, tasklogs, tasks
 from netweft.daemon.api import build_app
 from netweft.daemon.engine import Engine
 from netweft.daemon.names import ContainerNames, parse_upstream
@@ -173,6 +173,8 @@ class Daemon:
         self.extra_routes.append(doctor.routes(self))
         self.engine.names = ContainerNames(self.engine, [parse_upstream(a) for a in args.dns or []])
         self.tasks = tasks.TaskRunner(self.engine)   # this host's service tasks
+        self.tasklogs = tasklogs.LogAgent(self.engine)   # their logs, for `service logs` on any manager
+        self.extra_routes.append(tasklogs.routes(self))
         self.balancer = ServiceBalancer(self.dataplane)   # service VIPs in this host's containers
 
     def info(self) -> dict:
@@ -188,6 +190,7 @@ class Daemon:
         await self.swarm.start()
         await self.engine.names.start()
         self.tasks.start()
+        self.tasklogs.start()
         balancing = asyncio.get_running_loop().create_task(self.balancer.run(lambda: self.engine.overlay_agent))
         app = build_app(self)
         app.middlewares[0:0] = metrics.middlewares("local")
@@ -218,6 +221,7 @@ class Daemon:
         for o in self.observers:
             await o.stop()
         await self.tasks.stop()
+        await self.tasklogs.stop()
         balancing.cancel()
         await asyncio.gather(balancing, return_exceptions=True)
         await self.swarm.stop()

@@ -1,17 +1,20 @@
 """Service tasks on this host: the agent's plan (agent/services.py) carried out with the engine, and the
 local API's service commands (forwarded to the leader like the other administrative calls).
 
-Every POLL seconds, while the host is in a swarm, the runner fetches its assignments, compares them
-with its task containers (netweft containers labelled with their task's ID) and starts, removes and
-reports. A task container is named after its task (SERVICE.SLOT.ID, cut at 64 characters), is on the
-service's networks with the aliases `tasks.SERVICE` (and SERVICE itself with --endpoint-mode dnsrr),
-and is removed as soon as it exits, so its name leaves DNS at once; the manager starts a replacement.
+While the host is in a swarm, the runner looks at its assignments and compares them with its task
+containers (netweft containers labelled with their task's ID), then starts, removes and reports. It does
+so when the watch says something changed (model/watch.py: this node's tasks and every service come as
+events; the overlay agent hands them to `observe`), at each (re)connection of the watch, right after a
+round that changed something (to report what it started), and every RESYNC seconds (level-triggered:
+whatever was missed). A task container is named after its task (SERVICE.SLOT.ID, cut at 64 characters),
+is on the service's networks with the aliases `tasks.SERVICE` (and SERVICE itself with --endpoint-mode
+dnsrr), and is removed as soon as it exits, so its name leaves DNS at once; the manager starts a
+replacement.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from aiohttp import web
 
@@ -19,11 +22,13 @@ from netweft.agent.services import Assignment, Assignments, LocalTask, plan
 from netweft.daemon.mesh import SANDBOX, RoutingMesh
 from netweft.errors import NetweftError, NotFound
 from netweft.model.codec import convert, to_builtins
+from netweft.model.watch import NetworkEvent, ServiceEvent, TaskEvent
 
 log = logging.getLogger("netweft.tasks")
 
-POLL = 0.3                         # seconds between looks at the assignments (at the managers)
+RESYNC = 10.0                      # seconds between looks at the assignments when the watch said nothing
 EXIT_POLL = 0.1                    # seconds between looks at the task containers (on this host)
+DRAIN = 0.5                        # seconds between a stopping task leaving the VIPs and its stop
 TASK_LABEL = "com.docker.swarm.task.id"
 SERVICE_LABEL = "com.docker.swarm.service.name"
 
@@ -45,6 +50,17 @@ class TaskRunner:
         self.mesh = RoutingMesh(engine)
         self._in_swarm: bool | None = None
         self._logged: set[str] = set()
+        self._due = True                  # a round is wanted (the watch said so, or the last one acted)
+        self._wake = asyncio.Event()
+        self._observed = None             # the overlay agent whose watch we observe
+        self.rounds = 0                   # rounds run (tests and benchmarks look)
+
+    def observe(self, ev) -> None:
+        """An event of the watch (None: the stream (re)connected): a round at once if it may concern us."""
+        if ev is None or isinstance(ev, (TaskEvent, ServiceEvent)) or (
+                isinstance(ev, NetworkEvent) and ev.object.ingress):
+            self._due = True
+            self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -67,10 +83,19 @@ class TaskRunner:
         return out
 
     async def _loop(self) -> None:
-        tick = 0
+        last = 0.0
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(EXIT_POLL)
+            try:
+                async with asyncio.timeout(EXIT_POLL):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
             agent = self.engine.overlay_agent
+            if agent is not None and agent is not self._observed:
+                agent.observers.append(self.observe)
+                self._observed, self._due = agent, True
             if agent is None:
                 if self._in_swarm is not False:   # at start, or it just left: once, not every tick
                     self._in_swarm = False
@@ -80,15 +105,20 @@ class TaskRunner:
                         log.exception("service tasks: removing the task containers of a left swarm failed")
                 continue
             self._in_swarm = True
-            tick += 1
             try:
-                if tick % round(POLL / EXIT_POLL):
-                    await self.reap(agent.client)
+                if self._due or loop.time() - last >= RESYNC:
+                    self._due = False
+                    last = loop.time()
+                    self.rounds += 1
+                    if await self.round(agent.client):
+                        self._due = True    # report what it started (or retry) in the next round
                 else:
-                    await self.round(agent.client)
+                    await self.reap(agent.client)
             except asyncio.CancelledError:
                 raise
             except NetweftError as e:
+                self._due = True   # retried at the next tick... after a pause: no manager, no hurry
+                await asyncio.sleep(1.0)
                 if str(e) not in self._logged:   # e.g. no manager reachable: once, not every round
                     self._logged.add(str(e))
                     log.warning("service tasks: cannot reach the managers; tasks keep running",
@@ -131,7 +161,8 @@ class TaskRunner:
                                                                                     "reason": str(e)})
         await client.call("POST", "/tasks/status", report)
 
-    async def round(self, client) -> None:
+    async def round(self, client) -> bool:
+        """One look at the assignments; True if it started or removed a container."""
         got = convert(await client.call("GET", "/tasks/assigned"), Assignments, "task assignments")
         assignments = got.tasks
         self._logged.clear()
@@ -141,6 +172,8 @@ class TaskRunner:
         actions = plan(assignments, local, self.failed)
         exited = [lt for lt in local if lt.status == "exited" and lt.task_id in wanted]
         report = list(actions.report)
+        running = {lt.container for lt in local if lt.status == "running"}
+        await self._drain([n for n in dict.fromkeys(actions.remove) if n in running])
         for name in dict.fromkeys(actions.remove + [lt.container for lt in exited]):
             try:
                 await self.engine.remove_container(name, force=True)
@@ -158,6 +191,24 @@ class TaskRunner:
         if report:
             await client.call("POST", "/tasks/status", [to_builtins(s) for s in report])
         await self.mesh.sync(got)
+        return bool(actions.start or actions.remove or exited)
+
+    async def _drain(self, names: list[str]) -> None:
+        """Running task containers about to be stopped leave their networks first, and DRAIN seconds pass:
+        their addresses go from every host's VIP maps and DNS (through the watch) before they stop
+        answering, so a rolling update or a scale-down refuses no new connection."""
+        left = False
+        for name in names:
+            try:
+                ctr = self.engine.container(name)
+                for ep in self.engine.endpoints_of(ctr["Id"]):
+                    await self.engine.disconnect(ep.network_id, ctr["Id"])
+                    left = True
+            except NetweftError as e:   # it is removed anyway
+                log.info("service tasks: a task container could not leave its networks before it stops",
+                         extra={"container": name, "reason": str(e)})
+        if left:
+            await asyncio.sleep(DRAIN)
 
     async def _start(self, a: Assignment) -> None:
         spec = a.service
@@ -217,6 +268,12 @@ def routes(daemon) -> web.RouteTableDef:
         return web.json_response(await admin("POST", f"/services/{_q(ref)}/update", _json(body),
                                              local=lambda: svc().update(ref, body)))
 
+    @r.post("/services/{ref}/rollback")
+    async def rollback(request):
+        ref = request.match_info["ref"]
+        return web.json_response(await admin("POST", f"/services/{_q(ref)}/rollback", {},
+                                             local=lambda: svc().rollback(ref)))
+
     @r.delete("/services/{ref}")
     async def rm(request):
         ref = request.match_info["ref"]
@@ -228,27 +285,6 @@ def routes(daemon) -> web.RouteTableDef:
         service = request.query.get("service") or None
         path = "/tasks" + (f"?service={_q(service)}" if service else "")
         return web.json_response(await admin("GET", path, local=lambda: svc().task_views(service)))
-
-    @r.get("/services/{ref}/logs")
-    async def logs(request):
-        """The logs of the service's tasks that run on this host, each line prefixed with its task."""
-        ref = request.match_info["ref"]
-        views = await admin("GET", f"/tasks?service={_q(ref)}", local=lambda: svc().task_views(ref))
-        out, elsewhere = [], []
-        for v in views:
-            ctr = daemon.engine.store.find("containers", v["Name"][:64])
-            if ctr is None:
-                if v["DesiredState"] == "running" and v["Node"]:
-                    elsewhere.append(f"{v['Name']}@{v['Node']}")
-                continue
-            try:
-                with open(ctr["LogPath"], "rb") as f:
-                    f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 20)))
-                    text = f.read().decode(errors="replace")
-            except OSError:
-                continue
-            out += [f"{v['Name']}@{v['Node']}    | {line}" for line in text.splitlines()]
-        return web.json_response({"Lines": out, "Elsewhere": elsewhere})
 
     return r
 

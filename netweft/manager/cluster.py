@@ -29,6 +29,7 @@ from netweft.manager.leader import Coordination
 from netweft.manager.ha import ManagersOnEtcd
 from netweft.pki import sealed
 from netweft.manager.services import Services
+from netweft.manager import tasklogs
 from netweft.model import codec
 from netweft.model.api import NodeUpdate, peer_health_view
 from netweft.model.objects import Labels, Node, ShortText
@@ -193,6 +194,7 @@ class Manager(ManagersOnEtcd):
             self.overlays = Overlays(self.hub, self.spec)
             self.overlays.host_claims = self.host_claims
             self.services = Services(self.hub, self.overlays)
+            self.logs = tasklogs.LogRelay(lambda: self.state, self._hostname)
             f = files(self.dir)
             ctx = self.ctx = pki.server_ssl_context(pki.load_pem(f["ca"]), pki.load_pem(f["cert"]),
                                                     pki.load_pem(f["key"]), require_client_cert=False)
@@ -765,4 +767,9 @@ class Manager(ManagersOnEtcd):
         app.add_routes(routes)
         app.add_routes(self.services.routes())
         app.add_routes(self.ha_routes())
+        app.add_routes(tasklogs.routes(self.logs))   # service logs across hosts
         return app
+
+    def _hostname(self, node_id: str) -> str:
+        n = self.state.get(NODES, node_id)
+        return n.hostname if n is not None else node_id

@@ -9,7 +9,8 @@ with their tasks and the nodes, and plans the difference:
   with == or !=). A task on a node that is Down is replaced once the node has been Down for the grace
   period (its old task is marked orphaned), not before: a short network cut must not reshuffle a cluster;
 - a task that exited (complete or failed, the restart policy being "any") is replaced, on any eligible node;
-- a task of an older service version is replaced (all at once: no rolling-update parallelism yet);
+- a task of an older service version is replaced by a rolling update (`_roll`): `parallelism` tasks at a time,
+  `delay` seconds between batches, stop-first or start-first, paused by a failed new task (or not);
 - new tasks go where the service has the fewest live tasks, then where the fewest tasks run at all
   (spread), ties by node id;
 - finished tasks are kept as history, HISTORY per slot (or per node), then deleted; tasks of a removed
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from netweft.model.objects import Node
-from netweft.model.services import FINISHED, Service, Task
+from netweft.model.services import FINISHED, Service, Task, UpdateStatus
 
 HISTORY = 5                   # finished tasks kept per slot (Docker's task-history-retention-limit)
 DOWN_GRACE = 5.0              # seconds a node may be Down before its tasks are placed elsewhere
@@ -65,9 +66,11 @@ class Plan:
     create: list[Task] = field(default_factory=list)
     update: list[Task] = field(default_factory=list)    # changed copies of existing tasks
     delete: list[str] = field(default_factory=list)     # task ids
+    services: list[Service] = field(default_factory=list)   # services whose update status changed
+    wake: float | None = None                           # seconds until a delayed update batch is due
 
     def empty(self) -> bool:
-        return not (self.create or self.update or self.delete)
+        return not (self.create or self.update or self.delete or self.services)
 
 
 def _live(t: Task) -> bool:
@@ -76,10 +79,12 @@ def _live(t: Task) -> bool:
 
 def schedule(services: list[Service], tasks: list[Task], nodes: list[Node], now: float,
              down_since: dict[str, float], new_id: Callable[[], str], stamp: str = "",
-             grace: float = DOWN_GRACE) -> Plan:
+             grace: float = DOWN_GRACE, clock: float | None = None) -> Plan:
     """The plan that brings tasks to what the services want. `down_since`: node id -> when the manager
-    first saw it Down. `new_id` makes task ids; `stamp` is the time written into changed tasks."""
+    first saw it Down. `new_id` makes task ids; `stamp` is the time written into changed tasks; `clock`
+    the wall clock in seconds (update delays; `now` if not given)."""
     plan = Plan()
+    clock = now if clock is None else clock
     by_node = {n.id: n for n in nodes}
     changed: dict[str, Task] = {}
 
@@ -130,13 +135,12 @@ def schedule(services: list[Service], tasks: list[Task], nodes: list[Node], now:
         svc_load = Counter(t.node_id for t in mine if _live(t))
 
         def check(t: Task) -> bool:
-            """Whether a live task may go on; if not, it is stopped here."""
+            """Whether a live task may go on; if not, it is stopped here. A task of an older version may go
+            on: the rolling update (below) replaces it in its turn."""
             if t.node_id and node_lost(t.node_id):
                 stop(t, "its node is down", orphan=True)
             elif t.node_id not in may_stay:
                 stop(t, "its node is drained or no longer satisfies the constraints")
-            elif t.spec_version != svc.version:
-                stop(t, "the service was updated")
             else:
                 return True
             svc_load[t.node_id] -= 1
@@ -153,34 +157,48 @@ def schedule(services: list[Service], tasks: list[Task], nodes: list[Node], now:
             svc_load[node.id] += 1
             load[node.id] += 1
 
+        def settle(ts: list[Task], extra: str) -> tuple[Task | None, Task | None]:
+            """One group's live tasks (a slot's, or a global service's on one node) down to at most one of
+            the current version and one older one; returns them (current, older)."""
+            keep = [t for t in ts if _live(t) and check(t)]
+            cur = [t for t in keep if t.spec_version == svc.version]
+            old = [t for t in keep if t.spec_version != svc.version]
+            for t in cur[1:] + old[1:]:
+                stop(t, extra)
+            if cur and old and (cur[0].state == "running" or svc.spec.update_config.order == "stop-first"):
+                stop(old[0], "the service was updated")
+                return cur[0], None
+            return (cur[0] if cur else None), (old[0] if old else None)
+
+        groups: dict[object, tuple[Task | None, Task | None]] = {}
         if svc.spec.mode == "replicated":
             slots: dict[int, list[Task]] = {}
             for t in mine:
                 slots.setdefault(t.slot, []).append(t)
             for slot, ts in sorted(slots.items()):
-                live = [t for t in ts if _live(t)]
                 if slot > svc.spec.replicas or slot < 1:
-                    for t in live:
-                        stop(t, "the service was scaled down")
+                    for t in ts:
+                        if _live(t):
+                            stop(t, "the service was scaled down")
                     continue
                 # One live task per slot: extras (a race of two managers) are shut down.
-                keep = [t for t in live if check(t)]
-                for t in keep[1:]:
-                    stop(t, "another task holds this slot")
+                groups[slot] = settle(ts, "another task holds this slot")
+            rolled = _roll(svc, groups, mine, clock, stamp, plan, stop, lambda slot: place(slot) or bool(eligible))
             for slot in range(1, svc.spec.replicas + 1):
                 ts = slots.get(slot, [])
-                if not any(_live(changed.get(t.id, t)) for t in ts):
+                if not any(_live(changed.get(t.id, t)) for t in ts) and slot not in rolled:
                     place(slot)
         else:
             per_node: dict[str, list[Task]] = {}
             for t in mine:
                 per_node.setdefault(t.node_id, []).append(t)
-            for node_id, ts in per_node.items():
-                keep = [t for t in ts if _live(t) and check(t)]
-                for t in keep[1:]:
-                    stop(t, "another task runs on this node")
+            for node_id, ts in sorted(per_node.items()):
+                groups[node_id] = settle(ts, "another task runs on this node")
+            ok = {n.id for n in eligible}
+            rolled = _roll(svc, groups, mine, clock, stamp, plan, stop,
+                           lambda node_id: node_id in ok and (place(0, by_node[node_id]) or True))
             for n in eligible:
-                if not any(_live(changed.get(t.id, t)) for t in per_node.get(n.id, [])):
+                if not any(_live(changed.get(t.id, t)) for t in per_node.get(n.id, [])) and n.id not in rolled:
                     place(0, n)
 
         # History: finished tasks beyond HISTORY per slot (per node for global) are deleted.
@@ -198,6 +216,63 @@ def schedule(services: list[Service], tasks: list[Task], nodes: list[Node], now:
     deleted = set(plan.delete)
     plan.update = [t for t in changed.values() if t.id not in deleted]
     return plan
+
+
+def _roll(svc: Service, groups: dict, mine: list[Task], clock: float, stamp: str, plan: Plan, stop,
+          replace) -> set:
+    """One round of the service's rolling update over its groups (slot or node -> (current task, older
+    task)): which older tasks are replaced now, and the update's status. Returns the groups whose new task
+    this round placed itself (start-first: beside the old one)."""
+    cfg = svc.spec.update_config
+    silent = svc.update_status is None      # never updated: nothing to report
+    status = svc.update_status or UpdateStatus(state="updating")
+    rollback = status.state.startswith("rollback")
+    active = status.state in ("updating", "rollback_started")
+    in_flight = [k for k, (cur, _) in groups.items() if cur is not None and cur.state != "running"]
+    waiting = sorted((k for k, (cur, old) in groups.items() if cur is None and old is not None), key=str)
+    out: set = set()
+
+    def set_status(**fields) -> None:
+        new = msgspec.structs.replace(status, **fields)
+        if new != status and not silent:
+            plan.services.append(msgspec.structs.replace(svc, update_status=new))
+
+    if status.state in ("paused", "rollback_paused"):
+        return out   # until the operator updates again (or rolls back)
+    if active and not silent and cfg.failure_action == "pause":
+        bad = next((t for t in mine if t.spec_version == svc.version and t.state in ("failed", "rejected")), None)
+        if bad is not None:
+            what = "rollback" if rollback else "update"
+            set_status(state="rollback_paused" if rollback else "paused",
+                       message=f"{what} paused due to failure or early termination of task {bad.id}")
+            return out
+    if not waiting:
+        if not in_flight and active:
+            set_status(state="rollback_completed" if rollback else "completed", completed=stamp,
+                       message=f"{'rollback' if rollback else 'update'} completed", batch_done=0.0)
+        return out
+    budget = (cfg.parallelism or len(waiting)) - len(in_flight)
+    if budget <= 0:
+        return out
+    if cfg.delay > 0:
+        started = any(t.spec_version == svc.version for t in mine)   # a batch ran already
+        if started and not in_flight:
+            if status.batch_done <= 0:
+                set_status(batch_done=clock)
+                plan.wake = cfg.delay if plan.wake is None else min(plan.wake, cfg.delay)
+                return out
+            if clock < status.batch_done + cfg.delay:
+                left = status.batch_done + cfg.delay - clock
+                plan.wake = left if plan.wake is None else min(plan.wake, left)
+                return out
+        set_status(batch_done=0.0)
+    for k in waiting[:budget]:
+        _, old = groups[k]
+        if cfg.order == "stop-first":
+            stop(old, "the service was updated")
+        elif replace(k):
+            out.add(k)
+    return out
 
 
 def service_running(svc: Service, tasks: list[Task], nodes: list[Node]) -> tuple[int, int]:

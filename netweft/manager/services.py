@@ -5,9 +5,11 @@ Hub's state like nodes and networks. The leader runs the scheduler (manager/sche
 loop: at once after an operator's call or an agent's report, and every ROUND seconds (node changes: drain,
 Down, the grace period), it plans and writes the difference in one transaction.
 
-Agents ask for their assignments (GET /tasks/assigned: the node's tasks with what is needed to run
-them) every POLL seconds and report their tasks' states (POST /tasks/status); a node can report only
-its own tasks. Docker-shaped JSON (service and task inspect) is made here, at the API edge.
+A node hears of its tasks and of every service through its watch (manager/watch.py: task events to
+the task's node, service events to all); it then asks for its assignments (GET /tasks/assigned: the
+node's tasks with what is needed to run them) and reports its tasks' states (POST /tasks/status); a node
+can report only its own tasks. An update makes a new version of the service, which the scheduler rolls
+out over the tasks as its update config says (scheduler._roll); `rollback` returns to the previous spec. Docker-shaped JSON (service and task inspect) is made here, at the API edge.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from netweft.ipam import address as ipam
 from netweft.manager.overlays import GUARD, net_guard, subnet_config
 from netweft.manager.watch import ALLOCATIONS, ENDPOINTS
 from netweft.model.objects import Endpoint, Network, Node, Owner
-from netweft.model.services import PortConfig, Service, ServiceSpec, Task, TaskStatus
+from netweft.model.services import PortConfig, Service, ServiceSpec, Task, TaskStatus, UpdateConfig, UpdateStatus
 from netweft.store.api import Compare, Delete, Put
 
 log = logging.getLogger("netweft.manager.services")
@@ -66,6 +68,13 @@ class ServiceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     endpoint_mode: str = "vip"
     constraints: list[str] = []
     labels: dict[str, str] = {}
+    update_config: UpdateConfig | None = None      # None: as before (an update keeps the service's)
+
+
+def update_config_view(c: UpdateConfig) -> dict:
+    """Docker's UpdateConfig (Delay in nanoseconds)."""
+    return {"Parallelism": c.parallelism, "Delay": int(c.delay * 1e9), "FailureAction": c.failure_action,
+            "Order": c.order, "MaxFailureRatio": 0}
 
 
 class Services:
@@ -74,6 +83,7 @@ class Services:
         self.down_since: dict[str, float] = {}
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._wake: float | None = None     # seconds until a delayed update batch is due
         # What the overlay allocations ask of services (manager/overlays.py).
         overlays.may_attach = self.may_attach
         overlays.check_removal = lambda net: ingress.check_removal(net, [s.spec for s in self.services()])
@@ -148,7 +158,9 @@ class Services:
         replicas = req.replicas if req.replicas is not None else (old.spec.replicas if old else 1)
         doc = {"name": req.name, "command": req.command, "env": req.env, "mode": req.mode, "replicas": replicas,
                "networks": nets, "ports": [codec.to_builtins(p) for p in req.ports],
-               "endpoint_mode": req.endpoint_mode, "constraints": req.constraints, "labels": req.labels}
+               "endpoint_mode": req.endpoint_mode, "constraints": req.constraints, "labels": req.labels,
+               "update_config": codec.to_builtins(req.update_config or (old.spec.update_config if old
+                                                                        else UpdateConfig()))}
         return codec.convert(doc, ServiceSpec, "service")
 
     def _check_ports(self, spec: ServiceSpec, sid: str | None) -> None:
@@ -234,10 +246,37 @@ class Services:
             spec = self._spec(req, old)
             self._check_ports(spec, old.id)
             spec = msgspec.structs.replace(spec, ports=self._assign_ports(spec, old.id))
-            # Only the replica count changed: a scale, not a new version (no task is replaced).
-            scale_only = msgspec.structs.replace(spec, replicas=old.spec.replicas) == old.spec
+            # Only the replica count (or how updates roll) changed: not a new version (no task is replaced).
+            scale_only = msgspec.structs.replace(spec, replicas=old.spec.replicas,
+                                                 update_config=old.spec.update_config) == old.spec
             svc = msgspec.structs.replace(old, spec=spec, updated=utcnow(),
                                           version=old.version if scale_only else old.version + 1)
+            if not scale_only:   # a rolling update starts (manager/scheduler.py replaces the tasks)
+                svc = msgspec.structs.replace(svc, previous_spec=old.spec, update_status=UpdateStatus(
+                    state="updating", started=utcnow(), message="update in progress"))
+            compares, ops = self._vip_ops(svc, old)
+            return ([Compare(SERVICES, old.id, self.state.mod_rev(SERVICES, old.id)), *compares],
+                    [Put(SERVICES, svc.id, codec.encode(svc)), *ops], svc)
+
+        async with self._lock:
+            svc, _ = await self.hub.commit(plan)
+        self._kick.set()
+        return {"ID": svc.id, "Version": svc.version}
+
+    async def rollback(self, ref: str) -> dict:
+        """`service rollback`: the spec before the last update comes back, rolled out as an update is (the
+        rolled-back spec becomes the previous one: a second rollback undoes the first, as Docker's)."""
+        def plan():
+            old = self.service(ref)
+            if old.previous_spec is None:
+                raise Conflict(f"service {old.spec.name!r} has no previous spec to roll back to "
+                               "(it was never updated)")
+            spec = old.previous_spec
+            self._check_ports(spec, old.id)
+            svc = msgspec.structs.replace(old, spec=spec, previous_spec=old.spec, updated=utcnow(),
+                                          version=old.version + 1, update_status=UpdateStatus(
+                                              state="rollback_started", started=utcnow(),
+                                              message="rollback in progress"))
             compares, ops = self._vip_ops(svc, old)
             return ([Compare(SERVICES, old.id, self.state.mod_rev(SERVICES, old.id)), *compares],
                     [Put(SERVICES, svc.id, codec.encode(svc)), *ops], svc)
@@ -323,8 +362,8 @@ class Services:
     async def run(self) -> None:
         """The scheduling loop; the manager runs it as one of its tasks (and cancels it)."""
         while True:
-            try:
-                await asyncio.wait_for(self._kick.wait(), ROUND)
+            try:   # sooner than a round when an update's delay ends before it
+                await asyncio.wait_for(self._kick.wait(), min(ROUND, self._wake if self._wake else ROUND))
             except asyncio.TimeoutError:
                 pass
             self._kick.clear()
@@ -347,14 +386,18 @@ class Services:
 
         def plan():
             p = scheduler.schedule(self.services(), self.tasks(), self.state.nodes(), now, self.down_since,
-                                   new_id, utcnow())
+                                   new_id, utcnow(), clock=time.time())
             ops = [Put(TASKS, t.id, codec.encode(t)) for t in p.create + p.update]
             ops += [Delete(TASKS, i) for i in p.delete]
+            ops += [Put(SERVICES, s.id, codec.encode(s)) for s in p.services]
             compares = [Compare(TASKS, t.id, self.state.mod_rev(TASKS, t.id)) for t in p.update]
+            compares += [Compare(SERVICES, s.id, self.state.mod_rev(SERVICES, s.id)) for s in p.services]
             return compares, ops, p
 
         async with self._lock:
-            if plan()[2].empty():   # the usual round: nothing to write, no transaction
+            first = plan()[2]
+            self._wake = first.wake
+            if first.empty():   # the usual round: nothing to write, no transaction
                 return scheduler.Plan()
             p, _ = await self.hub.commit(plan)
         if not p.empty():
@@ -379,10 +422,19 @@ class Services:
         }
         vips = [{"NetworkID": ep.network_id, "Addr": f"{ep.ip}/{ep.prefix_len}"}
                 for ep in sorted(self._vip_endpoints(svc.id), key=lambda e: e.network_id)]
-        return {"ID": svc.id, "Version": {"Index": svc.version}, "CreatedAt": svc.created, "UpdatedAt": svc.updated,
+        docker_spec["UpdateConfig"] = update_config_view(spec.update_config)
+        view = {"ID": svc.id, "Version": {"Index": svc.version}, "CreatedAt": svc.created, "UpdatedAt": svc.updated,
                 "Spec": docker_spec, "Endpoint": {"Spec": docker_spec["EndpointSpec"], "Ports": ports,
                                                   "VirtualIPs": vips},
                 "ServiceStatus": {"RunningTasks": running, "DesiredTasks": desired}}
+        if svc.update_status is not None:
+            u = svc.update_status
+            view["UpdateStatus"] = {"State": u.state, "StartedAt": u.started, "Message": u.message,
+                                    **({"CompletedAt": u.completed} if u.completed else {})}
+        if svc.previous_spec is not None:
+            view["PreviousSpec"] = {"Name": svc.previous_spec.name,
+                                    "UpdateConfig": update_config_view(svc.previous_spec.update_config)}
+        return view
 
     def task_view(self, t: Task) -> dict:
         node = self.state.get("nodes", t.node_id) if t.node_id else None
@@ -442,6 +494,11 @@ class Services:
         @allow(MANAGER)
         async def update(request):
             return web.json_response(await self.update(request.match_info["ref"], await request.read()))
+
+        @routes.post("/admin/services/{ref}/rollback")
+        @allow(MANAGER)
+        async def rollback(request):
+            return web.json_response(await self.rollback(request.match_info["ref"]))
 
         @routes.delete("/admin/services/{ref}")
         @allow(MANAGER)

@@ -39,7 +39,8 @@ NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS = "nodes", "networks", "endpoin
 CA, ELECTION, PRESENCE, HEARTBEATS = "ca", "election", "managers", "heartbeats"
 SERVICES, TASKS = "services", "tasks"    # manager/services.py
 KINDS = (NODES, NETWORKS, ENDPOINTS, CLUSTER, ALLOCATIONS, CA, ELECTION, PRESENCE, HEARTBEATS, SERVICES, TASKS)
-WATCHED = {NODES: b"node", NETWORKS: b"network", ENDPOINTS: b"endpoint"}
+WATCHED = {NODES: b"node", NETWORKS: b"network", ENDPOINTS: b"endpoint",
+           SERVICES: b"service", TASKS: b"task"}   # services: to every node; a task: to its node
 _TYPES = {NODES: Node, NETWORKS: Network, ENDPOINTS: Endpoint, SERVICES: Service, TASKS: Task}
 CLOCK = "clock"   # not kept in the state: commits rewrite it with the time (see manager/events.py)
 CLOCK_EVERY = 0.1  # seconds: a commit sooner after the last stamp carries none (its time is the last one's)
@@ -204,6 +205,9 @@ class Batch:
             self.touched.setdefault(net, set())
             if obj.ingress:   # every node watches the ingress network: its removal reaches them all too
                 self.everyone.add(net)
+        elif kind == TASKS:   # the task's node only: a key no network has, touched by that node
+            net = "@" + obj.node_id
+            self.touched.setdefault(net, set()).add(obj.node_id)
         else:
             self.has_nodes = True
         self.events.append((net, event_bytes(kind, action, raw)))

@@ -35,6 +35,26 @@ class PortConfig(msgspec.Struct, frozen=True, kw_only=True):
     mode: Literal["ingress", "host"] = "ingress"
 
 
+class UpdateConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """How an update replaces the tasks (Docker's --update-*): `parallelism` tasks at a time (0: all at
+    once), `delay` seconds between batches, the new task started before the old one stops (start-first)
+    or after (stop-first), and what a failed new task does to the update (pause it, or continue)."""
+    parallelism: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 1
+    delay: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 0.0
+    order: Literal["stop-first", "start-first"] = "stop-first"
+    failure_action: Literal["pause", "continue"] = "pause"
+
+
+class UpdateStatus(msgspec.Struct, kw_only=True):
+    """Where the service's last update (or rollback) stands (Docker's UpdateStatus)."""
+    state: Literal["updating", "paused", "completed", "rollback_started", "rollback_paused",
+                   "rollback_completed"] = "updating"
+    started: ShortText = ""
+    completed: ShortText = ""
+    message: ShortText = ""
+    batch_done: float = 0.0        # wall clock (s) when the last batch finished running; 0 while one runs
+
+
 class ServiceSpec(msgspec.Struct, kw_only=True):
     name: Name
     command: Command
@@ -47,6 +67,7 @@ class ServiceSpec(msgspec.Struct, kw_only=True):
     endpoint_mode: Literal["vip", "dnsrr"] = "vip"
     constraints: Annotated[list[Constraint], msgspec.Meta(max_length=32)] = []
     labels: Labels = {}
+    update_config: UpdateConfig = UpdateConfig()
 
 
 class Service(msgspec.Struct, kw_only=True):
@@ -55,6 +76,8 @@ class Service(msgspec.Struct, kw_only=True):
     version: Annotated[int, msgspec.Meta(ge=1)] = 1   # moves on each update
     created: ShortText = ""
     updated: ShortText = ""
+    update_status: UpdateStatus | None = None
+    previous_spec: ServiceSpec | None = None          # what `service rollback` returns to
 
 
 class Task(msgspec.Struct, kw_only=True):

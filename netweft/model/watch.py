@@ -16,6 +16,9 @@ larger revisions. A network leaves the scope with the node's last endpoint on it
 it then. On resume (since=REV) the manager sends the missed events of the networks in the current
 scope, or a snapshot.
 
+Services (to every node) and the node's own tasks come as events too (not in snapshots: the agent asks
+for its assignments at each (re)connection, and again at each of these events).
+
 The agent applies one object at a time; an object it cannot apply is logged and left to the periodic
 full resync. Its saved revision is the one whose state it holds.
 """
@@ -26,6 +29,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 
 from netweft.model.objects import Endpoint, Network, Node, Owner, Revision
+from netweft.model.services import Service, Task
 
 
 class NodeEvent(msgspec.Struct, tag="node", tag_field="kind"):
@@ -43,7 +47,19 @@ class EndpointEvent(msgspec.Struct, tag="endpoint", tag_field="kind"):
     object: Endpoint
 
 
-Event = Union[NodeEvent, NetworkEvent, EndpointEvent]
+class ServiceEvent(msgspec.Struct, tag="service", tag_field="kind"):
+    """Every node hears of every service (the routing mesh publishes every service's ports on each host)."""
+    action: Literal["put", "delete"]
+    object: Service
+
+
+class TaskEvent(msgspec.Struct, tag="task", tag_field="kind"):
+    """A node hears of its own tasks as they are assigned and change (daemon/tasks.py starts them)."""
+    action: Literal["put", "delete"]
+    object: Task
+
+
+Event = Union[NodeEvent, NetworkEvent, EndpointEvent, ServiceEvent, TaskEvent]
 
 
 class Snapshot(msgspec.Struct, tag="snapshot", tag_field="type"):

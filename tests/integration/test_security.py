@@ -385,8 +385,10 @@ def test_node_rm_closes_the_removed_nodes_watch_and_connections_at_once(lab3):
 def cluster_routes() -> list[tuple[str, str, frozenset | None]]:
     """(method, path with its variables filled, declared roles) of every route of the real cluster app."""
     from netweft.manager.services import Services
+    from netweft.manager.tasklogs import LogRelay
     bare = Manager.__new__(Manager)   # the routes only: no store, no CA, nothing served
     bare.services = Services.__new__(Services)
+    bare.logs = LogRelay(lambda: None)
     app = bare.build_app()
     out = []
     for route in app.router.routes():

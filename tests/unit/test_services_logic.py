@@ -112,3 +112,57 @@ def test_agent_plan():
     # A removed service's task: stopped and removed.
     out = plan([a("t7", "running", service=False)], [LocalTask("t7", "web.1.t7", "running")])
     assert out.remove == ["web.1.t7"] and out.report[0].state == "shutdown"
+
+
+def test_update_rolls_and_rollback_swaps_specs(tmp_path):
+    async def main():
+        m, s = await setup(tmp_path)
+        sid = (await s.create(body(replicas=2, update_config={"parallelism": 1, "delay": 2.5,
+                                                              "order": "start-first", "failure_action": "continue"})))["ID"]
+        view = s.service_view(s.service(sid))
+        assert view["Spec"]["UpdateConfig"] == {"Parallelism": 1, "Delay": 2_500_000_000, "FailureAction": "continue",
+                                                "Order": "start-first", "MaxFailureRatio": 0}
+        assert "UpdateStatus" not in view and "PreviousSpec" not in view
+        with pytest.raises(Conflict, match="no previous spec to roll back to"):
+            await s.rollback("web")
+        assert s.service("web").version == 1                      # the refusal changed nothing
+        # Only the update config: no new version, no task replaced; the config is kept by later updates.
+        assert (await s.update(sid, body(replicas=2, update_config={"parallelism": 2})))["Version"] == 1
+        assert (await s.update(sid, body(replicas=2, env={"K": "W"})))["Version"] == 2
+        svc = s.service(sid)
+        assert svc.spec.update_config.parallelism == 2 and svc.update_status.state == "updating"
+        assert svc.previous_spec.env == {} and s.service_view(svc)["UpdateStatus"]["State"] == "updating"
+        assert (await s.rollback("web"))["Version"] == 3
+        svc = s.service(sid)
+        assert svc.spec.env == {} and svc.previous_spec.env == {"K": "W"}
+        assert svc.update_status.state == "rollback_started"
+        with pytest.raises(InvalidRequest):
+            await s.update(sid, body(update_config={"parallelism": -1}))
+        with pytest.raises(InvalidRequest):
+            await s.update(sid, body(update_config={"order": "sideways"}))
+        await m.close()
+    run(main())
+
+
+def test_the_watch_carries_each_node_its_own_tasks_and_every_node_the_services(tmp_path):
+    from test_watch import ids, pending
+
+    async def main():
+        m, s = await setup(tmp_path)
+        ws = {n: m.hub.subscribe(n, n, m.hub.state.rev) for n in ("a", "b", "c")}
+        await s.create(body(replicas=2))
+        for w in ws.values():                          # every node hears of the service (routing mesh)
+            assert ids(pending(w), "service") == [s.service("web").id]
+        p = await s.schedule_once()
+        placed = {t.node_id: t.id for t in p.create}
+        assert len(placed) == 2
+        for n, w in ws.items():                        # a node hears of its own task only
+            assert ids(pending(w), "task") == ([placed[n]] if n in placed else [])
+        # A resuming agent gets the missed task events of its node too.
+        frames = [f async for _, f in m.hub.missed("a", frozenset(), 0, m.hub.state.rev)]
+        got = [e.object.id for f in frames for line in f.splitlines()
+               for e in msgspec.json.decode(line, type=__import__("netweft.model.watch", fromlist=["x"]).WatchMessage
+                                            ).events if type(e).__name__ == "TaskEvent"]
+        assert got == ([placed["a"]] if "a" in placed else [])
+        await m.close()
+    run(main())
