@@ -17,6 +17,10 @@ from netweft.manager.auth import LogThrottle
 
 log = logging.getLogger("netweft.cluster.tls")
 
+# Bytes a connection may hold unsent (in the TLS layer, and again in the socket's transport) before its
+# writer waits for the peer: with thousands of watch streams, a slow reader costs at most about this.
+WRITE_BUFFER = 32 << 10
+
 
 class _Gate(asyncio.Protocol):
     def __init__(self, factory, ctx: ssl.SSLContext, handshake_timeout: float, throttle: LogThrottle):
@@ -43,6 +47,8 @@ class _Gate(asyncio.Protocol):
                                                             "reason": _reason(e), "not_logged_before": held})
             transport.abort()
             return
+        transport.set_write_buffer_limits(high=WRITE_BUFFER)
+        tls.set_write_buffer_limits(high=WRITE_BUFFER)
         app_protocol.connection_made(tls)
 
 
