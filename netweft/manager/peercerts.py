@@ -17,8 +17,6 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Callable
 
-from cryptography import x509
-
 from netweft import pki
 
 MAX_ENTRIES = 16384   # certificates kept: one per node (two while it renews) for clusters of 10,000 hosts
@@ -29,6 +27,7 @@ def _now() -> datetime:
 
 
 def _earliest_expiry(ca_pem: bytes) -> datetime:
+    from cryptography import x509   # here: the daemon starts without loading cryptography
     try:
         return min(pki.validity(c)[1] for c in x509.load_pem_x509_certificates(bytes(ca_pem)))
     except ValueError:   # unreadable: verify_node_cert says so on every call (nothing is kept then)
