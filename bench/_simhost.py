@@ -184,11 +184,17 @@ class SimHost:
         if prober:
             ov.prober.start()
 
-    async def attach(self, network_id: str, owner: str):
+    async def attach(self, network_id: str, owner: str, tries: int = 5):
         netns = f"/run/nwt-sim/{self.name}/{owner}"
         await self.dp.create_netns(netns)
-        return await self.overlay.attach(Owner(kind="netweft", id=owner, name=owner), network_id, netns, "eth0",
-                                         gw_ifname=None)
+        for attempt in range(tries):
+            try:
+                return await self.overlay.attach(Owner(kind="netweft", id=owner, name=owner), network_id, netns,
+                                                 "eth0", gw_ifname=None)
+            except Unavailable:   # a manager too busy to answer in time; the same owner gets the same endpoint
+                if attempt == tries - 1:
+                    raise
+                await asyncio.sleep(1 + attempt)
 
     async def stop(self) -> None:
         if self.overlay is not None:

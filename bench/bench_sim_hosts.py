@@ -175,7 +175,7 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
         await workers.all("connected", {"timeout": 600})
         print(f"  {args.hosts} agents watching {time.monotonic() - t:.1f} s later", flush=True)
         t = time.monotonic()
-        ips = await workers.all("attach_all", {"nets": nets, "concurrency": max(2, 16 // procs)})
+        ips = await workers.all("attach_all", {"nets": nets, "concurrency": max(2, 8 // procs)})
         res["attach_s"] = time.monotonic() - t
         print(f"  {args.hosts} endpoints attached in {res['attach_s']:.1f} s "
               f"({groups} network(s) of {len(group0)} hosts); manager RSS {mgr.rss()}", flush=True)
