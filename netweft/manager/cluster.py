@@ -43,6 +43,7 @@ from netweft.manager import liveness
 from netweft.manager.tunnels import DEFAULT_WG_PORT, set_tunnel
 from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 from netweft.manager.tlsserver import serve_tls
+from netweft.manager.peercerts import VerifiedCerts
 
 log = logging.getLogger("netweft.manager")
 
@@ -104,6 +105,7 @@ class Manager(ManagersOnEtcd):
         self.server: asyncio.base_events.Server | None = None
         self.runner: web.AppRunner | None = None
         self.tasks: list[asyncio.Task] = []
+        self.verified = VerifiedCerts()    # callers' certificates checked once, not on every call
         # Heartbeats are kept in memory; the store only sees Ready/Down transitions (with etcd, each
         # manager also publishes whom it heard from: see leader.py).
         self.last_seen: dict[str, float] = {}
@@ -602,7 +604,7 @@ class Manager(ManagersOnEtcd):
             raise Unauthorized("a node certificate is required for this call: join the cluster first "
                                "(netweft swarm join --token TOKEN MANAGER)")
         try:
-            ident = pki.verify_node_cert(self.ca.cert_pem, der)
+            ident = self.verified.verify(self.ca.cert_pem, der)
         except InvalidRequest as e:
             raise Unauthorized(str(e)) from None
         revoked = self.cluster()["revoked"]

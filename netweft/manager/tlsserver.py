@@ -10,12 +10,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from asyncio import sslproto
 
 from aiohttp import web
 
 from netweft.manager.auth import LogThrottle
 
 log = logging.getLogger("netweft.cluster.tls")
+
+# Bytes a connection may hold unsent (in the TLS layer, and again in the socket's transport) before its
+# writer waits for the peer: with thousands of watch streams, a slow reader costs at most about this.
+WRITE_BUFFER = 32 << 10
+# asyncio's TLS layer keeps a 256 KiB read buffer per connection: a quarter of a MiB of RSS for every
+# agent's watch and every kept-alive call, 0.5 GiB at 1,000 hosts. A TLS record is at most 16 KiB.
+READ_BUFFER = 32 << 10
+
+
+class _LeanTLS(sslproto.SSLProtocol):
+    max_size = READ_BUFFER
+
+
+async def _start_tls(loop, transport: asyncio.Transport, protocol, ctx: ssl.SSLContext, timeout: float):
+    """loop.start_tls(server_side=True) with the lean read buffer (the same steps as asyncio's)."""
+    waiter = loop.create_future()
+    tls = _LeanTLS(loop, protocol, ctx, waiter, server_side=True, ssl_handshake_timeout=timeout,
+                   call_connection_made=False)
+    transport.pause_reading()
+    transport.set_protocol(tls)
+    made = loop.call_soon(tls.connection_made, transport)
+    resume = loop.call_soon(transport.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        made.cancel()
+        resume.cancel()
+        raise
+    return tls._app_transport
 
 
 class _Gate(asyncio.Protocol):
@@ -34,8 +65,7 @@ class _Gate(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         app_protocol = self.factory()
         try:
-            tls = await asyncio.get_running_loop().start_tls(
-                transport, app_protocol, self.ctx, server_side=True, ssl_handshake_timeout=self.timeout)
+            tls = await _start_tls(asyncio.get_running_loop(), transport, app_protocol, self.ctx, self.timeout)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
             held = self.throttle.admit(peer[0] if peer else "?")  # one line per address per interval
             if held is not None:
@@ -43,6 +73,8 @@ class _Gate(asyncio.Protocol):
                                                             "reason": _reason(e), "not_logged_before": held})
             transport.abort()
             return
+        transport.set_write_buffer_limits(high=WRITE_BUFFER)
+        tls.set_write_buffer_limits(high=WRITE_BUFFER)
         app_protocol.connection_made(tls)
 
 

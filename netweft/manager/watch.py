@@ -9,6 +9,10 @@ each revision out to the agents' watch streams:
   form); a watcher gets the events of its scope, and watchers with the same selection share one frame;
 - each watcher has a bounded queue: one that falls too far behind is cut off (its stream closes with
   one log line) and resumes from the revision it had;
+- writes are coalesced: a watcher writes at once after a quiet spell, but at most once per `gap`
+  (which grows with the number of watchers), so a burst of revisions costs each socket a few
+  writes of several frames, not one TLS write per revision; a write is at most WRITE_CHUNK and the
+  next waits for the socket to drain, so no socket holds more than about that much;
 - a resume (?since=REV) is served from the store's change log, which survives restarts; a snapshot
   only when that log no longer reaches back (or on a first connection).
 """
@@ -48,7 +52,11 @@ CLOCK_EVERY = 0.1  # seconds: a commit sooner after the last stamp carries none 
 PING = 2.0                    # seconds between keep-alive lines on an idle stream
 QUEUE_FRAMES = 1024           # a watcher this many revisions behind is cut off...
 QUEUE_BYTES = 64 << 20        # ... or this many bytes behind
-WRITE_CHUNK = 1 << 20         # frames written to the socket together, up to this size
+WRITE_CHUNK = 64 << 10        # frames written to the socket together, up to this size
+# Coalescing: a watcher writes at most once per gap = watchers x GAP_PER_WATCHER (at most MAX_GAP): the
+# manager then spends about as much time writing as waiting in a burst, whatever the number of watchers.
+GAP_PER_WATCHER = 50e-6       # seconds: about what one TLS write costs here
+MAX_GAP = 0.5                 # seconds
 MAX_ASKED = 1024              # networks a watcher may name in ?networks=
 CATCH_UP = 5.0                # seconds this manager's view may take to reach a revision before it gives up
 
@@ -192,7 +200,7 @@ class Batch:
         self.events: list[tuple[str | None, bytes]] = []
         self.touched: dict[str, set[str]] = {}
         self.has_nodes = False
-        self._frames: dict[frozenset, bytes | None] = {}
+        self._frames: dict[tuple, bytes | None] = {}
         self.everyone: set[str] = set()
 
     def add(self, kind: str, action: str, raw: bytes, obj) -> None:
@@ -212,11 +220,16 @@ class Batch:
             self.has_nodes = True
         self.events.append((net, event_bytes(kind, action, raw)))
 
-    def select(self, node_id: str, scope: set[str]) -> frozenset:
-        return frozenset(n for n, nodes in self.touched.items()
-                         if n in scope or node_id in nodes or n in self.everyone)
+    def select(self, node_id: str, scope: set[str]) -> tuple:
+        return tuple(n for n, nodes in self.touched.items()
+                     if n in scope or node_id in nodes or n in self.everyone)
 
-    def frame(self, nets: frozenset) -> bytes | None:
+    def select_for(self, node_id: str, on: Iterable[str], asked: frozenset, ingress: set[str]) -> tuple:
+        """select() without building the node's scope: `on` holds the networks it has endpoints on."""
+        return tuple(n for n, nodes in self.touched.items()
+                     if n in on or n in asked or n in ingress or node_id in nodes or n in self.everyone)
+
+    def frame(self, nets: tuple) -> bytes | None:
         """The Events line carrying node events and those of `nets`; None if that is nothing."""
         if nets in self._frames:
             return self._frames[nets]
@@ -241,6 +254,7 @@ class Watcher:
         self.rev = 0                       # the last revision handed to the socket
         self.since = self.start = 0        # asked from; subscribed at
         self.first: bytes | None = None    # the snapshot to send first, if it gets one
+        self.wrote = -1e9                  # when it last wrote changes (monotonic): see coalesce_wait
 
     def offer(self, rev: int, frame: bytes) -> bool:
         """Queue a frame; False (and nothing queued) if that would pass the bounds."""
@@ -269,6 +283,14 @@ class Watcher:
         if not self.frames:
             self.ready.clear()
         return out
+
+
+def coalesce_wait(now: float, wrote: float, watchers: int, per_watcher: float = GAP_PER_WATCHER,
+                  max_gap: float = MAX_GAP) -> float:
+    """Seconds a watcher with frames waits before writing them: none after a quiet spell (one change goes
+    out at once), else until `gap` has passed since its last write, gathering what comes meanwhile."""
+    gap = min(max_gap, watchers * per_watcher)
+    return max(0.0, wrote + gap - now)
 
 
 def parse_query(query) -> tuple[int, frozenset[str]]:
@@ -423,8 +445,9 @@ class Hub:
     def _publish(self, batch: Batch) -> None:
         if not batch.events:
             return
+        st, no_nets = self.state, {}
         for w in list(self.watchers):
-            nets = batch.select(w.node_id, self.state.scope(w.node_id, w.asked))
+            nets = batch.select_for(w.node_id, st.node_nets.get(w.node_id, no_nets), w.asked, st.ingress)
             frame = batch.frame(nets) if (nets or batch.has_nodes) else None
             if frame is not None and not w.offer(batch.rev, frame):
                 self._end(w, f"cut off: more than {len(w.frames)} revisions ({w.size >> 10} KiB) behind; "
@@ -524,8 +547,14 @@ class Hub:
                     continue
             if w.ended is not None:
                 return
+            wait = coalesce_wait(time.monotonic(), w.wrote, len(self.watchers))
+            if wait > 0:
+                await asyncio.sleep(wait)   # what comes meanwhile goes in the same write
+                if w.ended is not None:
+                    return
             chunk = w.take()
-            yield b"".join(f for _, f in chunk)
+            w.wrote = time.monotonic()
+            yield chunk[0][1] if len(chunk) == 1 else b"".join(f for _, f in chunk)
             w.rev = chunk[-1][0]
 
     async def serve(self, request: web.Request, node: Node) -> web.StreamResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import msgspec
 import pytest
@@ -483,3 +484,55 @@ def test_watch_query():
     from netweft.manager.watch import parse_query
     assert parse_query({}) == (0, frozenset())
     assert parse_query({"since": "42", "networks": "ab1,cd2,"}) == (42, frozenset({"ab1", "cd2"}))
+
+
+# ------------------------------------------------------------------ coalesced writes
+
+def test_a_quiet_watcher_writes_at_once_a_busy_one_waits_for_its_gap():
+    from netweft.manager.watch import coalesce_wait
+    assert coalesce_wait(now=100.0, wrote=-1e9, watchers=1000) == 0.0          # first write: at once
+    assert coalesce_wait(now=100.0, wrote=99.0, watchers=1000) == 0.0          # quiet for a second: at once
+    assert coalesce_wait(now=100.0, wrote=99.99, watchers=1000, per_watcher=50e-6) == pytest.approx(0.04)
+    # The gap grows with the watchers, up to the cap.
+    assert coalesce_wait(now=100.0, wrote=100.0, watchers=10, per_watcher=50e-6) == pytest.approx(0.0005)
+    assert coalesce_wait(now=100.0, wrote=100.0, watchers=10**6, max_gap=0.5) == pytest.approx(0.5)
+
+
+def test_a_burst_reaches_a_watcher_in_few_writes_in_order(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db", ping=5.0)
+        a = await m.node("a", "192.0.2.1")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        await m.attach(a, n1, "x")
+        w = m.hub.subscribe(a, "a", m.hub.state.rev)
+        gen = m.hub.frames(w)
+        await m.node("b0", "192.0.2.10")
+        first = await asyncio.wait_for(gen.__anext__(), 5)     # after a quiet spell: at once, alone
+        assert ids([message.decode(x) for x in first.splitlines()], "node") == ["b0"]
+        import netweft.manager.watch as watch
+        real, watch.MAX_GAP = watch.MAX_GAP, 0.2
+        try:
+            for i in range(1, 6):
+                await m.node(f"b{i}", f"192.0.2.{10 + i}")
+            w.wrote = time.monotonic()                         # as if it had just written: it waits its gap
+            data = await asyncio.wait_for(gen.__anext__(), 5)  # the five revisions in one write
+        finally:
+            watch.MAX_GAP = real
+        msgs = [message.decode(x) for x in data.splitlines()]
+        assert ids(msgs, "node") == [f"b{i}" for i in range(1, 6)]
+        assert [x.rev for x in msgs] == sorted(x.rev for x in msgs)
+        await gen.aclose()
+        await m.close()
+    run(main())
+
+
+def test_select_for_picks_what_select_picks(tmp_path):
+    from netweft.manager.watch import Batch
+    b = Batch(7)
+    b.touched = {"n1": {"a"}, "n2": set(), "n3": {"c"}, "ing": set()}
+    b.everyone = {"ing"}
+    cases = [("a", {}, frozenset(), set()), ("b", {"n2": 1}, frozenset(), set()),
+             ("c", {}, frozenset({"n1"}), set()), ("d", {}, frozenset(), {"n2"}), ("e", {"n9": 2}, frozenset(), set())]
+    for node, on, asked, ingress in cases:
+        scope = set(on).union(asked, ingress)
+        assert b.select_for(node, on, asked, ingress) == b.select(node, scope)
