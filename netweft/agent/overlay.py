@@ -124,7 +124,7 @@ class OverlayAgent:
         self.orphans: list[EndpointRequest] = []
         self._releasing: asyncio.Task | None = None
         self.local: dict[str, Endpoint] = {}   # this host's overlay endpoint records (the store's, mirrored)
-        self._local_count: dict[str, int] = {}  # network -> local records on it (asked on every attach)
+        self._local_by_net: dict[str, dict[str, Endpoint]] = {}   # self.local by network (asked on every attach)
         # network -> {local endpoint: the revision its attach answered}: an endpoint the managers still hold
         # and whose network's copy is current past that revision vouches that the watch has carried that
         # network since, so an attach asks only for its own endpoint (O(1) in the network's size).
@@ -205,11 +205,10 @@ class OverlayAgent:
 
     def _add_local(self, ep: Endpoint) -> None:
         old = self.local.get(ep.id)
-        if old is None:
-            self._local_count[ep.network_id] = self._local_count.get(ep.network_id, 0) + 1
-        elif self._gw_inuse is not None and old.gw_ip:
+        if old is not None and self._gw_inuse is not None and old.gw_ip:
             self._gw_inuse.discard(old.gw_ip)
         self.local[ep.id] = ep
+        self._local_by_net.setdefault(ep.network_id, {})[ep.id] = ep
         if self._gw_inuse is not None and ep.gw_ip:
             self._gw_inuse.add(ep.gw_ip)
 
@@ -217,11 +216,10 @@ class OverlayAgent:
         old = self.local.pop(ep_id, None)
         if old is None:
             return
-        left = self._local_count.get(old.network_id, 0) - 1
-        if left > 0:
-            self._local_count[old.network_id] = left
-        else:
-            self._local_count.pop(old.network_id, None)
+        on_net = self._local_by_net.get(old.network_id, {})
+        on_net.pop(ep_id, None)
+        if not on_net:
+            self._local_by_net.pop(old.network_id, None)
         anchors = self._anchors.get(old.network_id)
         if anchors is not None:
             anchors.pop(ep_id, None)
@@ -371,8 +369,12 @@ class OverlayAgent:
         if new is not None:
             ns.pending[new] = True
 
+    def local_on(self, net_id: str) -> list[Endpoint]:
+        """This host's endpoint records on one network."""
+        return list(self._local_by_net.get(net_id, {}).values())
+
     def _local_networks(self) -> set[str]:
-        return set(self._local_count)
+        return set(self._local_by_net)
 
     # ------------------------------------------------------------------ the watch
     def _since(self) -> int:
@@ -444,7 +446,7 @@ class OverlayAgent:
                     self.nets[net.id] = NetState(net, rev - 1, {})   # enters the scope; its endpoints follow
                 elif rev > ns.rev:
                     ns.network = net
-            elif ns is not None and rev > ns.rev and net.id not in self._local_count:
+            elif ns is not None and rev > ns.rev and net.id not in self._local_by_net:
                 del self.nets[net.id]
             touched.add(net.id)
             return
@@ -601,7 +603,7 @@ class OverlayAgent:
                     ns = self.nets.get(net_id)
                     if ns is None or not ns.pending:
                         break
-                    if net_id not in self._local_count:
+                    if net_id not in self._local_by_net:
                         ns.pending.clear()   # no sandbox here: the copy is all there is to update
                         break
                     await self._flush_locked(ns)
@@ -842,7 +844,7 @@ class OverlayAgent:
                     # No answer (timed out, cut, cancelled) or a bad one: the manager may have made it.
                     self._orphan(EndpointRequest(network_id=network_id, owner=owner))
                 raise
-            new_here = network_id not in self._local_count
+            new_here = network_id not in self._local_by_net
             if att.partial and anchor is not None and not new_here:
                 # Only the endpoint: the copy is current at its revision and the watch brings the rest.
                 self.nets[network_id].endpoints.setdefault(att.endpoint.id, att.endpoint)
@@ -967,7 +969,7 @@ class OverlayAgent:
         reachable)."""
         async with self._lock(ep.network_id):
             self._delete_record(ep.id)
-            last = ep.network_id not in self._local_count
+            last = ep.network_id not in self._local_by_net
             await self._unprogram(ep, last)
             if last:   # the network leaves this host's scope with its last endpoint here
                 self.nets.pop(ep.network_id, None)
