@@ -41,6 +41,7 @@ from netweft.dataplane.checks import unicast_mac
 from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
 from netweft.errors import InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
+from netweft.ipam.inuse import InUse
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, PeerHealth, Revision, Sandbox
 from netweft.model.watch import (Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent, ServiceEvent,
@@ -124,6 +125,12 @@ class OverlayAgent:
         self.orphans: list[EndpointRequest] = []
         self._releasing: asyncio.Task | None = None
         self.local: dict[str, Endpoint] = {}   # this host's overlay endpoint records (the store's, mirrored)
+        self._local_by_net: dict[str, dict[str, Endpoint]] = {}   # self.local by network (asked on every attach)
+        # network -> {local endpoint: the revision its attach answered}: an endpoint the managers still hold
+        # and whose network's copy is current past that revision vouches that the watch has carried that
+        # network since, so an attach asks only for its own endpoint (O(1) in the network's size).
+        self._anchors: dict[str, dict[str, int]] = {}
+        self._gw_inuse: InUse | None = None     # gateway bridge addresses of the local records
         self._locks: dict[str, asyncio.Lock] = {}       # per network, by sandbox name
         self._held: dict[str, list] = {}                # per network: stream items held during an attach
         self._flushing: set[str] = set()
@@ -135,6 +142,7 @@ class OverlayAgent:
         self._logged: set[str] = set()
         self._save_handle: asyncio.Handle | None = None
         self._save_cost = 0.0   # seconds the last save of the copy took
+        self._resync_cost = 0.0   # seconds the last periodic resync took
         self._want_snapshot = False
         self._retry_bad = RETRY_BAD_FIRST
         self._retry_bad_at = 0.0
@@ -196,7 +204,41 @@ class OverlayAgent:
                 self._once(f"record {doc.get('id')}", "an endpoint record is unreadable; left as it is",
                            reason=str(e))
                 continue
-            self.local[ep.id] = ep
+            self._add_local(ep)
+
+    def _add_local(self, ep: Endpoint) -> None:
+        old = self.local.get(ep.id)
+        if old is not None and self._gw_inuse is not None and old.gw_ip:
+            self._gw_inuse.discard(old.gw_ip)
+        self.local[ep.id] = ep
+        self._local_by_net.setdefault(ep.network_id, {})[ep.id] = ep
+        if self._gw_inuse is not None and ep.gw_ip:
+            self._gw_inuse.add(ep.gw_ip)
+
+    def _drop_local(self, ep_id: str) -> None:
+        old = self.local.pop(ep_id, None)
+        if old is None:
+            return
+        on_net = self._local_by_net.get(old.network_id, {})
+        on_net.pop(ep_id, None)
+        if not on_net:
+            self._local_by_net.pop(old.network_id, None)
+        anchors = self._anchors.get(old.network_id)
+        if anchors is not None:
+            anchors.pop(ep_id, None)
+            if not anchors:
+                del self._anchors[old.network_id]
+        if self._gw_inuse is not None and old.gw_ip:
+            self._gw_inuse.discard(old.gw_ip)
+
+    def _anchor(self, net_id: str) -> tuple[str, int] | None:
+        """(local endpoint, the network copy's revision) for an attach that needs no state, or None: the copy
+        has no network state vouched for by an endpoint the watch has carried it with."""
+        ns, anchors = self.nets.get(net_id), self._anchors.get(net_id)
+        if ns is None or not anchors or net_id in self._held:
+            return None
+        ep_id, rev = next(iter(anchors.items()))   # the oldest: its revision is the lowest
+        return (ep_id, ns.rev) if rev <= ns.rev else None
 
     def _save(self) -> None:
         if self._save_handle is not None:
@@ -330,8 +372,12 @@ class OverlayAgent:
         if new is not None:
             ns.pending[new] = True
 
+    def local_on(self, net_id: str) -> list[Endpoint]:
+        """This host's endpoint records on one network."""
+        return list(self._local_by_net.get(net_id, {}).values())
+
     def _local_networks(self) -> set[str]:
-        return {e.network_id for e in self.local.values()}
+        return set(self._local_by_net)
 
     # ------------------------------------------------------------------ the watch
     def _since(self) -> int:
@@ -409,7 +455,7 @@ class OverlayAgent:
                     self.nets[net.id] = NetState(net, rev - 1, {})   # enters the scope; its endpoints follow
                 elif rev > ns.rev:
                     ns.network = net
-            elif ns is not None and rev > ns.rev and net.id not in self._local_networks():
+            elif ns is not None and rev > ns.rev and net.id not in self._local_by_net:
                 del self.nets[net.id]
             touched.add(net.id)
             return
@@ -566,7 +612,7 @@ class OverlayAgent:
                     ns = self.nets.get(net_id)
                     if ns is None or not ns.pending:
                         break
-                    if net_id not in self._local_networks():
+                    if net_id not in self._local_by_net:
                         ns.pending.clear()   # no sandbox here: the copy is all there is to update
                         break
                     await self._flush_locked(ns)
@@ -660,13 +706,17 @@ class OverlayAgent:
     # ------------------------------------------------------------------ resync
     async def _resync_loop(self) -> None:
         while True:
-            await asyncio.sleep(RESYNC_PERIOD)
+            # A resync looks at every port and peer of the host (kernel dumps): with thousands of endpoints it
+            # is spaced so that it takes at most ~5 % of the time, else every attach would wait on its locks.
+            await asyncio.sleep(max(RESYNC_PERIOD, 20 * self._resync_cost))
+            t0 = time.monotonic()
             try:
                 await self.resync()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 self._once(f"resync {e}", "overlay resync failed; retrying", reason=str(e))
+            self._resync_cost = time.monotonic() - t0
             if self.bad_rev is not None and time.monotonic() >= self._retry_bad_at and self.connected.is_set():
                 # Something the watch brought could not be applied: take a fresh snapshot (backing off).
                 self._want_snapshot = True
@@ -786,21 +836,30 @@ class OverlayAgent:
         recorded in the local store. `gw_ifname`: also a port on the gateway bridge with the default route."""
         req = EndpointRequest(network_id=network_id, owner=owner, ip=ip, mac=mac, aliases=list(aliases))
         async with self._lock(network_id):
+            anchor = self._anchor(network_id)
             self._held[network_id] = []
             answer = None
+            path = "/endpoints" if anchor is None else f"/endpoints?anchor={anchor[0]}&since={anchor[1]}"
             try:
-                answer = await self.client.call("POST", "/endpoints", to_builtins(req))
+                answer = await self.client.call("POST", path, to_builtins(req))
                 att = convert(answer, Attachment, "answer of the manager to POST /endpoints")
                 if att.endpoint.network_id != network_id or att.network.id != network_id:
                     raise InvalidRequest("the manager answered POST /endpoints with another network")
+                if att.partial and anchor is None:
+                    raise InvalidRequest("the manager answered POST /endpoints without the network's state")
             except BaseException as e:
                 self._release_held(network_id)
                 if answer is not None or isinstance(e, (Unavailable, asyncio.CancelledError)):
                     # No answer (timed out, cut, cancelled) or a bad one: the manager may have made it.
                     self._orphan(EndpointRequest(network_id=network_id, owner=owner))
                 raise
-            new_here = network_id not in self._local_networks()
-            self._set_state(att.network, att.rev, att.endpoints).endpoints.setdefault(att.endpoint.id, att.endpoint)
+            new_here = network_id not in self._local_by_net
+            if att.partial and anchor is not None and not new_here:
+                # Only the endpoint: the copy is current at its revision and the watch brings the rest.
+                self.nets[network_id].endpoints.setdefault(att.endpoint.id, att.endpoint)
+            else:
+                self._set_state(att.network, att.rev, att.endpoints).endpoints.setdefault(att.endpoint.id,
+                                                                                           att.endpoint)
             self._release_held(network_id)
             self._save_soon()
             ep = att.endpoint
@@ -813,6 +872,7 @@ class OverlayAgent:
                                                  gateway=gw.cidr.split("/")[0])
                 await self._program(ep, new_here)
                 self._put_record(ep)
+                self._anchors.setdefault(network_id, {})[ep.id] = att.rev
             except BaseException as e:
                 log.warning("overlay attach failed; undoing it", extra={"network": network_id, "reason": str(e)})
                 await self._unprogram(ep, last=new_here)
@@ -829,7 +889,7 @@ class OverlayAgent:
         """An address on an overlay held at the managers for `owner` and programmed nowhere yet (an IPAM
         driver's RequestAddress): a later attach of the same owner gets this very endpoint."""
         req = EndpointRequest(network_id=network_id, owner=owner, ip=ip, mac=mac)
-        answer = await self.client.call("POST", "/endpoints", to_builtins(req))
+        answer = await self.client.call("POST", "/endpoints?state=none", to_builtins(req))
         return convert(answer, Attachment, "answer of the manager to POST /endpoints").endpoint
 
     async def release(self, ep_id: str) -> None:
@@ -846,15 +906,18 @@ class OverlayAgent:
 
     def _claim_gw_ip(self, port: str, gw: Gateway) -> str:
         """A free address on the gateway bridge: taken and claimed at one instant (no await in between)."""
-        cfg = ipam.build_subnet_config(IPv4Network(gw.subnet), gw.cidr.split("/")[0])
-        used = {IPv4Address(e.gw_ip) for e in self.local.values() if e.gw_ip}
-        used |= {IPv4Address(ip) for ip in self._gw_claims.values()}
-        try:
-            ip = str(ipam.allocate_ip(cfg, used))
-        except PoolExhausted:
-            raise PoolExhausted(f"the gateway bridge {GWBRIDGE} ({gw.subnet}) is full: its {len(used)} addresses "
-                                "are taken by overlay containers on this host; remove one, or attach to an "
-                                "--internal overlay (no gateway port)") from None
+        inuse = self._gw_inuse
+        if inuse is None or str(inuse.cfg.subnet) != gw.subnet or str(inuse.cfg.gateway) != gw.cidr.split("/")[0]:
+            inuse = self._gw_inuse = InUse(ipam.build_subnet_config(IPv4Network(gw.subnet), gw.cidr.split("/")[0]))
+            for e in self.local.values():
+                if e.gw_ip:
+                    inuse.add(e.gw_ip)
+        found = inuse.lowest_free({int(IPv4Address(ip)) for ip in self._gw_claims.values()})
+        if found is None:
+            raise PoolExhausted(f"the gateway bridge {GWBRIDGE} ({gw.subnet}) is full: its "
+                                f"{len(inuse) + len(self._gw_claims)} addresses are taken by overlay containers on "
+                                "this host; remove one, or attach to an --internal overlay (no gateway port)")
+        ip = str(found)
         self._gw_claims[port] = ip
         return ip
 
@@ -903,19 +966,19 @@ class OverlayAgent:
     def _put_record(self, ep: Endpoint) -> None:
         with self.store.tx():
             self.store.put(ENDPOINTS, ep.id, endpoint_name(ep.owner, ep.network_id), to_builtins(ep))
-        self.local[ep.id] = ep
+        self._add_local(ep)
 
     def _delete_record(self, ep_id: str) -> None:
         with self.store.tx():
             self.store.delete(ENDPOINTS, ep_id)
-        self.local.pop(ep_id, None)
+        self._drop_local(ep_id)
 
     async def detach(self, ep: Endpoint) -> None:
         """Remove a local endpoint here now, and release its address at the managers (later if none is
         reachable)."""
         async with self._lock(ep.network_id):
             self._delete_record(ep.id)
-            last = ep.network_id not in self._local_networks()
+            last = ep.network_id not in self._local_by_net
             await self._unprogram(ep, last)
             if last:   # the network leaves this host's scope with its last endpoint here
                 self.nets.pop(ep.network_id, None)
@@ -960,7 +1023,7 @@ class OverlayAgent:
                    for e in self.local.values()):
                 return   # attached again since: that endpoint is in use
             try:
-                answer = await self.client.call("POST", "/endpoints", to_builtins(req))
+                answer = await self.client.call("POST", "/endpoints?state=none", to_builtins(req))
             except Unavailable:
                 raise
             except NetweftError:

@@ -119,10 +119,13 @@ class ContainerNames:
     def refresh(self, net_id: str) -> None:
         """Rebuild one network's names from what this host knows now."""
         agent = self.engine.overlay_agent
-        eps = {e.id: e for e in self.engine.endpoints_on(net_id)}
         if agent is not None and net_id in agent.nets:
-            eps.update(agent.nets[net_id].endpoints)
+            # An overlay: the agent's copy holds this host's endpoints too (an attach puts its own in); the
+            # local records are not read (thousands of them, decoded on every run and rm).
+            eps = {**{e.id: e for e in agent.local_on(net_id)}, **agent.nets[net_id].endpoints}
             self._revs[net_id] = agent.nets[net_id].rev
+        else:
+            eps = {e.id: e for e in self.engine.endpoints_on(net_id)}
         if eps:
             self.resolver.set_network(net_id, endpoint_records(eps.values()))
         else:
@@ -144,8 +147,7 @@ class ContainerNames:
             if self._revs.get(net_id) != ns.rev:
                 self._revs[net_id] = ns.rev
                 self.resolver.set_network(net_id, endpoint_records(
-                    {**{e.id: e for e in agent.local.values() if e.network_id == net_id},
-                     **ns.endpoints}.values()))
+                    {**{e.id: e for e in agent.local_on(net_id)}, **ns.endpoints}.values()))
         for net_id in [n for n in self._revs if n not in nets]:
             del self._revs[net_id]
             self.resolver.remove_network(net_id)

@@ -72,7 +72,7 @@ class TaskRunner:
 
     def local(self) -> list[LocalTask]:
         out = []
-        for ctr in self.engine.store.list("containers"):
+        for ctr in self.engine.store.containing("containers", f'"{TASK_LABEL}"'):   # polled: not every container
             task_id = (ctr["Config"].get("Labels") or {}).get(TASK_LABEL)
             if not task_id:
                 continue

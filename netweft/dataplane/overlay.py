@@ -53,12 +53,13 @@ from netweft.dataplane.nlutil import (HostHandles, check_ifname, close_iproute, 
                                       failing, get_link, ignore, link_kind, netns_iproute, netnsid,
                                       new_nft, nft_run, open_iproute, parse_interface, parse_mac,
                                       retry_eexist)
-from netweft.errors import KernelError
+from netweft.errors import KernelError, PoolExhausted
 from netweft.model.objects import Peer as ModelPeer
 
 SANDBOX_BRIDGE = "br0"
 SANDBOX_VXLAN = "vxlan0"
 DEFAULT_PORT = DEFAULT_VXLAN_PORT
+BRIDGE_MAX_PORTS = 1024   # BR_MAX_PORTS: a port past it is refused with EXFULL ("Exchange full")
 
 
 def Peer(ip: str, mac: str, vtep: str) -> ModelPeer:  # noqa: N802 (reads like the constructor it was)
@@ -396,7 +397,15 @@ class Overlay(HostHandles):
             # Our end.
             ensure_mtu(ipr, host, mtu)
             if host.get("master") != master:
-                ipr.link("set", index=host["index"], master=master)
+                try:
+                    ipr.link("set", index=host["index"], master=master)
+                except NetlinkError as e:
+                    if e.code != errno.EXFULL:
+                        raise
+                    bridge = ipr.link("get", index=master)[0].get_attr("IFLA_IFNAME")
+                    raise PoolExhausted(f"bridge {bridge} is full: a Linux bridge takes at most {BRIDGE_MAX_PORTS} "
+                                        "ports (the kernel's limit), so about a thousand containers per network on "
+                                        "one host; remove one or use another network") from None
                 host = ipr.link("get", index=host["index"])[0]
             want = {"isolated": int(isolated), "mode": 0}  # mode is hairpin: never
             if any(host.get(("linkinfo", "slave_data", k)) != v for k, v in want.items()):

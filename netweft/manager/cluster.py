@@ -21,7 +21,7 @@ from netweft.errors import Conflict, Forbidden, InvalidRequest, NetweftError, No
 from netweft import metrics, pki
 from netweft.manager import auth, events
 from netweft.manager.auth import MANAGER, OPEN, WORKER, allow
-from netweft.manager.overlays import Overlays
+from netweft.manager.overlays import AttachQuery, Overlays
 from netweft.manager.overview import overview
 from netweft.manager.watch import CA, CLOCK, CLUSTER, NODES, PRESENCE, ClusterState, Hub
 from netweft.manager import hastore
@@ -744,7 +744,8 @@ class Manager(ManagersOnEtcd):
         @allow(WORKER)
         async def ep_create(request):
             req = await auth.read_body(request, EndpointRequest)
-            return web.Response(body=await self.overlays.create_endpoint(request["node"].id, req),
+            return web.Response(body=await self.overlays.create_endpoint(request["node"].id, req,
+                                                                         AttachQuery.parse(request.query)),
                                 content_type="application/json")
 
         @routes.delete("/endpoints/{id}")

@@ -51,6 +51,39 @@ def node_guard(node_id: str) -> str:
     return f"node/{node_id}"
 
 
+_ID = re.compile(r"\A[a-z0-9]{1,64}\Z")
+_REV = re.compile(r"\A[0-9]{1,18}\Z")
+
+
+class AttachQuery:
+    """What POST /endpoints?... asks of the answer's state (the network's endpoints grow with the network):
+    `state=none`: none (a reservation); `anchor=EP&since=REV`: none if the asker's copy is current at REV
+    and its endpoint EP has been on the network since a revision <= REV (then the watch has carried the
+    network to the asker since: see `Overlays._anchored`); by default all of them."""
+
+    __slots__ = ("state", "anchor", "since")
+
+    def __init__(self, state: bool = True, anchor: str | None = None, since: int | None = None):
+        self.state, self.anchor, self.since = state, anchor, since
+
+    @classmethod
+    def parse(cls, query) -> "AttachQuery":
+        unknown = set(query) - {"state", "anchor", "since"}
+        if unknown:
+            raise InvalidRequest(f"unknown query parameter {sorted(unknown)[0][:40]!r} of POST /endpoints")
+        state = query.get("state", "all")
+        if state not in ("all", "none"):
+            raise InvalidRequest(f"invalid state={state[:40]!r} of POST /endpoints: all or none")
+        anchor, since = query.get("anchor"), query.get("since")
+        if (anchor is None) != (since is None):
+            raise InvalidRequest("POST /endpoints takes anchor= and since= together")
+        if anchor is not None and not _ID.match(anchor):
+            raise InvalidRequest(f"invalid anchor={anchor[:80]!r} of POST /endpoints: an endpoint ID")
+        if since is not None and not _REV.match(since):
+            raise InvalidRequest(f"invalid since={since[:40]!r} of POST /endpoints: a revision")
+        return cls(state == "all", anchor, int(since) if since is not None else None)
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -221,14 +254,17 @@ class Overlays:
         return compares, ops, net
 
     # ------------------------------------------------------------ endpoints
-    async def create_endpoint(self, node_id: str, req: EndpointRequest) -> bytes:
+    async def create_endpoint(self, node_id: str, req: EndpointRequest, query: AttachQuery | None = None) -> bytes:
         """POST /endpoints: an address on an overlay for one of the node's endpoints. Returns the
-        Attachment JSON: the endpoint, and its network with every endpoint at the creation's revision."""
+        Attachment JSON: the endpoint, and its network with every endpoint at the creation's revision
+        (unless the query says the asker needs none: then `partial`, the cost independent of the network)."""
+        query = query or AttachQuery()
         aliases = codec.convert(req.aliases, list[Hostname], "endpoint request aliases")
         ip = ipam.parse_address(req.ip) if req.ip else None
         mac = ipam.parse_mac(req.mac) if req.mac else None
         async with self._lock:
-            (ep, parts), rev = await self.hub.commit(lambda: self._plan_endpoint(node_id, req, ip, mac, aliases))
+            (ep, parts), rev = await self.hub.commit(lambda: self._plan_endpoint(node_id, req, ip, mac, aliases,
+                                                                                 query))
         net_raw, ep_raw, others, seen = parts
         metrics.allocated("endpoint", int(ep is not None))
         if ep is None:
@@ -236,10 +272,25 @@ class Overlays:
             # were read at (the commit's wait may have moved the state on since; an agent taking a later
             # revision would skip the events in between).
             rev = seen
+        if others is None:
+            return b'{"rev":%d,"endpoint":%s,"network":%s,"endpoints":[],"partial":true}' % (rev, ep_raw, net_raw)
         return b'{"rev":%d,"endpoint":%s,"network":%s,"endpoints":[%s]}' % (rev, ep_raw, net_raw, b",".join(others))
 
+    def _anchored(self, node_id: str, net_id: str, query: AttachQuery) -> bool:
+        """Does the asker need none of the network's endpoints? Its anchor endpoint is on the network, the
+        node's, unchanged since a revision <= `since`: the network has been in the node's watch scope all
+        that time (an endpoint of the node on it), so the watch has brought or brings every change after
+        `since` to the asker, whose copy is current at `since`. O(1)."""
+        if not query.state:
+            return True
+        if query.anchor is None:
+            return False
+        ep = self.state.get(ENDPOINTS, query.anchor)
+        return (ep is not None and ep.node_id == node_id and ep.network_id == net_id
+                and self.state.mod_rev(ENDPOINTS, query.anchor) <= query.since)
+
     def _plan_endpoint(self, node_id: str, req: EndpointRequest, ip: IPv4Address | None, mac: str | None,
-                       aliases: list[str]):
+                       aliases: list[str], query: AttachQuery):
         st = self.state
         node = st.get(NODES, node_id)
         if node is None:
@@ -254,8 +305,9 @@ class Overlays:
         eps = st.kinds[ENDPOINTS]
         net_raw = st.kinds[NETWORKS][net.id].raw
         known = st.owners.get((net.id, node.id, req.owner.kind, req.owner.id))
+        partial = self._anchored(node.id, net.id, query)
         if known is not None:
-            others = [eps[e].raw for e in st.net_eps[net.id]]
+            others = None if partial else [eps[e].raw for e in st.net_eps[net.id]]
             return [], [], (None, (net_raw, eps[known].raw, others, st.rev))
         held = sum(st.node_nets.get(node.id, {}).values())
         if held >= MAX_NODE_ENDPOINTS:
@@ -281,7 +333,7 @@ class Overlays:
         raw = codec.encode(ep)
         # The network's endpoints at the creation's revision: those of now, and this one (the guard
         # of the network's endpoints is compared, so none can change in between).
-        others = [eps[e].raw for e in st.net_eps.get(net.id, ())] + [raw]
+        others = None if partial else [eps[e].raw for e in st.net_eps.get(net.id, ())] + [raw]
         compares = [Compare(NETWORKS, net.id, st.mod_rev(NETWORKS, net.id)),
                     Compare(ALLOCATIONS, net_guard(net.id), st.mod_rev(ALLOCATIONS, net_guard(net.id))),
                     Compare(NODES, node.id, st.mod_rev(NODES, node.id)),

@@ -98,4 +98,7 @@ class Attachment(msgspec.Struct, kw_only=True):
     endpoint: Endpoint
     network: Network
     endpoints: list[Endpoint]
+    # True: `endpoints` is left empty, the asker's copy of the network is current (it named an endpoint
+    # the watch has carried the network with since a revision its copy is past: POST /endpoints?anchor=&since=).
+    partial: bool = False
 

@@ -17,7 +17,7 @@ import time
 from netweft.errors import Conflict, InvalidRequest, NetweftError
 from netweft.runtime.launch import proc_starttime
 
-START_TIMEOUT = 5.0
+START_TIMEOUT = 15.0   # a loaded host (2 cores, dozens of daemons) takes seconds to fork and set one up
 POLL_INTERVAL = 0.02
 # After the container process is gone, how long the supervisor may take to write exit_code.
 EXIT_CODE_GRACE = 3.0

@@ -96,6 +96,12 @@ class Store:
     def list(self, kind: str) -> list[dict]:
         return [json.loads(r[0]) for r in self.db.execute(f"SELECT doc FROM {kind} ORDER BY rowid")]
 
+    def containing(self, kind: str, text: str) -> list[dict]:
+        """Documents whose JSON text contains `text`: a pre-filter run inside SQLite (a poll over thousands of
+        documents that wants a few must not decode them all); the caller checks what it gets."""
+        return [json.loads(r[0]) for r in self.db.execute(f"SELECT doc FROM {kind} WHERE instr(doc, ?) > 0 "
+                                                          "ORDER BY rowid", (text,))]
+
     def with_name_prefix(self, kind: str, prefix: str) -> list[dict]:
         """Documents whose name starts with prefix (taken literally), in name order."""
         # A range on the name's unique index (names compare as UTF-8 bytes; U+10FFFF sorts after any other).

@@ -3,6 +3,7 @@ events one object at a time, the resync (drift, failures half way), other owners
 manager, releases deferred while no manager is reachable, and the watch client's one line per outage."""
 import asyncio
 import logging
+from urllib.parse import parse_qsl
 
 import msgspec
 import pytest
@@ -41,6 +42,7 @@ class FakeManager:
         self.n = 0
         self.posts = 0
         self.list_status = None     # GET /networks answers with this HTTP status instead
+        self.queries: list[str] = []   # the query string of each POST /endpoints
 
     def endpoint(self, node: str, net: Network = NET, owner: str = "c") -> Endpoint:
         """A new endpoint at a new revision (another host's, or this one's)."""
@@ -56,7 +58,10 @@ class FakeManager:
         await asyncio.sleep(0)
         if self.down:
             raise Unavailable("cannot reach the manager at 192.0.2.11:2377: connection refused")
+        path, _, qs = path.partition("?")
         if method == "POST" and path == "/endpoints":
+            self.queries.append(qs)
+            q = dict(parse_qsl(qs))
             req = convert(body, EndpointRequest)
             net = self.networks[req.network_id]
             # Idempotent per owner, as the managers are: a retried request gets the endpoint it made before.
@@ -70,6 +75,10 @@ class FakeManager:
             rev = self.rev
             if self.during_post is not None:
                 await self.during_post()
+            anchor = self.endpoints.get(q.get("anchor", ""))
+            if q.get("state") == "none" or (anchor is not None and anchor.node_id == ME and anchor.network_id == net.id
+                                            and int(anchor.id[:2]) + 10 <= int(q["since"])):
+                return to_builtins(Attachment(rev=rev, endpoint=ep, network=net, endpoints=[], partial=True))
             return to_builtins(Attachment(rev=rev, endpoint=ep, network=net,
                                           endpoints=[e for e in self.endpoints.values() if e.network_id == net.id
                                                      and e.id in self.at(rev)]))
@@ -634,4 +643,62 @@ def test_a_withdrawn_node_leaves_the_peer_tables_and_comes_back_when_reinstated(
         assert await dp.list_peers(sb) == {peer(remote), peer(third)}
         await agent.resync()
         assert await dp.list_peers(sb) == {peer(remote), peer(third)}
+    run(go())
+
+
+def test_a_second_attach_asks_only_for_its_endpoint_and_the_watch_brings_the_rest(env):
+    """Issue 12 item 3: the attach answer is O(1) in the network's size once this host has an endpoint there
+    (its anchor); the peers created meanwhile come by the watch, after the attach or held during it."""
+    _, dp, _, mgr = env
+    agent = new_agent(env)
+
+    async def go():
+        early = mgr.endpoint(OTHER)
+        first = await attach(agent, dp, "c1")
+        assert mgr.queries == [""]
+        agent.on_message(events(mgr.rev, put(first)))      # the watch carries the network from here
+        missed = mgr.endpoint(THIRD)                       # the watch is late: not seen yet
+        missed_rev = mgr.rev
+        sb = agent.sandbox(NET.id)
+        second = await attach(agent, dp, "c2")
+        assert mgr.queries[-1] == f"anchor={first.id}&since={missed_rev - 1}"
+        assert second.id in agent.nets[NET.id].endpoints and agent.nets[NET.id].rev == missed_rev - 1
+        await settle()
+        assert await dp.list_peers(sb) == {peer(early)}
+        agent.on_message(events(missed_rev, put(missed)))  # the watch catches up: nothing was skipped
+        agent.on_message(events(mgr.rev, put(agent.nets[NET.id].endpoints[second.id])))
+        await settle()
+        assert await dp.list_peers(sb) == {peer(early), peer(missed)}
+
+        async def meanwhile():
+            meanwhile.late = mgr.endpoint(OTHER)
+            agent.on_message(events(mgr.rev, put(meanwhile.late)))   # held, applied after the answer
+        mgr.during_post = meanwhile
+        await attach(agent, dp, "c3")
+        assert mgr.queries[-1].startswith(f"anchor={first.id}&since=")
+        await settle()
+        assert await dp.list_peers(sb) == {peer(early), peer(missed), peer(meanwhile.late)}
+        # With every local endpoint gone the network leaves; the next attach asks for the whole state.
+        mgr.during_post = None
+        for ep in list(agent.local.values()):
+            await agent.detach(ep)
+        await attach(agent, dp, "c4")
+        assert mgr.queries[-1] == ""
+        assert await dp.list_peers(sb) == {peer(early), peer(missed), peer(meanwhile.late)}
+    run(go())
+
+
+def test_an_anchor_is_used_only_once_the_copy_is_past_its_revision(env):
+    _, dp, _, mgr = env
+    agent = new_agent(env)
+
+    async def go():
+        first = await attach(agent, dp, "c1")
+        agent.nets[NET.id].rev -= 1     # the copy is behind the first attach's answer (a snapshot reset it)
+        await attach(agent, dp, "c2")
+        assert mgr.queries == ["", ""]
+        agent.on_message(events(mgr.rev, put(first)))
+        await attach(agent, dp, "c3")
+        assert mgr.queries[-1].startswith(f"anchor={first.id}&since={mgr.rev - 1}") or \
+            mgr.queries[-1].startswith(f"anchor={first.id}&since=")
     run(go())

@@ -61,3 +61,14 @@ def test_insert_never_replaces_a_document_of_that_id_or_name(tmp_path):
             with s.tx():
                 s.insert("endpoints", id_, name, {"id": id_})
     assert s.list("endpoints") == [{"id": "e1"}]
+
+
+def test_containing_prefilters_inside_sqlite_in_insertion_order(tmp_path):
+    s = Store(str(tmp_path / "db"))
+    with s.tx():
+        s.put("containers", "a", "a", {"Labels": {"com.docker.swarm.task.id": "t1"}})
+        s.put("containers", "b", "b", {"Labels": {}})
+        s.put("containers", "c", "c", {"Cmd": ["echo", "com.docker.swarm.task.id"]})
+    got = s.containing("containers", '"com.docker.swarm.task.id"')
+    assert [d.get("Labels") for d in got] == [{"com.docker.swarm.task.id": "t1"}, None]   # the caller checks
+    assert s.containing("containers", "%") == []   # taken literally: not a LIKE pattern

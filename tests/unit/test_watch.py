@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from netweft.manager.overlays import Overlays
+from netweft.manager.overlays import AttachQuery, Overlays
 from netweft.manager.watch import Hub
 from netweft.model import codec
 from netweft.model.objects import Node, Owner
@@ -56,9 +56,9 @@ class Manager:
             body["IPAM"] = {"Config": [{"Subnet": subnet}]}
         return (await self.ov.create_network(body))["id"]
 
-    async def attach(self, node: str, net: str, owner: str, **req) -> Attachment:
+    async def attach(self, node: str, net: str, owner: str, query: AttachQuery | None = None, **req) -> Attachment:
         raw = await self.ov.create_endpoint(node, EndpointRequest(network_id=net, owner=Owner(kind="netweft", id=owner),
-                                                                  **req))
+                                                                  **req), query)
         return codec.decode(raw, Attachment)
 
 
@@ -433,6 +433,58 @@ def test_a_worker_request_cannot_carry_fields_that_bypass_the_attachable_check()
     body = json.dumps({"network_id": "a" * 64, "owner": {"kind": "netweft", "id": "c"}, "Service": True})
     with pytest.raises(InvalidRequest, match="Service"):
         codec.decode(body, EndpointRequest)
+
+
+def test_an_anchored_attachment_carries_no_endpoints_only_when_the_anchor_vouches_for_the_askers_copy(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        first = await m.attach(a, n1, "x")
+        assert not first.partial and len(first.endpoints) == 1
+        theirs = await m.attach(b, n1, "y")
+        other = await m.attach(a, n2, "o")
+        # a's copy of n1 is current at first.rev or later, and its endpoint x has been there since first.rev
+        att = await m.attach(a, n1, "z", AttachQuery(anchor=first.endpoint.id, since=first.rev))
+        assert att.partial and att.endpoints == [] and att.endpoint.node_id == a and att.rev == m.hub.state.rev
+        # A copy older than the anchor, another node's endpoint, another network's: the whole state.
+        for q in (AttachQuery(anchor=first.endpoint.id, since=first.rev - 1),
+                  AttachQuery(anchor=att.endpoint.id, since=first.rev),
+                  AttachQuery(anchor=theirs.endpoint.id, since=m.hub.state.rev),
+                  AttachQuery(anchor=other.endpoint.id, since=m.hub.state.rev)):
+            full = await m.attach(a, n1, "w", q)
+            assert not full.partial and len(full.endpoints) == 4
+        full = await m.attach(b, n1, "v", AttachQuery(anchor=first.endpoint.id, since=m.hub.state.rev))
+        assert not full.partial and len(full.endpoints) == 5
+        # The anchor gone (the node purged, say): the whole state, whatever the revision.
+        await m.ov.delete_endpoint(a, first.endpoint.id)
+        full = await m.attach(a, n1, "u", AttachQuery(anchor=first.endpoint.id, since=m.hub.state.rev))
+        assert not full.partial and len(full.endpoints) == 5
+        # A reservation asks for none; a retried request answers the endpoint it made, also partially.
+        res = await m.attach(a, n1, "u", AttachQuery(state=False))
+        assert res.partial and res.endpoints == [] and res.endpoint.id == full.endpoint.id
+        await m.close()
+    run(main())
+
+
+@pytest.mark.parametrize("query,words", [
+    ({"anchor": "a1" * 32}, "together"), ({"since": "5"}, "together"),
+    ({"anchor": "../x", "since": "5"}, "invalid anchor"), ({"anchor": "ab", "since": "-1"}, "invalid since"),
+    ({"anchor": "ab", "since": "9" * 30}, "invalid since"), ({"state": "some"}, "invalid state"),
+    ({"nets": "x"}, "unknown query parameter"),
+])
+def test_attach_query_refusals_are_one_line(query, words):
+    with pytest.raises(InvalidRequest) as e:
+        AttachQuery.parse(query)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_attach_query():
+    q = AttachQuery.parse({"anchor": "ab12", "since": "42"})
+    assert (q.state, q.anchor, q.since) == (True, "ab12", 42)
+    q = AttachQuery.parse({"state": "none"})
+    assert (q.state, q.anchor, q.since) == (False, None, None)
+    assert AttachQuery.parse({}).state
 
 
 def test_purging_a_node_removes_all_its_endpoints_in_one_revision(tmp_path):
