@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _lab import Bench, NeighWatch, children, daemon_pid, in_host, in_pid_netns, median, pct, rss_kib  # noqa: E402
 
-from netweft.cli.client import ApiError  # noqa: E402
+from netweft.apiclient.client import ApiError  # noqa: E402
 from netweft.lab.lab import Lab  # noqa: E402
 
 OV = "ov"

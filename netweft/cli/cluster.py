@@ -5,7 +5,7 @@ import json
 
 import click
 
-from netweft.cli.client import ref
+from netweft.apiclient.client import ref
 from netweft.cli.main import api, cli, dump, inspect_each, table, validate
 
 

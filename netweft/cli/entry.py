@@ -108,11 +108,11 @@ def run_lean(argv: list[str]) -> int:
     o, pos = parse(rest, spec)
 
     from netweft.cli import render
-    from netweft.cli.client import ApiError, Client, DaemonUnreachable, call_each, ref
+    from netweft.apiclient.client import ApiError, Client, DaemonUnreachable, call_each, ref
 
     try:
         if cmd == "network ls":
-            from netweft.cli import leanjson
+            from netweft.apiclient import leanjson
             fmt = o.get("fmt", "table")
             if pos or fmt not in ("table", "json"):
                 raise _Unsure

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import click
 
-from netweft.cli.client import Client
+from netweft.apiclient.client import Client
 from netweft.cli.main import api, cli
 
 FILTER_KEYS = ("type", "event", "network", "node")

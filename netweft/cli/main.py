@@ -8,7 +8,7 @@ import sys
 import click
 
 from netweft.cli import render
-from netweft.cli.client import ApiError, Client, DaemonUnreachable, call_each, ref
+from netweft.apiclient.client import ApiError, Client, DaemonUnreachable, call_each, ref
 from netweft.errors import NetweftError
 from netweft import validate
 

@@ -35,7 +35,7 @@ def network_line(n: dict, no_trunc: bool) -> dict:
 
 def network_ls(nets: list[dict], quiet: bool, fmt: str, no_trunc: bool) -> list[str]:
     """The lines of `network ls` (networks sorted by name, as Docker's CLI)."""
-    from netweft.cli import leanjson
+    from netweft.apiclient import leanjson
     nets = sorted(nets, key=lambda n: n["Name"])
     if fmt == "json" and not quiet:
         return [leanjson.dumps(network_line(n, no_trunc), sort_keys=True) for n in nets]

@@ -7,7 +7,7 @@ import time
 import click
 
 from netweft.cli import render
-from netweft.cli.client import ApiError, ref
+from netweft.apiclient.client import ApiError, ref
 from netweft.cli.main import api, cli, inspect_each, validate
 
 CONVERGE_TIMEOUT = 120.0

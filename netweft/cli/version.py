@@ -8,7 +8,7 @@ import sys
 import click
 
 from netweft import __version__
-from netweft.cli.client import ApiError, DaemonUnreachable
+from netweft.apiclient.client import ApiError, DaemonUnreachable
 from netweft.cli.main import api, cli
 
 SHELLS = ("bash", "zsh")

@@ -21,7 +21,7 @@ from pathlib import Path
 from netweft.dataplane.netns import create_netns
 from netweft.dataplane.nlutil import netns_iproute
 
-from netweft.cli.client import Client
+from netweft.apiclient.client import Client
 from netweft.errors import Conflict, InvalidRequest, NotFound
 from netweft.lab.cleanup import clean
 

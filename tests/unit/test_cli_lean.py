@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, strategies as st
 
-from netweft.cli import client as client_mod, entry, leanjson
+from netweft.apiclient import client as client_mod, leanjson
+from netweft.cli import entry
 from netweft.cli.main import cli
 
 json_values = st.recursive(
@@ -187,7 +188,7 @@ def test_ref_quotes_as_urllib_does():
 
 
 def test_leanjson_refuses_bad_json_with_json_not_imported():
-    code = ("import sys\nfrom netweft.cli import leanjson\nassert 'json.decoder' not in sys.modules\n"
+    code = ("import sys\nfrom netweft.apiclient import leanjson\nassert 'json.decoder' not in sys.modules\n"
             "for bad in (b'{nope', b'', b'[1] 2'):\n"
             "    try:\n        leanjson.loads(bad)\n    except ValueError:\n        pass\n"
             "    else:\n        raise SystemExit(f'{bad!r} accepted')\nprint('ok')")

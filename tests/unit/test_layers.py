@@ -6,7 +6,7 @@ from pathlib import Path
 import netweft
 
 ROOT = Path(netweft.__file__).parent
-LEAVES = {"model", "ipam", "pki", "store", "errors", "validate", "metrics"}
+LEAVES = {"model", "ipam", "pki", "store", "errors", "validate", "metrics", "apiclient"}
 
 # package -> the netweft packages it must never import
 FORBIDDEN = {
@@ -18,7 +18,7 @@ FORBIDDEN = {
     "plugins": {"daemon", "manager", "agent", "dataplane", "runtime", "lab"},
     "dataplane": {"cli", "daemon", "manager", "agent", "runtime", "lab", "dns", "plugins"},
     "runtime": {"cli", "daemon", "manager", "agent", "dataplane", "lab", "dns", "plugins"},
-    "lab": {"daemon", "manager", "agent"},
+    "lab": {"cli", "daemon", "manager", "agent"},
 }
 for leaf in LEAVES:
     FORBIDDEN[leaf] = {"cli", "daemon", "manager", "agent", "dataplane", "runtime", "lab", "dns", "plugins"}

@@ -8,7 +8,7 @@ Quick to import on purpose: every `netweft` command pays for what this module im
 from __future__ import annotations
 
 import _socket
-from netweft.cli import leanjson as json
+from netweft.apiclient import leanjson as json
 import os
 
 DEFAULT_HOST = "unix:///run/netweft/netweft.sock"
