@@ -239,7 +239,7 @@ class Services:
     async def update(self, ref: str, body: bytes) -> dict:
         req = codec.decode(body, ServiceRequest, "service update request")
 
-        def plan():
+        def new_version():
             old = self.service(ref)
             if req.name != old.spec.name:
                 raise InvalidRequest("a service cannot be renamed; create another one")
@@ -254,19 +254,14 @@ class Services:
             if not scale_only:   # a rolling update starts (manager/scheduler.py replaces the tasks)
                 svc = msgspec.structs.replace(svc, previous_spec=old.spec, update_status=UpdateStatus(
                     state="updating", started=utcnow(), message="update in progress"))
-            compares, ops = self._vip_ops(svc, old)
-            return ([Compare(SERVICES, old.id, self.state.mod_rev(SERVICES, old.id)), *compares],
-                    [Put(SERVICES, svc.id, codec.encode(svc)), *ops], svc)
+            return old, svc
 
-        async with self._lock:
-            svc, _ = await self.hub.commit(plan)
-        self._kick.set()
-        return {"ID": svc.id, "Version": svc.version}
+        return await self._replace(new_version)
 
     async def rollback(self, ref: str) -> dict:
         """`service rollback`: the spec before the last update comes back, rolled out as an update is (the
         rolled-back spec becomes the previous one: a second rollback undoes the first, as Docker's)."""
-        def plan():
+        def new_version():
             old = self.service(ref)
             if old.previous_spec is None:
                 raise Conflict(f"service {old.spec.name!r} has no previous spec to roll back to "
@@ -277,6 +272,15 @@ class Services:
                                           version=old.version + 1, update_status=UpdateStatus(
                                               state="rollback_started", started=utcnow(),
                                               message="rollback in progress"))
+            return old, svc
+
+        return await self._replace(new_version)
+
+    async def _replace(self, new_version) -> dict:
+        """Commit the service `new_version()` gives (computed under the lock from the current state, with
+        the one it replaces) and its VIP changes, and wake the scheduler."""
+        def plan():
+            old, svc = new_version()
             compares, ops = self._vip_ops(svc, old)
             return ([Compare(SERVICES, old.id, self.state.mod_rev(SERVICES, old.id)), *compares],
                     [Put(SERVICES, svc.id, codec.encode(svc)), *ops], svc)
