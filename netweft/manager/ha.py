@@ -22,7 +22,7 @@ from netweft import pki
 from aiohttp import web
 
 from netweft.errors import Conflict, Forbidden, NetweftError, Unavailable
-from netweft.manager import auth, hastore
+from netweft.manager import auth, hastore, leader
 from netweft.manager.auth import MANAGER, allow
 from netweft.manager.managerkey import ManagerKey
 from netweft.manager.storecerts import StoreCerts
@@ -95,14 +95,8 @@ class ManagersOnEtcd(StoreCerts, ManagerKey):
 
     async def _reconcile_secrets(self) -> None:
         """The leader: revoke the etcd certificates of, and rotate the key held by, managers that went."""
-        while True:
-            await asyncio.sleep(SECRETS_EVERY)
-            if not self.is_leader():
-                continue
-            try:
-                await self.forget_gone_managers()
-            except NetweftError as e:
-                log.warning("revoking a former manager's secrets failed; retrying", extra={"reason": str(e)})
+        await leader.every(SECRETS_EVERY, self.is_leader, self.forget_gone_managers,
+                           "revoking a former manager's secrets failed; retrying")
 
     async def forget_gone_managers(self) -> None:
         """Nodes no longer managers: their etcd certificates refused by every member, the key they held
@@ -134,13 +128,10 @@ class ManagersOnEtcd(StoreCerts, ManagerKey):
         return routes
 
     async def _trim_history(self) -> None:
-        while True:
-            await asyncio.sleep(TRIM_EVERY)
-            if self.is_leader() and self.state.rev > HISTORY:
-                try:
-                    await self.store.compact(self.state.rev - HISTORY)
-                except NetweftError as e:
-                    log.warning("trimming the cluster store's history failed", extra={"reason": str(e)})
+        async def trim():
+            if self.state.rev > HISTORY:
+                await self.store.compact(self.state.rev - HISTORY)
+        await leader.every(TRIM_EVERY, self.is_leader, trim, "trimming the cluster store's history failed")
 
     async def _watch_self(self) -> None:
         """This manager demoted or removed (by another one): tell the daemon once, which stops it. Its view of

@@ -26,6 +26,19 @@ LEASE_TTL = 3          # seconds: a dead leader is replaced within about this
 LEADER_KEY = "leader"
 
 
+async def every(period: float, is_leader, duty, failed: str) -> None:
+    """Run the duty `await duty()` every `period` seconds on the leader alone, forever; a failure is the
+    warning `failed` and is retried at the next period."""
+    while True:
+        await asyncio.sleep(period)
+        if not is_leader():
+            continue
+        try:
+            await duty()
+        except NetweftError as e:
+            log.warning(failed, extra={"reason": str(e)})
+
+
 class Coordination:
     def __init__(self, store, hub: Hub, node_id: str, manager_addr: str, ttl: int = LEASE_TTL):
         self.store, self.hub, self.node_id, self.manager_addr, self.ttl = store, hub, node_id, manager_addr, ttl

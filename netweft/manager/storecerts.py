@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 
 from netweft import pki
 from netweft.errors import NetweftError, NotFound
-from netweft.manager import hastore
+from netweft.manager import hastore, leader
 from netweft.manager.watch import CA, NODES
 from netweft.model import codec
 from netweft.pki import crl as crlmod
@@ -181,14 +181,8 @@ class StoreCerts:
         return revocation_plan(issued, stored.get("revoked", []), managers, datetime.now(timezone.utc))
 
     async def _reconcile_revocations(self) -> None:
-        while True:
-            await asyncio.sleep(RECONCILE_EVERY)
-            if not self.is_leader():
-                continue
-            try:
-                await self.revoke_store_certs()
-            except NetweftError as e:
-                log.warning("revoking etcd certificates failed; retrying", extra={"reason": str(e)})
+        await leader.every(RECONCILE_EVERY, self.is_leader, self.revoke_store_certs,
+                           "revoking etcd certificates failed; retrying")
 
     def _write_crl(self) -> bool:
         stored = self.state.get(CA, REVOKED)
