@@ -44,6 +44,7 @@ from netweft.dataplane import antispoof, netns
 from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)
 from netweft.dataplane.checks import (check_path, check_peers, default_tmp_name, int_in as _int_in, ipv4 as _ipv4,
                                       make_peer, peer_tables)
+from netweft.dataplane.garp import Announcer
 from netweft.dataplane.firewall import (OVERLAY_TABLE, render_delete_overlay_firewall,  # noqa: F401
                                         render_overlay_firewall)
 from netweft.dataplane.nlbatch import NeighBatch, open_route_socket
@@ -80,7 +81,12 @@ class _Sandbox:
         self.ipr = open_iproute(fd)
         try:
             with netns.entered(fd):
-                sock = open_route_socket()
+                self.garp = Announcer.open()
+                try:
+                    sock = open_route_socket()
+                except BaseException:
+                    self.garp.close()
+                    raise
             self.nl = NeighBatch(sock)
         except BaseException:
             close_iproute(self.ipr)
@@ -90,6 +96,7 @@ class _Sandbox:
         close_iproute(self.ipr)
         with contextlib.suppress(OSError):
             self.nl.close()
+        self.garp.close()
         self.nft = None   # its socket would keep a deleted namespace alive
         os.close(self.fd)
 
@@ -342,6 +349,7 @@ class Overlay(HostHandles):
         self._ensure_veth(sb.ipr, ctr_netns_path, *args, master=br["index"], isolated=False,
                           gateway=None, what=what)
         antispoof.add_port(self._sandbox_nft(sb), args[0], args[3], str(args[2].ip))
+        sb.garp.announce(SANDBOX_BRIDGE, [(str(args[2].ip), args[3])])   # see garp.py
 
     def delete_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
         """Delete the endpoint veth `host_ifname` of the sandbox (its container end goes with it).
@@ -424,6 +432,7 @@ class Overlay(HostHandles):
             # FDB first, so an ARP answer (from the neighbour) never points at a MAC with nowhere to go.
             sb.nl.add_fdb(vx, [(p.mac, p.vtep) for p in peers])
             sb.nl.add_neighbours(vx, [(p.ip, p.mac) for p in peers])
+        sb.garp.announce(SANDBOX_BRIDGE, [(p.ip, p.mac) for p in peers])   # see garp.py
 
     def remove_peers(self, sandbox_path: str, peers: Iterable[ModelPeer]) -> None:
         """Remove remote endpoints (neighbour by IP, FDB entry by MAC and VTEP). Absent ones are fine."""
@@ -471,6 +480,7 @@ class Overlay(HostHandles):
             sb.nl.delete_fdb(vx, stale_fdb)
             sb.nl.add_fdb(vx, new_fdb)
             sb.nl.add_neighbours(vx, new_neigh)
+        sb.garp.announce(SANDBOX_BRIDGE, new_neigh)
         return len(stale_neigh) + len(stale_fdb) + len(new_fdb) + len(new_neigh)
 
     def _vxlan_if_any(self, sandbox_path: str) -> tuple[_Sandbox, int] | None:

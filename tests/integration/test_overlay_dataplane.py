@@ -319,6 +319,46 @@ def test_delete_sandbox_removes_everything(lab):
     assert "eth0" not in links(ca) and "ve-a" not in links(sa)
 
 
+def neighbour(ctr: str, ip: str) -> dict:
+    """The container's neighbour entry for `ip` on eth0 ({} if none)."""
+    out = json.loads(in_ns(ctr, "ip", "-j", "neigh", "show", ip, "dev", "eth0", check=True).stdout or "[]")
+    return out[0] if out else {}
+
+
+def resolved(ctr: str, ip: str, timeout: float = 5.0) -> str | None:
+    """The MAC the container's kernel resolved `ip` to, waiting up to `timeout`."""
+    end = time.monotonic() + timeout
+    while True:
+        mac = neighbour(ctr, ip).get("lladdr")
+        if mac or time.monotonic() > end:
+            return mac
+        time.sleep(0.05)
+
+
+def test_a_container_waiting_for_an_address_learns_it_when_its_endpoint_appears(lab):
+    """garp.py: an address asked for before it existed resolves as soon as it is programmed, not at the
+    kernel's next ARP retry. The waiting container retries once a minute here, so only the announcement
+    can resolve it within the test."""
+    (a, sa, ca), (b, sb, cb) = two_hosts(lab)
+    b.ov.add_peers(sb, [PEER_A])
+    in_ns(ca, "sysctl", "-q", "-w", "net.ipv4.neigh.eth0.retrans_time_ms=60000", check=True)
+    local_ip, local_mac = "198.18.0.4", "02:00:c6:12:00:04"
+    for ip in ("198.18.0.3", local_ip):
+        assert in_ns(ca, "ping", "-c1", "-W1", ip).returncode != 0
+        assert neighbour(ca, ip).get("state") == ["INCOMPLETE"]
+    # A remote endpoint arrives: the entry resolves, and traffic flows.
+    a.ov.add_peers(sa, [PEER_B])
+    assert resolved(ca, "198.18.0.3") == MAC_B
+    assert ping(ca, "198.18.0.3")
+    # A local endpoint comes up on the same sandbox: the same.
+    c2 = lab.container("ctr-a2")
+    a.ov.ensure_endpoint(sa, c2, "ve-a2", "eth0", f"{local_ip}/24", local_mac, 1450)
+    assert resolved(ca, local_ip) == local_mac
+    assert ping(ca, local_ip)
+    # Containers that never asked learn nothing (arp_accept stays 0: no entries made for them).
+    assert neighbour(cb, "198.18.0.9") == {}
+
+
 def test_sync_peers_applies_only_the_difference(lab):
     a = lab.host("a")
     sb = lab.path("sb")
