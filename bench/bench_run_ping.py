@@ -56,6 +56,27 @@ class Pinger:
         return self.done_at
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_cli(argv: list[str], env: dict) -> float:
+    """Run the command (output discarded) and return its CPU seconds; raises if it fails."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+            (os.POSIX_SPAWN_DUP2, devnull, 1), (os.POSIX_SPAWN_DUP2, devnull, 2)])
+    finally:
+        os.close(devnull)
+    _, status, ru = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed")
+    return ru.ru_utime + ru.ru_stime
+
+
 def ms(v: float) -> str:
     return f"{v * 1000:7.1f} ms"
 
@@ -104,24 +125,33 @@ def main() -> None:
 
         nw("h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", SUBNET, "ov")
         nw("h1", "run", "-d", "--name", "pinger", "--network", "ov", "--", "sleep", "infinity")
-        pid = json.loads(nw("h1", "inspect", "pinger").stdout)[0]["State"]["Pid"]
+        pinger_pid = json.loads(nw("h1", "inspect", "pinger").stdout)[0]["State"]["Pid"]
         if args.arp_retrans_ms is not None:
-            subprocess.run(["nsenter", "-t", str(pid), "-n", "sysctl", "-q",
+            subprocess.run(["nsenter", "-t", str(pinger_pid), "-n", "sysctl", "-q",
                             f"net.ipv4.neigh.eth0.retrans_time_ms={args.arp_retrans_ms}"], check=True)
         # Warm-up: h2's sandbox for ov exists after its first container, as on any host already in use.
         nw("h2", "run", "-d", "--name", "warm", "--network", "ov", "--", "sleep", "infinity")
         reach, call, after, daemon, sent = [], [], [], [], {}
+        pids = {"h2's netweftd": int((lab.host_dir("h2") / "netweftd.pid").read_text()),
+                "h2's supervisor": int((lab.host_dir("h2") / "run" / "supervisor.sock.pid").read_text()),
+                "h1's netweftd (manager)": int((lab.host_dir("h1") / "netweftd.pid").read_text())}
+        cpu: dict[str, list[float]] = {"the netweft command": [], **{k: [] for k in pids}}
         fails = 0
         for i in range(args.rounds):
             ip, name = f"198.18.60.{20 + i}", f"r{i}"
-            pinger = Pinger(b, lab, pid, ip)
+            pinger = Pinger(b, lab, pinger_pid, ip)
             time.sleep(0.2)   # the ping is running before the command starts
+            before = {k: cpu_s(p) for k, p in pids.items()}
             wall, t0 = time.time(), time.perf_counter()
-            nw("h2", "run", "-d", "--name", name, "--network", "ov", "--ip", ip, "--", "sleep", "infinity")
+            cli_cpu = run_cli([str(BIN / "netweft"), "run", "-d", "--name", name, "--network", "ov", "--ip", ip,
+                               "--", "sleep", "infinity"], {**env, "NETWEFT_HOST": lab.socket("h2")})
             t_ret = time.perf_counter()
             sent[name] = wall
             done = pinger.result()
             b.stop(pinger.p)
+            cpu["the netweft command"].append(cli_cpu)
+            for k, p in pids.items():
+                cpu[k].append(cpu_s(p) - before[k])
             call.append(t_ret - t0)
             if done is None:
                 fails += 1
@@ -146,6 +176,9 @@ def main() -> None:
         show("  command returned -> first reply", after)
         if fails:
             print(f"  no reply within 30 s: {fails}")
+        print("  CPU per run (user + system, until the reply; independent of the machine's load):")
+        for k, v in cpu.items():
+            show(f"    {k}", v)
     if args.docker:
         d = docker_sample()
         print(f"Docker 20.10 swarm overlay (shared baseline script, one sample): "
