@@ -18,6 +18,7 @@ Everything made here (the lab, its processes) is removed at the end, also on fai
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import re
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _lab import Bench, pct  # noqa: E402
 
+import netweft  # noqa: E402
 from netweft.lab.lab import BIN  # noqa: E402
 
 SUBNET = "198.18.60.0/24"
@@ -115,6 +117,8 @@ def main() -> None:
     ap.add_argument("--arp-retrans-ms", type=int, help="set the pinger's ARP retransmit time (default: the kernel's)")
     ap.add_argument("--trace", action="store_true", help="print h1's and h2's daemon log lines of the last round")
     args = ap.parse_args()
+    # Bytecode compiled first, as `pip install` does (this machine sets PYTHONDONTWRITEBYTECODE).
+    compileall.compile_dir(str(Path(netweft.__file__).parent), quiet=1)
     with Bench() as b:
         lab = b.lab(2)
         env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}

@@ -132,6 +132,11 @@ class NeighBatch:
     def close(self) -> None:
         self._sock.close()
 
+    @property
+    def sock(self) -> socket.socket:
+        """The raw socket, for nlveth's few messages (its sequence numbers never meet ours)."""
+        return self._sock
+
     # ---- writes ---------------------------------------------------------------------------------
 
     def add_neighbours(self, ifindex: int, entries: Sequence[tuple[str, str]]) -> None:

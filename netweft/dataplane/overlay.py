@@ -40,7 +40,7 @@ from netweft.dataplane.pyroute2_parts import NetlinkError
 if TYPE_CHECKING:  # pyroute2's IPRoute is loaded on first use
     from netweft.dataplane.pyroute2_parts import IPRoute
 
-from netweft.dataplane import antispoof, netns
+from netweft.dataplane import antispoof, netns, nlveth
 from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)
 from netweft.dataplane.checks import (check_path, check_peers, default_tmp_name, int_in as _int_in, ipv4 as _ipv4,
                                       make_peer, peer_tables)
@@ -346,7 +346,7 @@ class Overlay(HostHandles):
             br = get_link(sb.ipr, SANDBOX_BRIDGE)
         if br is None:
             raise KernelError(f"{what}: sandbox has no {SANDBOX_BRIDGE} (ensure_sandbox first)")
-        self._ensure_veth(sb.ipr, ctr_netns_path, *args, master=br["index"], isolated=False,
+        self._ensure_veth(sb.ipr, sb.nl, ctr_netns_path, *args, master=br["index"], isolated=False,
                           gateway=None, what=what)
         antispoof.add_port(self._sandbox_nft(sb), args[0], args[3], str(args[2].ip))
         sb.garp.announce(SANDBOX_BRIDGE, [(str(args[2].ip), args[3])])   # see garp.py
@@ -395,11 +395,19 @@ class Overlay(HostHandles):
         return (check_ifname(host_ifname, "host interface name"), check_ifname(ifname),
                 parse_interface(address_cidr), parse_mac(mac), _int_in(mtu, 68, 65535, "MTU"))
 
-    def _ensure_veth(self, ipr: IPRoute, ctr_path: str, host_ifname: str, ifname: str,
+    def _ensure_veth(self, ipr: IPRoute, nl: NeighBatch, ctr_path: str, host_ifname: str, ifname: str,
                      address: ipaddress.IPv4Interface, mac: str, mtu: int, *, master: int,
                      isolated: bool, gateway: ipaddress.IPv4Address | None, what: str) -> None:
         """A veth between namespace `ipr` (end `host_ifname`, port of bridge `master`) and the container
         (end `ifname`); recreated unless both ends are one pair, then every setting checked."""
+        with failing(what):
+            ctr_fd = netns.open_netns(ctr_path)
+        try:   # the fast path first: a fresh container, made in a few messages (nlveth.py)
+            if nlveth.create_fresh(nl.sock, ctr_fd, host_ifname, ifname, mac, mtu, master=master,
+                                   isolated=isolated, address=address, gateway=gateway):
+                return
+        finally:
+            os.close(ctr_fd)
         with failing(what), netns_iproute(ctr_path) as (ctr_fd, cipr):
             host, peer = ensure_veth(ipr, cipr, ctr_fd, host_ifname, ifname, mac, mtu, replace_peer=False)
             # Our end.
@@ -527,7 +535,7 @@ class Overlay(HostHandles):
             br = get_link(ipr, bridge)
         if br is None or link_kind(br) != "bridge":
             raise KernelError(f"{what}: no gateway bridge {bridge} (ensure_gwbridge first)")
-        self._ensure_veth(ipr, ctr_netns_path, *args, master=br["index"], isolated=True,
+        self._ensure_veth(ipr, self._host_nl, ctr_netns_path, *args, master=br["index"], isolated=True,
                           gateway=gateway, what=what)
         antispoof.add_port(self._nft_cmd, args[0], args[3], str(args[2].ip))
 
