@@ -6,6 +6,7 @@ exception, Ctrl-C, SIGTERM or SIGHUP. Only what it created: other labs on the ma
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -36,6 +37,33 @@ def pct(values: Iterable[float], q: float) -> float:
 
 def median(values: Iterable[float]) -> float:
     return pct(values, 50)
+
+
+# ------------------------------------------------------------------ iperf3
+def iperf(argv: list[str], seconds: int, streams: int = 1, rt: bool = False) -> float:
+    """Gbit/s received by one iperf3 client run (`argv` ends with its target; retried while the server is not
+    listening yet or busy with the last client). `rt`: pinned to CPU 0 at SCHED_FIFO 10 (see iperf_server)."""
+    pre = ["taskset", "-c", "0", "chrt", "-f", "10"] if rt else []
+    i = argv.index("iperf3")  # the pinning goes right before iperf3, after nsenter
+    cmd = argv[:i] + pre + argv[i:] + ["-t", str(seconds), "-O", "1", "-J", "-P", str(streams)]
+    out: dict = {}
+    for _ in range(20):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+        try:
+            out = json.loads(r.stdout)
+        except ValueError:
+            out = {}
+        if r.returncode == 0 and "sum_received" in out.get("end", {}):
+            return out["end"]["sum_received"]["bits_per_second"] / 1e9
+        time.sleep(0.3)
+    raise RuntimeError(f"iperf3 failed: {out.get('error') or r.stdout[-300:]} {r.stderr[-300:]}")
+
+
+def iperf_server(argv: list[str], rt: bool) -> list[str]:
+    """The server's argv, pinned to CPU 1 at SCHED_FIFO 10 if `rt` (single-stream iperf3 on 2 cores is
+    CPU-bound: other work on a shared machine otherwise makes rounds differ by 2x)."""
+    i = argv.index("iperf3")
+    return argv[:i] + (["taskset", "-c", "1", "chrt", "-f", "10"] if rt else []) + argv[i:]
 
 
 # ------------------------------------------------------------------ labs and processes

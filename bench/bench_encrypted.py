@@ -24,8 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _lab import Bench, in_host, in_pid_netns, median, pct  # noqa: E402
-from bench_overlay import Prober, cli, create_ctr, iperf, remove_ctr  # noqa: E402
+from _lab import Bench, in_host, in_pid_netns, iperf, median, pct  # noqa: E402
+from bench_overlay import Prober, cli, create_ctr, remove_ctr  # noqa: E402
 
 from netweft.dataplane.real import RealDataPlane  # noqa: E402
 from netweft.dataplane.wgconf import TunnelPeer, TunnelSpec, new_private_key, public_key  # noqa: E402

@@ -34,7 +34,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _lab import Bench, NeighWatch, children, daemon_pid, in_host, in_pid_netns, median, pct, rss_kib  # noqa: E402
+from _lab import (Bench, NeighWatch, children, daemon_pid, in_host, in_pid_netns, iperf, median, pct,  # noqa: E402
+                  rss_kib)
 
 from netweft.apiclient.client import ApiError  # noqa: E402
 from netweft.lab.lab import Lab  # noqa: E402
@@ -285,20 +286,6 @@ def bench_rss(lab: Lab, count: int) -> dict:
 
 
 # ------------------------------------------------------------------ (a) iperf3
-def iperf(argv: list[str], seconds: int) -> float:
-    for attempt in range(20):
-        r = subprocess.run(argv + ["-t", str(seconds), "-O", "1", "-J"], capture_output=True, text=True,
-                           timeout=seconds + 30)
-        try:
-            out = json.loads(r.stdout)
-        except ValueError:
-            out = {}
-        if r.returncode == 0 and "sum_received" in out.get("end", {}):
-            return out["end"]["sum_received"]["bits_per_second"] / 1e9
-        time.sleep(0.2)  # the server may not listen yet
-    raise RuntimeError(f"iperf3 failed: {out.get('error') or r.stdout[-400:]} {r.stderr[-400:]}")
-
-
 def bench_iperf(b: Bench, lab: Lab, pid1: int, pid2: int, rounds: int, seconds: int) -> dict:
     b.spawn(in_pid_netns(pid2, ["iperf3", "-s"]), lab=lab)
     b.spawn(in_host(lab, "h2", ["iperf3", "-s"]), lab=lab)

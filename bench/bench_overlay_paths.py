@@ -38,8 +38,7 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _lab import median  # noqa: E402
-from bench_throughput import iperf, server  # noqa: E402
+from _lab import iperf, iperf_server as server, median  # noqa: E402
 
 PORT = 5298
 UL = "203.0.113"

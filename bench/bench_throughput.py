@@ -16,7 +16,6 @@ The same for every case.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _lab import Bench, in_host, in_pid_netns, median  # noqa: E402
+from _lab import Bench, in_host, in_pid_netns, iperf, iperf_server, median  # noqa: E402
 from bench_overlay import create_ctr, create_overlay, wait_neigh, wait_sandboxes  # noqa: E402
 
 DOCKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "peers",
@@ -37,28 +36,6 @@ def docker_script() -> str:
         if os.path.exists(p):
             return os.path.abspath(p)
     raise SystemExit("docker-swarm-baseline.sh not found (../shared/peers/); use --no-docker")
-
-
-def iperf(argv: list[str], seconds: int, streams: int, rt: bool) -> float:
-    pre = ["taskset", "-c", "0", "chrt", "-f", "10"] if rt else []
-    i = argv.index("iperf3")  # the pinning goes right before iperf3, after nsenter
-    cmd = argv[:i] + pre + argv[i:] + ["-t", str(seconds), "-O", "1", "-J", "-P", str(streams)]
-    out: dict = {}
-    for _ in range(20):
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-        try:
-            out = json.loads(r.stdout)
-        except ValueError:
-            out = {}
-        if r.returncode == 0 and "sum_received" in out.get("end", {}):
-            return out["end"]["sum_received"]["bits_per_second"] / 1e9
-        time.sleep(0.3)  # the server may not listen yet, or is busy with the last client
-    raise RuntimeError(f"iperf3 failed: {out.get('error') or r.stdout[-300:]} {r.stderr[-300:]}")
-
-
-def server(argv: list[str], rt: bool) -> list[str]:
-    i = argv.index("iperf3")
-    return argv[:i] + (["taskset", "-c", "1", "chrt", "-f", "10"] if rt else []) + argv[i:]
 
 
 class DockerSwarm:
@@ -118,8 +95,8 @@ def main() -> None:
             wait_sandboxes(lab, ["h1", "h2"], net_id)
             wait_neigh(lab, "h1", net_id, {"198.18.0.12"})
             wait_neigh(lab, "h2", net_id, {"198.18.0.11"})
-            b.spawn(server(in_pid_netns(pids[2], ["iperf3", "-s", "-p", str(PORT)]), rt), lab=lab)
-            b.spawn(server(in_host(lab, "h2", ["iperf3", "-s", "-p", str(PORT)]), rt), lab=lab)
+            b.spawn(iperf_server(in_pid_netns(pids[2], ["iperf3", "-s", "-p", str(PORT)]), rt), lab=lab)
+            b.spawn(iperf_server(in_host(lab, "h2", ["iperf3", "-s", "-p", str(PORT)]), rt), lab=lab)
             cases = {
                 "netweft overlay": in_pid_netns(pids[1], ["iperf3", "-p", str(PORT), "-c", "198.18.0.12"]),
                 "netweft underlay": in_host(lab, "h1", ["iperf3", "-p", str(PORT), "-c", lab.address("h2")]),
@@ -129,8 +106,8 @@ def main() -> None:
                 docker.up()
                 # Servers like netweft's (pa-c2's own `iperf3 -s` runs unpinned in its cgroup): in pa-c2's
                 # namespace and in pa-h2. The cleanup step ends them with the namespaces.
-                b.spawn(server(in_pid_netns(docker.c2, ["iperf3", "-s", "-p", str(PORT)]), rt))
-                b.spawn(server(["nsenter", "--net=/run/netns/pa-h2", "iperf3", "-s", "-B", "192.0.2.2",
+                b.spawn(iperf_server(in_pid_netns(docker.c2, ["iperf3", "-s", "-p", str(PORT)]), rt))
+                b.spawn(iperf_server(["nsenter", "--net=/run/netns/pa-h2", "iperf3", "-s", "-B", "192.0.2.2",
                                 "-p", str(PORT)], rt))
                 cases["docker overlay"] = in_pid_netns(docker.c1, ["iperf3", "-p", str(PORT), "-c", "198.18.10.12"])
                 cases["docker underlay"] = ["nsenter", "--net=/run/netns/pa-h1", "iperf3", "-p", str(PORT),
