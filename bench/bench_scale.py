@@ -7,7 +7,8 @@ and `run` (create and start) of as many again, so the host holds the mark's coun
 medians and the ratio to the first mark (the goal: within 1.2x). Filling stops at the first refusal (a
 full bridge says so): the count reached is the last mark. Then one `netweft rm -f` of every container
 (the CLI, as a user types it), timed.
---profile DIR records the daemon with py-spy (installed in the venv) during each mark's window.
+--profile DIR samples the daemon's stacks during each mark's window and the final `rm -f` (the sampler in
+bench/sampler/; summarize a file with bench/samples_top.py).
 Everything is removed at the end, also on Ctrl-C.
 
     sudo .venv/bin/python bench/bench_scale.py                      # 100 and 1,000
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,11 +48,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--containers", type=int, default=1000, help="the largest mark reached (4000 for all three)")
     p.add_argument("--window", type=int, default=50, help="runs and rms timed at each mark")
-    p.add_argument("--profile", metavar="DIR", help="py-spy recordings of the daemon at each mark, into DIR")
+    p.add_argument("--profile", metavar="DIR", help="stack samples of the daemon at each mark, into DIR")
     args = p.parse_args()
     n, w = args.containers, args.window
     marks = [m for m in MARKS if m <= n] or [n]
     results: list[tuple[int, float, float]] = []
+    if args.profile:   # the daemon inherits these: bench/sampler/sitecustomize.py, toggled with SIGUSR2
+        os.makedirs(args.profile, exist_ok=True)
+        os.environ["NETWEFT_BENCH_SAMPLES"] = os.path.abspath(args.profile)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent / "sampler"),
+                                                                 os.environ.get("PYTHONPATH")]))
     with Bench() as b:
         lab = b.lab(1)
         c = lab.client("h1", timeout=600)
@@ -75,23 +82,16 @@ def main() -> None:
                 m = made
                 if results and m <= results[-1][0] + w:
                     break
-            spy = None
             if args.profile:
-                os.makedirs(args.profile, exist_ok=True)
-                spy = b.spawn([str(BIN / "py-spy"), "record", "-p", str(pid), "-r", "200", "-f", "speedscope",
-                               "-o", os.path.join(args.profile, f"daemon-{m}.json")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1)
+                os.kill(pid, signal.SIGUSR2)
             last = [f"s{i}" for i in range(m - w, m)]
             rms = [rm_one(c, name) for name in last]
             runs = [run_one(c, name) for name in last]
-            if spy is not None:
-                spy.send_signal(2)
-                spy.wait(60)
-                b.procs.remove(spy)
+            if args.profile:
+                os.kill(pid, signal.SIGUSR2)
             results.append((m, median(runs), median(rms)))
             print(f"  at {m:>5} containers: run median {median(runs) * 1000:6.1f} ms, "
-                  f"rm -f median {median(rms) * 1000:6.1f} ms", flush=True)
+                  f"rm -f median {median(rms) * 1000:6.1f} ms (load {os.getloadavg()[0]:.1f})", flush=True)
         print(f"{made} containers on one overlay, one host (filled in {t_fill:.0f} s); "
               f"daemon RSS {rss_kib(pid) / 1024:.0f} MiB")
         m0, run0, rm0 = results[0]
@@ -101,11 +101,16 @@ def main() -> None:
         print("  (goal: run/first and rm/first <= 1.2)")
         names = [f"s{i}" for i in range(made)]
         env = {**os.environ, "NETWEFT_HOST": lab.socket("h1")}
+        if args.profile:
+            os.kill(pid, signal.SIGUSR2)
         t = time.perf_counter()
         r = subprocess.run([NETWEFT, "rm", "-f", *names], env=env, capture_output=True, text=True)
         dt = time.perf_counter() - t
+        if args.profile:
+            os.kill(pid, signal.SIGUSR2)
         print(f"  netweft rm -f of all {len(names)} containers: {dt:.1f} s "
-              f"({dt / len(names) * 1000:.1f} ms each){'' if r.returncode == 0 else ' FAILED: ' + r.stderr[-300:]}")
+              f"({dt / len(names) * 1000:.1f} ms each, load {os.getloadavg()[0]:.1f})"
+              f"{'' if r.returncode == 0 else ' FAILED: ' + r.stderr[-300:]}")
         print(f"  daemon RSS after: {rss_kib(pid) / 1024:.0f} MiB")
 
 
