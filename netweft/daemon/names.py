@@ -6,8 +6,10 @@ answered from the networks its endpoints are on. What is answered: per network, 
 endpoint's owner (a container's name), a netweft container's short ID, and the endpoint's aliases. Local
 networks' names come from the engine's endpoint records, told by the engine as they change; overlays'
 from the overlay agent's copy of the cluster (every host's endpoints of the networks this host is on),
-followed every FOLLOW_PERIOD seconds, rebuilt only for networks whose revision moved, and a table
-changes (and answer caches empty) only when its names did.
+followed every FOLLOW_PERIOD seconds, looked at only for networks whose revision moved. A table is changed
+endpoint by endpoint (those whose record is not the one it was built from), so a run or rm costs the same
+with ten or thousands of endpoints on the network; it changes (and answer caches empty) only when its names
+did.
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ class ContainerNames:
         servers, self.search = host_upstreams()
         self.resolver = Resolver(Forwarder(upstreams if upstreams else servers))
         self._revs: dict[str, int] = {}      # overlay -> the agent's revision its table was built at
+        self._applied: dict[str, dict[str, Endpoint]] = {}   # network -> the endpoints its table was built from
         self._task: asyncio.Task | None = None
 
     def resolv_conf(self) -> tuple[list[str], list[str], list[str]]:
@@ -126,10 +129,24 @@ class ContainerNames:
             self._revs[net_id] = agent.nets[net_id].rev
         else:
             eps = {e.id: e for e in self.engine.endpoints_on(net_id)}
+        self._apply(net_id, eps)
+
+    def _apply(self, net_id: str, eps: dict[str, Endpoint]) -> None:
+        """Bring a network's table to `eps`, changing only the endpoints that differ from last time."""
+        old = self._applied.get(net_id, {})
+        changes: dict[str, tuple | None] = {}
+        for ep_id, ep in eps.items():
+            was = old.get(ep_id)
+            if was is not ep and was != ep:
+                changes[ep_id] = ((ep.ip, ep.id), tuple(endpoint_records([ep])))
+        for ep_id in old.keys() - eps.keys():
+            changes[ep_id] = None
         if eps:
-            self.resolver.set_network(net_id, endpoint_records(eps.values()))
+            self._applied[net_id] = eps
         else:
-            self.resolver.remove_network(net_id)
+            self._applied.pop(net_id, None)
+        if changes:
+            self.resolver.update_network(net_id, changes)
 
     # ------------------------------------------------------------------ following the overlay agent
     async def _follow(self) -> None:
@@ -146,8 +163,8 @@ class ContainerNames:
         for net_id, ns in list(nets.items()):
             if self._revs.get(net_id) != ns.rev:
                 self._revs[net_id] = ns.rev
-                self.resolver.set_network(net_id, endpoint_records(
-                    {**{e.id: e for e in agent.local_on(net_id)}, **ns.endpoints}.values()))
+                self._apply(net_id, {**{e.id: e for e in agent.local_on(net_id)}, **ns.endpoints})
         for net_id in [n for n in self._revs if n not in nets]:
             del self._revs[net_id]
+            self._applied.pop(net_id, None)
             self.resolver.remove_network(net_id)

@@ -54,6 +54,7 @@ class TaskRunner:
         self._wake = asyncio.Event()
         self._observed = None             # the overlay agent whose watch we observe
         self.rounds = 0                   # rounds run (tests and benchmarks look)
+        self._known: set[str] | None = None   # task container ids: the last scan's, and those started since
 
     def observe(self, ev) -> None:
         """An event of the watch (None: the stream (re)connected): a round at once if it may concern us."""
@@ -70,12 +71,21 @@ class TaskRunner:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def local(self) -> list[LocalTask]:
+    def local(self, scan: bool = True) -> list[LocalTask]:
+        """This host's task containers. `scan`: found among every container (the rounds, leaving); else those
+        the last scan found or this runner started since (the exit poll, ten times a second, must not read
+        thousands of containers' documents)."""
+        if scan or self._known is None:
+            ctrs = self.engine.store.containing("containers", f'"{TASK_LABEL}"')   # a pre-filter in SQLite
+        else:
+            ctrs = [c for i in self._known if (c := self.engine.store.get("containers", i)) is not None]
         out = []
-        for ctr in self.engine.store.containing("containers", f'"{TASK_LABEL}"'):   # polled: not every container
+        self._known = set()
+        for ctr in ctrs:
             task_id = (ctr["Config"].get("Labels") or {}).get(TASK_LABEL)
             if not task_id:
                 continue
+            self._known.add(ctr["Id"])
             state = self.engine.container_view(ctr)["State"]
             out.append(LocalTask(task_id=task_id, container=ctr["Name"], status=state["Status"],
                                  exit_code=state["ExitCode"] if state["Status"] == "exited" else None,
@@ -145,7 +155,7 @@ class TaskRunner:
     async def reap(self, client) -> None:
         """Between rounds: a task container that exited is removed at once (its addresses leave DNS and
         every VIP as its endpoints go) and its exit reported; the manager then replaces the task."""
-        exited = [lt for lt in self.local() if lt.status == "exited"]
+        exited = [lt for lt in self.local(scan=False) if lt.status == "exited"]
         if not exited:
             return
         report = []
@@ -221,6 +231,8 @@ class TaskRunner:
                "NetworkMode": nets[0] if nets else "none", "Aliases": aliases(a) if nets else [],
                "Labels": {TASK_LABEL: a.task.id, SERVICE_LABEL: spec.name}}
         view = await self.engine.create_container(req, start=False)
+        if self._known is not None:
+            self._known.add(view["Id"])   # the exit poll looks at it from now on
         try:
             for net in nets[1:]:
                 await self.engine.connect(net, view["Id"], aliases=aliases(a))

@@ -59,6 +59,7 @@ class Kernel(HostHandles):
         self.run_dir = run_dir
         os.makedirs(run_dir, exist_ok=True)
         super().__init__()
+        self._guarded = antispoof.Guarded()   # the host's anti-spoofing ports, as this context knows them
 
     def _link_name(self, index: int) -> str:
         try:
@@ -255,14 +256,14 @@ class Kernel(HostHandles):
                 ensure_mtu(ipr, host, mtu)
                 ensure_up(ipr, host)
                 ensure_container_end(cipr, peer, want, mac, mtu, gw)
-        antispoof.add_port(self._nft_cmd, host_ifname, mac, str(want.ip))
+        antispoof.add_port(self._nft_cmd, self._guarded, host_ifname, mac, str(want.ip))
 
     def delete_endpoint(self, host_ifname: str) -> None:
         """Delete the veth whose host end is `host_ifname` (its peer goes with it). Idempotent."""
         check_ifname(host_ifname, "host interface name")
         with failing(f"delete endpoint {host_ifname}"):
             delete_link(self._host, host_ifname, "veth")
-        antispoof.delete_port(self._nft_cmd, host_ifname)
+        antispoof.delete_port(self._nft_cmd, self._guarded, host_ifname)
 
     def list_antispoof(self) -> list[str]:
         return antispoof.list_ports(self._nft_cmd)

@@ -78,6 +78,7 @@ class _Sandbox:
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)  # which namespace; notices one replaced under the same path
         self.nft = None                      # its libnftables context, made inside it on first use
+        self.guarded = antispoof.Guarded()   # its anti-spoofing ports, as that context knows them
         self.ipr = open_iproute(fd)
         try:
             with netns.entered(fd):
@@ -109,6 +110,7 @@ class Overlay(HostHandles):
     def __init__(self) -> None:
         super().__init__()
         self._sandboxes: dict[str, _Sandbox] = {}
+        self._gw_guarded = antispoof.Guarded()   # the gateway bridge's anti-spoofing ports (host namespace)
 
     def close(self) -> None:
         """Release all handles. Call from the thread that used the Overlay. Idempotent."""
@@ -348,7 +350,7 @@ class Overlay(HostHandles):
             raise KernelError(f"{what}: sandbox has no {SANDBOX_BRIDGE} (ensure_sandbox first)")
         self._ensure_veth(sb.ipr, sb.nl, ctr_netns_path, *args, master=br["index"], isolated=False,
                           gateway=None, what=what)
-        antispoof.add_port(self._sandbox_nft(sb), args[0], args[3], str(args[2].ip))
+        antispoof.add_port(self._sandbox_nft(sb), sb.guarded, args[0], args[3], str(args[2].ip))
         sb.garp.announce(SANDBOX_BRIDGE, [(str(args[2].ip), args[3])])   # see garp.py
 
     def delete_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
@@ -361,7 +363,7 @@ class Overlay(HostHandles):
         sb = self._sandbox(sandbox_path)
         with failing(f"delete overlay endpoint {host_ifname} in {sandbox_path}"):
             delete_link(sb.ipr, host_ifname, "veth")
-        antispoof.delete_port(self._sandbox_nft(sb), host_ifname)
+        antispoof.delete_port(self._sandbox_nft(sb), sb.guarded, host_ifname)
 
     @staticmethod
     def _sandbox_nft(sb: _Sandbox):
@@ -537,14 +539,14 @@ class Overlay(HostHandles):
             raise KernelError(f"{what}: no gateway bridge {bridge} (ensure_gwbridge first)")
         self._ensure_veth(ipr, self._host_nl, ctr_netns_path, *args, master=br["index"], isolated=True,
                           gateway=gateway, what=what)
-        antispoof.add_port(self._nft_cmd, args[0], args[3], str(args[2].ip))
+        antispoof.add_port(self._nft_cmd, self._gw_guarded, args[0], args[3], str(args[2].ip))
 
     def delete_gw_endpoint(self, host_ifname: str) -> None:
         """Delete the gateway-bridge veth `host_ifname` (its container end goes with it). Idempotent."""
         check_ifname(host_ifname, "host interface name")
         with failing(f"delete gateway endpoint {host_ifname}"):
             delete_link(self._host, host_ifname, "veth")
-        antispoof.delete_port(self._nft_cmd, host_ifname)
+        antispoof.delete_port(self._nft_cmd, self._gw_guarded, host_ifname)
 
     # ---- data-path probes (dataplane/probe.py) ----------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_ADDRESSES = 256      # per name: a service's tasks; more would not fit a DNS answer anyway
 
@@ -33,28 +33,101 @@ class NameRecord:
     reverse: bool = True
 
 
-@dataclass(slots=True)
 class NetworkNames:
-    forward: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    ptr: dict[str, str] = field(default_factory=dict)   # reverse name -> name
+    """One network's table, changed group by group (a group: one endpoint's records), so a change costs what
+    it touches, not the size of the network. Groups are ordered by their `order` key; the answers are those
+    of `build` over every group's records in that order."""
+    __slots__ = ("forward", "ptr", "_groups", "_name_groups", "_addr_names", "_accepted")
+
+    def __init__(self) -> None:
+        self.forward: dict[str, tuple[str, ...]] = {}
+        self.ptr: dict[str, str] = {}   # reverse name -> name
+        self._groups: dict[str, tuple[tuple, tuple[NameRecord, ...]]] = {}
+        self._name_groups: dict[str, set[str]] = {}        # name key -> groups with a record of that name
+        self._addr_names: dict[str, dict[str, int]] = {}   # address -> name keys with it (how many records)
+        # name key -> address -> (position, reverse, name as given): which record put the address there
+        self._accepted: dict[str, dict[str, tuple[tuple, bool, str]]] = {}
+
+    def records(self) -> tuple[NameRecord, ...]:
+        return tuple(r for _, recs in sorted(self._groups.values(), key=lambda g: g[0]) for r in recs)
+
+    def update(self, changes: dict[str, tuple[tuple, tuple[NameRecord, ...]] | None]) -> bool:
+        """Put (order, records) for each group id, or remove it (None); True if any answer changed."""
+        names: set[str] = set()
+        for gid, new in changes.items():
+            old = self._groups.pop(gid, None)
+            if old == new:
+                if old is not None:
+                    self._groups[gid] = old
+                continue
+            for group, sign in ((old, -1), (new, 1)):
+                if group is None:
+                    continue
+                for r in group[1]:
+                    key = normalize(r.name)
+                    if not _valid_name(key):
+                        continue
+                    names.add(key)
+                    gids = self._name_groups.setdefault(key, set())
+                    if sign > 0:
+                        gids.add(gid)
+                    for a in set(r.addresses):
+                        counts = self._addr_names.setdefault(a, {})
+                        counts[key] = counts.get(key, 0) + sign
+                        if counts[key] <= 0:
+                            del counts[key]
+                            if not counts:
+                                del self._addr_names[a]
+                if sign < 0:
+                    for key in {normalize(r.name) for r in group[1]}:
+                        if key in self._name_groups:
+                            self._name_groups[key].discard(gid)
+            if new is not None:
+                self._groups[gid] = new
+        changed, addrs = False, set()
+        for key in names:
+            before = self._accepted.pop(key, {})
+            after = self._accept(key)
+            addrs.update(before, after)
+            if after or key in self._name_groups and self._name_groups[key]:
+                self._accepted[key] = after
+                fwd = tuple(after)
+                if self.forward.get(key) != fwd:
+                    self.forward[key], changed = fwd, True
+            else:
+                self._name_groups.pop(key, None)
+                if self.forward.pop(key, None) is not None:
+                    changed = True
+        for a in addrs:
+            best = min(((acc[a][0], acc[a][2]) for k in self._addr_names.get(a, ())
+                        if (acc := self._accepted.get(k)) is not None and a in acc and acc[a][1]), default=None)
+            rname = reverse_name(a)
+            if best is None:
+                changed |= self.ptr.pop(rname, None) is not None
+            elif self.ptr.get(rname) != best[1]:
+                self.ptr[rname], changed = best[1], True
+        return changed
+
+    def _accept(self, key: str) -> dict[str, tuple[tuple, bool, str]]:
+        """The addresses of one name, in answer order, each with the record that put it there."""
+        out: dict[str, tuple[tuple, bool, str]] = {}
+        for gid in sorted(self._name_groups.get(key, ()), key=lambda g: (self._groups[g][0], g)):
+            order, recs = self._groups[gid]
+            for i, r in enumerate(recs):
+                if normalize(r.name) != key:
+                    continue
+                for j, a in enumerate(r.addresses):
+                    if a not in out and len(out) < MAX_ADDRESSES and _valid_ipv4(a):
+                        out[a] = ((order, gid, i, j), r.reverse, r.name.rstrip("."))
+        return out
 
 
 def build(records: Iterable[NameRecord]) -> NetworkNames:
     """One network's table. A name given twice (two containers with one alias) answers with every
     address, in the order given, without repeats; names that are not valid DNS names are skipped."""
-    forward: dict[str, list[str]] = {}
-    ptr: dict[str, str] = {}
-    for r in records:
-        key = normalize(r.name)
-        if not _valid_name(key):
-            continue
-        addrs = forward.setdefault(key, [])
-        for a in r.addresses:
-            if a not in addrs and len(addrs) < MAX_ADDRESSES and _valid_ipv4(a):
-                addrs.append(a)
-                if r.reverse:
-                    ptr.setdefault(reverse_name(a), r.name.rstrip("."))
-    return NetworkNames({k: tuple(v) for k, v in forward.items()}, ptr)
+    names = NetworkNames()
+    names.update({str(i): ((i,), (r,)) for i, r in enumerate(records)})
+    return names
 
 
 def _valid_name(name: str) -> bool:
@@ -77,23 +150,37 @@ class NameTable:
 
     def __init__(self) -> None:
         self._nets: dict[str, NetworkNames] = {}
-        self._records: dict[str, tuple[NameRecord, ...]] = {}
         self.generation = 0
 
     def set_network(self, net_id: str, records: Iterable[NameRecord]) -> bool:
         """Replace a network's names; True if they changed."""
         records = tuple(records)
-        if self._records.get(net_id) == records:
+        old = self._nets.get(net_id)
+        if old is not None and old.records() == records:
             return False
-        self._records[net_id] = records
         self._nets[net_id] = build(records)
         self.generation += 1
         return True
 
+    def update_network(self, net_id: str, changes: dict[str, tuple[tuple, tuple[NameRecord, ...]] | None]) -> bool:
+        """Change some groups of a network's names (see NetworkNames.update); a network left without groups
+        is removed. True if its answers changed."""
+        table = self._nets.get(net_id)
+        if table is None:
+            if not any(changes.values()):
+                return False
+            table = self._nets[net_id] = NetworkNames()
+        changed = table.update(changes)
+        if not table._groups:
+            del self._nets[net_id]
+        if changed:
+            self.generation += 1
+        return changed
+
     def remove_network(self, net_id: str) -> bool:
         if net_id not in self._nets:
             return False
-        del self._nets[net_id], self._records[net_id]
+        del self._nets[net_id]
         self.generation += 1
         return True
 
@@ -101,8 +188,8 @@ class NameTable:
         return list(self._nets)
 
     def records(self, net_id: str) -> tuple[NameRecord, ...]:
-        return self._records.get(net_id, ())
-
+        table = self._nets.get(net_id)
+        return table.records() if table is not None else ()
     def lookup(self, networks: Iterable[str], name: str) -> tuple[str, ...] | None:
         """Addresses of `name` on the asker's networks (the union, first network first), or None if no
         network of the asker knows it (then the query is forwarded)."""

@@ -189,6 +189,9 @@ class Resolver:
     def set_network(self, net_id: str, records: Iterable[NameRecord]) -> bool:
         return self.table.set_network(net_id, records)
 
+    def update_network(self, net_id: str, changes: dict) -> bool:
+        return self.table.update_network(net_id, changes)
+
     def remove_network(self, net_id: str) -> bool:
         return self.table.remove_network(net_id)
 

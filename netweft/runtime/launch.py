@@ -30,6 +30,7 @@ MS_NOEXEC = 0x8
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
 MNT_DETACH = 2
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -111,9 +112,35 @@ def _container_env(spec):
     return env
 
 
-def child(spec, err_w):
+def own_mount_namespace():
+    """Give the calling process (the supervisor) a mount namespace of its own, a slave of the host's, without
+    other namespaces' pins (nsfs mounts). Each container's mount namespace is copied from it, and copying,
+    then detaching, one netns file mount per container on the host made every start cost in proportion to the
+    containers there (an RCU grace period per detached mount). Returns an fd on the host's root, through
+    which `child` opens a container's netns file (made after this, so not seen here), or None if the
+    namespace cannot be had (then containers are copied from the host's, as before)."""
+    host_root = os.open("/", os.O_PATH | os.O_DIRECTORY)   # not inherited by what the containers exec
+    try:
+        _check(_libc.unshare(CLONE_NEWNS), "unshare")
+        # A slave: the host's later mounts (a new disk) still reach new containers; ours never go back.
+        _mount(None, "/", MS_REC | MS_SLAVE)
+    except OSError:
+        os.close(host_root)
+        return None
+    _detach_nsfs_mounts()
+    return host_root
+
+
+def _open_netns(path, host_root):
+    if host_root is None or not path.startswith("/"):
+        return os.open(path, os.O_RDONLY)
+    return os.open(path.lstrip("/"), os.O_RDONLY, dir_fd=host_root)   # resolved in the host's mounts
+
+
+def child(spec, err_w, host_root=None):
     """Runs in the forked container process; never returns. Errors go to the container's log (already on
-    fds 1 and 2) and, as one line, to err_w (a close-on-exec pipe: EOF without data means exec succeeded)."""
+    fds 1 and 2) and, as one line, to err_w (a close-on-exec pipe: EOF without data means exec succeeded).
+    `host_root`: see own_mount_namespace."""
     def fail(code, message):
         message = message.replace("\n", " ")
         try:
@@ -143,7 +170,7 @@ def child(spec, err_w):
         os.umask(0o022)
         if spec.get("netns"):
             try:
-                fd = os.open(spec["netns"], os.O_RDONLY)
+                fd = _open_netns(spec["netns"], host_root)
             except OSError as e:
                 raise OSError(e.errno, f"cannot open network namespace {spec['netns']}: {e.strerror}")
             _check(_libc.setns(fd, CLONE_NEWNET), f"cannot enter network namespace {spec['netns']}")

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 
-from netweft.runtime.launch import EXIT_SETUP_FAILED, child, proc_starttime, write_atomic
+from netweft.runtime.launch import EXIT_SETUP_FAILED, child, own_mount_namespace, proc_starttime, write_atomic
 
 MAX_REQUEST = 1 << 20
 
@@ -40,8 +40,9 @@ class _Start:
 
 
 class Supervisor:
-    def __init__(self, listener: socket.socket):
+    def __init__(self, listener: socket.socket, host_root: int | None = None):
         self.listener = listener
+        self.host_root = host_root   # see launch.own_mount_namespace
         self.sel = selectors.DefaultSelector()
         self.state_dirs: dict[int, str] = {}     # pid -> state dir, for every live child
         self.starting: dict[int, _Start] = {}    # pid -> its start, until answered
@@ -121,7 +122,7 @@ class Supervisor:
         if pid == 0:
             try:
                 os.close(err_r)
-                child(spec, err_w)
+                child(spec, err_w, self.host_root)
             finally:
                 os._exit(EXIT_SETUP_FAILED)
         os.close(err_w)
@@ -247,7 +248,10 @@ def main(argv) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     write_atomic(path + ".pid", f"{os.getpid()}\n")
-    Supervisor(listener).run()
+    host_root = own_mount_namespace()
+    if host_root is None:
+        print("supervisor: no mount namespace of its own; each start copies the host's", file=sys.stderr, flush=True)
+    Supervisor(listener, host_root).run()
 
 
 if __name__ == "__main__":

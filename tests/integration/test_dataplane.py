@@ -17,6 +17,8 @@ import json
 import os
 import queue
 import shutil
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -856,3 +858,178 @@ def test_the_probe_device_carries_a_probe_and_goes_on_delete(make_ns, nsdir):
             await real.close()
 
     asyncio.run(main())
+
+
+# ---- anti-spoofing (dataplane/antispoof.py) in the kernel ------------------------------------------
+
+ETH_P_ALL = 0x0003
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def _udp_frame(dst_mac: str, src_mac: str, src_ip: str, dst_ip: str, marker: bytes) -> bytes:
+    payload = marker
+    udp = struct.pack("!HHHH", 40000, 40001, 8 + len(payload), 0) + payload
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, socket.inet_aton(src_ip),
+                      socket.inet_aton(dst_ip))
+    s = sum(struct.unpack("!10H", hdr))
+    s = (s & 0xFFFF) + (s >> 16)
+    hdr = hdr[:10] + struct.pack("!H", ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF) + hdr[12:]
+    return _mac_bytes(dst_mac) + _mac_bytes(src_mac) + b"\x08\x00" + hdr + udp
+
+
+def _arp_frame(src_mac: str, sender_mac: str, sender_ip: str, target_ip: str) -> bytes:
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, _mac_bytes(sender_mac), socket.inet_aton(sender_ip),
+                      b"\0" * 6, socket.inet_aton(target_ip))
+    return b"\xff" * 6 + _mac_bytes(src_mac) + b"\x08\x06" + arp
+
+
+class _Wire:
+    """Raw frames sent from one namespace's eth0 and the frames seen on another's, through AF_PACKET sockets
+    opened inside them (a thread enters each namespace for the socket call)."""
+
+    def __init__(self, sender_ns: str, receiver_ns: str):
+        def opened(ns: str) -> socket.socket:
+            with ThreadPoolExecutor(1, initializer=_enter, initargs=(ns,)) as ex:
+                return ex.submit(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                                                       socket.htons(ETH_P_ALL))).result()
+        self.tx, self.rx = opened(sender_ns), opened(receiver_ns)
+        self.tx.bind(("eth0", 0))
+        self.rx.bind(("eth0", 0))
+        self.rx.settimeout(5)
+
+    def arrived(self, frames: list[bytes], fence: bytes) -> list[bool]:
+        """Which of `frames` reached the receiver: sent in order, then `fence` (a frame that passes), until the
+        fence is seen; then a moment for anything still on its way."""
+        seen: list[bytes] = []
+        for f in frames:
+            self.tx.send(f)
+        deadline = time.monotonic() + 10
+        while fence not in seen:
+            self.tx.send(fence)
+            try:
+                while fence not in seen:
+                    seen.append(self.rx.recv(2048)[:len(fence)])
+            except TimeoutError:
+                assert time.monotonic() < deadline, "not even a legitimate frame arrived"
+        self.rx.settimeout(0.3)
+        try:
+            while True:
+                seen.append(self.rx.recv(2048))
+        except TimeoutError:
+            self.rx.settimeout(5)
+        return [any(s[:len(f)] == f for s in seen) for f in frames]
+
+    def close(self) -> None:
+        self.tx.close()
+        self.rx.close()
+
+
+def _guard_sets(ns: str) -> dict[str, list]:
+    out = json.loads(sh(ns, "nft", "-j", "list", "table", "bridge", "netweft_as").stdout)["nftables"]
+    sets = {}
+    for item in out:
+        s = item.get("set") or item.get("map")
+        if s:
+            sets[s["name"]] = sorted(json.dumps(e, sort_keys=True) for e in s.get("elem", []))
+    chains = sorted(item["chain"]["name"] for item in out if "chain" in item)
+    return {**sets, "chains": chains}
+
+
+def test_a_container_sends_only_from_its_own_mac_and_address_after_many_adds_and_removes(host, container, make_ns):
+    """Spoofed frames are dropped and legitimate ones pass, for IPv4 and ARP, after hundreds of ports were added,
+    readdressed and removed by two contexts sharing the table; what stays in the sets is exactly the guarded ports'."""
+    from netweft.dataplane import antispoof
+    from netweft.dataplane.nlutil import new_nft, nft_run
+
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    a_mac, b_mac = "02:42:c6:12:00:05", "02:42:c6:12:00:06"
+    a = container("a", "nwb0", "198.18.0.5/24", "198.18.0.1", mac=a_mac)
+
+    # A second context in the host namespace (the overlay's gateway side does this): churn through it.
+    other = antispoof.Guarded()
+    ctx = host.call(new_nft, "test")
+
+    def run(cmd, what):
+        return nft_run(ctx, cmd, what)
+
+    def churn():
+        for i in range(300):
+            antispoof.add_port(run, other, f"nwvf{i}", f"02:42:c6:13:{i >> 8:02x}:{i & 255:02x}",
+                               f"198.18.1.{i % 250 + 1}")
+        for i in range(0, 300, 3):
+            antispoof.add_port(run, other, f"nwvf{i}", f"02:42:c6:14:{i >> 8:02x}:{i & 255:02x}",
+                               f"198.18.2.{i % 250 + 1}")   # readdressed: the old elements go
+        for i in range(300):
+            if i % 3 != 0:
+                antispoof.delete_port(run, other, f"nwvf{i}")
+    host.call(churn)
+    # The Kernel's own context: container b comes after the churn, a goes and comes back.
+    b = container("b", "nwb0", "198.18.0.6/24", "198.18.0.1", mac=b_mac)
+    host.delete_endpoint("nwv-a")
+    host.ensure_endpoint(a, "nwb0", "nwv-a", "eth0", "198.18.0.5/24", a_mac, 1500, "198.18.0.1")
+    host.ensure_endpoint(a, "nwb0", "nwv-a", "eth0", "198.18.0.5/24", a_mac, 1500, "198.18.0.1")   # twice: the same
+
+    sets = _guard_sets(host.path)
+    assert sets["chains"] == ["guard", "prerouting"]
+    want_ports = sorted(["nwv-a", "nwv-b"] + [f"nwvf{i}" for i in range(0, 300, 3)])
+    assert sorted(json.loads(e)[0] for e in sets["ports"]) == want_ports
+    assert sorted(json.loads(e)["concat"][0] for e in sets["ip_ok"]) == want_ports
+    assert len(sets["arp_ok"]) == 2 * len(want_ports)
+    assert json.dumps({"concat": ["nwvf3", "02:42:c6:14:00:03", "198.18.2.4"]}, sort_keys=True) in sets["ip_ok"]
+    assert host.list_antispoof() == want_ports
+
+    wire = _Wire(a, b)
+    try:
+        a_ip, b_ip, spoof_ip, spoof_mac = "198.18.0.5", "198.18.0.6", "198.18.0.99", "02:42:de:ad:be:ef"
+        frames = {
+            "ip": _udp_frame(b_mac, a_mac, a_ip, b_ip, b"nwt-ok"),
+            "ip from another address": _udp_frame(b_mac, a_mac, spoof_ip, b_ip, b"nwt-ip"),
+            "ip from another mac": _udp_frame(b_mac, spoof_mac, a_ip, b_ip, b"nwt-mac"),
+            "ip from 0.0.0.0": _udp_frame(b_mac, a_mac, "0.0.0.0", b_ip, b"nwt-zero"),
+            "ip from b's address": _udp_frame(b_mac, a_mac, b_ip, b_ip, b"nwt-b"),
+            "arp": _arp_frame(a_mac, a_mac, a_ip, "198.18.0.201"),
+            "arp probe": _arp_frame(a_mac, a_mac, "0.0.0.0", "198.18.0.202"),
+            "arp for another address": _arp_frame(a_mac, a_mac, spoof_ip, "198.18.0.203"),
+            "arp for another mac": _arp_frame(a_mac, spoof_mac, a_ip, "198.18.0.204"),
+            "arp from another mac": _arp_frame(spoof_mac, spoof_mac, a_ip, "198.18.0.205"),
+            "ipv6": _mac_bytes(b_mac) + _mac_bytes(a_mac) + b"\x86\xdd" + b"\x60" + b"\0" * 50,
+            "vlan-tagged ip": _mac_bytes(b_mac) + _mac_bytes(a_mac) + b"\x81\x00\x00\x05"
+                              + _udp_frame(b_mac, a_mac, a_ip, b_ip, b"nwt-vlan")[12:],
+        }
+        fence = _udp_frame(b_mac, a_mac, a_ip, b_ip, b"nwt-fence")
+        got = dict(zip(frames, wire.arrived(list(frames.values()), fence)))
+        assert got == {name: name in ("ip", "arp", "arp probe") for name in frames}, got
+    finally:
+        wire.close()
+
+
+def test_a_table_of_the_former_layout_is_converted_port_by_port(host, container):
+    """A chain per port (the layout before the sets) keeps guarding its ports; a port added again moves to the
+    sets, one removed takes its chain along, and at the end only the two shared chains are left."""
+    host.ensure_bridge("nwb0", "198.18.0.1/24", 1500, None)
+    fam, tbl = "bridge", "netweft_as"
+    legacy = [{"add": {"table": {"family": fam, "name": tbl}}},
+              {"add": {"map": {"family": fam, "table": tbl, "name": "ports", "type": "ifname", "map": "verdict"}}},
+              {"add": {"chain": {"family": fam, "table": tbl, "name": "prerouting", "type": "filter",
+                                 "hook": "prerouting", "prio": -300, "policy": "accept"}}},
+              {"add": {"rule": {"family": fam, "table": tbl, "chain": "prerouting",
+                                "expr": [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@ports"}}]}}}]
+    for port in ("nwv-a", "nwv-old"):
+        legacy += [{"add": {"chain": {"family": fam, "table": tbl, "name": f"p_{port}"}}},
+                   {"add": {"rule": {"family": fam, "table": tbl, "chain": f"p_{port}", "expr": [{"drop": None}]}}},
+                   {"add": {"element": {"family": fam, "table": tbl, "name": "ports",
+                                        "elem": [[port, {"jump": {"target": f"p_{port}"}}]]}}}]
+    subprocess.run(["nsenter", f"--net={host.path}", "nft", "-j", "-f", "-"], input=json.dumps({"nftables": legacy}),
+                   text=True, check=True, capture_output=True)
+    a = container("a", "nwb0", "198.18.0.5/24", "198.18.0.1", mac="02:42:c6:12:00:05")
+    container("b", "nwb0", "198.18.0.6/24", "198.18.0.1", mac="02:42:c6:12:00:06")
+    assert pings(a, "198.18.0.6")          # a's chain of the former layout (drop all) is gone
+    sets = _guard_sets(host.path)
+    assert sets["chains"] == ["guard", "p_nwv-old", "prerouting"]
+    assert host.list_antispoof() == ["nwv-a", "nwv-b", "nwv-old"]
+    host.delete_endpoint("nwv-old")        # its link is long gone; its guard goes
+    assert _guard_sets(host.path)["chains"] == ["guard", "prerouting"]
+    assert host.list_antispoof() == ["nwv-a", "nwv-b"]

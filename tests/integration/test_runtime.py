@@ -398,3 +398,33 @@ def test_a_container_ending_while_the_daemon_is_down_keeps_its_exit_code_and_log
     d.cli("run", "-d", "--name", "next", "--", "sleep", "1000")   # the same supervisor serves the new daemon
     assert int(read(str(d.root / "run" / "supervisor.sock.pid"))) == sup
     d.cli("rm", "-f", "brief", "next")
+
+
+def _mounts(pid) -> list[str]:
+    return read(f"/proc/{pid}/mountinfo").splitlines()
+
+
+def test_a_container_copies_no_netns_pins_however_many_the_host_has(ws):
+    """Containers' mount namespaces come from the supervisor's own (a slave of the host's, without nsfs mounts):
+    netns files made on the host after the supervisor started neither appear in a new container's mounts nor need
+    dropping there, and a container still enters such a namespace (opened through the host's root)."""
+    from netweft.dataplane import netns as nsmod
+
+    pins = [os.path.join(ws.dir, f"nwt-pin{i}") for i in range(21)]
+    try:
+        nsmod.create_netns(pins[0])     # made before the supervisor starts
+        pid0 = container.start(ws.spec("first", ["sleep", "1000"], netns=pins[0]))
+        sup = supervisor_pid(ws)
+        assert ns_inode(sup, "mnt") != ns_inode("self", "mnt")
+        assert " - nsfs " not in read(f"/proc/{sup}/mountinfo")
+        baseline = len(_mounts(pid0))
+        for p in pins[1:]:
+            nsmod.create_netns(p)
+        spec = ws.spec("late", ["sleep", "1000"], netns=pins[-1])
+        pid = container.start(spec)
+        assert ns_inode(pid, "net") == os.stat(pins[-1]).st_ino    # made after the supervisor: entered all the same
+        assert " - nsfs " not in read(f"/proc/{pid}/mountinfo")
+        assert len(_mounts(pid)) == baseline                          # the 20 new pins were never copied
+    finally:
+        for p in pins:
+            nsmod.delete_netns(p)

@@ -302,3 +302,64 @@ async def test_fake_dataplane_refuses_resolver_sockets_in_a_missing_namespace():
     from netweft.errors import KernelError
     with pytest.raises(KernelError):
         await FakeDataPlane().open_dns_sockets("/run/fake/nope")
+
+
+def _built_whole(records):
+    """The table as it was computed before it was kept group by group: the reference."""
+    from netweft.dns.names import MAX_ADDRESSES, _valid_ipv4, _valid_name, normalize
+    forward, ptr = {}, {}
+    for r in records:
+        key = normalize(r.name)
+        if not _valid_name(key):
+            continue
+        addrs = forward.setdefault(key, [])
+        for a in r.addresses:
+            if a not in addrs and len(addrs) < MAX_ADDRESSES and _valid_ipv4(a):
+                addrs.append(a)
+                if r.reverse:
+                    ptr.setdefault(reverse_name(a), r.name.rstrip("."))
+    return {k: tuple(v) for k, v in forward.items()}, ptr
+
+
+def test_a_network_changed_group_by_group_answers_as_if_built_whole():
+    """NetworkNames.update (one endpoint's records at a time) against build over every group in order: random
+    groups sharing names, addresses, aliases, reverse flags, bad names and addresses, over many changes."""
+    import random
+
+    from netweft.dns.names import NetworkNames
+    rnd = random.Random(12)
+    names = ["web", "WEB.", "db", "x" * 64, "tasks.web", "a.b"]
+    addrs = [f"198.18.0.{i}" for i in range(1, 9)] + ["not-an-ip"]
+    table, groups = NetworkNames(), {}
+    for step in range(600):
+        gid = f"g{rnd.randrange(12)}"
+        if rnd.random() < 0.3:
+            change = None
+        else:
+            recs = tuple(NameRecord(rnd.choice(names), tuple(rnd.sample(addrs, rnd.randint(0, 3))),
+                                    reverse=rnd.random() < 0.6) for _ in range(rnd.randint(1, 3)))
+            change = ((rnd.choice(addrs[:4]), gid), recs)
+        before = (dict(table.forward), dict(table.ptr))
+        changed = table.update({gid: change})
+        if change is None:
+            groups.pop(gid, None)
+        else:
+            groups[gid] = change
+        whole = _built_whole(r for _, g in sorted(groups.items(), key=lambda kv: (kv[1][0], kv[0])) for r in g[1])
+        assert (table.forward, table.ptr) == whole, step
+        assert changed == ((table.forward, table.ptr) != before), step
+
+
+def test_a_table_updated_by_groups_moves_its_generation_only_on_change_and_drops_an_empty_network():
+    t = NameTable()
+    web = ((("198.18.0.2", "e1"), (NameRecord("web", ("198.18.0.2",)),)))
+    assert t.update_network("n1", {"e1": web})
+    g = t.generation
+    assert not t.update_network("n1", {"e1": web}) and t.generation == g
+    assert t.lookup(["n1"], "web") == ("198.18.0.2",)
+    assert t.update_network("n1", {"e2": (("198.18.0.3", "e2"), (NameRecord("web", ("198.18.0.3",)),))})
+    assert t.lookup(["n1"], "web") == ("198.18.0.2", "198.18.0.3")
+    assert t.update_network("n1", {"e1": None})
+    assert t.lookup(["n1"], "web") == ("198.18.0.3",) and t.lookup_ptr(["n1"], reverse_name("198.18.0.2")) is None
+    assert t.update_network("n1", {"e2": None}) and t.networks() == []
+    assert not t.update_network("n1", {"e3": None})
