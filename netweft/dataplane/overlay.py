@@ -12,6 +12,25 @@ Egress goes through a gateway bridge in the host namespace (Docker's docker_gwbr
 gets a second veth on it with the default route, and traffic leaving it is masqueraded. Its ports are
 isolated from each other and nothing is routed from it back into it, so two overlays never meet there.
 
+More than a thousand containers per host (dataplane/bridgechain.py). A Linux bridge takes at most 1,023
+ports, and every container takes one on br0 and one on the gateway bridge. So each of the two grows
+extension bridges: br0-1, br0-2, ... (nw_gwbridge-1, ...), each joined to the first bridge by a veth pair
+and holding 1,022 containers, made when the ones before are full; a container port goes to the lowest
+bridge with room. Containers 1..1,000 are on the first bridge as before, with the same per-packet path;
+one on an extension crosses one veth and one bridge more each way (bench/bench_bridge_chain.py measures
+it). Extensions have no address and no ARP. On the gateway bridge the link's end on the first bridge is
+an isolated port, so an extension's containers reach the host but no container on another bridge, and the
+overlay firewall neither routes from an extension nor tracks connections while frames are bridged
+through one (br_netfilter would masquerade them there). The first bridges' MACs are pinned (a bridge
+otherwise takes its lowest port's, and changes it as ports come and go).
+Why this layout and not another:
+- macvlan/ipvlan ports on vxlan0, or routed veths for egress: no limit, but no port of ours on a bridge
+  either, which is where anti-spoofing (antispoof.py) checks what a container sends, and where the
+  agent, the fake and the repairs find a container's port. The chain keeps all of that as it is.
+- several VXLAN devices (one per bridge): the kernel takes one device per VNI and UDP port per host.
+- a VLAN-aware bridge or a tree of equal bridges: the limit is per bridge, and every container would pay
+  an extra hop; a chain makes only containers past the first thousand pay it.
+
 `Overlay` is synchronous and blocking; the daemon calls it from one worker thread. Every method is
 idempotent: it looks at what exists and changes only what differs, so it can be re-run after a crash.
 Kernel refusals raise `KernelError` with one line; malformed arguments raise `InvalidRequest`.
