@@ -206,6 +206,7 @@ def test_a_full_chain_says_so_in_one_line(lab, monkeypatch):
     assert "remove a container" in str(e.value)
 
 
+@pytest.mark.timeout(1800)   # ≈2,000 veths and as many namespaces: minutes on a loaded 2-core machine
 def test_more_than_1024_containers_on_one_overlay_on_one_host(lab):
     """The kernel's real limits: 1,030 containers on one overlay on host a (each also on the gateway bridge).
     One beyond the first bridges pings a container on host b and one on the first bridge, and goes out
