@@ -68,7 +68,8 @@ class DataPlane(abc.ABC):
 
     @abc.abstractmethod
     async def list_ports(self, bridge: str) -> list[str]:
-        """Names of the host links that are ports of host bridge `bridge`, sorted (one dump, for resyncs)."""
+        """Names of the host links that are ports of host bridge `bridge` or of its extension bridges
+        (dataplane/bridgechain.py), without the links between them, sorted (a few dumps, for resyncs)."""
 
     @abc.abstractmethod
     async def ipv4_addresses(self) -> dict[str, list[str]]:
@@ -120,14 +121,15 @@ class DataPlane(abc.ABC):
     @abc.abstractmethod
     async def ensure_overlay_endpoint(self, sandbox_path: str, netns_path: str, host_ifname: str, ifname: str,
                                       address: str, mac: str, mtu: int) -> None:
-        """A veth: `host_ifname` a port of the sandbox's br0, `ifname` in the container's namespace."""
+        """A veth: `host_ifname` a port of the sandbox's br0, or of an extension of it once br0 is full
+        (dataplane/bridgechain.py; PoolExhausted when every extension is), `ifname` in the container's namespace."""
 
     @abc.abstractmethod
     async def delete_overlay_endpoint(self, sandbox_path: str, host_ifname: str) -> None: ...
 
     @abc.abstractmethod
     async def list_overlay_endpoints(self, sandbox_path: str) -> list[str]:
-        """Names of the endpoint veths in the sandbox (host ends)."""
+        """Names of the endpoint veths in the sandbox (host ends; not the links between its bridges)."""
 
     @abc.abstractmethod
     async def add_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None: ...
@@ -153,7 +155,10 @@ class DataPlane(abc.ABC):
 
     @abc.abstractmethod
     async def ensure_gw_endpoint(self, netns_path: str, bridge: str, host_ifname: str, ifname: str,
-                                 address: str, mac: str, mtu: int, gateway_ip: str) -> None: ...
+                                 address: str, mac: str, mtu: int, gateway_ip: str) -> None:
+        """A veth: `host_ifname` an isolated port of gateway bridge `bridge` or of one of its extensions (as
+        ensure_overlay_endpoint), `ifname` in the namespace with `address` and the default route via
+        `gateway_ip`. ensure_gwbridge makes the bridge and puts back its extensions' parts."""
 
     @abc.abstractmethod
     async def delete_gw_endpoint(self, host_ifname: str) -> None: ...

@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from netweft.dataplane.api import VXLAN_OVERHEAD, DataPlane
 from netweft.dataplane.probe import PROBE_DEVICE, PROBE_VNI
 from netweft.dataplane.antispoof import TABLE as ANTISPOOF_TABLE
-from netweft.dataplane import mesh, vip
+from netweft.dataplane import bridgechain, mesh, vip
 from netweft.dataplane.checks import (check_ifname, check_mtu, check_path, check_peers, default_tmp_name, int_in,
                                       ipv4, parse_interface, parse_mac, peer_tables)
 from netweft.dataplane.firewall import (OVERLAY_TABLE, PORTS_TABLE, TUNNEL_TABLE, BridgeRule, PortRule,
                                         render_firewall, render_overlay_firewall, render_port_maps,
                                         render_tunnel_firewall)
 from netweft.dataplane.wgconf import Implementation, PeerStatus, TunnelSpec, key_bytes
-from netweft.errors import InvalidRequest, KernelError
+from netweft.errors import InvalidRequest, KernelError, PoolExhausted
 from netweft.model.objects import Peer
 
 HOST = ""                 # the key of the host namespace
@@ -312,6 +312,8 @@ class FakeDataPlane(DataPlane):
 
     def _bridge(self, ns: str, name: str, address: ipaddress.IPv4Interface | None, mtu: int) -> FakeLink:
         link = self._ns[ns].get(name) or self._add(ns, FakeLink(name, "bridge", mtu))
+        if address is not None:   # pinned to the gateway's (overlay.py's _ensure_bridge)
+            self._set(link, "mac", "02:42:" + ":".join(f"{b:02x}" for b in address.ip.packed))
         self._set(link, "mtu", mtu)
         self._set(link, "addresses", [str(address)] if address else [])
         self._set(link, "up", True)
@@ -350,6 +352,75 @@ class FakeDataPlane(DataPlane):
         self._set(port, "master", bridge)
         self._set(port, "isolated", isolated)
         self._set(port, "up", True)
+
+    # ---- bridge chains (dataplane/bridgechain.py), as overlay.py makes them -------------------------------
+
+    def _chain(self, ns: str, first: str) -> dict[int, str]:
+        """Bridge number -> name of the chain's bridges in `ns` (0: the first), extensions known by their
+        bridge or by an end of their link."""
+        out = {0: first}
+        for name in self._ns[ns]:
+            found = bridgechain.parse(first, name)
+            if found is not None:
+                out[found[0]] = f"{first}-{found[0]}"
+        return out
+
+    def _chain_counts(self, ns: str, first: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, link in self._ns[ns].items():
+            if link.kind == "veth" and link.master is not None and not bridgechain.is_link(first, name):
+                counts[link.master] = counts.get(link.master, 0) + 1
+        return counts
+
+    def _extension(self, ns: str, first: str, number: int, mtu: int, isolated_trunk: bool, ours: bool) -> None:
+        ext = bridgechain.extension(first, number)
+        links = self._ns[ns]
+        if ext.bridge in links and links[ext.bridge].kind != "bridge":
+            if not ours:
+                raise KernelError(f"an interface named {ext.bridge} exists and is not a bridge")
+            self._del(ns, ext.bridge)
+        self._bridge(ns, ext.bridge, None, mtu)
+        trunk, branch = links.get(ext.trunk), links.get(ext.branch)
+        if not (trunk is not None and branch is not None and trunk.peer == (ns, ext.branch)
+                and branch.peer == (ns, ext.trunk)):
+            for link in (trunk, branch):
+                if link is not None:
+                    if link.kind != "veth" and not ours:
+                        raise KernelError(f"an interface named {link.name} exists and is not a veth")
+                    self._del(ns, link.name)
+            self._add(ns, FakeLink(ext.trunk, "veth", mtu, peer=(ns, ext.branch)))
+            self._add(ns, FakeLink(ext.branch, "veth", mtu, peer=(ns, ext.trunk)))
+        self._port(links[ext.trunk], first, mtu, isolated_trunk)
+        self._port(links[ext.branch], ext.bridge, mtu, False)
+
+    def _repair_chain(self, ns: str, first: str, mtu: int, isolated_trunk: bool, ours: bool) -> None:
+        for number in sorted(self._chain(ns, first)):
+            if number:
+                self._extension(ns, first, number, mtu, isolated_trunk, ours)
+
+    def _place(self, ns: str, first: str, port: FakeLink, mtu: int, isolated: bool) -> None:
+        """Make `port` a port of the chain: kept where it is, else the lowest bridge with room (first fit)."""
+        chain = self._chain(ns, first)
+        if port.master in chain.values():
+            self._port(port, port.master, mtu, isolated)
+            return
+        counts = self._chain_counts(ns, first)
+        for number in range(bridgechain.MAX_EXTENSIONS + 1):
+            bridge = f"{first}-{number}" if number else first
+            if counts.get(bridge, 0) < bridgechain.capacity(number):
+                if number:
+                    bridgechain.check_first(first)
+                    if bridge not in self._ns[ns]:
+                        self._extension(ns, first, number, mtu, isolated, ours=ns != HOST)
+                self._port(port, bridge, mtu, isolated)
+                return
+        raise PoolExhausted(bridgechain.full_message(first, sum(counts.values())))
+
+    def _chain_ports(self, ns: str, first: str) -> list[str]:
+        """Container ports on the chain's bridges (not the links between them), sorted."""
+        bridges = set(self._chain(ns, first).values())
+        return sorted(n for n, link in self._ns[ns].items()
+                      if link.master in bridges and not bridgechain.is_link(first, n))
 
     def _delete_kind(self, ns: str, name: str, kind: str, what: str) -> None:
         link = self._ns[ns].get(name)
@@ -417,7 +488,9 @@ class FakeDataPlane(DataPlane):
     @_op
     def list_ports(self, bridge: str) -> list[str]:
         check_ifname(bridge, "bridge name")
-        return sorted(n for n, link in self._ns[HOST].items() if link.master == bridge)
+        if bridge not in self._ns[HOST] or self._ns[HOST][bridge].kind != "bridge":
+            return []
+        return self._chain_ports(HOST, bridge)
 
     @_op
     def ipv4_addresses(self) -> dict[str, list[str]]:
@@ -569,9 +642,10 @@ class FakeDataPlane(DataPlane):
                 raise KernelError(f"{what}: File exists")
             vx = self._add(path, FakeLink(SANDBOX_VXLAN, "vxlan", mtu, vxlan=want))
         self._port(vx, SANDBOX_BRIDGE, mtu, False)
-        for link in links.values():
-            if link.kind == "veth":
-                self._set(link, "master", SANDBOX_BRIDGE)
+        self._repair_chain(path, SANDBOX_BRIDGE, mtu, False, True)
+        for link in list(links.values()):   # endpoint veths on no bridge go back on one
+            if link.kind == "veth" and link.master is None and not bridgechain.is_link(SANDBOX_BRIDGE, link.name):
+                self._place(path, SANDBOX_BRIDGE, link, link.mtu, False)
         self._set(links["lo"], "up", True)
         return created
 
@@ -601,7 +675,7 @@ class FakeDataPlane(DataPlane):
         self._netns(netns_path, what)
         host, peer = self._veth(sandbox_path, host_ifname, netns_path, ifname, mac, mtu, replace_peer=False,
                                 what=what)
-        self._port(host, SANDBOX_BRIDGE, mtu, False)
+        self._place(sandbox_path, SANDBOX_BRIDGE, host, mtu, False)
         self._container_end(netns_path, peer, want, mac, mtu, None)
         self._guard(sandbox_path, host_ifname, mac, want)
 
@@ -617,7 +691,8 @@ class FakeDataPlane(DataPlane):
     @_op
     def list_overlay_endpoints(self, sandbox_path: str) -> list[str]:
         sandbox_path = self._path(sandbox_path, "sandbox path")
-        return sorted(n for n, link in self._ns.get(sandbox_path, {}).items() if link.kind == "veth")
+        return sorted(n for n, link in self._ns.get(sandbox_path, {}).items()
+                      if link.kind == "veth" and not bridgechain.is_link(SANDBOX_BRIDGE, n))
 
     @_op
     def add_peers(self, sandbox_path: str, peers: Iterable[Peer]) -> None:
@@ -699,6 +774,7 @@ class FakeDataPlane(DataPlane):
         if link is not None and link.kind != "bridge":
             raise KernelError(f"gateway bridge {name}: an interface named {name} exists and is not a bridge")
         self._bridge(HOST, name, gateway, mtu)
+        self._repair_chain(HOST, name, mtu, True, False)
         if not self.ip_forward:
             self.ip_forward = True
             self.changes += 1
@@ -707,6 +783,8 @@ class FakeDataPlane(DataPlane):
     def delete_gwbridge(self, name: str) -> None:
         check_ifname(name, "gateway bridge name")
         self._delete_kind(HOST, name, "bridge", f"delete gateway bridge {name}")
+        for link in [n for n in self._ns[HOST] if bridgechain.parse(name, n) is not None]:
+            self._del(HOST, link)
 
     @_op
     def ensure_gw_endpoint(self, netns_path: str, bridge: str, host_ifname: str, ifname: str,
@@ -721,7 +799,7 @@ class FakeDataPlane(DataPlane):
             raise KernelError(f"{what}: no gateway bridge {bridge} (ensure_gwbridge first)")
         self._netns(netns_path, what)
         host, peer = self._veth(HOST, host_ifname, netns_path, ifname, mac, mtu, replace_peer=False, what=what)
-        self._port(host, bridge, mtu, True)
+        self._place(HOST, bridge, host, mtu, True)
         self._container_end(netns_path, peer, want, mac, mtu, gateway)
         self._guard(HOST, host_ifname, mac, want)
 

@@ -135,6 +135,13 @@ def render_overlay_firewall(gwbridge: str, gw_subnet: str, table: str = OVERLAY_
       both ends sit on the overlay MTU, so their own SYNs already advertise the right MSS, and the
       sandbox only bridges.
     - postrouting: the gateway bridge subnet is masqueraded when it leaves through another interface.
+    - forward: nothing is routed from an extension of the gateway bridge (it has no address and no ARP; a
+      frame sent to its MAC is not let through the host). A frame bridged through it (br_netfilter) passes
+      the hook with the extension as both ways in and out, and goes on.
+    - prerouting (raw): nothing is tracked while it is bridged through an extension of the gateway bridge
+      (dataplane/bridgechain.py). Where br_netfilter is on, a frame bridged there passes the IP hooks as if
+      routed out of the extension: it would be masqueraded to some host address there, or its connection
+      would be set up without NAT before it reaches the gateway bridge, where it is routed and masqueraded.
     """
     check_ifname(gwbridge, "gateway bridge name")
     try:
@@ -158,8 +165,14 @@ def render_overlay_firewall(gwbridge: str, gw_subnet: str, table: str = OVERLAY_
                            "hook": "forward", "prio": 0, "policy": "accept"}}},
         {"add": {"chain": {"family": "inet", "table": table, "name": "postrouting", "type": "nat",
                            "hook": "postrouting", "prio": 100, "policy": "accept"}}},
+        {"add": {"chain": {"family": "inet", "table": table, "name": "prerouting", "type": "filter",
+                           "hook": "prerouting", "prio": -300, "policy": "accept"}}},
+        rule("prerouting", f"no conntrack while bridged in an extension of {gwbridge}",
+             _meta("iifname", "==", f"{gwbridge}-*"), {"notrack": None}),
         rule("forward", f"no routing between {gwbridge} ports",
              _meta("iifname", "==", gwbridge), _meta("oifname", "==", gwbridge), {"drop": None}),
+        rule("forward", f"nothing routed from an extension of {gwbridge}",
+             _meta("iifname", "==", f"{gwbridge}-*"), _meta("oifname", "!=", f"{gwbridge}-*"), {"drop": None}),
         rule("forward", f"clamp MSS out of {gwbridge}", _meta("iifname", "==", gwbridge), *_clamp_mss()),
         rule("forward", f"clamp MSS into {gwbridge}", _meta("oifname", "==", gwbridge), *_clamp_mss()),
         rule("postrouting", f"masquerade {gwbridge}",

@@ -28,7 +28,7 @@ import socket
 
 from netweft.dataplane.pyroute2_parts import NetlinkError
 
-from netweft.dataplane import antispoof, netns
+from netweft.dataplane import antispoof, bridgechain, netns
 from netweft.dataplane.checks import check_mtu, check_path, ipv4
 from netweft.dataplane.firewall import PORTS_TABLE, BridgeRule, PortRule, render_firewall, render_port_maps
 from netweft.dataplane.nlutil import (RT_TABLE_MAIN, HostHandles, check_ifname, delete_link, describe,
@@ -127,13 +127,17 @@ class Kernel(HostHandles):
         return sorted(n for n in names if n and n.startswith(prefix))
 
     def list_ports(self, bridge: str) -> list[str]:
-        """Names of host links enslaved to `bridge`, sorted; empty if there is no such bridge."""
+        """Names of host links enslaved to `bridge` or to one of its extension bridges (bridgechain.py),
+        without the links between them, sorted; empty if there is no such bridge."""
         check_ifname(bridge, "bridge name")
-        with failing(f"list ports of {bridge}"):
-            link = get_link(self._host, bridge)
-        if link is None:
-            return []
-        return sorted(name for _, name, _, _ in self._host_nl.links(master=link["index"]))
+        nl = self._host_nl
+        members = []
+        for index, name, _, _ in nl.links(kind="bridge"):
+            found = bridgechain.parse(bridge, name)
+            if name == bridge or (found is not None and not found[1]):
+                members.append(index)
+        names = [name for index in members for _, name, _, _ in nl.links(master=index)]
+        return sorted(name for name in names if not bridgechain.is_link(bridge, name))
 
     def ipv4_addresses(self) -> dict[str, list[str]]:
         """Global IPv4 addresses of the host's interfaces, by interface name (for --advertise-addr)."""

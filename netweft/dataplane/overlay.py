@@ -12,6 +12,25 @@ Egress goes through a gateway bridge in the host namespace (Docker's docker_gwbr
 gets a second veth on it with the default route, and traffic leaving it is masqueraded. Its ports are
 isolated from each other and nothing is routed from it back into it, so two overlays never meet there.
 
+More than a thousand containers per host (dataplane/bridgechain.py). A Linux bridge takes at most 1,023
+ports, and every container takes one on br0 and one on the gateway bridge. So each of the two grows
+extension bridges: br0-1, br0-2, ... (nw_gwbridge-1, ...), each joined to the first bridge by a veth pair
+and holding 1,022 containers, made when the ones before are full; a container port goes to the lowest
+bridge with room. Containers 1..1,000 are on the first bridge as before, with the same per-packet path;
+one on an extension crosses one veth and one bridge more each way (bench/bench_bridge_chain.py measures
+it). Extensions have no address and no ARP. On the gateway bridge the link's end on the first bridge is
+an isolated port, so an extension's containers reach the host but no container on another bridge, and the
+overlay firewall neither routes from an extension nor tracks connections while frames are bridged
+through one (br_netfilter would masquerade them there). The first bridges' MACs are pinned (a bridge
+otherwise takes its lowest port's, and changes it as ports come and go).
+Why this layout and not another:
+- macvlan/ipvlan ports on vxlan0, or routed veths for egress: no limit, but no port of ours on a bridge
+  either, which is where anti-spoofing (antispoof.py) checks what a container sends, and where the
+  agent, the fake and the repairs find a container's port. The chain keeps all of that as it is.
+- several VXLAN devices (one per bridge): the kernel takes one device per VNI and UDP port per host.
+- a VLAN-aware bridge or a tree of equal bridges: the limit is per bridge, and every container would pay
+  an extra hop; a chain makes only containers past the first thousand pay it.
+
 `Overlay` is synchronous and blocking; the daemon calls it from one worker thread. Every method is
 idempotent: it looks at what exists and changes only what differs, so it can be re-run after a crash.
 Kernel refusals raise `KernelError` with one line; malformed arguments raise `InvalidRequest`.
@@ -37,10 +56,14 @@ from typing import TYPE_CHECKING
 
 from netweft.dataplane.pyroute2_parts import NetlinkError
 
+IFF_NOARP = 0x80
+
 if TYPE_CHECKING:  # pyroute2's IPRoute is loaded on first use
     from netweft.dataplane.pyroute2_parts import IPRoute
 
 from netweft.dataplane import antispoof, netns, nlveth
+from netweft.dataplane.bridgechain import (MAX_EXTENSIONS, Chain, check_first, extension, full_message, is_link,
+                                           parse as parse_chain_name)
 from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)
 from netweft.dataplane.checks import (check_path, check_peers, default_tmp_name, int_in as _int_in, ipv4 as _ipv4,
                                       make_peer, peer_tables)
@@ -60,7 +83,6 @@ from netweft.model.objects import Peer as ModelPeer
 SANDBOX_BRIDGE = "br0"
 SANDBOX_VXLAN = "vxlan0"
 DEFAULT_PORT = DEFAULT_VXLAN_PORT
-BRIDGE_MAX_PORTS = 1024   # BR_MAX_PORTS: a port past it is refused with EXFULL ("Exchange full")
 
 
 def Peer(ip: str, mac: str, vtep: str) -> ModelPeer:  # noqa: N802 (reads like the constructor it was)
@@ -79,6 +101,7 @@ class _Sandbox:
         self.ident = (st.st_dev, st.st_ino)  # which namespace; notices one replaced under the same path
         self.nft = None                      # its libnftables context, made inside it on first use
         self.guarded = antispoof.Guarded()   # its anti-spoofing ports, as that context knows them
+        self.bridges: _Bridges | None = None  # br0 and its extensions, learned on first use
         self.ipr = open_iproute(fd)
         try:
             with netns.entered(fd):
@@ -102,6 +125,22 @@ class _Sandbox:
         os.close(self.fd)
 
 
+class _Bridges:
+    """A chain of bridges (dataplane/bridgechain.py) in one namespace, as this process last saw it."""
+
+    def __init__(self, first: str, in_sandbox: bool):
+        self.chain = Chain(first)
+        self.indexes: dict[int, int] = {}   # bridge number -> its ifindex
+        self.in_sandbox = in_sandbox        # a sandbox: every veth is ours, no port is isolated
+        self.mtu: int | None = None         # the MTU its extensions were last made or checked with
+
+    def number(self, master: int | None) -> int | None:
+        for number, index in self.indexes.items():
+            if index == master:
+                return number
+        return None
+
+
 # ---- the data plane -----------------------------------------------------------------------------
 
 class Overlay(HostHandles):
@@ -111,6 +150,7 @@ class Overlay(HostHandles):
         super().__init__()
         self._sandboxes: dict[str, _Sandbox] = {}
         self._gw_guarded = antispoof.Guarded()   # the gateway bridge's anti-spoofing ports (host namespace)
+        self._gw_bridges: dict[str, _Bridges] = {}   # gateway bridge name -> its chain
 
     def close(self) -> None:
         """Release all handles. Call from the thread that used the Overlay. Idempotent."""
@@ -210,13 +250,13 @@ class Overlay(HostHandles):
             if vx.get("master") != br:
                 ipr.link("set", index=vx["index"], master=br)
             ensure_up(ipr, vx)
-        if not had_bridge:
-            with failing(f"sandbox {path}: endpoint ports"):
-                # A br0 deleted by hand took its ports along: every veth in a sandbox is an endpoint on br0.
-                # Only then: a look at every port would make each attach cost more with each endpoint.
-                for index, _, _, master in sb.nl.links(kind="veth"):
-                    if master != br:
-                        ipr.link("set", index=index, master=br)
+        with failing(f"sandbox {path}: extension bridges and endpoint ports"):
+            # A br0 deleted by hand took its ports along: they are put back (first fit). Only then, or on
+            # first use: a look at every port would make each attach cost more with each endpoint.
+            if sb.bridges is None:
+                sb.bridges = _Bridges(SANDBOX_BRIDGE, in_sandbox=True)
+                had_bridge = False
+            self._ensure_chain(ipr, sb.nl, sb.bridges, br, mtu, ours=True, force=not had_bridge)
         with failing(f"sandbox {path}: bring up lo"):
             ensure_up(ipr, get_link(ipr, "lo"))
         self._no_bridge_netfilter(sb)
@@ -282,7 +322,7 @@ class Overlay(HostHandles):
             host.link("del", index=stale["index"])
 
     @staticmethod
-    def _ensure_bridge(ipr: IPRoute, name: str, gateway: ipaddress.IPv4Interface, mtu: int,
+    def _ensure_bridge(ipr: IPRoute, name: str, gateway: ipaddress.IPv4Interface | None, mtu: int,
                        ours: bool) -> int:
         """Bridge `name` with `gateway` as its only address, `mtu`, up; returns its index.
 
@@ -295,11 +335,18 @@ class Overlay(HostHandles):
                 raise KernelError(f"an interface named {name} exists and is not a bridge")
             ipr.link("del", index=link["index"])
             link = None
+        # A bridge with a MAC of its own choosing takes its lowest port's, and changes it when ports come
+        # and go (an extension's link, a container): every container's ARP entry for the gateway goes stale.
+        # A MAC set by hand stays; this one is the gateway's (as Docker derives a container's), so a bridge
+        # remade keeps it too.
+        mac = "02:42:" + ":".join(f"{b:02x}" for b in gateway.ip.packed) if gateway is not None else None
         if link is None:
             # No MTU here: only an MTU set afterwards sticks; one given at creation is not "set by the
             # user" for the kernel, and the bridge falls back to 1500 when its last port leaves.
-            ipr.link("add", ifname=name, kind="bridge")
+            ipr.link("add", ifname=name, kind="bridge", **({"address": mac} if mac else {}))
             link = get_link(ipr, name)
+        if mac is not None and (link.get("address") or "").lower() != mac:
+            ipr.link("set", index=link["index"], address=mac)
         ensure_mtu(ipr, link, mtu)  # set explicitly, so the bridge does not follow its ports
         ensure_ipv4(ipr, link["index"], gateway)
         ensure_up(ipr, link)
@@ -348,7 +395,11 @@ class Overlay(HostHandles):
             br = get_link(sb.ipr, SANDBOX_BRIDGE)
         if br is None:
             raise KernelError(f"{what}: sandbox has no {SANDBOX_BRIDGE} (ensure_sandbox first)")
-        self._ensure_veth(sb.ipr, sb.nl, ctr_netns_path, *args, master=br["index"], isolated=False,
+        if sb.bridges is None:
+            sb.bridges = _Bridges(SANDBOX_BRIDGE, in_sandbox=True)
+            with failing(what):
+                self._ensure_chain(sb.ipr, sb.nl, sb.bridges, br["index"], args[4], ours=True, force=True)
+        self._ensure_veth(sb.ipr, sb.nl, ctr_netns_path, *args, bridges=sb.bridges, first=br["index"], isolated=False,
                           gateway=None, what=what)
         antispoof.add_port(self._sandbox_nft(sb), sb.guarded, args[0], args[3], str(args[2].ip))
         sb.garp.announce(SANDBOX_BRIDGE, [(str(args[2].ip), args[3])])   # see garp.py
@@ -363,6 +414,8 @@ class Overlay(HostHandles):
         sb = self._sandbox(sandbox_path)
         with failing(f"delete overlay endpoint {host_ifname} in {sandbox_path}"):
             delete_link(sb.ipr, host_ifname, "veth")
+        if sb.bridges is not None:
+            sb.bridges.chain.removed(host_ifname)
         antispoof.delete_port(self._sandbox_nft(sb), sb.guarded, host_ifname)
 
     @staticmethod
@@ -390,7 +443,12 @@ class Overlay(HostHandles):
             return []
         sb = self._sandbox(sandbox_path)
         with failing(f"list endpoints of sandbox {sandbox_path}"):
-            return sorted(name for _, name, _, _ in sb.nl.links(kind="veth"))
+            veths = [v for v in sb.nl.links(kind="veth") if not is_link(SANDBOX_BRIDGE, v[1])]
+        br = sb.bridges
+        if br is not None:   # the resync's dump also corrects the chain's counts (ports gone with their owner)
+            br.chain.learn({name: n for _, name, _, master in veths
+                            if (n := br.number(master)) is not None}, br.chain.extensions)
+        return sorted(name for _, name, _, _ in veths)
 
     @staticmethod
     def _endpoint_args(host_ifname: str, ifname: str, address_cidr: str, mac: str, mtu: int) -> tuple:
@@ -398,38 +456,177 @@ class Overlay(HostHandles):
                 parse_interface(address_cidr), parse_mac(mac), _int_in(mtu, 68, 65535, "MTU"))
 
     def _ensure_veth(self, ipr: IPRoute, nl: NeighBatch, ctr_path: str, host_ifname: str, ifname: str,
-                     address: ipaddress.IPv4Interface, mac: str, mtu: int, *, master: int,
+                     address: ipaddress.IPv4Interface, mac: str, mtu: int, *, bridges: _Bridges, first: int,
                      isolated: bool, gateway: ipaddress.IPv4Address | None, what: str) -> None:
-        """A veth between namespace `ipr` (end `host_ifname`, port of bridge `master`) and the container
-        (end `ifname`); recreated unless both ends are one pair, then every setting checked."""
-        with failing(what):
-            ctr_fd = netns.open_netns(ctr_path)
-        try:   # the fast path first: a fresh container, made in a few messages (nlveth.py)
-            if nlveth.create_fresh(nl.sock, ctr_fd, host_ifname, ifname, mac, mtu, master=master,
-                                   isolated=isolated, address=address, gateway=gateway):
-                return
-        finally:
-            os.close(ctr_fd)
+        """A veth between namespace `ipr` (end `host_ifname`, a port of the chain `bridges`, whose first
+        bridge is `first`) and the container (end `ifname`); recreated unless both ends are one pair, then
+        every setting checked."""
+        bridges.indexes[0] = first
+        if self._fresh_veth(nl, ctr_path, host_ifname, ifname, address, mac, mtu, bridges, isolated, gateway, what):
+            return
         with failing(what), netns_iproute(ctr_path) as (ctr_fd, cipr):
             host, peer = ensure_veth(ipr, cipr, ctr_fd, host_ifname, ifname, mac, mtu, replace_peer=False)
             # Our end.
             ensure_mtu(ipr, host, mtu)
-            if host.get("master") != master:
-                try:
-                    ipr.link("set", index=host["index"], master=master)
-                except NetlinkError as e:
-                    if e.code != errno.EXFULL:
-                        raise
-                    bridge = ipr.link("get", index=master)[0].get_attr("IFLA_IFNAME")
-                    raise PoolExhausted(f"bridge {bridge} is full: a Linux bridge takes at most {BRIDGE_MAX_PORTS} "
-                                        "ports (the kernel's limit), so about a thousand containers per network on "
-                                        "one host; remove one or use another network") from None
+            on = bridges.number(host.get("master"))
+            if on is not None:
+                bridges.chain.placed(host_ifname, on)
+            else:
+                self._attach_port(ipr, bridges, host["index"], host_ifname, mtu)
                 host = ipr.link("get", index=host["index"])[0]
             want = {"isolated": int(isolated), "mode": 0}  # mode is hairpin: never
             if any(host.get(("linkinfo", "slave_data", k)) != v for k, v in want.items()):
                 ipr.link("set", index=host["index"], kind="bridge_slave", **want)
             ensure_up(ipr, host)
             ensure_container_end(cipr, peer, address, mac, mtu, gateway)
+
+    def _fresh_veth(self, nl: NeighBatch, ctr_path: str, host_ifname: str, ifname: str,
+                    address: ipaddress.IPv4Interface, mac: str, mtu: int, bridges: _Bridges, isolated: bool,
+                    gateway: ipaddress.IPv4Address | None, what: str) -> bool:
+        """The fast path (nlveth.py): a fresh container's endpoint made in a few messages, on the chain's
+        bridge with room if that bridge exists. False: nothing decided, take the general path."""
+        try:
+            number = bridges.chain.choose()
+        except PoolExhausted:
+            return False
+        master = bridges.indexes.get(number) if number == 0 or number in bridges.chain.extensions else None
+        if master is None:
+            return False
+        with failing(what):
+            ctr_fd = netns.open_netns(ctr_path)
+        try:
+            made = nlveth.create_fresh(nl.sock, ctr_fd, host_ifname, ifname, mac, mtu, master=master,
+                                       isolated=isolated, address=address, gateway=gateway)
+        finally:
+            os.close(ctr_fd)
+        if made:
+            bridges.chain.placed(host_ifname, number)
+        return made
+
+    # ---- bridge chains: past the kernel's 1,023 ports per bridge (dataplane/bridgechain.py) -------------
+
+    def _attach_port(self, ipr: IPRoute, bridges: _Bridges, index: int, name: str, mtu: int) -> None:
+        """Make link `index` a port of the chain: of the lowest bridge with room (a new extension if none)."""
+        chain = bridges.chain
+        for _ in range(MAX_EXTENSIONS + 2):
+            number = chain.choose()
+            if number == 0:
+                master = bridges.indexes[0]
+            else:
+                check_first(chain.first)
+                master = bridges.indexes.get(number) if number in chain.extensions else None
+                if master is None:
+                    master = self._ensure_extension(ipr, bridges, number, mtu)[0]
+            try:
+                ipr.link("set", index=index, master=master)
+            except NetlinkError as e:
+                if e.code != errno.EXFULL:
+                    raise
+                chain.full(number)   # ports this process does not know of: take the next bridge
+                continue
+            chain.placed(name, number)
+            return
+        raise PoolExhausted(full_message(chain.first, len(chain.where)))
+
+    def _ensure_chain(self, ipr: IPRoute, nl: NeighBatch, bridges: _Bridges, first: int, mtu: int, *,
+                      ours: bool, force: bool) -> None:
+        """The chain's extensions there, each joined to the first bridge (index `first`), with `mtu`.
+
+        `force` (first use, or the first bridge was remade): learn the chain from the kernel, and in a
+        sandbox put every endpoint veth that is on no bridge back on one. Otherwise a few lookups by name
+        check that each known extension and its link are in place (nothing at all without extensions),
+        and only a missing part leads to the same repair."""
+        bridges.indexes[0] = first
+        if not force and bridges.mtu == mtu and self._chain_intact(nl, bridges, first):
+            return
+        loose = self._learn_chain(nl, bridges, first)
+        remade = False
+        for number in sorted(bridges.chain.extensions):
+            remade |= self._ensure_extension(ipr, bridges, number, mtu, ours)[1]
+        if remade:   # an extension deleted by hand released its ports
+            loose = self._learn_chain(nl, bridges, first)
+        for index, name in loose:
+            self._attach_port(ipr, bridges, index, name, mtu)
+        bridges.mtu = mtu
+
+    @staticmethod
+    def _chain_intact(nl: NeighBatch, bridges: _Bridges, first: int) -> bool:
+        for number in sorted(bridges.chain.extensions):
+            ext = extension(bridges.chain.first, number)
+            bridge, trunk, branch = nl.link(ext.bridge), nl.link(ext.trunk), nl.link(ext.branch)
+            if bridge is None or bridge[2] != "bridge" or trunk is None or trunk[3] != first \
+                    or branch is None or branch[3] != bridge[0]:
+                return False
+            bridges.indexes[number] = bridge[0]
+        return True
+
+    @staticmethod
+    def _learn_chain(nl: NeighBatch, bridges: _Bridges, first: int) -> list[tuple[int, str]]:
+        """Read the chain from the kernel: its bridges, its extensions (a bridge or a link end left of one),
+        which bridge each container port is on. Returns the sandbox's endpoint veths on no bridge of it."""
+        name0 = bridges.chain.first
+        numbers, extensions = {first: 0}, set()
+        for index, name, _, _ in nl.links(kind="bridge"):
+            found = parse_chain_name(name0, name)
+            if found is not None and not found[1]:
+                numbers[index] = found[0]
+                extensions.add(found[0])
+        bridges.indexes = {number: index for index, number in numbers.items()}
+        if bridges.in_sandbox:
+            links = nl.links(kind="veth")   # every veth in a sandbox is an endpoint or a link of the chain
+        else:
+            links = [link for index in numbers for link in nl.links(master=index)]
+        ports, loose = {}, []
+        for index, name, kind, master in links:
+            found = parse_chain_name(name0, name)
+            if found is not None and found[1]:
+                extensions.add(found[0])
+            elif kind == "veth" and master in numbers:
+                ports[name] = numbers[master]
+            elif bridges.in_sandbox:
+                loose.append((index, name))
+        bridges.chain.learn(ports, extensions)
+        return loose
+
+    def _ensure_extension(self, ipr: IPRoute, bridges: _Bridges, number: int, mtu: int,
+                          ours: bool = True) -> tuple[int, bool]:
+        """Extension `number`: its bridge (no address, `mtu`, up) and the veth joining it to the first bridge.
+        Returns (its index, whether its bridge was made afresh). On the gateway bridge the link's end on
+        the first bridge is isolated like a container port, so the extension's containers reach the host but
+        no container on another bridge of the chain; the other end is not, so they reach it."""
+        ext = extension(bridges.chain.first, number)
+        made = link_kind(get_link(ipr, ext.bridge)) != "bridge"
+        index = self._ensure_bridge(ipr, ext.bridge, None, mtu, ours=ours)
+        bridges.indexes[number] = index
+        # No ARP on it: Linux answers ARP for any of its addresses on any interface, so a container would
+        # get the extension's MAC for the gateway and its packets would be routed from there.
+        if not ipr.link("get", index=index)[0]["flags"] & IFF_NOARP:
+            ipr.link("set", index=index, arp=False)
+        trunk, branch = get_link(ipr, ext.trunk), get_link(ipr, ext.branch)
+        if not (link_kind(trunk) == link_kind(branch) == "veth" and trunk.get("link") == branch["index"]
+                and branch.get("link") == trunk["index"]):
+            for link in (trunk, branch):
+                if link is None:
+                    continue
+                if link_kind(link) != "veth" and not ours:
+                    raise KernelError(f"an interface named {link.get_attr('IFLA_IFNAME')} exists and is not a veth")
+                with ignore(errno.ENODEV):
+                    ipr.link("del", index=link["index"])
+            retry_eexist(lambda: ipr.link("add", ifname=ext.trunk, kind="veth", mtu=mtu,
+                                          peer={"ifname": ext.branch, "mtu": mtu}))
+        for name, master, isolated in ((ext.trunk, bridges.indexes[0], not bridges.in_sandbox),
+                                       (ext.branch, index, False)):
+            link = get_link(ipr, name)
+            ensure_mtu(ipr, link, mtu)
+            if link.get("master") != master:
+                ipr.link("set", index=link["index"], master=master)
+                link = get_link(ipr, name)
+            if link.get(("linkinfo", "slave_data", "isolated")) != int(isolated):
+                ipr.link("set", index=link["index"], kind="bridge_slave", isolated=int(isolated))
+            ensure_up(ipr, link)
+        bridges.chain.extensions.add(number)
+        bridges.chain.counts.setdefault(number, 0)
+        return index, made
 
     # ---- remote endpoints -----------------------------------------------------------------------
 
@@ -514,14 +711,26 @@ class Overlay(HostHandles):
         gateway = parse_interface(gateway_cidr)
         _int_in(mtu, 68, 65535, "MTU")
         with failing(f"gateway bridge {name}"):
-            self._ensure_bridge(self._host, name, gateway, mtu, ours=False)
+            had = link_kind(get_link(self._host, name)) == "bridge"
+            first = self._ensure_bridge(self._host, name, gateway, mtu, ours=False)
+            bridges = self._gw_bridges.get(name)
+            if bridges is None:
+                bridges = self._gw_bridges[name] = _Bridges(name, in_sandbox=False)
+                had = False
+            self._ensure_chain(self._host, self._host_nl, bridges, first, mtu, ours=False, force=not had)
             self._set_ip_forward(True)
 
     def delete_gwbridge(self, name: str) -> None:
-        """Delete the gateway bridge (its ports stay, detached). Idempotent."""
+        """Delete the gateway bridge and its extensions (its ports stay, detached). Idempotent."""
         check_ifname(name, "gateway bridge name")
         with failing(f"delete gateway bridge {name}"):
             delete_link(self._host, name, "bridge")
+            nl = self._host_nl
+            for index, link, kind, _ in nl.links(kind="bridge") + nl.links(kind="veth"):
+                if parse_chain_name(name, link) is not None:
+                    with ignore(errno.ENODEV):
+                        self._host.link("del", index=index)
+        self._gw_bridges.pop(name, None)
 
     def ensure_gw_endpoint(self, ctr_netns_path: str, bridge: str, host_ifname: str, ifname: str,
                            address_cidr: str, mac: str, mtu: int, gateway_ip: str) -> None:
@@ -537,7 +746,12 @@ class Overlay(HostHandles):
             br = get_link(ipr, bridge)
         if br is None or link_kind(br) != "bridge":
             raise KernelError(f"{what}: no gateway bridge {bridge} (ensure_gwbridge first)")
-        self._ensure_veth(ipr, self._host_nl, ctr_netns_path, *args, master=br["index"], isolated=True,
+        bridges = self._gw_bridges.get(bridge)
+        if bridges is None:
+            bridges = self._gw_bridges[bridge] = _Bridges(bridge, in_sandbox=False)
+            with failing(what):
+                self._ensure_chain(ipr, self._host_nl, bridges, br["index"], args[4], ours=False, force=True)
+        self._ensure_veth(ipr, self._host_nl, ctr_netns_path, *args, bridges=bridges, first=br["index"], isolated=True,
                           gateway=gateway, what=what)
         antispoof.add_port(self._nft_cmd, self._gw_guarded, args[0], args[3], str(args[2].ip))
 
@@ -546,6 +760,8 @@ class Overlay(HostHandles):
         check_ifname(host_ifname, "host interface name")
         with failing(f"delete gateway endpoint {host_ifname}"):
             delete_link(self._host, host_ifname, "veth")
+        for bridges in self._gw_bridges.values():
+            bridges.chain.removed(host_ifname)
         antispoof.delete_port(self._nft_cmd, self._gw_guarded, host_ifname)
 
     # ---- data-path probes (dataplane/probe.py) ----------------------------------------------------

@@ -1033,3 +1033,93 @@ def test_a_table_of_the_former_layout_is_converted_port_by_port(host, container)
     host.delete_endpoint("nwv-old")        # its link is long gone; its guard goes
     assert _guard_sets(host.path)["chains"] == ["guard", "prerouting"]
     assert host.list_antispoof() == ["nwv-a", "nwv-b"]
+
+
+def test_the_fake_grows_bridge_chains_as_the_real_one_does(make_ns, nsdir, monkeypatch):
+    """Bridges past their port limit (dataplane/bridgechain.py, here after one container port per bridge):
+    the sandbox's br0 and the gateway bridge grow extensions, first fit, and parts deleted by hand come back,
+    alike on the real data plane and on the fake."""
+    from netweft.dataplane import bridgechain
+    from netweft.dataplane.fake import FakeDataPlane
+    from netweft.dataplane.real import RealDataPlane
+
+    monkeypatch.setattr(bridgechain, "FIRST_PORTS", 1)
+    monkeypatch.setattr(bridgechain, "EXTENSION_PORTS", 1)
+    h = make_ns("host")
+    sh(h, "ip", "link", "add", "nwtul0", "type", "veth", "peer", "name", "nwtul1")
+    sh(h, "ip", "addr", "add", "192.0.2.1/24", "dev", "nwtul0")
+    sh(h, "ip", "link", "set", "nwtul0", "mtu", "1400", "up")
+    fake = FakeDataPlane()
+    fake.add_host_interface("nwtul0", "192.0.2.1/24", mtu=1400)
+    fake.add_link("nwtul1", "veth", mtu=1400)
+    ctrs, sbs = os.path.join(nsdir, "ctr"), os.path.join(nsdir, "sb")
+    cs = [os.path.join(ctrs, f"nwt-c{i}") for i in range(5)]
+    sb = os.path.join(sbs, "nwt-sb1")
+    paths = {"host": h, "sb": sb, **{f"c{i}": c for i, c in enumerate(cs)}}
+
+    def ov(i: int) -> tuple:
+        return ("ensure_overlay_endpoint", sb, cs[i], f"nwv-o{i}", "eth0", f"198.18.1.{10 + i}/24",
+                f"02:00:c6:12:01:{10 + i:02x}", 1350)
+
+    def gw(i: int) -> tuple:
+        return ("ensure_gw_endpoint", cs[i], "nwtgw", f"nwtg-o{i}", "eth1", f"198.19.255.{10 + i}/24",
+                f"02:00:c6:13:ff:{10 + i:02x}", 1400, "198.19.255.1")
+
+    sandbox = ("ensure_sandbox", sb, 4242, "198.18.1.1/24", 1350, "192.0.2.1", 4789, "nwtx4242")
+    gwbridge = ("ensure_gwbridge", "nwtgw", "198.19.255.1/24", 1400)
+    steps = [*(("create_netns", c) for c in cs), sandbox, ov(0), ov(1), ov(2), gwbridge, gw(0), gw(1), gw(2),
+             sandbox, gwbridge, ov(2), gw(2),                               # ensured again: nothing changes
+             ("delete_overlay_endpoint", sb, "nwv-o0"), ov(3),              # first fit: back on br0
+             ("delete_gw_endpoint", "nwtg-o0"), gw(3),
+             ("hand", "sb", "br0-1"), sandbox,                              # an extension and its port come back
+             ("hand", "sb", "br0-2a"), sandbox,                             # a link comes back
+             ("hand", "sb", "br0"), sandbox,                                # br0's ports come back on it
+             ("hand", "host", "nwtgw-2a"), gwbridge,
+             ("hand", "host", "nwtgw-1"), gwbridge, gw(1),                  # its port, left detached, goes back
+             ov(4), gw(4),                                                  # a third extension
+             ("delete_sandbox", sb, "nwtx4242"), ("delete_gwbridge", "nwtgw"),
+             *(("delete_gw_endpoint", f"nwtg-o{i}") for i in range(5))]
+
+    async def outcome(dp, method, args):
+        try:
+            if method == "hand":   # `ip link del` by hand
+                ns, name = args
+                if dp is fake:
+                    fake.delete_link(name, None if ns == "host" else paths[ns])
+                else:
+                    sh(paths[ns], "ip", "link", "del", name)
+                return ("ok", None)
+            return ("ok", await getattr(dp, method)(*args))
+        except (InvalidRequest, KernelError) as e:
+            assert "\n" not in str(e)
+            return (type(e).__name__, None)
+
+    async def observe(dp) -> dict:
+        return {"links": await dp.list_links("nw"), "ports": await dp.list_ports("nwtgw"),
+                "endpoints": await dp.list_overlay_endpoints(sb), "netns": await dp.list_netns(sbs)}
+
+    seen: set[tuple[str, str, str | None]] = set()
+
+    async def main():
+        real = RealDataPlane(os.path.join(nsdir, "run"), host_netns=h)
+        try:
+            for method, *args in steps:
+                got_real, got_fake = await outcome(real, method, args), await outcome(fake, method, args)
+                assert got_real == got_fake, f"{method}{tuple(args)}: real {got_real}, fake {got_fake}"
+                assert await observe(real) == await observe(fake), f"after {method}{tuple(args)}"
+                real_state, fake_state = _real_state(paths), _fake_state(fake, paths)
+                assert real_state == fake_state, f"after {method}{tuple(args)}: {_diff(real_state, fake_state)}"
+                seen.update((ns, name, link[2]) for ns, (links, _) in real_state["ns"].items() if ns in ("host", "sb")
+                            for name, link in links.items())
+            assert await real.list_links("nwtgw") == []
+            # Every container port went where first fit puts it, the fourth past a third extension.
+            assert {("sb", f"nwv-o{i}", b) for i, b in ((0, "br0"), (1, "br0-1"), (2, "br0-2"), (3, "br0"),
+                                                        (4, "br0-3"))} <= seen
+            assert {("host", f"nwtg-o{i}", b) for i, b in ((0, "nwtgw"), (1, "nwtgw-1"), (2, "nwtgw-2"),
+                                                           (3, "nwtgw"), (4, "nwtgw-3"))} <= seen
+        finally:
+            await real.close()
+            for path in (*cs, sb):
+                netns.delete_netns(path)
+
+    asyncio.run(main())

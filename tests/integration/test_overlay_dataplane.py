@@ -539,7 +539,7 @@ def test_gateway_bridge_egress_and_isolation(lab):
     a.ov.apply_overlay_firewall(gw, "198.19.255.0/24")
     a.ov.apply_overlay_firewall(gw, "198.19.255.0/24")   # replaces, never duplicates
     table = json.loads(in_ns(a.path, "nft", "-j", "list", "table", "inet", OVERLAY_TABLE, check=True).stdout)
-    assert sum("rule" in item for item in table["nftables"]) == 4
+    assert sum("rule" in item for item in table["nftables"]) == 6
 
     # Egress works (the outside has no route back to 198.19.255.0/24: only masquerade makes it work).
     assert ping(c1, "203.0.113.2") and ping(c2, "203.0.113.2")

@@ -151,13 +151,18 @@ def test_overlay_table_replaces_itself_and_clamps_mss_both_ways():
     forward = rules(doc, "forward")
     assert [matches(r)[:2] for r in forward] == [
         [("iifname", "==", "nw_gwbridge"), ("oifname", "==", "nw_gwbridge")],
+        [("iifname", "==", "nw_gwbridge-*"), ("oifname", "!=", "nw_gwbridge-*")],
         [("iifname", "==", "nw_gwbridge"), ("tcp flags", "in", "syn")],
         [("oifname", "==", "nw_gwbridge"), ("tcp flags", "in", "syn")],
     ]
-    assert "drop" in matches(forward[0]) and all("mangle" in matches(r) for r in forward[1:])
+    assert "drop" in matches(forward[0]) and "drop" in matches(forward[1])
+    assert all("mangle" in matches(r) for r in forward[2:])
     [masq] = rules(doc, "postrouting")
     assert matches(masq) == [("ip saddr", "==", {"prefix": {"addr": "198.19.0.0", "len": 24}}),
                              ("oifname", "!=", "nw_gwbridge"), "masquerade"]
+    # Frames bridged through an extension of the gateway bridge (bridgechain.py) are not tracked there.
+    [raw] = rules(doc, "prerouting")
+    assert matches(raw) == [("iifname", "==", "nw_gwbridge-*"), "notrack"]
     assert cmds(render_delete_overlay_firewall())[1] == {"delete": {"table": {"family": "inet", "name": OVERLAY_TABLE}}}
 
 
