@@ -253,7 +253,7 @@ class Watcher:
         self.ended: str | None = None      # why the stream ends, once it must
         self.rev = 0                       # the last revision handed to the socket
         self.since = self.start = 0        # asked from; subscribed at
-        self.first: bytes | None = None    # the snapshot to send first, if it gets one
+        self.first: tuple[bytes, ...] | None = None   # the snapshot to send first (its parts), if it gets one
         self.wrote = -1e9                  # when it last wrote changes (monotonic): see coalesce_wait
 
     def offer(self, rev: int, frame: bytes) -> bool:
@@ -293,6 +293,14 @@ def coalesce_wait(now: float, wrote: float, watchers: int, per_watcher: float = 
     return max(0.0, wrote + gap - now)
 
 
+def pieces(parts: Iterable[bytes], size: int) -> Iterable[memoryview]:
+    """The bytes of parts in order, as views of at most `size` bytes (no copies)."""
+    for part in parts:
+        view = memoryview(part)
+        for i in range(0, len(view), size):
+            yield view[i:i + size]
+
+
 def parse_query(query) -> tuple[int, frozenset[str]]:
     """?since=REV&networks=ID,ID -> (since, the networks asked for)."""
     text = query.get("since", "0")
@@ -320,6 +328,7 @@ class Hub:
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self._stamped = -CLOCK_EVERY
+        self._nodes_part: tuple[int, bytes] = (-1, b"")   # (revision, the nodes of a snapshot at it)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -467,13 +476,19 @@ class Hub:
     # ------------------------------------------------------------ what a watcher is sent first
     def snapshot(self, node_id: str, asked: Iterable[str] = ()) -> bytes:
         """The node's whole scope at the current revision, as one Snapshot line."""
+        return b"".join(self.snapshot_parts(node_id, asked))
+
+    def snapshot_parts(self, node_id: str, asked: Iterable[str] = ()) -> tuple[bytes, ...]:
+        """snapshot() in pieces: the nodes (every watcher's, the largest part) are one bytes object shared by
+        every snapshot made at this revision, not a copy per watcher (1,000 agents reconnecting at once)."""
         st = self.state
-        nets = [n for n in st.scope(node_id, asked) if n in st.kinds[NETWORKS]]
-        nodes = b",".join(e.raw for e in st.kinds[NODES].values())
-        networks = b",".join(st.kinds[NETWORKS][n].raw for n in sorted(nets))
-        eps = b",".join(st.kinds[ENDPOINTS][ep].raw for n in sorted(nets) for ep in st.net_eps.get(n, ()))
-        return b'{"type":"snapshot","rev":%d,"nodes":[%s],"networks":[%s],"endpoints":[%s]}\n' % (
-            st.rev, nodes, networks, eps)
+        if self._nodes_part[0] != st.rev:
+            self._nodes_part = (st.rev, b",".join(e.raw for e in st.kinds[NODES].values()))
+        nets = sorted(n for n in st.scope(node_id, asked) if n in st.kinds[NETWORKS])
+        networks = b",".join(st.kinds[NETWORKS][n].raw for n in nets)
+        eps = b",".join(st.kinds[ENDPOINTS][ep].raw for n in nets for ep in st.net_eps.get(n, ()))
+        return (b'{"type":"snapshot","rev":%d,"nodes":[' % st.rev, self._nodes_part[1],
+                b'],"networks":[%s],"endpoints":[%s]}\n' % (networks, eps))
 
     async def missed(self, node_id: str, asked: frozenset[str], since: int, until: int):
         """The Events lines of revisions (since, until] for a resuming node, from the store's change log:
@@ -511,26 +526,41 @@ class Hub:
         w = Watcher(node_id, hostname, asked, self.max_frames, self.max_bytes)
         self.watchers.add(w)
         w.since, w.start = since, self.state.rev
-        w.first = self.snapshot(node_id, asked) if since == 0 or since > w.start else None
+        w.first = self.snapshot_parts(node_id, asked) if since == 0 or since > w.start else None
         return w
 
     async def frames(self, w: Watcher) -> AsyncIterator[bytes]:
         """What the stream of w carries: the snapshot or the missed events, then each batch of its scope
         as it comes, and a ping when there was nothing for `ping` seconds. Ends when w is ended."""
         mode = "snapshot" if w.first is not None else ("events" if w.since < w.start else "nothing")
+        sent = False
         if w.first is None and w.since < w.start:
             try:
                 async for rev, frame in self.missed(w.node_id, w.asked, w.since, w.start):
                     yield frame
-                    w.rev = rev
+                    w.rev, sent = rev, True
             except Compacted:
                 # The change log no longer reaches back to its revision: a snapshot of now instead.
-                mode, w.first, w.start = "snapshot", self.snapshot(w.node_id, w.asked), self.state.rev
+                mode, w.first, w.start = "snapshot", self.snapshot_parts(w.node_id, w.asked), self.state.rev
                 w.frames = deque((r, f) for r, f in w.frames if r > w.start)
                 w.size = sum(len(f) for _, f in w.frames)
         if w.first is not None:
-            yield w.first
+            # Dropped once handed over (a watcher lives for days; its snapshot need not), and written in
+            # pieces: each waits for the socket to drain, so a connection holds at most about WRITE_CHUNK of
+            # it in encrypted copies, whatever the size of the cluster.
+            parts, w.first = w.first, None
+            if sum(map(len, parts)) <= WRITE_CHUNK:
+                yield b"".join(parts)
+            else:
+                for piece in pieces(parts, WRITE_CHUNK):
+                    yield piece
+            del parts
+            sent = True
         w.rev = max(w.rev, w.start)
+        if not sent and not w.frames:
+            # A resume with nothing to catch up on is acknowledged at once, not at the first ping: after a
+            # manager restart every agent knows within a round trip that its stream is back.
+            yield b'{"type":"ping","rev":%d}\n' % w.rev
         log.info("watch opened", extra={"node": w.node_id, "hostname": w.hostname, "since": w.since,
                                         "rev": w.start, "sent": mode})
         while True:

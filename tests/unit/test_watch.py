@@ -124,7 +124,7 @@ def test_a_snapshot_holds_every_node_and_only_the_nodes_networks_with_their_endp
         e2 = (await m.attach(b, n1, "y")).endpoint.id
         await m.attach(b, n2, "z")
         w = m.hub.subscribe(a, "a", 0)
-        snap = message.decode(w.first)
+        snap = message.decode(b"".join(w.first))
         assert isinstance(snap, Snapshot) and snap.rev == m.hub.state.rev
         assert {n.id for n in snap.nodes} == {a, b}
         assert [n.id for n in snap.networks] == [n1]
@@ -588,3 +588,60 @@ def test_select_for_picks_what_select_picks(tmp_path):
     for node, on, asked, ingress in cases:
         scope = set(on).union(asked, ingress)
         assert b.select_for(node, on, asked, ingress) == b.select(node, scope)
+
+
+def test_a_big_snapshot_is_written_in_pieces_and_not_kept_once_sent(tmp_path, monkeypatch):
+    from netweft.manager import watch
+    monkeypatch.setattr(watch, "WRITE_CHUNK", 300)
+
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        nodes = {await m.node(f"n{i}", f"192.0.2.{i + 1}") for i in range(20)}
+        w = m.hub.subscribe("n0", "n0", 0)
+        gen = m.hub.frames(w)
+        got = [await gen.__anext__()]
+        assert w.first is None   # handed over: the watcher no longer holds it
+        while not bytes(got[-1]).endswith(b"\n"):
+            got.append(await gen.__anext__())
+        assert len(got) > 1 and all(len(p) <= 300 for p in got)
+        snap = message.decode(b"".join(got))
+        assert isinstance(snap, Snapshot) and {n.id for n in snap.nodes} == nodes
+        await gen.aclose()
+        await m.close()
+    run(main())
+
+
+def test_snapshots_made_at_one_revision_share_one_copy_of_the_nodes(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        await m.attach(a, n1, "x")
+        pa, pb = m.hub.snapshot_parts(a), m.hub.snapshot_parts(b)
+        assert pa[1] is pb[1] and pa != pb   # the nodes shared; a's scope has n1, b's has nothing
+        await m.node("c", "192.0.2.3")
+        pc = m.hub.snapshot_parts(a)
+        assert pc[1] is not pa[1] and {n.id for n in message.decode(b"".join(pc)).nodes} == {a, b, "c"}
+        await m.close()
+    run(main())
+
+
+def test_a_resume_with_nothing_to_catch_up_on_is_acknowledged_at_once(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db", ping=3600)   # no periodic ping during the test
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        await m.attach(a, n1, "x")
+        up_to_date = m.hub.state.rev
+        await m.attach(b, n2, "z")    # a revision outside a's scope
+        for k in range(2):   # missed revisions out of its scope only; then none missed at all
+            since = up_to_date if k == 0 else m.hub.state.rev
+            w = m.hub.subscribe(a, "a", since)
+            gen = m.hub.frames(w)
+            msgs = await take(gen, 1, timeout=2.0)
+            assert isinstance(msgs[0], Ping) and msgs[0].rev == m.hub.state.rev
+            later = (await m.attach(b, n1, f"later{k}")).endpoint.id
+            assert ids(await take(gen, 1), "endpoint") == [later]
+            await gen.aclose()
+        await m.close()
+    run(main())
