@@ -26,8 +26,32 @@ WRITE_BUFFER = 32 << 10
 READ_BUFFER = 32 << 10
 
 
+# asyncio encrypts each write whole into the connection's outgoing memory BIO, and OpenSSL's memory BIO keeps
+# the capacity of the largest write for the connection's life (measured: a 448-KiB snapshot written once
+# leaves 455 KiB per connection). Encrypted and handed to the socket a TLS record's worth at a time, every
+# connection keeps about 20 KiB, whatever was written through it.
+WRITE_PIECE = 16 << 10
+
+
 class _LeanTLS(sslproto.SSLProtocol):
     max_size = READ_BUFFER
+
+    def _do_write(self):
+        try:
+            while self._write_backlog:
+                data = self._write_backlog[0]
+                piece = data if len(data) <= WRITE_PIECE else memoryview(data)[:WRITE_PIECE]
+                count = self._sslobj.write(piece)
+                if count < len(data):
+                    self._write_backlog[0] = memoryview(data)[count:]
+                    self._write_buffer_size -= count
+                else:
+                    del self._write_backlog[0]
+                    self._write_buffer_size -= len(data)
+                self._process_outgoing()
+        except sslproto.SSLAgainErrors:
+            pass
+        self._process_outgoing()
 
 
 async def _start_tls(loop, transport: asyncio.Transport, protocol, ctx: ssl.SSLContext, timeout: float):

@@ -45,3 +45,32 @@ def test_large_bodies_pass_both_ways_over_the_lean_listener():
     got = asyncio.run(asyncio.wait_for(main(), 20))
     assert got == body + b"w1"
     assert tlsserver._LeanTLS.max_size == tlsserver.READ_BUFFER
+
+
+def test_a_large_write_is_encrypted_and_handed_on_a_record_at_a_time():
+    """The outgoing BIO keeps the capacity of its largest write: the listener never gives it more than
+    WRITE_PIECE at once, and hands what it encrypted to the socket before the next piece."""
+    from collections import deque
+
+    class Sink:
+        def __init__(self):
+            self.sizes, self.pending, self.sent = [], b"", []
+
+        def write(self, data):
+            self.sizes.append(len(data))
+            self.pending += bytes(data)
+            return len(data)
+
+    p = tlsserver._LeanTLS.__new__(tlsserver._LeanTLS)
+    sink = Sink()
+    body = bytes(range(256)) * 1024 + b"tail"   # 256 KiB and a bit
+    p._sslobj, p._write_backlog, p._write_buffer_size = sink, deque([b"head", body]), 4 + len(body)
+
+    def process_outgoing():
+        if sink.pending:
+            sink.sent.append(sink.pending)
+            sink.pending = b""
+    p._process_outgoing = process_outgoing
+    p._do_write()
+    assert max(sink.sizes) <= tlsserver.WRITE_PIECE and len(sink.sent) == len(sink.sizes)
+    assert b"".join(sink.sent) == b"head" + body and p._write_buffer_size == 0 and not p._write_backlog
