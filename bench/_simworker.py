@@ -35,6 +35,25 @@ async def gather_limited(coros, limit: int):
     return await asyncio.gather(*(one(c) for c in coros))
 
 
+class LoopLag:
+    """How late this process's event loop runs a timer: when it is seconds late, every simulated host in it
+    hears of everything seconds late, and the figures measure this process, not the managers."""
+
+    def __init__(self, every: float = 0.1):
+        self.every, self.worst = every, 0.0
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(self.every)
+            self.worst = max(self.worst, time.monotonic() - t - self.every)
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+
 class Worker:
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -44,6 +63,11 @@ class Worker:
                      for i in cfg["indices"]]
         self.by_name = {s.name: s for s in self.sims}
         SimOverlayAgent.share = cfg["hosts"]
+        self.lag = LoopLag()
+
+    async def loop_lag(self) -> float:
+        """The worst lateness of this process's event loop since the last call (seconds)."""
+        return self.lag.take()
 
     async def join(self, token: str, manager: str, concurrency: int) -> float:
         t = time.monotonic()
@@ -86,6 +110,7 @@ class Worker:
         return [s.dp.arrived_at - t0 for s in hosts]
 
     async def stop(self) -> None:
+        self.lag.task.cancel()
         await asyncio.gather(*(s.stop() for s in self.sims), return_exceptions=True)
         shutil.rmtree(self.root, ignore_errors=True)
 

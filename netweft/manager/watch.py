@@ -13,12 +13,14 @@ each revision out to the agents' watch streams:
   (which grows with the number of watchers), so a burst of revisions costs each socket a few
   writes of several frames, not one TLS write per revision; a write is at most WRITE_CHUNK and the
   next waits for the socket to drain, so no socket holds more than about that much;
-- a resume (?since=REV) is served from the store's change log, which survives restarts; a snapshot
-  only when that log no longer reaches back (or on a first connection).
+- a resume (?since=REV) is served from the batches of the latest revisions kept in memory (their frames
+  shared with every watcher), else from the store's change log, which survives restarts; a snapshot only
+  when that log no longer reaches back (or on a first connection).
 """
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import re
@@ -58,6 +60,10 @@ WRITE_CHUNK = 64 << 10        # frames written to the socket together, up to thi
 GAP_PER_WATCHER = 50e-6       # seconds: about what one TLS write costs here
 MAX_GAP = 0.5                 # seconds
 MAX_ASKED = 1024              # networks a watcher may name in ?networks=
+# The latest revisions' batches are kept in memory: a burst of agents resuming (a manager restarted, or failed
+# over to this one) is served from them, each frame encoded once for all, not from the store per agent.
+RECENT_REVS = 4096
+RECENT_BYTES = 8 << 20
 CATCH_UP = 5.0                # seconds this manager's view may take to reach a revision before it gives up
 
 _ID = re.compile(ID_PATTERN)
@@ -329,6 +335,9 @@ class Hub:
         self._task: asyncio.Task | None = None
         self._stamped = -CLOCK_EVERY
         self._nodes_part: tuple[int, bytes] = (-1, b"")   # (revision, the nodes of a snapshot at it)
+        self.recent: deque[Batch] = deque()   # the batches of the revisions after recent_from that have events
+        self.recent_from = 0
+        self._recent_bytes = 0
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -364,6 +373,8 @@ class Hub:
                               extra={"kind": kind, "key": r.key, "reason": str(e)})
         state.rev = rev
         self.state = state
+        self.recent.clear()
+        self.recent_from, self._recent_bytes = rev, 0
 
     async def _follow(self) -> None:
         while True:
@@ -441,6 +452,7 @@ class Hub:
                 batch.add(ev.kind, ev.action, ev.value, obj)
         self.state.rev = changes.rev
         self._publish(batch)
+        self._remember(batch)
         still = []
         for rev, fut in self._waiters:
             if rev <= changes.rev:
@@ -461,6 +473,15 @@ class Hub:
             if frame is not None and not w.offer(batch.rev, frame):
                 self._end(w, f"cut off: more than {len(w.frames)} revisions ({w.size >> 10} KiB) behind; "
                              "it resumes from its revision")
+
+    def _remember(self, batch: Batch) -> None:
+        if batch.events:
+            self.recent.append(batch)
+            self._recent_bytes += sum(len(b) for _, b in batch.events)
+        while self.recent and (len(self.recent) > RECENT_REVS or self._recent_bytes > RECENT_BYTES):
+            old = self.recent.popleft()
+            self._recent_bytes -= sum(len(b) for _, b in old.events)
+            self.recent_from = old.rev
 
     def _end(self, w: Watcher, reason: str) -> None:
         self.watchers.discard(w)
@@ -497,6 +518,16 @@ class Hub:
         if since >= until:
             return
         scope = self.state.scope(node_id, asked)
+        if since >= self.recent_from:
+            # Every revision in (since, until] is in memory: the batches the live watchers were sent.
+            batches = list(self.recent)
+            for batch in batches[bisect.bisect_right(batches, since, key=lambda b: b.rev):]:
+                if batch.rev > until:
+                    break
+                frame = batch.frame(batch.select(node_id, scope))
+                if frame is not None:
+                    yield batch.rev, frame
+            return
         async with contextlib.aclosing(self.store.watch(since)) as changes:
             async for c in changes:
                 if c.rev > until:

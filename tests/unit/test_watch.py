@@ -213,6 +213,8 @@ def test_a_resume_from_before_the_kept_history_gets_a_snapshot(tmp_path, monkeyp
         await m.attach(a, n1, "x")
         for i in range(6):
             await m.node(f"n{i}", f"192.0.2.{10 + i}")
+        await m.close()
+        m = await Manager.open(tmp_path / "c.db")   # restarted: nothing before its start is in its memory
         w = m.hub.subscribe(a, "a", 1)
         msgs = await take(m.hub.frames(w), 1)
         assert isinstance(msgs[0], Snapshot) and msgs[0].rev == m.hub.state.rev
@@ -643,5 +645,56 @@ def test_a_resume_with_nothing_to_catch_up_on_is_acknowledged_at_once(tmp_path):
             later = (await m.attach(b, n1, f"later{k}")).endpoint.id
             assert ids(await take(gen, 1), "endpoint") == [later]
             await gen.aclose()
+        await m.close()
+    run(main())
+
+
+def test_a_resume_is_served_from_the_recent_batches_in_memory_with_the_frames_the_store_would_give(tmp_path,
+                                                                                                 monkeypatch):
+    from netweft.manager import watch
+
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        await m.attach(a, n1, "x")
+        since = m.hub.state.rev
+        for k in range(3):
+            await m.attach(b, n1, f"y{k}")
+            await m.attach(b, n2, f"z{k}")   # not in a's scope
+        await m.node("c", "192.0.2.3")
+        until = m.hub.state.rev
+        assert m.hub.recent_from <= since
+        from_memory = [f async for f in m.hub.missed(a, frozenset(), since, until)]
+        reads = []
+        real_watch = m.store.watch
+        monkeypatch.setattr(m.store, "watch", lambda rev: (reads.append(rev), real_watch(rev))[1])
+        assert [f async for f in m.hub.missed(a, frozenset(), since, until)] == from_memory and not reads
+        m.hub.recent_from = until   # as if those revisions had left the memory: the store serves them
+        from_store = [f async for f in m.hub.missed(a, frozenset(), since, until)]
+        assert reads == [since] and from_store == from_memory
+        assert [len(ids([message.decode(f)], "endpoint")) for _, f in from_memory] == [1, 1, 1, 0]
+        # Resuming again (another agent of the same scope) from memory: the very same frame objects.
+        m.hub.recent_from = since
+        again = [f async for f in m.hub.missed(a, frozenset(), since, until)]
+        assert all(x is y for (_, x), (_, y) in zip(again, from_memory)) and len(again) == len(from_memory)
+        await m.close()
+    run(main())
+
+
+def test_the_recent_batches_are_bounded_and_their_start_moves_up(tmp_path, monkeypatch):
+    from netweft.manager import watch
+    monkeypatch.setattr(watch, "RECENT_REVS", 3)
+
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a = await m.node("a", "192.0.2.1")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        for k in range(6):
+            await m.attach(a, n1, f"x{k}")
+        assert len(m.hub.recent) == 3 and all(b.rev > m.hub.recent_from > 0 for b in m.hub.recent)
+        # A resume from before them is served from the store, whole.
+        frames = [f async for f in m.hub.missed(a, frozenset(), 0, m.hub.state.rev)]
+        assert sum(len(ids([message.decode(f)], "endpoint")) for _, f in frames) == 6
         await m.close()
     run(main())
