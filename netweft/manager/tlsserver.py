@@ -22,8 +22,9 @@ log = logging.getLogger("netweft.cluster.tls")
 # writer waits for the peer: with thousands of watch streams, a slow reader costs at most about this.
 WRITE_BUFFER = 32 << 10
 # asyncio's TLS layer keeps a 256 KiB read buffer per connection: a quarter of a MiB of RSS for every
-# agent's watch and every kept-alive call, 0.5 GiB at 1,000 hosts. A TLS record is at most 16 KiB.
-READ_BUFFER = 32 << 10
+# agent's watch and every kept-alive call, 0.5 GiB at 1,000 hosts. A TLS record is at most 16 KiB, and
+# what agents send is small (a heartbeat is under 1 KiB): one record per read is enough.
+READ_BUFFER = 16 << 10
 
 
 # asyncio encrypts each write whole into the connection's outgoing memory BIO, and OpenSSL's memory BIO keeps
