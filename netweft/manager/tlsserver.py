@@ -8,7 +8,9 @@ TCP, upgrade each connection with loop.start_tls() ourselves, and log what fails
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import socket
 import ssl
 from asyncio import sslproto
 
@@ -112,9 +114,45 @@ def _reason(e: BaseException) -> str:
     return text
 
 
+# Agents' connections are moved to file descriptors from this one up. A library that still waits with
+# select() aborts the whole process on a descriptor past FD_SETSIZE (glibc: "bit out of range 0 -
+# FD_SETSIZE on fd_set"): libnftables 1.0.6 does, and a manager serving 1,000 agents (two connections each)
+# otherwise hands it descriptor 2,000 when it opens a namespace's nftables socket after they connected.
+SELECT_FDS = 1024
+
+
+class _HighFdListener(socket.socket):
+    """A listening socket whose accepted connections get descriptors >= SELECT_FDS (while the limit allows)."""
+
+    def accept(self):
+        conn, addr = super().accept()
+        try:
+            fd = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, SELECT_FDS)
+        except OSError:   # the descriptor limit is at or below SELECT_FDS: keep the one we have
+            return conn, addr
+        high = socket.socket(conn.family, conn.type, conn.proto, fileno=fd)
+        conn.close()
+        return high, addr
+
+
+def listener(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = _HighFdListener(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve_tls(runner: web.AppRunner, host: str, port: int, ctx: ssl.SSLContext,
                     handshake_timeout: float = 10.0) -> asyncio.base_events.Server:
     loop = asyncio.get_running_loop()
     throttle = LogThrottle()
-    return await loop.create_server(lambda: _Gate(runner.server, ctx, handshake_timeout, throttle), host, port,
-                                    reuse_address=True)
+    return await loop.create_server(lambda: _Gate(runner.server, ctx, handshake_timeout, throttle),
+                                    sock=listener(host, port))
