@@ -8,6 +8,7 @@ the managers, not one Python process of simulated hosts, are what the benchmark 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -35,6 +36,25 @@ async def gather_limited(coros, limit: int):
     return await asyncio.gather(*(one(c) for c in coros))
 
 
+class LoopLag:
+    """How late this process's event loop runs a timer: when it is seconds late, every simulated host in it
+    hears of everything seconds late, and the figures measure this process, not the managers."""
+
+    def __init__(self, every: float = 0.1):
+        self.every, self.worst = every, 0.0
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(self.every)
+            self.worst = max(self.worst, time.monotonic() - t - self.every)
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+
 class Worker:
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -44,6 +64,11 @@ class Worker:
                      for i in cfg["indices"]]
         self.by_name = {s.name: s for s in self.sims}
         SimOverlayAgent.share = cfg["hosts"]
+        self.lag = LoopLag()
+
+    async def loop_lag(self) -> float:
+        """The worst lateness of this process's event loop since the last call (seconds)."""
+        return self.lag.take()
 
     async def join(self, token: str, manager: str, concurrency: int) -> float:
         t = time.monotonic()
@@ -86,6 +111,7 @@ class Worker:
         return [s.dp.arrived_at - t0 for s in hosts]
 
     async def stop(self) -> None:
+        self.lag.task.cancel()
         await asyncio.gather(*(s.stop() for s in self.sims), return_exceptions=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -115,6 +141,10 @@ async def serve() -> None:
                     return
                 else:
                     result = await getattr(worker, cmd)(**kw)
+                    # Hundreds of agents in one process hold millions of objects (a real host's agent holds
+                    # its own few): a full collection of the cyclic GC then stops every one of them for
+                    # seconds. What a phase built is moved out of the collector's sight after it.
+                    gc.freeze()
                 reply = {"ok": result}
             except Exception as e:   # noqa: BLE001 - said to the coordinator, which stops the run
                 reply = {"error": f"{cmd}: {type(e).__name__}: {e}"}
@@ -126,6 +156,7 @@ async def serve() -> None:
 
 
 def main() -> None:
+    gc.set_threshold(50_000, 20, 100)   # fewer collections while hundreds of agents build their state
     logging.getLogger("netweft").setLevel(logging.ERROR)
     logging.basicConfig(level=logging.ERROR)
     asyncio.run(serve())

@@ -8,7 +8,9 @@ TCP, upgrade each connection with loop.start_tls() ourselves, and log what fails
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import socket
 import ssl
 from asyncio import sslproto
 
@@ -22,12 +24,37 @@ log = logging.getLogger("netweft.cluster.tls")
 # writer waits for the peer: with thousands of watch streams, a slow reader costs at most about this.
 WRITE_BUFFER = 32 << 10
 # asyncio's TLS layer keeps a 256 KiB read buffer per connection: a quarter of a MiB of RSS for every
-# agent's watch and every kept-alive call, 0.5 GiB at 1,000 hosts. A TLS record is at most 16 KiB.
-READ_BUFFER = 32 << 10
+# agent's watch and every kept-alive call, 0.5 GiB at 1,000 hosts. A TLS record is at most 16 KiB, and
+# what agents send is small (a heartbeat is under 1 KiB): one record per read is enough.
+READ_BUFFER = 16 << 10
+
+
+# asyncio encrypts each write whole into the connection's outgoing memory BIO, and OpenSSL's memory BIO keeps
+# the capacity of the largest write for the connection's life (measured: a 448-KiB snapshot written once
+# leaves 455 KiB per connection). Encrypted and handed to the socket a TLS record's worth at a time, every
+# connection keeps about 20 KiB, whatever was written through it.
+WRITE_PIECE = 16 << 10
 
 
 class _LeanTLS(sslproto.SSLProtocol):
     max_size = READ_BUFFER
+
+    def _do_write(self):
+        try:
+            while self._write_backlog:
+                data = self._write_backlog[0]
+                piece = data if len(data) <= WRITE_PIECE else memoryview(data)[:WRITE_PIECE]
+                count = self._sslobj.write(piece)
+                if count < len(data):
+                    self._write_backlog[0] = memoryview(data)[count:]
+                    self._write_buffer_size -= count
+                else:
+                    del self._write_backlog[0]
+                    self._write_buffer_size -= len(data)
+                self._process_outgoing()
+        except sslproto.SSLAgainErrors:
+            pass
+        self._process_outgoing()
 
 
 async def _start_tls(loop, transport: asyncio.Transport, protocol, ctx: ssl.SSLContext, timeout: float):
@@ -87,9 +114,45 @@ def _reason(e: BaseException) -> str:
     return text
 
 
+# Agents' connections are moved to file descriptors from this one up. A library that still waits with
+# select() aborts the whole process on a descriptor past FD_SETSIZE (glibc: "bit out of range 0 -
+# FD_SETSIZE on fd_set"): libnftables 1.0.6 does, and a manager serving 1,000 agents (two connections each)
+# otherwise hands it descriptor 2,000 when it opens a namespace's nftables socket after they connected.
+SELECT_FDS = 1024
+
+
+class _HighFdListener(socket.socket):
+    """A listening socket whose accepted connections get descriptors >= SELECT_FDS (while the limit allows)."""
+
+    def accept(self):
+        conn, addr = super().accept()
+        try:
+            fd = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, SELECT_FDS)
+        except OSError:   # the descriptor limit is at or below SELECT_FDS: keep the one we have
+            return conn, addr
+        high = socket.socket(conn.family, conn.type, conn.proto, fileno=fd)
+        conn.close()
+        return high, addr
+
+
+def listener(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = _HighFdListener(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve_tls(runner: web.AppRunner, host: str, port: int, ctx: ssl.SSLContext,
                     handshake_timeout: float = 10.0) -> asyncio.base_events.Server:
     loop = asyncio.get_running_loop()
     throttle = LogThrottle()
-    return await loop.create_server(lambda: _Gate(runner.server, ctx, handshake_timeout, throttle), host, port,
-                                    reuse_address=True)
+    return await loop.create_server(lambda: _Gate(runner.server, ctx, handshake_timeout, throttle),
+                                    sock=listener(host, port))

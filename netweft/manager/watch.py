@@ -13,12 +13,14 @@ each revision out to the agents' watch streams:
   (which grows with the number of watchers), so a burst of revisions costs each socket a few
   writes of several frames, not one TLS write per revision; a write is at most WRITE_CHUNK and the
   next waits for the socket to drain, so no socket holds more than about that much;
-- a resume (?since=REV) is served from the store's change log, which survives restarts; a snapshot
-  only when that log no longer reaches back (or on a first connection).
+- a resume (?since=REV) is served from the batches of the latest revisions kept in memory (their frames
+  shared with every watcher), else from the store's change log, which survives restarts; a snapshot only
+  when that log no longer reaches back (or on a first connection).
 """
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import re
@@ -58,6 +60,10 @@ WRITE_CHUNK = 64 << 10        # frames written to the socket together, up to thi
 GAP_PER_WATCHER = 50e-6       # seconds: about what one TLS write costs here
 MAX_GAP = 0.5                 # seconds
 MAX_ASKED = 1024              # networks a watcher may name in ?networks=
+# The latest revisions' batches are kept in memory: a burst of agents resuming (a manager restarted, or failed
+# over to this one) is served from them, each frame encoded once for all, not from the store per agent.
+RECENT_REVS = 4096
+RECENT_BYTES = 8 << 20
 CATCH_UP = 5.0                # seconds this manager's view may take to reach a revision before it gives up
 
 _ID = re.compile(ID_PATTERN)
@@ -253,7 +259,7 @@ class Watcher:
         self.ended: str | None = None      # why the stream ends, once it must
         self.rev = 0                       # the last revision handed to the socket
         self.since = self.start = 0        # asked from; subscribed at
-        self.first: bytes | None = None    # the snapshot to send first, if it gets one
+        self.first: tuple[bytes, ...] | None = None   # the snapshot to send first (its parts), if it gets one
         self.wrote = -1e9                  # when it last wrote changes (monotonic): see coalesce_wait
 
     def offer(self, rev: int, frame: bytes) -> bool:
@@ -293,6 +299,14 @@ def coalesce_wait(now: float, wrote: float, watchers: int, per_watcher: float = 
     return max(0.0, wrote + gap - now)
 
 
+def pieces(parts: Iterable[bytes], size: int) -> Iterable[memoryview]:
+    """The bytes of parts in order, as views of at most `size` bytes (no copies)."""
+    for part in parts:
+        view = memoryview(part)
+        for i in range(0, len(view), size):
+            yield view[i:i + size]
+
+
 def parse_query(query) -> tuple[int, frozenset[str]]:
     """?since=REV&networks=ID,ID -> (since, the networks asked for)."""
     text = query.get("since", "0")
@@ -320,6 +334,10 @@ class Hub:
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self._stamped = -CLOCK_EVERY
+        self._nodes_part: tuple[int, bytes] = (-1, b"")   # (revision, the nodes of a snapshot at it)
+        self.recent: deque[Batch] = deque()   # the batches of the revisions after recent_from that have events
+        self.recent_from = 0
+        self._recent_bytes = 0
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -355,6 +373,8 @@ class Hub:
                               extra={"kind": kind, "key": r.key, "reason": str(e)})
         state.rev = rev
         self.state = state
+        self.recent.clear()
+        self.recent_from, self._recent_bytes = rev, 0
 
     async def _follow(self) -> None:
         while True:
@@ -432,6 +452,7 @@ class Hub:
                 batch.add(ev.kind, ev.action, ev.value, obj)
         self.state.rev = changes.rev
         self._publish(batch)
+        self._remember(batch)
         still = []
         for rev, fut in self._waiters:
             if rev <= changes.rev:
@@ -453,6 +474,15 @@ class Hub:
                 self._end(w, f"cut off: more than {len(w.frames)} revisions ({w.size >> 10} KiB) behind; "
                              "it resumes from its revision")
 
+    def _remember(self, batch: Batch) -> None:
+        if batch.events:
+            self.recent.append(batch)
+            self._recent_bytes += sum(len(b) for _, b in batch.events)
+        while self.recent and (len(self.recent) > RECENT_REVS or self._recent_bytes > RECENT_BYTES):
+            old = self.recent.popleft()
+            self._recent_bytes -= sum(len(b) for _, b in old.events)
+            self.recent_from = old.rev
+
     def _end(self, w: Watcher, reason: str) -> None:
         self.watchers.discard(w)
         w.end(reason)
@@ -467,13 +497,19 @@ class Hub:
     # ------------------------------------------------------------ what a watcher is sent first
     def snapshot(self, node_id: str, asked: Iterable[str] = ()) -> bytes:
         """The node's whole scope at the current revision, as one Snapshot line."""
+        return b"".join(self.snapshot_parts(node_id, asked))
+
+    def snapshot_parts(self, node_id: str, asked: Iterable[str] = ()) -> tuple[bytes, ...]:
+        """snapshot() in pieces: the nodes (every watcher's, the largest part) are one bytes object shared by
+        every snapshot made at this revision, not a copy per watcher (1,000 agents reconnecting at once)."""
         st = self.state
-        nets = [n for n in st.scope(node_id, asked) if n in st.kinds[NETWORKS]]
-        nodes = b",".join(e.raw for e in st.kinds[NODES].values())
-        networks = b",".join(st.kinds[NETWORKS][n].raw for n in sorted(nets))
-        eps = b",".join(st.kinds[ENDPOINTS][ep].raw for n in sorted(nets) for ep in st.net_eps.get(n, ()))
-        return b'{"type":"snapshot","rev":%d,"nodes":[%s],"networks":[%s],"endpoints":[%s]}\n' % (
-            st.rev, nodes, networks, eps)
+        if self._nodes_part[0] != st.rev:
+            self._nodes_part = (st.rev, b",".join(e.raw for e in st.kinds[NODES].values()))
+        nets = sorted(n for n in st.scope(node_id, asked) if n in st.kinds[NETWORKS])
+        networks = b",".join(st.kinds[NETWORKS][n].raw for n in nets)
+        eps = b",".join(st.kinds[ENDPOINTS][ep].raw for n in nets for ep in st.net_eps.get(n, ()))
+        return (b'{"type":"snapshot","rev":%d,"nodes":[' % st.rev, self._nodes_part[1],
+                b'],"networks":[%s],"endpoints":[%s]}\n' % (networks, eps))
 
     async def missed(self, node_id: str, asked: frozenset[str], since: int, until: int):
         """The Events lines of revisions (since, until] for a resuming node, from the store's change log:
@@ -482,6 +518,16 @@ class Hub:
         if since >= until:
             return
         scope = self.state.scope(node_id, asked)
+        if since >= self.recent_from:
+            # Every revision in (since, until] is in memory: the batches the live watchers were sent.
+            batches = list(self.recent)
+            for batch in batches[bisect.bisect_right(batches, since, key=lambda b: b.rev):]:
+                if batch.rev > until:
+                    break
+                frame = batch.frame(batch.select(node_id, scope))
+                if frame is not None:
+                    yield batch.rev, frame
+            return
         async with contextlib.aclosing(self.store.watch(since)) as changes:
             async for c in changes:
                 if c.rev > until:
@@ -511,26 +557,41 @@ class Hub:
         w = Watcher(node_id, hostname, asked, self.max_frames, self.max_bytes)
         self.watchers.add(w)
         w.since, w.start = since, self.state.rev
-        w.first = self.snapshot(node_id, asked) if since == 0 or since > w.start else None
+        w.first = self.snapshot_parts(node_id, asked) if since == 0 or since > w.start else None
         return w
 
     async def frames(self, w: Watcher) -> AsyncIterator[bytes]:
         """What the stream of w carries: the snapshot or the missed events, then each batch of its scope
         as it comes, and a ping when there was nothing for `ping` seconds. Ends when w is ended."""
         mode = "snapshot" if w.first is not None else ("events" if w.since < w.start else "nothing")
+        sent = False
         if w.first is None and w.since < w.start:
             try:
                 async for rev, frame in self.missed(w.node_id, w.asked, w.since, w.start):
                     yield frame
-                    w.rev = rev
+                    w.rev, sent = rev, True
             except Compacted:
                 # The change log no longer reaches back to its revision: a snapshot of now instead.
-                mode, w.first, w.start = "snapshot", self.snapshot(w.node_id, w.asked), self.state.rev
+                mode, w.first, w.start = "snapshot", self.snapshot_parts(w.node_id, w.asked), self.state.rev
                 w.frames = deque((r, f) for r, f in w.frames if r > w.start)
                 w.size = sum(len(f) for _, f in w.frames)
         if w.first is not None:
-            yield w.first
+            # Dropped once handed over (a watcher lives for days; its snapshot need not), and written in
+            # pieces: each waits for the socket to drain, so a connection holds at most about WRITE_CHUNK of
+            # it in encrypted copies, whatever the size of the cluster.
+            parts, w.first = w.first, None
+            if sum(map(len, parts)) <= WRITE_CHUNK:
+                yield b"".join(parts)
+            else:
+                for piece in pieces(parts, WRITE_CHUNK):
+                    yield piece
+            del parts
+            sent = True
         w.rev = max(w.rev, w.start)
+        if not sent and not w.frames:
+            # A resume with nothing to catch up on is acknowledged at once, not at the first ping: after a
+            # manager restart every agent knows within a round trip that its stream is back.
+            yield b'{"type":"ping","rev":%d}\n' % w.rev
         log.info("watch opened", extra={"node": w.node_id, "hostname": w.hostname, "since": w.since,
                                         "rev": w.start, "sent": mode})
         while True:

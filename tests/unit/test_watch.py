@@ -124,7 +124,7 @@ def test_a_snapshot_holds_every_node_and_only_the_nodes_networks_with_their_endp
         e2 = (await m.attach(b, n1, "y")).endpoint.id
         await m.attach(b, n2, "z")
         w = m.hub.subscribe(a, "a", 0)
-        snap = message.decode(w.first)
+        snap = message.decode(b"".join(w.first))
         assert isinstance(snap, Snapshot) and snap.rev == m.hub.state.rev
         assert {n.id for n in snap.nodes} == {a, b}
         assert [n.id for n in snap.networks] == [n1]
@@ -213,6 +213,8 @@ def test_a_resume_from_before_the_kept_history_gets_a_snapshot(tmp_path, monkeyp
         await m.attach(a, n1, "x")
         for i in range(6):
             await m.node(f"n{i}", f"192.0.2.{10 + i}")
+        await m.close()
+        m = await Manager.open(tmp_path / "c.db")   # restarted: nothing before its start is in its memory
         w = m.hub.subscribe(a, "a", 1)
         msgs = await take(m.hub.frames(w), 1)
         assert isinstance(msgs[0], Snapshot) and msgs[0].rev == m.hub.state.rev
@@ -588,3 +590,111 @@ def test_select_for_picks_what_select_picks(tmp_path):
     for node, on, asked, ingress in cases:
         scope = set(on).union(asked, ingress)
         assert b.select_for(node, on, asked, ingress) == b.select(node, scope)
+
+
+def test_a_big_snapshot_is_written_in_pieces_and_not_kept_once_sent(tmp_path, monkeypatch):
+    from netweft.manager import watch
+    monkeypatch.setattr(watch, "WRITE_CHUNK", 300)
+
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        nodes = {await m.node(f"n{i}", f"192.0.2.{i + 1}") for i in range(20)}
+        w = m.hub.subscribe("n0", "n0", 0)
+        gen = m.hub.frames(w)
+        got = [await gen.__anext__()]
+        assert w.first is None   # handed over: the watcher no longer holds it
+        while not bytes(got[-1]).endswith(b"\n"):
+            got.append(await gen.__anext__())
+        assert len(got) > 1 and all(len(p) <= 300 for p in got)
+        snap = message.decode(b"".join(got))
+        assert isinstance(snap, Snapshot) and {n.id for n in snap.nodes} == nodes
+        await gen.aclose()
+        await m.close()
+    run(main())
+
+
+def test_snapshots_made_at_one_revision_share_one_copy_of_the_nodes(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        await m.attach(a, n1, "x")
+        pa, pb = m.hub.snapshot_parts(a), m.hub.snapshot_parts(b)
+        assert pa[1] is pb[1] and pa != pb   # the nodes shared; a's scope has n1, b's has nothing
+        await m.node("c", "192.0.2.3")
+        pc = m.hub.snapshot_parts(a)
+        assert pc[1] is not pa[1] and {n.id for n in message.decode(b"".join(pc)).nodes} == {a, b, "c"}
+        await m.close()
+    run(main())
+
+
+def test_a_resume_with_nothing_to_catch_up_on_is_acknowledged_at_once(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db", ping=3600)   # no periodic ping during the test
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        await m.attach(a, n1, "x")
+        up_to_date = m.hub.state.rev
+        await m.attach(b, n2, "z")    # a revision outside a's scope
+        for k in range(2):   # missed revisions out of its scope only; then none missed at all
+            since = up_to_date if k == 0 else m.hub.state.rev
+            w = m.hub.subscribe(a, "a", since)
+            gen = m.hub.frames(w)
+            msgs = await take(gen, 1, timeout=2.0)
+            assert isinstance(msgs[0], Ping) and msgs[0].rev == m.hub.state.rev
+            later = (await m.attach(b, n1, f"later{k}")).endpoint.id
+            assert ids(await take(gen, 1), "endpoint") == [later]
+            await gen.aclose()
+        await m.close()
+    run(main())
+
+
+def test_a_resume_is_served_from_the_recent_batches_in_memory_with_the_frames_the_store_would_give(tmp_path,
+                                                                                                 monkeypatch):
+    from netweft.manager import watch
+
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        await m.attach(a, n1, "x")
+        since = m.hub.state.rev
+        for k in range(3):
+            await m.attach(b, n1, f"y{k}")
+            await m.attach(b, n2, f"z{k}")   # not in a's scope
+        await m.node("c", "192.0.2.3")
+        until = m.hub.state.rev
+        assert m.hub.recent_from <= since
+        from_memory = [f async for f in m.hub.missed(a, frozenset(), since, until)]
+        reads = []
+        real_watch = m.store.watch
+        monkeypatch.setattr(m.store, "watch", lambda rev: (reads.append(rev), real_watch(rev))[1])
+        assert [f async for f in m.hub.missed(a, frozenset(), since, until)] == from_memory and not reads
+        m.hub.recent_from = until   # as if those revisions had left the memory: the store serves them
+        from_store = [f async for f in m.hub.missed(a, frozenset(), since, until)]
+        assert reads == [since] and from_store == from_memory
+        assert [len(ids([message.decode(f)], "endpoint")) for _, f in from_memory] == [1, 1, 1, 0]
+        # Resuming again (another agent of the same scope) from memory: the very same frame objects.
+        m.hub.recent_from = since
+        again = [f async for f in m.hub.missed(a, frozenset(), since, until)]
+        assert all(x is y for (_, x), (_, y) in zip(again, from_memory)) and len(again) == len(from_memory)
+        await m.close()
+    run(main())
+
+
+def test_the_recent_batches_are_bounded_and_their_start_moves_up(tmp_path, monkeypatch):
+    from netweft.manager import watch
+    monkeypatch.setattr(watch, "RECENT_REVS", 3)
+
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a = await m.node("a", "192.0.2.1")
+        n1 = await m.net("n1", "198.18.1.0/24")
+        for k in range(6):
+            await m.attach(a, n1, f"x{k}")
+        assert len(m.hub.recent) == 3 and all(b.rev > m.hub.recent_from > 0 for b in m.hub.recent)
+        # A resume from before them is served from the store, whole.
+        frames = [f async for f in m.hub.missed(a, frozenset(), 0, m.hub.state.rev)]
+        assert sum(len(ids([message.decode(f)], "endpoint")) for _, f in frames) == 6
+        await m.close()
+    run(main())
