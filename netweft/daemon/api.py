@@ -16,7 +16,7 @@ from importlib import resources
 from typing import TypeVar
 
 import msgspec
-from aiohttp import web
+from netweft.http import web
 
 from netweft import validate
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NetweftError, NotFound

@@ -14,7 +14,7 @@ import sys
 # Its pure-Python twin does the same job. Set before aiohttp is first imported.
 os.environ.setdefault("FROZENLIST_NO_EXTENSIONS", "1")
 
-from aiohttp import web  # noqa: E402
+from netweft.http import web  # noqa: E402
 
 from netweft import __version__, validate
 from netweft import metrics

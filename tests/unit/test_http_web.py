@@ -301,6 +301,15 @@ def test_a_kept_alive_connection_the_server_closed_meanwhile_is_not_trusted():
     assert first == second == (200, b"ok")
 
 
+def test_the_worker_daemon_does_not_load_aiohttp():
+    # Everything a worker's netweftd imports to start (the manager is loaded only on a manager).
+    code = ("import sys, netweft.daemon.main, netweft.agent.node, netweft.agent.overlay, netweft.daemon.tasklogs; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'yarl', 'multidict')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout.strip()
+    assert out == "[]"
+
+
 def test_a_kept_alive_connection_that_dies_on_reuse_is_retried_once_on_a_fresh_one():
     connections = []
 
