@@ -320,6 +320,9 @@ class Request:
     async def read(self) -> bytes:
         """The whole body (at most the app's client_max_size bytes: more is a 413)."""
         if self._read is None:
+            if self.version >= 1 and (self.headers.get("Expect") or "").lower() == "100-continue" \
+                    and not self._body.done and self._body.received == 0:
+                await self._conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")   # curl waits for it before a big body
             try:
                 self._read = await self._body.read_all(self.app.client_max_size)
             except ProtocolError as e:

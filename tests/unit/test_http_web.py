@@ -330,3 +330,17 @@ def test_a_kept_alive_connection_that_dies_on_reuse_is_retried_once_on_a_fresh_o
         finally:
             server.close()
     assert asyncio.run(go()) == ((200, b"ok"), (200, b"ok"), 2)
+
+
+def test_a_client_that_expects_100_continue_is_told_to_send_its_body(tmp_path):
+    async def go(p):
+        r, w = await asyncio.open_unix_connection(p)
+        w.write(b"POST /things/create HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n"
+                b"Connection: close\r\n\r\n")
+        first = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        w.write(b"abc")
+        rest = await asyncio.wait_for(r.read(), 10)
+        w.close()
+        return first, rest
+    first, rest = on_server(tmp_path, app(), go)
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n" and split(rest)[0] == 201 and split(rest)[2] == b'{"got": "abc"}'
