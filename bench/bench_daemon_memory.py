@@ -47,6 +47,23 @@ def rss(pid: int, samples: int = 5) -> tuple[float, float]:
     return median(tot) / MIB, median(anon) / MIB
 
 
+def breakdown(pid: int, top: int = 8) -> str:
+    """Where the resident memory is: anonymous (the Python heap: objects, code objects of loaded modules) and the
+    largest file mappings (the interpreter, libraries, compiled extensions), from /proc/PID/smaps."""
+    by: dict[str, int] = {}
+    name = "[anon]"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=5)
+            if "-" in first[0] and len(first) >= 5 and not line.startswith(("Rss", "Size")):
+                path = first[5].strip() if len(first) == 6 else ""
+                name = os.path.basename(path) if path.startswith("/") else "[anon]" if not path else path
+            elif line.startswith("Rss:"):
+                by[name] = by.get(name, 0) + int(line.split()[1])
+    items = sorted(by.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{k} {v / MIB:.1f}" for k, v in items[:top] if v)
+
+
 def ip_of(i: int) -> str:
     return f"198.18.{1 + i // 250}.{1 + i % 250}"
 
@@ -71,6 +88,7 @@ def netweft_figures(b: Bench, n: int, workers: int) -> dict:
     R["idle"] = rss(pid)
     print(f"  h2 netweftd (pid {pid}) idle worker, restarted: VmRSS {R['idle'][0]:.1f} MiB "
           f"(anon {R['idle'][1]:.1f})", flush=True)
+    print(f"    resident MiB by mapping: {breakdown(pid)}", flush=True)
     lab.client("h1").call("POST", "/networks/create", {
         "Name": OV, "Driver": "overlay", "Attachable": True, "IPAM": {"Config": [{"Subnet": SUBNET}]}})
     deadline = time.monotonic() + 30
@@ -98,6 +116,7 @@ def netweft_figures(b: Bench, n: int, workers: int) -> dict:
     R["with"] = rss(pid)
     print(f"  with {n} local endpoints (created in {R['create_s']:.0f} s): VmRSS {R['with'][0]:.1f} MiB "
           f"(anon {R['with'][1]:.1f})", flush=True)
+    print(f"    resident MiB by mapping: {breakdown(pid)}", flush=True)
     t = time.monotonic()
     with ThreadPoolExecutor(workers) as ex:
         list(ex.map(remove, range(n)))
