@@ -12,7 +12,6 @@ import hashlib
 import logging
 import socket
 from datetime import datetime, timezone
-from importlib import resources
 from typing import TypeVar
 
 import msgspec
@@ -199,6 +198,7 @@ def build_app(daemon) -> web.Application:
 
     @routes.get("/openapi.json")
     async def openapi(request):
+        from importlib import resources   # here only: it loads pathlib and zipfile, ≈1.5 MiB for one file
         text = resources.files("netweft.daemon").joinpath("openapi.json").read_text()
         return web.Response(text=text, content_type="application/json")
 

@@ -18,7 +18,6 @@ from collections.abc import Iterable
 
 from netweft.dns.forward import Forwarder
 from netweft.dns.names import NameRecord
-from netweft.dns.resolver import Resolver
 from netweft.errors import InvalidRequest, NetweftError
 from netweft.model.objects import Endpoint
 
@@ -72,9 +71,19 @@ class ContainerNames:
     def __init__(self, engine, upstreams: list[str] | None = None):
         self.engine = engine
         servers, self.search = host_upstreams()
-        self.resolver = Resolver(Forwarder(upstreams if upstreams else servers))
+        self._upstreams = upstreams if upstreams else servers
+        self._resolver = None
         self._revs: dict[str, int] = {}      # overlay -> the agent's revision its table was built at
         self._task: asyncio.Task | None = None
+
+    @property
+    def resolver(self):
+        """The resolver, made on first use: until a container is on a network, a daemon does not load the DNS
+        library (dnslib, ≈1.4 MiB resident)."""
+        if self._resolver is None:
+            from netweft.dns.resolver import Resolver
+            self._resolver = Resolver(Forwarder(self._upstreams))
+        return self._resolver
 
     def resolv_conf(self) -> tuple[list[str], list[str], list[str]]:
         """(nameservers, search, options) of a container's resolv.conf: the resolver, the host's search
@@ -94,7 +103,8 @@ class ContainerNames:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self.resolver.close()
+        if self._resolver is not None:
+            self._resolver.close()
 
     # ------------------------------------------------------------------ told by the engine
     async def container_changed(self, ctr: dict) -> None:
