@@ -210,6 +210,7 @@ class Daemon:
         for o in self.observers:
             await o.start()
         log.info("netweftd ready", extra={"socket": self.sock, "pid": os.getpid()})
+        asyncio.get_running_loop().call_later(memory.SETTLE, memory.trimmer.trim)   # start-up garbage handed back
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -151,6 +151,8 @@ class ContainerNames:
                 log.exception("container names: could not follow the cluster's endpoints")
 
     def _follow_once(self) -> None:
+        if self._resolver is None:
+            return   # no container has asked for names yet: its first one builds its networks' tables
         agent = self.engine.overlay_agent
         nets = agent.nets if agent is not None else {}
         for net_id, ns in list(nets.items()):
