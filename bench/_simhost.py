@@ -17,9 +17,8 @@ import ssl
 import subprocess
 import time
 
-import aiohttp
-
 from netweft.agent import node as agent_node
+from netweft.http import client as http
 from netweft.agent.overlay import OverlayAgent
 from netweft.dataplane.fake import FakeDataPlane
 from netweft.errors import Unavailable
@@ -32,29 +31,29 @@ CLONE_NEWNET = 0x40000000
 SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("source", default=None)
 
 
-class _SourceSession(aiohttp.ClientSession):
+class _SourceSession(http.ClientSession):
     def __init__(self, *args, **kw):
         if kw.get("connector") is None and SOURCE.get():
             kw["connector"] = _source_connector()
         super().__init__(*args, **kw)
 
 
-def _source_connector(*args, **kw) -> aiohttp.TCPConnector:
+def _source_connector(*args, **kw) -> http.TCPConnector:
     if SOURCE.get():
         kw.setdefault("local_addr", (SOURCE.get(), 0))
-    return aiohttp.TCPConnector(*args, **kw)
+    return http.TCPConnector(*args, **kw)
 
 
-class _AiohttpFromSource:
-    """aiohttp as the agent code sees it, but its sessions connect from the simulated host's address."""
+class _ClientFromSource:
+    """netweft.http.client as the agent code sees it, but its sessions connect from the simulated host's address."""
     ClientSession = _SourceSession
     TCPConnector = staticmethod(_source_connector)
 
     def __getattr__(self, name):
-        return getattr(aiohttp, name)
+        return getattr(http, name)
 
 
-agent_node.aiohttp = _AiohttpFromSource()
+agent_node.http = _ClientFromSource()
 
 
 class _SslWithoutSystemRoots:

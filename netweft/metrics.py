@@ -128,14 +128,12 @@ def watch_message(msg: Any) -> None:
 
 
 def middlewares(api: str) -> list:
-    """[an aiohttp middleware counting and timing each call of `api`] when metrics are on, else []."""
+    """[a middleware (netweft.http.web's or aiohttp's) counting and timing each call of `api`] when metrics are
+    on, else []."""
     if _m is None:
         return []
     import time
 
-    from aiohttp import web
-
-    @web.middleware
     async def measure(request, handler):
         t0 = time.monotonic()
         route = request.match_info.route.resource
@@ -145,12 +143,10 @@ def middlewares(api: str) -> list:
             resp = await handler(request)
             code = resp.status
             return resp
-        except web.HTTPException as e:
-            code = e.status
-            raise
-        except Exception as e:
+        except Exception as e:   # an HTTP exception carries its status; anything else is a 500
             code = getattr(e, "status", 500)
             raise
         finally:
             api_call(api, name, request.method, code, time.monotonic() - t0)
+    measure.__middleware_version__ = 1   # a new-style middleware to aiohttp, without importing it here
     return [measure]

@@ -16,7 +16,7 @@ import random
 import ssl
 from datetime import datetime, timezone
 
-import aiohttp
+from netweft.http import client as http
 
 from netweft.errors import Forbidden, InvalidRequest, NetweftError, Unavailable
 from netweft import pki
@@ -27,9 +27,9 @@ from netweft.pki.nodepair import files, repair_node_pair, save_node_pair
 
 log = logging.getLogger("netweft.agent")
 
-CALL_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
+CALL_TIMEOUT = http.ClientTimeout(total=15, connect=5)
 # With several managers a dead one costs little: connect fast, then try the next.
-FAILOVER_TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=1.5)  # not connect: that counts the wait for a pooled connection
+FAILOVER_TIMEOUT = http.ClientTimeout(total=15, sock_connect=1.5)  # not connect: that counts the wait for a pooled connection
 CA_MAX_SIZE = 64 * 1024  # what GET /ca may send back: one certificate is ~1 KiB
 WATCH_LINE_MAX = 256 * 1024 * 1024   # one watch line (a snapshot of a big cluster); more is a broken stream
 # What a person should know when a manager cannot be reached from a running node.
@@ -84,9 +84,9 @@ def unreachable_reason(e: BaseException) -> str:
     """Why a manager could not be reached, in a few words (never the library's text)."""
     if isinstance(e, asyncio.TimeoutError):
         return "timed out"
-    if isinstance(e, aiohttp.ServerDisconnectedError):
+    if isinstance(e, http.ServerDisconnectedError):
         return "it closed the connection"
-    if isinstance(e, aiohttp.ClientPayloadError):
+    if isinstance(e, http.ClientPayloadError):
         return "the connection broke mid-answer"
     os_error = getattr(e, "os_error", None) or (e if isinstance(e, OSError) else None)
     code = getattr(os_error, "errno", None)
@@ -107,11 +107,11 @@ def _tls_reason(e: BaseException) -> str:
 
 
 async def _request(ctx: ssl.SSLContext | None, method: str, url: str, body: dict | None = None,
-                   session: aiohttp.ClientSession | None = None, hint: str = DATA_PLANE_HINT,
-                   max_size: int | None = None, timeout: aiohttp.ClientTimeout | None = None):
+                   session: http.ClientSession | None = None, hint: str = DATA_PLANE_HINT,
+                   max_size: int | None = None, timeout: http.ClientTimeout | None = None):
     """One call to a manager; errors become one-line NetweftErrors. A given session is kept open."""
     own = session is None
-    s = session or aiohttp.ClientSession()
+    s = session or http.ClientSession()
     where = url.split("/")[2]
     try:
         kwargs = {"ssl": ctx} if ctx is not None else {}
@@ -132,13 +132,13 @@ async def _request(ctx: ssl.SSLContext | None, method: str, url: str, body: dict
             if r.content_type == "application/json":
                 return await r.json()
             return await r.read()
-    except aiohttp.ClientConnectorCertificateError as e:
+    except http.ClientConnectorCertificateError as e:
         why = getattr(e.certificate_error, "verify_message", None) or "verification failed"
         raise Unavailable(f"the manager at {where} presented a certificate that this node does "
                           f"not trust (another cluster, or expired): {why}") from None
-    except aiohttp.ClientSSLError as e:
+    except http.ClientSSLError as e:
         raise Unavailable(f"TLS with the manager at {where} failed: {_tls_reason(e)}") from None
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
+    except (http.ClientConnectionError, http.ClientPayloadError, asyncio.TimeoutError) as e:
         raise Unavailable(f"manager {where} is unreachable ({unreachable_reason(e)}); {hint}") from None
     except ValueError:  # a 2xx answer that is not the JSON it claims to be
         raise Unavailable(f"the manager at {where} sent an answer that is not valid JSON") from None
@@ -205,10 +205,10 @@ class ClusterClient:
         self._preferred: str | None = None
         self._spread = int(hashlib.sha256(node_id.encode()).hexdigest()[:8], 16) if node_id else 0
         self._manager_nodes: dict[str, tuple[str, bool]] = {}   # node id -> (cluster API address, ready)
-        self._session: aiohttp.ClientSession | None = None
+        self._session: http.ClientSession | None = None
         self._stamp: tuple | None = None   # the certificate file the current session was made from
-        self._users: dict[aiohttp.ClientSession, int] = {}
-        self._retired: set[aiohttp.ClientSession] = set()
+        self._users: dict[http.ClientSession, int] = {}
+        self._retired: set[http.ClientSession] = set()
         self.expired: str | None = None
 
     # ------------------------------------------------------------ which manager
@@ -295,7 +295,7 @@ class ClusterClient:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def session(self) -> aiohttp.ClientSession:
+    def session(self) -> http.ClientSession:
         """The session presenting the node's current certificate."""
         stamp = self._cert_stamp()
         if self._session is not None and stamp == self._stamp:
@@ -308,8 +308,8 @@ class ClusterClient:
                 return self._session  # caught between a renewal's two writes: the old pair still works
             raise Unavailable(f"cannot load this node's certificate and key from {self.dir}; "
                               "if they are gone, leave and join the swarm again") from None
-        old, self._session, self._stamp = self._session, aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ctx, limit=8)), stamp
+        old, self._session, self._stamp = self._session, http.ClientSession(
+            connector=http.TCPConnector(ssl=ctx, limit=8)), stamp
         if old is not None:
             if self._users.get(old):
                 self._retired.add(old)
@@ -317,12 +317,12 @@ class ClusterClient:
                 asyncio.ensure_future(old.close())
         return self._session
 
-    def _hold(self) -> aiohttp.ClientSession:
+    def _hold(self) -> http.ClientSession:
         s = self.session()
         self._users[s] = self._users.get(s, 0) + 1
         return s
 
-    def _release(self, s: aiohttp.ClientSession) -> None:
+    def _release(self, s: http.ClientSession) -> None:
         n = self._users.get(s, 1) - 1
         if n > 0:
             self._users[s] = n
@@ -378,7 +378,7 @@ class ClusterClient:
         ok = False
         try:
             async with s.get(manager_url(addr, path),
-                             timeout=aiohttp.ClientTimeout(total=None, sock_read=min(read_timeout, 5.0) if several
+                             timeout=http.ClientTimeout(total=None, sock_read=min(read_timeout, 5.0) if several
                                                            else read_timeout, sock_connect=2 if several else 5)) as r:
                 if r.status >= 400:
                     msg = " ".join((await r.text()).split())
@@ -397,9 +397,9 @@ class ClusterClient:
                         self._preferred = addr
                         self.learn(message)
                         yield message
-        except aiohttp.ClientSSLError as e:
+        except http.ClientSSLError as e:
             raise Unavailable(f"watch stream from manager {addr}: {_tls_reason(e)}") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
+        except (http.ClientConnectionError, http.ClientPayloadError, asyncio.TimeoutError) as e:
             self._skip(addr)  # the next stream goes to another manager
             raise Unavailable(f"watch stream from manager {addr} ended ({unreachable_reason(e)}); "
                               f"{DATA_PLANE_HINT}") from None

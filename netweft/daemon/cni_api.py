@@ -10,7 +10,7 @@ import logging
 import os
 from ipaddress import IPv4Network
 
-from aiohttp import web
+from netweft.http import web
 
 from netweft import validate
 from netweft.daemon import ports

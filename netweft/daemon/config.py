@@ -10,7 +10,6 @@ type, is refused in one line naming the file and the key, before the daemon does
 from __future__ import annotations
 
 import argparse
-import tomllib
 
 from netweft.errors import InvalidRequest
 
@@ -51,6 +50,7 @@ def _check(path: str, key: str, value, action: argparse.Action):
 
 def load(path: str, parser: argparse.ArgumentParser) -> dict[str, object]:
     """{dest: value} from the file, checked against the parser's flags."""
+    import tomllib   # only with --config: half a MiB a daemon without one does not keep
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -17,7 +17,7 @@ import time
 from importlib import resources
 
 import msgspec
-from aiohttp import web
+from netweft.http import web
 
 from netweft.daemon.listen import serve_tcp
 from netweft.errors import NetweftError

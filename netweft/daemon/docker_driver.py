@@ -28,7 +28,7 @@ import struct
 from ipaddress import IPv4Network
 
 import msgspec
-from aiohttp import web
+from netweft.http import web
 
 from netweft.errors import InvalidRequest, NetweftError, NotFound, Unavailable
 from netweft.ipam import address as ipam

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from aiohttp import web
+from netweft.http import web
 
 from netweft import pki
 from netweft.agent.health import SMALL

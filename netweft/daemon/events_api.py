@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 
-from aiohttp import web
+from netweft.http import web
 
 from netweft.errors import NetweftError
 from netweft.model.events import ClusterEvent, EventFilters, docker_view, parse_filters

@@ -1,7 +1,7 @@
 """The daemon's opt-in TCP listeners (--metrics-addr, --dashboard-addr): one way to start them."""
 from __future__ import annotations
 
-from aiohttp import web
+from netweft.http import web
 
 from netweft.errors import Conflict
 

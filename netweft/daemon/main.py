@@ -14,7 +14,7 @@ import sys
 # Its pure-Python twin does the same job. Set before aiohttp is first imported.
 os.environ.setdefault("FROZENLIST_NO_EXTENSIONS", "1")
 
-from aiohttp import web  # noqa: E402
+from netweft.http import web  # noqa: E402
 
 from netweft import __version__, validate
 from netweft import metrics
@@ -210,6 +210,7 @@ class Daemon:
         for o in self.observers:
             await o.start()
         log.info("netweftd ready", extra={"socket": self.sock, "pid": os.getpid()})
+        asyncio.get_running_loop().call_later(memory.SETTLE, memory.trimmer.trim)   # start-up garbage handed back
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 import importlib.util
 import logging
@@ -25,6 +24,7 @@ log = logging.getLogger(__name__)
 M_ARENA_MAX = -8   # mallopt(3)
 QUIET = 1.0        # seconds without removals before trimming: one trim for a whole `rm -f` of thousands
 MIN_REMOVED = 16   # endpoints made or removed since the last trim before one is worth it
+SETTLE = 3.0       # seconds after start-up (the store read, the first watch snapshot) for one trim
 
 
 def lazy_module(name: str) -> ModuleType:
@@ -43,7 +43,7 @@ def lazy_module(name: str) -> ModuleType:
 
 def _malloc_trim():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim   # the process's own libc (ctypes.util would load tempfile, shutil)
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to give back this way
         return None
 
@@ -53,7 +53,7 @@ def one_malloc_arena() -> None:
     nftables) otherwise gets an arena of its own, a few MiB that are never given back; the GIL serialises
     the allocations anyway. Call before any thread starts."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         libc.mallopt(M_ARENA_MAX, 1)
     except (OSError, AttributeError):  # not glibc: its allocator has its own rules
         pass

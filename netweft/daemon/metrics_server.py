@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from aiohttp import web
+from netweft.http import web
 
 from netweft.daemon.listen import serve_tcp
 from netweft import metrics, pki

@@ -20,7 +20,6 @@ from collections.abc import Iterable
 
 from netweft.dns.forward import Forwarder
 from netweft.dns.names import NameRecord
-from netweft.dns.resolver import Resolver
 from netweft.errors import InvalidRequest, NetweftError
 from netweft.model.objects import Endpoint
 
@@ -74,10 +73,20 @@ class ContainerNames:
     def __init__(self, engine, upstreams: list[str] | None = None):
         self.engine = engine
         servers, self.search = host_upstreams()
-        self.resolver = Resolver(Forwarder(upstreams if upstreams else servers))
+        self._upstreams = upstreams if upstreams else servers
+        self._resolver = None
         self._revs: dict[str, int] = {}      # overlay -> the agent's revision its table was built at
         self._applied: dict[str, dict[str, Endpoint]] = {}   # network -> the endpoints its table was built from
         self._task: asyncio.Task | None = None
+
+    @property
+    def resolver(self):
+        """The resolver, made on first use: until a container is on a network, a daemon does not load the DNS
+        library (dnslib, ≈1.4 MiB resident)."""
+        if self._resolver is None:
+            from netweft.dns.resolver import Resolver
+            self._resolver = Resolver(Forwarder(self._upstreams))
+        return self._resolver
 
     def resolv_conf(self) -> tuple[list[str], list[str], list[str]]:
         """(nameservers, search, options) of a container's resolv.conf: the resolver, the host's search
@@ -97,7 +106,8 @@ class ContainerNames:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self.resolver.close()
+        if self._resolver is not None:
+            self._resolver.close()
 
     # ------------------------------------------------------------------ told by the engine
     async def container_changed(self, ctr: dict) -> None:
@@ -158,6 +168,8 @@ class ContainerNames:
                 log.exception("container names: could not follow the cluster's endpoints")
 
     def _follow_once(self) -> None:
+        if self._resolver is None:
+            return   # no container has asked for names yet: its first one builds its networks' tables
         agent = self.engine.overlay_agent
         nets = agent.nets if agent is not None else {}
         for net_id, ns in list(nets.items()):

@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from aiohttp import web
+from netweft.http import web
 
 from netweft.agent import node as agent
 from netweft.agent.overlay import OverlayAgent

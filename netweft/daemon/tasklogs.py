@@ -22,9 +22,10 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from urllib.parse import quote
 
-import aiohttp
 import msgspec
-from aiohttp import web
+
+from netweft.http import client as http
+from netweft.http import web
 
 from netweft.agent.node import LineSplitter, manager_url
 from netweft.errors import InvalidRequest, NetweftError, NotFound
@@ -175,7 +176,7 @@ class LogAgent:
                 failures = 0
             except asyncio.CancelledError:
                 raise
-            except (NetweftError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            except (NetweftError, http.ClientError, asyncio.TimeoutError, ValueError) as e:
                 turn += 1   # another manager next time
                 failures += 1
                 why = f"{addr}: {type(e).__name__}: {e}"[:300]
@@ -186,7 +187,7 @@ class LogAgent:
 
     async def _requests(self, client, addr: str) -> None:
         s = client.session()
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=10, sock_connect=5)
+        timeout = http.ClientTimeout(total=None, sock_read=10, sock_connect=5)
         async with s.get(manager_url(addr, "/tasks/logs/requests"), timeout=timeout) as r:
             if r.status >= 400:
                 raise NetweftError(f"the manager answered {r.status}")
@@ -291,7 +292,7 @@ def routes(daemon) -> web.RouteTableDef:
         for addr in client.order():
             s = client.session()
             try:
-                async with s.get(manager_url(addr, path), timeout=aiohttp.ClientTimeout(
+                async with s.get(manager_url(addr, path), timeout=http.ClientTimeout(
                         total=None, sock_read=15, sock_connect=5)) as resp:
                     if resp.status == 503:   # not this manager: the task's node streams to another
                         why.append(addr)
@@ -318,7 +319,7 @@ def routes(daemon) -> web.RouteTableDef:
                                 return
                     yield "err", "", "the manager ended the stream early"
                     return
-            except (aiohttp.ClientError, asyncio.TimeoutError, InvalidRequest, ValueError) as e:
+            except (http.ClientError, asyncio.TimeoutError, InvalidRequest, ValueError) as e:
                 why.append(f"{addr} ({type(e).__name__})")
         yield "err", "", f"no manager relays this task's node ({', '.join(why) or 'none known'}); retry"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import web
+from netweft.http import web
 
 from netweft.agent.services import Assignment, Assignments, LocalTask, plan
 from netweft.daemon.mesh import SANDBOX, RoutingMesh

@@ -29,7 +29,6 @@ import random
 import re
 import secrets
 import ssl
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, NamedTuple, Union
@@ -565,6 +564,7 @@ def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: PemLike, key_pem: PemLike) -
         finally:
             os.close(fd)
         return
+    import tempfile   # where used: with shutil, bz2 and lzma it costs a daemon ≈1 MiB
     fd, path = tempfile.mkstemp(prefix="netweft-tls-")  # created 0600
     try:
         with os.fdopen(fd, "wb") as f:
@@ -633,6 +633,7 @@ def save_pem(path: str | os.PathLike, data: PemLike, private: bool = False) -> N
     one, never half a key. Keys (private=True) get mode 0600, others 0644."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
+    import tempfile
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pem")  # 0600
     try:
         with os.fdopen(fd, "wb") as f:

@@ -91,6 +91,12 @@ def test_init_gives_three_ready_nodes_and_inspect_shows_no_tokens(lab3):
         assert not (swarm_dir(lab3, h) / "ca.key").exists()
     assert (swarm_dir(lab3, "h1") / "ca.key").exists()
 
+    # A worker's daemon never loads aiohttp (≈14 MiB resident); only a manager's cluster API still uses it.
+    def maps(h: str) -> str:
+        with open(f"/proc/{int((lab3.host_dir(h) / 'netweftd.pid').read_text())}/maps") as f:
+            return f.read()
+    assert "/aiohttp/" not in maps("h2") and "/aiohttp/" not in maps("h3") and "/aiohttp/" in maps("h1")
+
 
 def test_worker_leave_shows_down_on_the_manager(lab3):
     old = leave(lab3, "h3")

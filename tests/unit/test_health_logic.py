@@ -305,3 +305,11 @@ def test_a_withdrawn_host_is_reinstated_when_either_signal_ends():
     assert liveness.withdrawals(back, nets) == {A: False}
     path = {A: node(A, "down", withdrawn=True), B: node(B, health={A: "healthy"})}
     assert liveness.withdrawals(path, nets) == {A: False}
+
+
+def test_the_median_is_statistics_median():
+    import statistics
+
+    from netweft.agent.health import median
+    for values in ([1.0], [3.0, 1.0], [5.0, 1.0, 3.0], [0.4, 0.1, 0.3, 0.2], [2.0, 2.0, 9.0, 1.0, 7.0, 3.0]):
+        assert median(values) == statistics.median(values)

@@ -6,7 +6,7 @@ from pathlib import Path
 import netweft
 
 ROOT = Path(netweft.__file__).parent
-LEAVES = {"model", "ipam", "pki", "store", "errors", "validate", "metrics", "apiclient"}
+LEAVES = {"model", "ipam", "pki", "store", "errors", "validate", "metrics", "apiclient", "http"}
 
 # package -> the netweft packages it must never import
 FORBIDDEN = {
