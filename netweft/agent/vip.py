@@ -74,6 +74,10 @@ class ServiceBalancer:
                 log.exception("service VIPs: a round failed")
 
     async def sync(self, agent) -> int:
+        if not self.programmed and not self._failed_at and not any(
+                e.owner.kind == "service" for eps in [agent.local, *(ns.endpoints for ns in agent.nets.values())]
+                for e in eps.values()):
+            return 0   # no VIP anywhere, none programmed: the common case costs one look per endpoint, no more
         per_network = {}
         for net_id, ns in agent.nets.items():
             eps = {**{e.id: e for e in agent.local.values() if e.network_id == net_id}, **ns.endpoints}
@@ -88,7 +92,10 @@ class ServiceBalancer:
                 continue
             try:
                 changes += await self.dp.sync_vips(path, vips)
-                self.programmed[path] = vips
+                if vips:
+                    self.programmed[path] = vips
+                else:
+                    self.programmed.pop(path, None)   # the same as never programmed (no VIPs)
                 self._failed_at.pop(path, None)
             except NetweftError as e:
                 self._failed_at[path] = loop.time()

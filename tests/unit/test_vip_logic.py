@@ -89,3 +89,36 @@ def test_fake_dataplane_sync_vips():
         with pytest.raises(KernelError):
             await dp.sync_vips("/run/x/a", {})
     asyncio.run(main())
+
+
+def test_the_balancer_does_nothing_without_vips_and_programs_them_once_there_are():
+    """No service endpoint anywhere and nothing programmed: a sync touches no namespace (a run or rm on a network
+    of thousands of plain containers costs no more than a look per endpoint); a VIP appearing is programmed, and
+    its going is cleared."""
+    from types import SimpleNamespace
+
+    from netweft.agent.vip import ServiceBalancer
+
+    class Dp:
+        def __init__(self):
+            self.calls = []
+
+        async def sync_vips(self, path, vips):
+            self.calls.append((path, vips))
+            return 1
+
+    local = {e.id: e for e in (ep("198.18.0.5", netns="/run/x/a"), ep("198.18.0.6", netns="/run/x/b"))}
+    net = SimpleNamespace(endpoints=dict(local))
+    agent = SimpleNamespace(local=local, nets={"n1": net})
+    dp = Dp()
+    b = ServiceBalancer(dp)
+    assert asyncio.run(b.sync(agent)) == 0 and dp.calls == []
+    vip_ep = ep("198.18.0.2", "service", "web")
+    net.endpoints[vip_ep.id] = vip_ep
+    assert asyncio.run(b.sync(agent)) == 2
+    assert sorted(dp.calls) == [("/run/x/a", {"198.18.0.2": ()}), ("/run/x/b", {"198.18.0.2": ()})]
+    del net.endpoints[vip_ep.id]
+    dp.calls.clear()
+    assert asyncio.run(b.sync(agent)) == 2 and sorted(dp.calls) == [("/run/x/a", {}), ("/run/x/b", {})]
+    dp.calls.clear()
+    assert asyncio.run(b.sync(agent)) == 0 and dp.calls == []
