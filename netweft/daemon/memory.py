@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 M_ARENA_MAX = -8   # mallopt(3)
 QUIET = 1.0        # seconds without removals before trimming: one trim for a whole `rm -f` of thousands
 MIN_REMOVED = 16   # endpoints made or removed since the last trim before one is worth it
-SETTLE = 3.0       # seconds after start-up (the store read, the first watch snapshot) for one trim
+SETTLE = 1.0       # seconds after start-up (the store read, the first watch snapshot) for one trim
 
 
 def lazy_module(name: str) -> ModuleType:

@@ -68,15 +68,23 @@ def _oid(raw: bytes) -> str:
     return ".".join(str(p) for p in head + parts[1:])
 
 
+_UTCTIME = re.compile(r"([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})Z")
+_GENTIME = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})Z")
+
+
 def _time(tag: int, raw: bytes) -> datetime:
     try:
         text = raw.decode("ascii")
-        if tag == UTCTIME:
-            dt = datetime.strptime(text, "%y%m%d%H%M%SZ")
-        elif tag == GENTIME:
-            dt = datetime.strptime(text, "%Y%m%d%H%M%SZ")
-        else:
+        if tag not in (UTCTIME, GENTIME):
             raise ValueError(f"tag {tag:#x}")
+        # Not datetime.strptime: its _strptime and calendar modules stay loaded in the daemon for this.
+        m = (_UTCTIME if tag == UTCTIME else _GENTIME).fullmatch(text)
+        if m is None:
+            raise ValueError(f"time data {text!r} does not match the format")
+        year = int(m[1])
+        if tag == UTCTIME:
+            year += 2000 if year < 69 else 1900   # strptime's %y pivot, as before
+        dt = datetime(year, *(int(g) for g in m.groups()[1:]))
     except ValueError as e:
         raise _bad(f"bad time: {e}") from None
     return dt.replace(tzinfo=timezone.utc)
