@@ -10,12 +10,17 @@ already has from any ARP it receives: the waiting one resolves at once and its q
 With `arp_accept` at its default (0) no entry is created, so containers that never asked learn nothing.
 
 A reply and not a request: the VXLAN device answers requests itself (`proxy`), which would echo each
-announcement back into the bridge. Sending is best effort: the kernel's own retry is still there.
+announcement back into the bridge. The frame's Ethernet source is the bridge's own MAC (receivers read the
+address from the ARP body): with the endpoint's MAC there, a bridge beyond the first one (bridgechain.py)
+would learn the endpoint on its link to the first bridge and drop the endpoint's traffic. Sending is best
+effort: the kernel's own retry is still there.
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import socket
+import struct
 
 ETH_P_ARP = 0x0806
 BROADCAST = b"\xff" * 6
@@ -23,13 +28,14 @@ ARP_REPLY = 2
 # Bounds the frames one call floods (a resync after a restart can bring thousands of entries, and
 # entries that old are not what anybody is waiting for).
 MAX_PER_CALL = 256
+SIOCGIFHWADDR = 0x8927
 
 
-def announcement(ip: str, mac: str) -> bytes:
-    """The Ethernet frame announcing that `ip` is at `mac` (42 bytes). Both come checked (Peer, endpoint
-    arguments); a wrong length is a ValueError all the same."""
+def announcement(ip: str, mac: str, source: bytes) -> bytes:
+    """The Ethernet frame, from MAC `source` (6 bytes), announcing that `ip` is at `mac` (42 bytes). Both come
+    checked (Peer, endpoint arguments); a wrong length is a ValueError all the same."""
     hw = bytes.fromhex(mac.replace(":", ""))
-    if len(hw) != 6:
+    if len(hw) != 6 or len(source) != 6:
         raise ValueError(f"not a MAC address: {mac!r}")
     addr = ipaddress.IPv4Address(ip).packed
     arp = (b"\x00\x01"              # hardware: Ethernet
@@ -38,7 +44,7 @@ def announcement(ip: str, mac: str) -> bytes:
            + ARP_REPLY.to_bytes(2, "big")
            + hw + addr              # sender
            + hw + addr)             # target: the same, as gratuitous ARP has it
-    return BROADCAST + hw + ETH_P_ARP.to_bytes(2, "big") + arp
+    return BROADCAST + source + ETH_P_ARP.to_bytes(2, "big") + arp
 
 
 class Announcer:
@@ -57,13 +63,23 @@ class Announcer:
         """Send one announcement per (ip, mac), at most MAX_PER_CALL; the number sent. Failures are
         ignored (best effort, see the module docstring)."""
         sent = 0
+        source = self.mac_of(ifname)
+        if source is None:
+            return 0   # no such interface (yet)
         for ip, mac in list(entries)[:MAX_PER_CALL]:
             try:
-                self.sock.sendto(announcement(ip, mac), (ifname, 0))
+                self.sock.sendto(announcement(ip, mac, source), (ifname, 0))
             except (OSError, ValueError):
                 break   # the interface is gone or down: the rest would fail the same way
             sent += 1
         return sent
+
+    def mac_of(self, ifname: str) -> bytes | None:
+        """The interface's MAC address in the socket's namespace, None if there is no such interface."""
+        try:
+            return fcntl.ioctl(self.sock.fileno(), SIOCGIFHWADDR, struct.pack("16s16x", ifname.encode()))[18:24]
+        except OSError:
+            return None
 
     def close(self) -> None:
         self.sock.close()
