@@ -138,6 +138,7 @@ class OverlayAgent:
         self._gw_claims: dict[str, str] = {}            # gateway port -> IP, of attaches in progress
         self._gw: Gateway | None = None
         self._gw_ensured = False
+        self._sandbox_checked: dict[str, tuple[tuple, float]] = {}   # path -> (ensure_sandbox args, when)
         self._underlay_mtu: int | None = None
         self._logged: set[str] = set()
         self._save_handle: asyncio.Handle | None = None
@@ -928,11 +929,20 @@ class OverlayAgent:
         sb = self._sandbox_spec(ns.network, mtu)
         if ns.network.encrypted:
             await self.tunnels.ensure()   # rules and tunnel before the VXLAN device: never a packet in clear
-        created = await self.dp.ensure_sandbox(sb.path, sb.vni, sb.gateway_cidr, mtu, self._local_ip(ns.network),
-                                               self.port,
-                                               f"{VXLAN_TMP}{sb.vni:06x}")
+        args = (sb.path, sb.vni, sb.gateway_cidr, mtu, self._local_ip(ns.network), self.port, f"{VXLAN_TMP}{sb.vni:06x}")
+        # A sandbox checked moments ago with the same settings is trusted (checking costs ~10 ms of netlink per
+        # attach); the resync checks it again, and an endpoint that cannot be made has it checked at once.
+        trusted = not new_sandbox and self._sandbox_checked.get(sb.path, (None, 0.0))[0] == args and \
+            time.monotonic() - self._sandbox_checked[sb.path][1] < RESYNC_PERIOD
+        created = False if trusted else await self._ensure_sandbox(args)
         p = self._port(ep, mtu)
-        await self.dp.ensure_overlay_endpoint(sb.path, p.netns, p.host_ifname, p.ifname, p.address, p.mac, p.mtu)
+        try:
+            await self.dp.ensure_overlay_endpoint(sb.path, p.netns, p.host_ifname, p.ifname, p.address, p.mac, p.mtu)
+        except NetweftError:
+            if not trusted:
+                raise
+            created = await self._ensure_sandbox(args)
+            await self.dp.ensure_overlay_endpoint(sb.path, p.netns, p.host_ifname, p.ifname, p.address, p.mac, p.mtu)
         if ep.gw_host_ifname:
             gp = await self._gw_port(ep)
             async with self._gw_lock:
@@ -948,6 +958,13 @@ class OverlayAgent:
         else:
             await self._flush_locked(ns)
 
+    async def _ensure_sandbox(self, args: tuple) -> bool:
+        """dp.ensure_sandbox(*args), remembered as checked now (see _program)."""
+        self._sandbox_checked.pop(args[0], None)
+        created = await self.dp.ensure_sandbox(*args)
+        self._sandbox_checked[args[0]] = (args, time.monotonic())
+        return created
+
     async def _unprogram(self, ep: Endpoint, last: bool) -> None:
         """Best effort: what stays behind is stale to the next resync, which removes it."""
         path = self.sandbox(ep.network_id)
@@ -958,6 +975,7 @@ class OverlayAgent:
                 async with self._gw_lock:
                     await self.dp.delete_gw_endpoint(ep.gw_host_ifname)
             if last:
+                self._sandbox_checked.pop(path, None)
                 await self.dp.delete_sandbox(path)
         except NetweftError as e:
             self._once(f"unprogram {ep.id} {e}", "could not remove an overlay endpoint from the kernel; the resync "
@@ -1065,6 +1083,7 @@ class OverlayAgent:
         for ep in list(self.local.values()):
             await self._unprogram(ep, last=False)
             self._delete_record(ep.id)
+        self._sandbox_checked.clear()
         for name in await self.dp.list_netns(self.sandbox_dir):
             await self.dp.delete_sandbox(os.path.join(self.sandbox_dir, name))
         for name in await self.dp.list_links(GW_VETH):

@@ -702,3 +702,24 @@ def test_an_anchor_is_used_only_once_the_copy_is_past_its_revision(env):
         assert mgr.queries[-1].startswith(f"anchor={first.id}&since={mgr.rev - 1}") or \
             mgr.queries[-1].startswith(f"anchor={first.id}&since=")
     run(go())
+
+
+def test_a_sandbox_checked_moments_ago_is_trusted_and_checked_again_when_an_endpoint_cannot_be_made(env):
+    _, dp, host, mgr = env
+    agent = new_agent(env)
+
+    async def go():
+        await attach(agent, dp, "c1")
+        await attach(agent, dp, "c2")
+        assert dp.calls["ensure_sandbox"] == 1          # the second attach trusted the first one's check
+        # The sandbox goes behind the agent's back: the next attach cannot make its port, checks, repairs.
+        sb = agent.sandbox(NET.id)
+        await dp.delete_sandbox(sb)
+        ep = await attach(agent, dp, "c3")
+        assert dp.calls["ensure_sandbox"] == 2
+        assert ep.host_ifname in await dp.list_overlay_endpoints(sb)
+        # Past the resync period, an attach checks again.
+        agent._sandbox_checked[sb] = (agent._sandbox_checked[sb][0], 0.0)
+        await attach(agent, dp, "c4")
+        assert dp.calls["ensure_sandbox"] == 3
+    run(go())
