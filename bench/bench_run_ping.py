@@ -37,7 +37,17 @@ import netweft  # noqa: E402
 from netweft.lab.lab import BIN  # noqa: E402
 
 SUBNET = "198.18.60.0/24"
-BASELINE = Path(__file__).resolve().parents[2] / "shared" / "peers" / "docker-swarm-baseline.sh"
+BASELINE_NAME = "docker-swarm-baseline.sh"
+
+
+def baseline() -> Path | None:
+    """The shared Docker baseline script: $NETWEFT_DOCKER_BASELINE, or shared/peers/ beside a parent folder."""
+    if os.environ.get("NETWEFT_DOCKER_BASELINE"):
+        return Path(os.environ["NETWEFT_DOCKER_BASELINE"])
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "peers" / BASELINE_NAME).is_file():
+            return parent / "shared" / "peers" / BASELINE_NAME
+    return None
 
 
 class Pinger:
@@ -104,7 +114,11 @@ def attached_times(log: Path, names: dict[str, float]) -> dict[str, float]:
 
 def docker_sample() -> float | None:
     """One `docker run start on h2 -> first ping reply` figure from the shared baseline script."""
-    r = subprocess.run(["bash", str(BASELINE), "all"], capture_output=True, text=True, timeout=900,
+    script = baseline()
+    if script is None:
+        print(f"no {BASELINE_NAME} found: set NETWEFT_DOCKER_BASELINE to its path", file=sys.stderr)
+        return None
+    r = subprocess.run(["bash", str(script), "all"], capture_output=True, text=True, timeout=900,
                        env={**os.environ, "IPERF_T": "1"})
     m = re.search(r"docker run start on h2 -> first ping reply [^:]*: ([0-9.]+) s", r.stdout + r.stderr)
     return float(m.group(1)) if m else None
