@@ -128,7 +128,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--docker", action="store_true", help="also run Docker's swarm baseline once")
-    ap.add_argument("--arp-retrans-ms", type=int, help="set the pinger's ARP retransmit time (default: the kernel's)")
     ap.add_argument("--trace", action="store_true", help="print h1's and h2's daemon log lines of the last round")
     args = ap.parse_args()
     # Bytecode compiled first, as `pip install` does (this machine sets PYTHONDONTWRITEBYTECODE).
@@ -144,9 +143,6 @@ def main() -> None:
         nw("h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", SUBNET, "ov")
         nw("h1", "run", "-d", "--name", "pinger", "--network", "ov", "--", "sleep", "infinity")
         pinger_pid = json.loads(nw("h1", "inspect", "pinger").stdout)[0]["State"]["Pid"]
-        if args.arp_retrans_ms is not None:
-            subprocess.run(["nsenter", "-t", str(pinger_pid), "-n", "sysctl", "-q",
-                            f"net.ipv4.neigh.eth0.retrans_time_ms={args.arp_retrans_ms}"], check=True)
         # Warm-up: h2's sandbox for ov exists after its first container, as on any host already in use.
         nw("h2", "run", "-d", "--name", "warm", "--network", "ov", "--", "sleep", "infinity")
         reach, call, after, daemon, sent = [], [], [], [], {}

@@ -932,8 +932,8 @@ class OverlayAgent:
         args = (sb.path, sb.vni, sb.gateway_cidr, mtu, self._local_ip(ns.network), self.port, f"{VXLAN_TMP}{sb.vni:06x}")
         # A sandbox checked moments ago with the same settings is trusted (checking costs ~10 ms of netlink per
         # attach); the resync checks it again, and an endpoint that cannot be made has it checked at once.
-        trusted = not new_sandbox and self._sandbox_checked.get(sb.path, (None, 0.0))[0] == args and \
-            time.monotonic() - self._sandbox_checked[sb.path][1] < RESYNC_PERIOD
+        checked_args, checked_at = self._sandbox_checked.get(sb.path, (None, 0.0))
+        trusted = not new_sandbox and checked_args == args and time.monotonic() - checked_at < RESYNC_PERIOD
         created = False if trusted else await self._ensure_sandbox(args)
         p = self._port(ep, mtu)
         try:
