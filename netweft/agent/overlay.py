@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -93,6 +94,19 @@ class _Saved(msgspec.Struct):
     pending_release: list[str] = []
     orphans: list[EndpointRequest] = []
     want_snapshot: bool = False   # something could not be applied: a restarted agent takes a snapshot too
+
+
+def _kept(old: Endpoint | None, new: Endpoint) -> Endpoint:
+    """The copy already held if `new` equals it (the watch repeating an attach's answer, a snapshot repeating the
+    copy): one object per endpoint, not one per message that carried it. Else `new`, its strings that thousands
+    of endpoints repeat (network, node, hostname, VTEP) shared with theirs."""
+    if old is not None and old == new:
+        return old
+    new.network_id, new.node_id, new.hostname = (sys.intern(new.network_id), sys.intern(new.node_id),
+                                                 sys.intern(new.hostname))
+    if new.vtep is not None:
+        new.vtep = sys.intern(new.vtep)
+    return new
 
 
 def _repairs(out: reconcile.Outcome) -> int:
@@ -466,7 +480,7 @@ class OverlayAgent:
             return   # not in this host's scope, or already in its state (an attachment covered it)
         old = ns.endpoints.get(ep.id)
         if ev.action == "put":
-            ns.endpoints[ep.id] = ep
+            ep = ns.endpoints[ep.id] = _kept(old, ep)
             self._delta(ns, self._peer(old), self._peer(ep))
         else:
             ns.endpoints.pop(ep.id, None)
@@ -563,7 +577,8 @@ class OverlayAgent:
         if ns is None:
             ns = self.nets[net.id] = NetState(net, rev, {})
         old = self.remote_peers(net.id)
-        ns.network, ns.rev, ns.endpoints = net, rev, {e.id: e for e in endpoints}
+        held = ns.endpoints
+        ns.network, ns.rev, ns.endpoints = net, rev, {e.id: _kept(held.get(e.id), e) for e in endpoints}
         new = self.remote_peers(net.id)
         for p in old - new:
             ns.pending[p] = False
@@ -854,6 +869,7 @@ class OverlayAgent:
                     # No answer (timed out, cut, cancelled) or a bad one: the manager may have made it.
                     self._orphan(EndpointRequest(network_id=network_id, owner=owner))
                 raise
+            _kept(None, att.endpoint)   # its shared strings: the local record made from it keeps them
             new_here = network_id not in self._local_by_net
             if att.partial and anchor is not None and not new_here:
                 # Only the endpoint: the copy is current at its revision and the watch brings the rest.

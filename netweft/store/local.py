@@ -15,6 +15,7 @@ from netweft.errors import Conflict
 
 ENDPOINTS = "endpoints"
 KINDS = ("networks", "containers", ENDPOINTS, "settings")
+CACHE_KIB = 256
 
 
 class Store:
@@ -24,6 +25,9 @@ class Store:
         self._depth, self._after = 0, []
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        # SQLite's page cache (2 MiB by default) fills with the endpoint records and stays full; the file's pages
+        # stay in the kernel's page cache anyway, and every lookup here is by key.
+        self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         for kind in KINDS:
             self.db.execute(f"CREATE TABLE IF NOT EXISTS {kind} "
                             "(id TEXT PRIMARY KEY, name TEXT UNIQUE, doc TEXT NOT NULL)")
