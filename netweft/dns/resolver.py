@@ -48,13 +48,14 @@ class Scope:
 class _Asker:
     """One container's sockets. UDP is read straight off the socket (add_reader, up to a batch of
     queries per wake-up): asyncio's datagram transport costs about half the time of a cached answer."""
+    __slots__ = ("resolver", "key", "sock", "scope", "forwards", "tcp", "tcp_tasks", "tcp_clients", "closed", "loop")
 
     def __init__(self, resolver: "Resolver", key: str, sock: socket.socket):
         self.resolver, self.key, self.sock = resolver, key, sock
         self.scope: Scope | None = None
         self.forwards = 0
         self.tcp: socket.socket | None = None   # the listener: accepted from add_reader (an asyncio Server per
-        self.tcp_tasks: set[asyncio.Task] = set()   # container costs ~1 KiB of objects and closures for nothing)
+        self.tcp_tasks: set[asyncio.Task] | None = None   # container costs ~1 KiB of objects and closures)
         self.tcp_clients = 0
         self.closed = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -108,6 +109,8 @@ class _Asker:
             return
         conn.setblocking(False)
         task = self.loop.create_task(self._serve_conn(conn))
+        if self.tcp_tasks is None:
+            self.tcp_tasks = set()
         self.tcp_tasks.add(task)
         task.add_done_callback(self.tcp_tasks.discard)
 
@@ -202,7 +205,7 @@ class Resolver:
         if asker.tcp is not None:
             asker.loop.remove_reader(asker.tcp.fileno())
             asker.tcp.close()
-            for task in list(asker.tcp_tasks):
+            for task in list(asker.tcp_tasks or ()):
                 task.cancel()
 
     def attached(self) -> list[str]:

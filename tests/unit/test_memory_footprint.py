@@ -145,3 +145,27 @@ print(asyncio.run(asyncio.wait_for(main(), 30)) == body)
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "True"
+
+
+def test_a_containers_lock_is_kept_only_while_a_connect_holds_or_awaits_it(tmp_path):
+    from netweft.daemon.engine import Engine
+    from netweft.dataplane.fake import FakeDataPlane
+    from netweft.ipam.address import parse_pool
+    from test_engine_fake import add_container, bridge_req, while_engine_busy
+
+    engine = Engine(str(tmp_path / "data"), str(tmp_path / "run"), [parse_pool("base=198.18.0.0/16,size=24")],
+                    FakeDataPlane())
+
+    async def main():
+        await engine.create_network(bridge_req("n1", "198.18.1.0/24"))
+        await engine.create_network(bridge_req("n2", "198.18.2.0/24"))
+        await add_container(engine, "c1")
+        # Three connects at once, one lock among them: still one endpoint per network, two interfaces.
+        got = await while_engine_busy(engine, engine.connect("n1", "c1"), engine.connect("n1", "c1"),
+                                      engine.connect("n2", "c1"))
+        assert sum(isinstance(g, dict) for g in got) == 2 and len(engine.store.list(ENDPOINTS)) == 2
+        assert engine._ctr_locks == {}
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(engine.close())
