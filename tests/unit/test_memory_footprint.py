@@ -169,3 +169,30 @@ def test_a_containers_lock_is_kept_only_while_a_connect_holds_or_awaits_it(tmp_p
         asyncio.run(main())
     finally:
         asyncio.run(engine.close())
+
+
+def test_a_network_table_changed_group_by_group_answers_as_one_built_at_once():
+    """NetworkNames keeps one group ID (not a set) for a name with one group: random puts and removals of groups
+    sharing names give the answers of the table built from the remaining records, and leave nothing behind."""
+    import random
+
+    from netweft.dns.names import NameRecord, NetworkNames, build
+
+    rnd = random.Random(7)
+    names = ["a", "b", "web", "db", "tasks.web"]
+    table, groups = NetworkNames(), {}
+    for step in range(600):
+        gid = f"g{rnd.randrange(12)}"
+        if rnd.random() < 0.35:
+            groups.pop(gid, None)
+            table.update({gid: None})
+        else:
+            recs = tuple(NameRecord(n, (f"198.18.0.{rnd.randrange(1, 9)}",), reverse=i == 0)
+                         for i, n in enumerate(rnd.sample(names, rnd.randrange(1, 3))))
+            groups[gid] = ((int(gid[1:]), gid), recs)
+            table.update({gid: groups[gid]})
+        ordered = [r for _, recs in sorted(groups.values(), key=lambda g: g[0]) for r in recs]
+        want = build(ordered)
+        assert (table.forward, table.ptr) == (want.forward, want.ptr), step
+    table.update({gid: None for gid in list(groups)})
+    assert table.forward == table.ptr == table._name_groups == table._addr_names == table._accepted == {}
