@@ -43,11 +43,11 @@ from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
 from netweft.errors import InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
 from netweft.ipam.inuse import InUse
-from netweft.model.codec import convert, to_builtins
+from netweft.model.codec import convert, encode, to_builtins
 from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, PeerHealth, Revision, Sandbox
 from netweft.model.watch import (Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent, ServiceEvent,
                                  TaskEvent)
-from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting
+from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting_encoded
 
 log = logging.getLogger("netweft.agent.overlay")
 
@@ -267,7 +267,9 @@ class OverlayAgent:
                        pending_release=list(self.pending_release), orphans=list(self.orphans),
                        want_snapshot=self._want_snapshot or self.bad_rev is not None)
         t0 = time.monotonic()
-        put_setting(self.store, CACHE_KEY, to_builtins(saved))
+        # Encoded straight to JSON: as builtins first, thousands of short-lived dicts a save (one per endpoint) would
+        # be scattered over the heap between long-lived objects, which then pin its pages.
+        put_setting_encoded(self.store, CACHE_KEY, encode(saved).decode())
         self._save_cost = time.monotonic() - t0
 
     def _save_soon(self) -> None:

@@ -69,6 +69,10 @@ class Store:
         self.db.execute(f"INSERT OR REPLACE INTO {kind} (id, name, doc) VALUES (?, ?, ?)",
                         (id, name, json.dumps(doc)))
 
+    def put_encoded(self, kind: str, id: str, name: str | None, text: str) -> None:
+        """put for a document already encoded as JSON text (a large one: no dicts and lists made on the way)."""
+        self.db.execute(f"INSERT OR REPLACE INTO {kind} (id, name, doc) VALUES (?, ?, ?)", (id, name, text))
+
     def insert(self, kind: str, id: str, name: str | None, doc: dict) -> None:
         """A new document; Conflict if its id or name is taken (put would silently replace that one)."""
         try:
@@ -138,4 +142,9 @@ def get_setting(store: Store, key: str) -> dict | None:
 def put_setting(store: Store, key: str, doc: dict) -> None:
     with store.tx():
         store.put("settings", key, key, doc)
+
+
+def put_setting_encoded(store: Store, key: str, text: str) -> None:
+    with store.tx():
+        store.put_encoded("settings", key, key, text)
 
