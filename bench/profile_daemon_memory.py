@@ -213,6 +213,10 @@ def main() -> None:
         report(f"{half} -> {n}", snaps[1][0], snaps[2][0], n - half, args.top)
         report(f"0 -> {n}", snaps[0][0], snaps[2][0], n, args.top)
         report("0 -> after removal (left behind)", snaps[0][0], snaps[3][0], 0, args.top)
+        big = [t for t in snaps[2][0].traces if t.size >= 32 * 1024]
+        print(f"\nblocks of 32 KiB or more at {n}: {len(big)}, {sum(t.size for t in big) // 1024} KiB")
+        for t in sorted(big, key=lambda t: -t.size)[:args.top]:
+            print(f"  {t.size // 1024:6d} KiB  {where(t.traceback, 5)}")
         print(f"\nload {os.getloadavg()[0]:.2f}")
         b.drop_lab(lab)
 
