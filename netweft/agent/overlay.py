@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -42,11 +43,11 @@ from netweft.dataplane.api import GWBRIDGE, VXLAN_OVERHEAD, DataPlane
 from netweft.errors import InvalidRequest, NetweftError, NotFound, PoolExhausted, Unavailable
 from netweft.ipam import address as ipam
 from netweft.ipam.inuse import InUse
-from netweft.model.codec import convert, to_builtins
+from netweft.model.codec import convert, encode, to_builtins
 from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, PeerHealth, Revision, Sandbox
 from netweft.model.watch import (Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent, ServiceEvent,
                                  TaskEvent)
-from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting
+from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting_encoded
 
 log = logging.getLogger("netweft.agent.overlay")
 
@@ -93,6 +94,19 @@ class _Saved(msgspec.Struct):
     pending_release: list[str] = []
     orphans: list[EndpointRequest] = []
     want_snapshot: bool = False   # something could not be applied: a restarted agent takes a snapshot too
+
+
+def _kept(old: Endpoint | None, new: Endpoint) -> Endpoint:
+    """The copy already held if `new` equals it (the watch repeating an attach's answer, a snapshot repeating the
+    copy): one object per endpoint, not one per message that carried it. Else `new`, its strings that thousands
+    of endpoints repeat (network, node, hostname, VTEP) shared with theirs."""
+    if old is not None and old == new:
+        return old
+    new.network_id, new.node_id, new.hostname = (sys.intern(new.network_id), sys.intern(new.node_id),
+                                                 sys.intern(new.hostname))
+    if new.vtep is not None:
+        new.vtep = sys.intern(new.vtep)
+    return new
 
 
 def _repairs(out: reconcile.Outcome) -> int:
@@ -253,7 +267,9 @@ class OverlayAgent:
                        pending_release=list(self.pending_release), orphans=list(self.orphans),
                        want_snapshot=self._want_snapshot or self.bad_rev is not None)
         t0 = time.monotonic()
-        put_setting(self.store, CACHE_KEY, to_builtins(saved))
+        # Encoded straight to JSON: as builtins first, thousands of short-lived dicts a save (one per endpoint) would
+        # be scattered over the heap between long-lived objects, which then pin its pages.
+        put_setting_encoded(self.store, CACHE_KEY, encode(saved).decode())
         self._save_cost = time.monotonic() - t0
 
     def _save_soon(self) -> None:
@@ -466,7 +482,7 @@ class OverlayAgent:
             return   # not in this host's scope, or already in its state (an attachment covered it)
         old = ns.endpoints.get(ep.id)
         if ev.action == "put":
-            ns.endpoints[ep.id] = ep
+            ep = ns.endpoints[ep.id] = _kept(old, ep)
             self._delta(ns, self._peer(old), self._peer(ep))
         else:
             ns.endpoints.pop(ep.id, None)
@@ -563,7 +579,8 @@ class OverlayAgent:
         if ns is None:
             ns = self.nets[net.id] = NetState(net, rev, {})
         old = self.remote_peers(net.id)
-        ns.network, ns.rev, ns.endpoints = net, rev, {e.id: e for e in endpoints}
+        held = ns.endpoints
+        ns.network, ns.rev, ns.endpoints = net, rev, {e.id: _kept(held.get(e.id), e) for e in endpoints}
         new = self.remote_peers(net.id)
         for p in old - new:
             ns.pending[p] = False
@@ -854,6 +871,7 @@ class OverlayAgent:
                     # No answer (timed out, cut, cancelled) or a bad one: the manager may have made it.
                     self._orphan(EndpointRequest(network_id=network_id, owner=owner))
                 raise
+            _kept(None, att.endpoint)   # its shared strings: the local record made from it keeps them
             new_here = network_id not in self._local_by_net
             if att.partial and anchor is not None and not new_here:
                 # Only the endpoint: the copy is current at its revision and the watch brings the rest.

@@ -452,8 +452,13 @@ class Engine:
         """Allocate, record and program one endpoint of a container. One connect of a container at a time:
         the check "not yet connected" and the interface name stay true until its record is written. (A
         container's own lock, not the engine's: an overlay attach may wait on a manager.)"""
-        async with self._container_lock(ctr["Id"]):
-            return await self._connect_locked(net, ctr, ip, aliases, mac)
+        lock = self._container_lock(ctr["Id"])
+        try:
+            async with lock:
+                return await self._connect_locked(net, ctr, ip, aliases, mac)
+        finally:   # not kept for the container's life (1,000 containers: 1,000 locks) once nobody holds or awaits it
+            if self._ctr_locks.get(ctr["Id"]) is lock and not lock.locked() and not getattr(lock, "_waiters", None):
+                del self._ctr_locks[ctr["Id"]]
 
     async def _connect_locked(self, net: Network, ctr: dict, ip: str | None, aliases: list[str],
                               mac: str | None) -> Endpoint:

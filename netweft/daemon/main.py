@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     if os.geteuid() != 0:
         print("netweftd: must run as root (it programs the kernel's network)", file=sys.stderr)
         sys.exit(1)
-    memory.one_malloc_arena()
+    memory.tune_malloc()
+    memory.small_tls_buffers()
     try:
         daemon = Daemon(args)
         asyncio.run(daemon.run())

@@ -22,6 +22,11 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 M_ARENA_MAX = -8   # mallopt(3)
+M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
+MMAP_THRESHOLD = 64 * 1024   # blocks this large come from mmap and go back to the kernel when freed
+TRIM_THRESHOLD = 256 * 1024  # free space at the heap's top beyond this is given back at once
+TLS_BUFFER = 32 * 1024       # a TLS connection's read buffer (asyncio's is 256 KiB, touched, per connection)
 QUIET = 1.0        # seconds without removals before trimming: one trim for a whole `rm -f` of thousands
 MIN_REMOVED = 16   # endpoints made or removed since the last trim before one is worth it
 SETTLE = 1.0       # seconds after start-up (the store read, the first watch snapshot) for one trim
@@ -48,15 +53,30 @@ def _malloc_trim():
         return None
 
 
-def one_malloc_arena() -> None:
-    """One glibc malloc arena for the whole process. Each thread that allocates (the kernel thread: pyroute2,
-    nftables) otherwise gets an arena of its own, a few MiB that are never given back; the GIL serialises
-    the allocations anyway. Call before any thread starts."""
+def tune_malloc() -> None:
+    """glibc malloc for a long-running daemon whose load comes in bursts. Call before any thread starts.
+
+    One arena for the whole process: each thread that allocates (the kernel thread: pyroute2, nftables) otherwise
+    gets an arena of its own, a few MiB that are never given back; the GIL serialises the allocations anyway.
+    Fixed mmap and trim thresholds: glibc raises its mmap threshold to the size of the largest block freed (up to
+    32 MiB), so after one large transient buffer (a saved copy of the overlay state, a watch snapshot) every
+    later one is carved from the heap and leaves a hole there that no trim reaches."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(M_ARENA_MAX, 1)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):  # not glibc: its allocator has its own rules
         pass
+
+
+def small_tls_buffers() -> None:
+    """asyncio gives every TLS connection a 256 KiB read buffer, zero-filled (all of it resident) for as long as
+    the connection lives: a worker keeps a few to its managers (watch, calls in flight). A TLS record is at
+    most 16 KiB; 32 KiB reads take any of them whole."""
+    import asyncio.sslproto
+    if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_BUFFER:
+        asyncio.sslproto.SSLProtocol.max_size = TLS_BUFFER
 
 
 class Trimmer:

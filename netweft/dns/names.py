@@ -43,7 +43,9 @@ class NetworkNames:
         self.forward: dict[str, tuple[str, ...]] = {}
         self.ptr: dict[str, str] = {}   # reverse name -> name
         self._groups: dict[str, tuple[tuple, tuple[NameRecord, ...]]] = {}
-        self._name_groups: dict[str, set[str]] = {}        # name key -> groups with a record of that name
+        # name key -> groups with a record of that name: one group ID, or a set of them (most names have one group,
+        # and a set of one costs 216 bytes: thousands of containers, two names each)
+        self._name_groups: dict[str, str | set[str]] = {}
         self._addr_names: dict[str, dict[str, int]] = {}   # address -> name keys with it (how many records)
         # name key -> address -> (position, reverse, name as given): which record put the address there
         self._accepted: dict[str, dict[str, tuple[tuple, bool, str]]] = {}
@@ -68,9 +70,14 @@ class NetworkNames:
                     if not _valid_name(key):
                         continue
                     names.add(key)
-                    gids = self._name_groups.setdefault(key, set())
                     if sign > 0:
-                        gids.add(gid)
+                        gids = self._name_groups.get(key)
+                        if gids is None or gids == gid:
+                            self._name_groups[key] = gid
+                        elif isinstance(gids, str):
+                            self._name_groups[key] = {gids, gid}
+                        else:
+                            gids.add(gid)
                     for a in set(r.addresses):
                         counts = self._addr_names.setdefault(a, {})
                         counts[key] = counts.get(key, 0) + sign
@@ -80,8 +87,11 @@ class NetworkNames:
                                 del self._addr_names[a]
                 if sign < 0:
                     for key in {normalize(r.name) for r in group[1]}:
-                        if key in self._name_groups:
-                            self._name_groups[key].discard(gid)
+                        gids = self._name_groups.get(key)
+                        if gids == gid:
+                            del self._name_groups[key]
+                        elif isinstance(gids, set):
+                            gids.discard(gid)
             if new is not None:
                 self._groups[gid] = new
         changed, addrs = False, set()
@@ -111,7 +121,8 @@ class NetworkNames:
     def _accept(self, key: str) -> dict[str, tuple[tuple, bool, str]]:
         """The addresses of one name, in answer order, each with the record that put it there."""
         out: dict[str, tuple[tuple, bool, str]] = {}
-        for gid in sorted(self._name_groups.get(key, ()), key=lambda g: (self._groups[g][0], g)):
+        gids = self._name_groups.get(key, ())
+        for gid in sorted((gids,) if isinstance(gids, str) else gids, key=lambda g: (self._groups[g][0], g)):
             order, recs = self._groups[gid]
             for i, r in enumerate(recs):
                 if normalize(r.name) != key:

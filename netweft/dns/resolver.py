@@ -48,12 +48,14 @@ class Scope:
 class _Asker:
     """One container's sockets. UDP is read straight off the socket (add_reader, up to a batch of
     queries per wake-up): asyncio's datagram transport costs about half the time of a cached answer."""
+    __slots__ = ("resolver", "key", "sock", "scope", "forwards", "tcp", "tcp_tasks", "tcp_clients", "closed", "loop")
 
     def __init__(self, resolver: "Resolver", key: str, sock: socket.socket):
         self.resolver, self.key, self.sock = resolver, key, sock
         self.scope: Scope | None = None
         self.forwards = 0
-        self.tcp_server: asyncio.base_events.Server | None = None
+        self.tcp: socket.socket | None = None   # the listener: accepted from add_reader (an asyncio Server per
+        self.tcp_tasks: set[asyncio.Task] | None = None   # container costs ~1 KiB of objects and closures)
         self.tcp_clients = 0
         self.closed = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -96,6 +98,29 @@ class _Asker:
                 self._send(answer, addr)
         finally:
             self.forwards -= 1
+
+    def acceptable(self) -> None:
+        try:
+            conn, _ = self.tcp.accept()
+        except OSError:   # nothing to accept after all, or the client gave up
+            return
+        if self.tcp_clients >= TCP_CLIENTS or self.closed:
+            conn.close()
+            return
+        conn.setblocking(False)
+        task = self.loop.create_task(self._serve_conn(conn))
+        if self.tcp_tasks is None:
+            self.tcp_tasks = set()
+        self.tcp_tasks.add(task)
+        task.add_done_callback(self.tcp_tasks.discard)
+
+    async def _serve_conn(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError:
+            conn.close()
+            return
+        await self.serve_tcp(reader, writer)
 
     async def serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.tcp_clients >= TCP_CLIENTS:
@@ -143,7 +168,9 @@ class Resolver:
         loop.add_reader(udp.fileno(), asker.readable)
         if tcp is not None:
             tcp.setblocking(False)
-            asker.tcp_server = await asyncio.start_server(asker.serve_tcp, sock=tcp)
+            tcp.listen(TCP_CLIENTS)
+            asker.tcp = tcp
+            loop.add_reader(tcp.fileno(), asker.acceptable)
         self._askers[key] = asker
         self.set_networks(key, networks)
 
@@ -175,8 +202,11 @@ class Resolver:
         asker.closed = True
         asker.loop.remove_reader(asker.sock.fileno())
         asker.sock.close()
-        if asker.tcp_server is not None:
-            asker.tcp_server.close()
+        if asker.tcp is not None:
+            asker.loop.remove_reader(asker.tcp.fileno())
+            asker.tcp.close()
+            for task in list(asker.tcp_tasks or ()):
+                task.cancel()
 
     def attached(self) -> list[str]:
         return list(self._askers)

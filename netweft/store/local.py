@@ -15,6 +15,7 @@ from netweft.errors import Conflict
 
 ENDPOINTS = "endpoints"
 KINDS = ("networks", "containers", ENDPOINTS, "settings")
+CACHE_KIB = 256
 
 
 class Store:
@@ -24,6 +25,9 @@ class Store:
         self._depth, self._after = 0, []
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        # SQLite's page cache (2 MiB by default) fills with the endpoint records and stays full; the file's pages
+        # stay in the kernel's page cache anyway, and every lookup here is by key.
+        self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         for kind in KINDS:
             self.db.execute(f"CREATE TABLE IF NOT EXISTS {kind} "
                             "(id TEXT PRIMARY KEY, name TEXT UNIQUE, doc TEXT NOT NULL)")
@@ -64,6 +68,10 @@ class Store:
     def put(self, kind: str, id: str, name: str | None, doc: dict) -> None:
         self.db.execute(f"INSERT OR REPLACE INTO {kind} (id, name, doc) VALUES (?, ?, ?)",
                         (id, name, json.dumps(doc)))
+
+    def put_encoded(self, kind: str, id: str, name: str | None, text: str) -> None:
+        """put for a document already encoded as JSON text (a large one: no dicts and lists made on the way)."""
+        self.db.execute(f"INSERT OR REPLACE INTO {kind} (id, name, doc) VALUES (?, ?, ?)", (id, name, text))
 
     def insert(self, kind: str, id: str, name: str | None, doc: dict) -> None:
         """A new document; Conflict if its id or name is taken (put would silently replace that one)."""
@@ -134,4 +142,9 @@ def get_setting(store: Store, key: str) -> dict | None:
 def put_setting(store: Store, key: str, doc: dict) -> None:
     with store.tx():
         store.put("settings", key, key, doc)
+
+
+def put_setting_encoded(store: Store, key: str, text: str) -> None:
+    with store.tx():
+        store.put_encoded("settings", key, key, text)
 

@@ -32,8 +32,8 @@ def test_an_unknown_module_is_refused_at_once():
         memory.lazy_module("netweft.no_such_thing")
 
 
-def test_one_malloc_arena_then_threads_still_allocate():
-    out = run("import threading; from netweft.daemon import memory; memory.one_malloc_arena(); "
+def test_tune_malloc_then_threads_still_allocate():
+    out = run("import threading; from netweft.daemon import memory; memory.tune_malloc(); "
               "r = []; t = threading.Thread(target=lambda: r.append(len(bytearray(1 << 20)))); "
               "t.start(); t.join(); print(r)")
     assert out == "[1048576]"
