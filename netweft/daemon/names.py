@@ -129,6 +129,13 @@ class ContainerNames:
         for net_id in net_ids:
             self.refresh(net_id)
 
+    def containers_removed(self, ctr_ids: Iterable[str], net_ids: Iterable[str]) -> None:
+        """container_removed of many (`rm -f` of thousands): each network's names rebuilt once."""
+        for ctr_id in ctr_ids:
+            self.resolver.detach(ctr_id)
+        for net_id in set(net_ids):
+            self.refresh(net_id)
+
     def refresh(self, net_id: str) -> None:
         """Rebuild one network's names from what this host knows now."""
         agent = self.engine.overlay_agent

@@ -418,6 +418,21 @@ class Overlay(HostHandles):
             sb.bridges.chain.removed(host_ifname)
         antispoof.delete_port(self._sandbox_nft(sb), sb.guarded, host_ifname)
 
+    def delete_endpoints(self, sandbox_path: str, host_ifnames: list[str]) -> None:
+        """delete_endpoint for many at once (`rm -f` of many): one group delete, one nftables transaction."""
+        for name in host_ifnames:
+            check_ifname(name, "host interface name")
+        self._claim_thread()
+        if not netns.is_netns(sandbox_path):
+            return
+        sb = self._sandbox(sandbox_path)
+        with failing(f"delete {len(host_ifnames)} overlay endpoints in {sandbox_path}"):
+            _delete_veths(sb.nl, host_ifnames)
+        if sb.bridges is not None:
+            for name in host_ifnames:
+                sb.bridges.chain.removed(name)
+        antispoof.delete_ports(self._sandbox_nft(sb), sb.guarded, host_ifnames)
+
     @staticmethod
     def _sandbox_nft(sb: _Sandbox):
         """run(cmd, what) with the sandbox's own libnftables context (a context is bound to one namespace)."""
@@ -764,6 +779,18 @@ class Overlay(HostHandles):
             bridges.chain.removed(host_ifname)
         antispoof.delete_port(self._nft_cmd, self._gw_guarded, host_ifname)
 
+    def delete_gw_endpoints(self, host_ifnames: list[str]) -> None:
+        """delete_gw_endpoint for many at once: one group delete, one nftables transaction."""
+        for name in host_ifnames:
+            check_ifname(name, "host interface name")
+        self._claim_thread()
+        with failing(f"delete {len(host_ifnames)} gateway endpoints"):
+            _delete_veths(self._host_nl, host_ifnames)
+        for bridges in self._gw_bridges.values():
+            for name in host_ifnames:
+                bridges.chain.removed(name)
+        antispoof.delete_ports(self._nft_cmd, self._gw_guarded, host_ifnames)
+
     # ---- data-path probes (dataplane/probe.py) ----------------------------------------------------
 
     def open_probe(self, local_ip: str, port: int, mtu: int):
@@ -812,3 +839,16 @@ class Overlay(HostHandles):
         """Delete nftables table `inet netweft-ov`. Idempotent."""
         self._nft_cmd(render_delete_overlay_firewall(), f"delete nftables table {OVERLAY_TABLE}")
 
+
+def _delete_veths(nl: NeighBatch, names: list[str]) -> None:
+    """Delete the veths of these names (their peers go with them) in one group delete; a name that is not a
+    veth is refused before anything is deleted, one already gone is fine."""
+    indexes = []
+    for name in names:
+        link = nl.link(name)
+        if link is None:
+            continue
+        if link[2] != "veth":
+            raise KernelError(f"{name} is not a veth")
+        indexes.append(link[0])
+    nl.delete_links(indexes)
