@@ -44,8 +44,8 @@ from netweft.ipam import address as ipam
 from netweft.ipam.inuse import InUse
 from netweft.model.codec import convert, to_builtins
 from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, PeerHealth, Revision, Sandbox
-from netweft.model.watch import (Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent, ServiceEvent,
-                                 TaskEvent)
+from netweft.model.watch import (RELEASE_MAX, Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent,
+                                 ServiceEvent, TaskEvent)
 from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting
 
 log = logging.getLogger("netweft.agent.overlay")
@@ -1034,17 +1034,31 @@ class OverlayAgent:
                 self._save_soon()
         sem = asyncio.Semaphore(RELEASE_PARALLEL)
 
-        async def release(ep: Endpoint) -> None:
+        async def release(ep_id: str) -> None:
             async with sem:
                 try:
-                    await self._release(ep.id)
+                    await self._release(ep_id)
                 except Unavailable:
-                    self.pending_release.append(ep.id)
+                    self.pending_release.append(ep_id)
                 except NetweftError as e:
-                    log.warning("the manager refused to release an endpoint", extra={"endpoint": ep.id,
+                    log.warning("the manager refused to release an endpoint", extra={"endpoint": ep_id,
                                                                                       "reason": str(e)})
+
+        async def release_chunk(ids: list[str]) -> None:
+            async with sem:
+                try:
+                    await self.client.call("POST", "/endpoints/release", {"ids": ids})
+                    return
+                except Unavailable:
+                    self.pending_release.extend(ids)
+                    return
+                except NetweftError:
+                    pass   # an older manager (no such call), or one refused: each on its own, as detach does
+            await asyncio.gather(*(release(i) for i in ids))
         pending = len(self.pending_release)
-        await asyncio.gather(*(release(ep) for ep in eps))
+        chunks = [[ep.id for ep in group[i:i + RELEASE_MAX]] for group in by_net.values()
+                  for i in range(0, len(group), RELEASE_MAX)]
+        await asyncio.gather(*(release_chunk(ids) for ids in chunks))
         if len(self.pending_release) > pending:
             log.warning("no manager reachable: endpoints are gone here and their addresses are released when "
                         "one is", extra={"endpoints": len(self.pending_release) - pending})
