@@ -708,7 +708,7 @@ class Engine:
         for ep in eps:
             await self._delete_endpoint(ep)
         if self.names is not None:
-            self.names.container_removed(ctr["Id"], [ep.network_id for ep in eps])
+            self.names.container_removed(ctr["Id"], [ep.network_id for ep in eps], eps)
         if ctr["HostConfig"]["NetworkMode"] != "host":
             await self.dp.delete_netns(self.netns_path(ctr["Id"]))
         # Off the loop: unlinking files a dying container still has mounted waits for the kernel (≈20 ms).

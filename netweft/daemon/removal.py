@@ -85,7 +85,8 @@ async def _teardown_all(engine, ctrs: list[dict]) -> None:
             if not ep.node_id:
                 await engine._delete_endpoint(ep)   # local networks: a few per host, one by one
     if engine.names is not None:
-        engine.names.containers_removed(eps_of, (ep.network_id for eps in eps_of.values() for ep in eps))
+        gone = [ep for eps in eps_of.values() for ep in eps]
+        engine.names.containers_removed(eps_of, [ep.network_id for ep in gone], gone)
     for c in ctrs:
         if c["HostConfig"]["NetworkMode"] != "host":
             await engine.dp.delete_netns(engine.netns_path(c["Id"]))
