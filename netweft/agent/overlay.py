@@ -45,8 +45,8 @@ from netweft.ipam import address as ipam
 from netweft.ipam.inuse import InUse
 from netweft.model.codec import convert, encode, to_builtins
 from netweft.model.objects import Endpoint, Network, Node, Owner, Peer, PeerHealth, Revision, Sandbox
-from netweft.model.watch import (Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent, ServiceEvent,
-                                 TaskEvent)
+from netweft.model.watch import (RELEASE_MAX, Attachment, EndpointRequest, Event, NetworkEvent, NodeEvent,
+                                 ServiceEvent, TaskEvent)
 from netweft.store.local import ENDPOINTS, Store, endpoint_name, get_setting, put_setting_encoded
 
 log = logging.getLogger("netweft.agent.overlay")
@@ -56,6 +56,7 @@ GW_VETH = "nwg"        # an endpoint's port on the gateway bridge (host namespac
 VXLAN_TMP = "nwx"      # a VXLAN device's name in the host namespace before it moves into its sandbox
 CACHE_KEY = "overlay-cache"
 RESYNC_PERIOD = 3.0    # seconds between full resyncs (drift repair, retries)
+RELEASE_PARALLEL = 16  # addresses released at the managers at once by a detach of many (`rm -f` of thousands)
 RETRY_BAD_FIRST, RETRY_BAD_CAP = 3.0, 60.0   # a fresh snapshot while some record could not be applied
 
 
@@ -1028,6 +1029,76 @@ class OverlayAgent:
             self._save()
         except NetweftError as e:
             log.warning("the manager refused to release an endpoint", extra={"endpoint": ep.id, "reason": str(e)})
+
+    async def detach_many(self, eps: list[Endpoint]) -> None:
+        """detach() of many local endpoints (`rm -f` of many): per network, under its lock once, the records
+        go in one transaction and the kernel's veths and anti-spoofing elements in one operation each; then
+        the addresses are released at the managers, several at a time. What the kernel refuses is left to
+        the resync (the records are gone), as detach leaves it."""
+        by_net: dict[str, list[Endpoint]] = {}
+        for ep in eps:
+            by_net.setdefault(ep.network_id, []).append(ep)
+        for net_id, group in by_net.items():
+            async with self._lock(net_id):
+                with self.store.tx():
+                    for ep in group:
+                        self.store.delete(ENDPOINTS, ep.id)
+                for ep in group:
+                    self._drop_local(ep.id)
+                last = net_id not in self._local_by_net
+                await self._unprogram_many(net_id, group, last)
+                if last:
+                    self.nets.pop(net_id, None)
+                self._save_soon()
+        sem = asyncio.Semaphore(RELEASE_PARALLEL)
+
+        async def release(ep_id: str) -> None:
+            async with sem:
+                try:
+                    await self._release(ep_id)
+                except Unavailable:
+                    self.pending_release.append(ep_id)
+                except NetweftError as e:
+                    log.warning("the manager refused to release an endpoint", extra={"endpoint": ep_id,
+                                                                                      "reason": str(e)})
+
+        async def release_chunk(ids: list[str]) -> None:
+            async with sem:
+                try:
+                    await self.client.call("POST", "/endpoints/release", {"ids": ids})
+                    return
+                except Unavailable:
+                    self.pending_release.extend(ids)
+                    return
+                except NetweftError:
+                    pass   # an older manager (no such call), or one refused: each on its own, as detach does
+            await asyncio.gather(*(release(i) for i in ids))
+        pending = len(self.pending_release)
+        chunks = [[ep.id for ep in group[i:i + RELEASE_MAX]] for group in by_net.values()
+                  for i in range(0, len(group), RELEASE_MAX)]
+        await asyncio.gather(*(release_chunk(ids) for ids in chunks))
+        if len(self.pending_release) > pending:
+            log.warning("no manager reachable: endpoints are gone here and their addresses are released when "
+                        "one is", extra={"endpoints": len(self.pending_release) - pending})
+            self._save()
+
+    async def _unprogram_many(self, net_id: str, eps: list[Endpoint], last: bool) -> None:
+        """_unprogram of several endpoints of one network, each kind of link deleted in one go."""
+        path = self.sandbox(net_id)
+        try:
+            ports = [ep.host_ifname for ep in eps if ep.host_ifname]
+            if ports:
+                await self.dp.delete_overlay_endpoints(path, ports)
+            gw_ports = [ep.gw_host_ifname for ep in eps if ep.gw_host_ifname]
+            if gw_ports:
+                async with self._gw_lock:
+                    await self.dp.delete_gw_endpoints(gw_ports)
+            if last:
+                self._sandbox_checked.pop(path, None)
+                await self.dp.delete_sandbox(path)
+        except NetweftError as e:
+            self._once(f"unprogram {net_id} {e}", "could not remove overlay endpoints from the kernel; the resync "
+                       "retries", network=net_id, endpoints=len(eps), reason=str(e))
 
     async def _release(self, ep_id: str) -> None:
         try:

@@ -108,7 +108,7 @@ def run_lean(argv: list[str]) -> int:
     o, pos = parse(rest, spec)
 
     from netweft.cli import render
-    from netweft.apiclient.client import ApiError, Client, DaemonUnreachable, call_each, ref
+    from netweft.apiclient.client import ApiError, Client, DaemonUnreachable
 
     try:
         if cmd == "network ls":
@@ -151,15 +151,8 @@ def run_lean(argv: list[str]) -> int:
         # ingress network asks first)
         if not pos:
             raise _Unsure
-        calls = [("DELETE", f"/containers/{ref(n)}", {"force": 1 if o.get("force") else None}) for n in pos]
-        failed = False
-        for n, result in zip(pos, call_each(Client(host), calls)):
-            if isinstance(result, Exception):
-                sys.stderr.write(f"Error: {result}\n")
-                failed = True
-            else:
-                _lines([n])
-        return 1 if failed else 0
+        from netweft.cli.remove import remove
+        return remove(Client(host), pos, bool(o.get("force")))
     except (ApiError, DaemonUnreachable) as e:
         sys.stderr.write(f"Error: {e}\n")
         return 1

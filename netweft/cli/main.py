@@ -8,7 +8,7 @@ import sys
 import click
 
 from netweft.cli import render
-from netweft.apiclient.client import ApiError, Client, DaemonUnreachable, call_each, ref
+from netweft.apiclient.client import ApiError, Client, DaemonUnreachable, ref
 from netweft.errors import NetweftError
 from netweft import validate
 
@@ -333,15 +333,8 @@ def start(ctx, names):
 @click.pass_context
 def rm(ctx, force, names):
     """Remove containers and their network endpoints (several at once; a failure does not stop the others)."""
-    calls = [("DELETE", f"/containers/{ref(n)}", {"force": 1 if force else None}) for n in names]
-    failed = False
-    for n, result in zip(names, call_each(api(ctx), calls)):
-        if isinstance(result, Exception):
-            click.echo(f"Error: {result}", err=True)
-            failed = True
-        else:
-            click.echo(n)
-    if failed:
+    from netweft.cli.remove import remove
+    if remove(api(ctx), list(names), force):
         sys.exit(1)
 
 

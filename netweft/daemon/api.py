@@ -18,6 +18,7 @@ import msgspec
 from netweft.http import web
 
 from netweft import validate
+from netweft.daemon import removal
 from netweft.errors import Conflict, Forbidden, InvalidRequest, NetweftError, NotFound
 from netweft.ipam import address as ipam
 from netweft.model import api as m
@@ -297,6 +298,14 @@ def build_app(daemon) -> web.Application:
     async def container_remove(request):
         await engine.remove_container(request.match_info["ref"], force=params(request, m.ForceQuery).force)
         return web.Response(status=204)
+
+    @routes.post("/containers/remove")
+    async def containers_remove(request):
+        """Several containers removed together (daemon/removal.py): one result per name, in order."""
+        req = await body(request, m.ContainersRemove)
+        results = await removal.remove_containers(engine, req.Names, req.Force)
+        return web.json_response([{"Name": n, "Error": None if e is None else str(e),
+                                   "Status": None if e is None else e.status} for n, e in zip(req.Names, results)])
 
     @routes.get("/containers/{ref}/logs")
     async def container_logs(request):

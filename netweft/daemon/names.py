@@ -114,20 +114,38 @@ class ContainerNames:
         """A container was made, connected or disconnected: its sockets, its scope, its networks' names."""
         if ctr["HostConfig"]["NetworkMode"] in SPECIAL_MODES:
             return
-        nets = [ep.network_id for ep in self.engine.endpoints_of(ctr["Id"])]
+        eps = self.engine.endpoints_of(ctr["Id"])
+        nets = [ep.network_id for ep in eps]
         old = self.resolver.networks_of(ctr["Id"])
         if old is None:
             udp, tcp = await self.engine.dp.open_dns_sockets(self.engine.netns_path(ctr["Id"]))
             await self.resolver.attach(ctr["Id"], udp, tcp, nets)
         else:
             self.resolver.set_networks(ctr["Id"], nets)
-        for net_id in set(nets) | set(old or ()):
+        for net_id in nets:   # only this container's endpoints change in its networks' tables
+            self._apply_some(net_id, {ep.id: ep for ep in eps if ep.network_id == net_id})
+        for net_id in set(old or ()) - set(nets):   # disconnected: rare, the table is rebuilt
             self.refresh(net_id)
 
-    def container_removed(self, ctr_id: str, net_ids: Iterable[str]) -> None:
-        self.resolver.detach(ctr_id)
-        for net_id in net_ids:
-            self.refresh(net_id)
+    def container_removed(self, ctr_id: str, net_ids: Iterable[str],
+                          endpoints: Iterable[Endpoint] | None = None) -> None:
+        """`endpoints`: the container's, whose names go (without them, its networks' tables are rebuilt)."""
+        self.containers_removed([ctr_id], net_ids, endpoints)
+
+    def containers_removed(self, ctr_ids: Iterable[str], net_ids: Iterable[str],
+                           endpoints: Iterable[Endpoint] | None = None) -> None:
+        """container_removed of many (`rm -f` of thousands)."""
+        for ctr_id in ctr_ids:
+            self.resolver.detach(ctr_id)
+        if endpoints is None:
+            for net_id in set(net_ids):
+                self.refresh(net_id)
+            return
+        gone: dict[str, dict[str, None]] = {}
+        for ep in endpoints:
+            gone.setdefault(ep.network_id, {})[ep.id] = None
+        for net_id, eps in gone.items():
+            self._apply_some(net_id, eps)
 
     def refresh(self, net_id: str) -> None:
         """Rebuild one network's names from what this host knows now."""
@@ -154,6 +172,27 @@ class ContainerNames:
         if eps:
             self._applied[net_id] = eps
         else:
+            self._applied.pop(net_id, None)
+        if changes:
+            self.resolver.update_network(net_id, changes)
+
+    def _apply_some(self, net_id: str, eps: dict[str, Endpoint | None]) -> None:
+        """Change only these endpoints in a network's table (None: gone): a run or rm costs the same with
+        thousands of endpoints on the network. A table not built yet is built whole."""
+        applied = self._applied.get(net_id)
+        if applied is None:
+            self.refresh(net_id)
+            return
+        changes: dict[str, tuple | None] = {}
+        for ep_id, ep in eps.items():
+            was = applied.get(ep_id)
+            if ep is None:
+                if applied.pop(ep_id, None) is not None:
+                    changes[ep_id] = None
+            elif was is not ep and was != ep:
+                applied[ep_id] = ep
+                changes[ep_id] = ((ep.ip, ep.id), tuple(endpoint_records([ep])))
+        if not applied:
             self._applied.pop(net_id, None)
         if changes:
             self.resolver.update_network(net_id, changes)

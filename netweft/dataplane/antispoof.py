@@ -260,6 +260,30 @@ def delete_port(run, guarded: Guarded, port: str) -> None:
     guarded.known.pop(port, None)
 
 
+def delete_ports(run, guarded: Guarded, ports: list[str]) -> None:
+    """delete_port for many ports in one transaction (`rm -f` of many); if the kernel refuses it (someone
+    changed the table meanwhile), port by port after reading the table again."""
+    for port in ports:
+        check_ifname(port, "port name")
+    if not guarded.loaded and any(p not in guarded.known for p in ports):
+        _load(run, guarded)
+    doomed = [p for p in dict.fromkeys(ports) if p in guarded.known]
+    if not doomed:
+        return
+    cmds = [c for p in doomed for c in render_delete_port(p, guarded.known[p])["nftables"]]
+    try:
+        run({"nftables": cmds}, f"remove anti-spoofing of {len(doomed)} ports")
+    except KernelError as e:
+        if not _missing(e):
+            raise
+        _load(run, guarded)
+        for port in doomed:
+            delete_port(run, guarded, port)
+        return
+    for port in doomed:
+        guarded.known.pop(port, None)
+
+
 def list_ports(run) -> list[str]:
     try:
         return parse_list(run(render_list(), "list anti-spoofing ports"))

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from netweft.dataplane.checks import check_ifname
 from netweft.dataplane.firewall import BridgeRule, PortRule
 from netweft.dataplane.wgconf import Implementation, PeerStatus, TunnelSpec
 from netweft.dataplane.mesh import MeshRule
@@ -127,6 +128,14 @@ class DataPlane(abc.ABC):
     @abc.abstractmethod
     async def delete_overlay_endpoint(self, sandbox_path: str, host_ifname: str) -> None: ...
 
+    async def delete_overlay_endpoints(self, sandbox_path: str, host_ifnames: list[str]) -> None:
+        """delete_overlay_endpoint of each (`rm -f` of many); the real data plane deletes them at once.
+        A malformed name is refused before anything is deleted."""
+        for name in host_ifnames:
+            check_ifname(name, "host interface name")
+        for name in host_ifnames:
+            await self.delete_overlay_endpoint(sandbox_path, name)
+
     @abc.abstractmethod
     async def list_overlay_endpoints(self, sandbox_path: str) -> list[str]:
         """Names of the endpoint veths in the sandbox (host ends; not the links between its bridges)."""
@@ -162,6 +171,13 @@ class DataPlane(abc.ABC):
 
     @abc.abstractmethod
     async def delete_gw_endpoint(self, host_ifname: str) -> None: ...
+
+    async def delete_gw_endpoints(self, host_ifnames: list[str]) -> None:
+        """delete_gw_endpoint of each; the real data plane deletes them at once (names checked first)."""
+        for name in host_ifnames:
+            check_ifname(name, "host interface name")
+        for name in host_ifnames:
+            await self.delete_gw_endpoint(name)
 
     @abc.abstractmethod
     async def apply_overlay_firewall(self, gwbridge: str, gw_subnet: str) -> None:

@@ -28,6 +28,11 @@ ARP_REPLY = 2
 # Bounds the frames one call floods (a resync after a restart can bring thousands of entries, and
 # entries that old are not what anybody is waiting for).
 MAX_PER_CALL = 256
+# An announcement is flooded to every port of the bridge (chain), and each container's kernel takes it in:
+# with thousands of containers on a network on one host, each one cost tens of ms of CPU, on every run
+# (the largest cost that grew with the count, measured with py-spy in bench/bench_scale.py). Past this
+# many ports none is sent; a container that asked too early then has the kernel's own retry (≤ 1 s).
+MAX_FLOOD_PORTS = 128
 SIOCGIFHWADDR = 0x8927
 
 

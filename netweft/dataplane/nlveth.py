@@ -20,17 +20,17 @@ import socket
 import struct
 
 from netweft.dataplane import netns
-from netweft.dataplane.nlbatch import (NETLINK_ROUTE, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NLMSG_ERROR,
-                                       RTM_NEWLINK, mac_bytes)
+from netweft.dataplane.nlbatch import (_HDR, _IFINFO, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MASTER,
+                                       NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_ERROR,
+                                       RTM_NEWLINK, NeighBatch, mac_bytes, open_route_socket)
+from netweft.errors import KernelError
 
 NLM_F_EXCL = 0x200
-NLM_F_REPLACE = 0x100
-RTM_GETLINK = 18
 RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
 IFF_UP = 0x1
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 10, 18, 28
-IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+IFLA_ADDRESS, IFLA_MTU, IFLA_NET_NS_FD = 1, 4, 28
+IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 2, 4, 5
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33     # mode is hairpin
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
@@ -38,8 +38,6 @@ RTA_OIF, RTA_GATEWAY = 4, 5
 RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 4, 0, 1
 LOOPBACK_INDEX = 1   # in every network namespace
 
-_HDR = struct.Struct("=IHHII")
-_IFINFO = struct.Struct("=BxHiII")
 _IFADDR = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _TIMEOUT = 5.0
@@ -80,10 +78,6 @@ def port_flags(host_ifname: str, isolated: bool) -> bytes:
     info = nla(IFLA_INFO_SLAVE_KIND, b"bridge\0") + nla(IFLA_INFO_SLAVE_DATA, data)
     return _msg(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, 0, 0, 0) + nla(IFLA_IFNAME, _name(host_ifname))
                 + nla(IFLA_LINKINFO, info))
-
-
-def get_link(ifname: str) -> bytes:
-    return _msg(RTM_GETLINK, 0, _IFINFO.pack(0, 0, 0, 0, 0) + nla(IFLA_IFNAME, _name(ifname)))
 
 
 def link_up(index: int) -> bytes:
@@ -133,12 +127,11 @@ def exchange(sock: socket.socket, messages: list[bytes]) -> tuple[list[int], dic
     return [codes[s] for s in range(1, len(messages) + 1)], data
 
 
-def _socket_in(fd: int) -> socket.socket:
+def _batch_in(fd: int) -> NeighBatch:
     with netns.entered(fd):
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        sock = open_route_socket()
     sock.settimeout(_TIMEOUT)
-    sock.bind((0, 0))
-    return sock
+    return NeighBatch(sock)
 
 
 def create_fresh(host_sock: socket.socket, ctr_fd: int, host_ifname: str, ifname: str, mac: str, mtu: int, *,
@@ -154,15 +147,18 @@ def create_fresh(host_sock: socket.socket, ctr_fd: int, host_ifname: str, ifname
             codes, _ = exchange(host_sock, [port_flags(host_ifname, True)])
             if codes[0]:
                 return False
-        with _socket_in(ctr_fd) as sock:
-            codes, data = exchange(sock, [get_link(ifname)])
-            if codes[0] or 1 not in data:
+        nl = _batch_in(ctr_fd)
+        try:
+            link = nl.link(ifname)
+            if link is None:
                 return False
-            index = _IFINFO.unpack_from(data[1], 16)[2]
+            index = link[0]
             msgs = [address_add(index, address), link_up(index), link_up(LOOPBACK_INDEX)]
             if gateway is not None:
                 msgs.append(default_route(index, gateway))
-            codes, _ = exchange(sock, msgs)
+            codes, _ = exchange(nl.sock, msgs)
+        finally:
+            nl.close()
         return not any(codes)
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, KernelError):
         return False

@@ -61,7 +61,7 @@ IFF_NOARP = 0x80
 if TYPE_CHECKING:  # pyroute2's IPRoute is loaded on first use
     from netweft.dataplane.pyroute2_parts import IPRoute
 
-from netweft.dataplane import antispoof, netns, nlveth
+from netweft.dataplane import antispoof, garp, netns, nlveth
 from netweft.dataplane.bridgechain import (MAX_EXTENSIONS, Chain, check_first, extension, full_message, is_link,
                                            parse as parse_chain_name)
 from netweft.dataplane.api import DEFAULT_VXLAN_PORT, GWBRIDGE, VXLAN_OVERHEAD  # noqa: F401 (re-exported)
@@ -402,7 +402,7 @@ class Overlay(HostHandles):
         self._ensure_veth(sb.ipr, sb.nl, ctr_netns_path, *args, bridges=sb.bridges, first=br["index"], isolated=False,
                           gateway=None, what=what)
         antispoof.add_port(self._sandbox_nft(sb), sb.guarded, args[0], args[3], str(args[2].ip))
-        sb.garp.announce(SANDBOX_BRIDGE, [(str(args[2].ip), args[3])])   # see garp.py
+        _announce(sb, [(str(args[2].ip), args[3])])
 
     def delete_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
         """Delete the endpoint veth `host_ifname` of the sandbox (its container end goes with it).
@@ -417,6 +417,21 @@ class Overlay(HostHandles):
         if sb.bridges is not None:
             sb.bridges.chain.removed(host_ifname)
         antispoof.delete_port(self._sandbox_nft(sb), sb.guarded, host_ifname)
+
+    def delete_endpoints(self, sandbox_path: str, host_ifnames: list[str]) -> None:
+        """delete_endpoint for many at once (`rm -f` of many): one group delete, one nftables transaction."""
+        for name in host_ifnames:
+            check_ifname(name, "host interface name")
+        self._claim_thread()
+        if not netns.is_netns(sandbox_path):
+            return
+        sb = self._sandbox(sandbox_path)
+        with failing(f"delete {len(host_ifnames)} overlay endpoints in {sandbox_path}"):
+            _delete_veths(sb.nl, host_ifnames)
+        if sb.bridges is not None:
+            for name in host_ifnames:
+                sb.bridges.chain.removed(name)
+        antispoof.delete_ports(self._sandbox_nft(sb), sb.guarded, host_ifnames)
 
     @staticmethod
     def _sandbox_nft(sb: _Sandbox):
@@ -639,7 +654,7 @@ class Overlay(HostHandles):
             # FDB first, so an ARP answer (from the neighbour) never points at a MAC with nowhere to go.
             sb.nl.add_fdb(vx, [(p.mac, p.vtep) for p in peers])
             sb.nl.add_neighbours(vx, [(p.ip, p.mac) for p in peers])
-        sb.garp.announce(SANDBOX_BRIDGE, [(p.ip, p.mac) for p in peers])   # see garp.py
+        _announce(sb, [(p.ip, p.mac) for p in peers])
 
     def remove_peers(self, sandbox_path: str, peers: Iterable[ModelPeer]) -> None:
         """Remove remote endpoints (neighbour by IP, FDB entry by MAC and VTEP). Absent ones are fine."""
@@ -687,7 +702,7 @@ class Overlay(HostHandles):
             sb.nl.delete_fdb(vx, stale_fdb)
             sb.nl.add_fdb(vx, new_fdb)
             sb.nl.add_neighbours(vx, new_neigh)
-        sb.garp.announce(SANDBOX_BRIDGE, new_neigh)
+        _announce(sb, new_neigh)
         return len(stale_neigh) + len(stale_fdb) + len(new_fdb) + len(new_neigh)
 
     def _vxlan_if_any(self, sandbox_path: str) -> tuple[_Sandbox, int] | None:
@@ -764,6 +779,18 @@ class Overlay(HostHandles):
             bridges.chain.removed(host_ifname)
         antispoof.delete_port(self._nft_cmd, self._gw_guarded, host_ifname)
 
+    def delete_gw_endpoints(self, host_ifnames: list[str]) -> None:
+        """delete_gw_endpoint for many at once: one group delete, one nftables transaction."""
+        for name in host_ifnames:
+            check_ifname(name, "host interface name")
+        self._claim_thread()
+        with failing(f"delete {len(host_ifnames)} gateway endpoints"):
+            _delete_veths(self._host_nl, host_ifnames)
+        for bridges in self._gw_bridges.values():
+            for name in host_ifnames:
+                bridges.chain.removed(name)
+        antispoof.delete_ports(self._nft_cmd, self._gw_guarded, host_ifnames)
+
     # ---- data-path probes (dataplane/probe.py) ----------------------------------------------------
 
     def open_probe(self, local_ip: str, port: int, mtu: int):
@@ -812,3 +839,24 @@ class Overlay(HostHandles):
         """Delete nftables table `inet netweft-ov`. Idempotent."""
         self._nft_cmd(render_delete_overlay_firewall(), f"delete nftables table {OVERLAY_TABLE}")
 
+
+def _delete_veths(nl: NeighBatch, names: list[str]) -> None:
+    """Delete the veths of these names (their peers go with them) in one group delete; a name that is not a
+    veth is refused before anything is deleted, one already gone is fine."""
+    indexes = []
+    for name in names:
+        link = nl.link(name)
+        if link is None:
+            continue
+        if link[2] != "veth":
+            raise KernelError(f"{name} is not a veth")
+        indexes.append(link[0])
+    nl.delete_links(indexes)
+
+
+def _announce(sb: _Sandbox, entries) -> None:
+    """ARP announcements of `entries` into the sandbox's bridge (see garp.py), unless so many containers
+    are on it that the flood would cost each run in proportion to them (garp.MAX_FLOOD_PORTS)."""
+    if sb.bridges is not None and len(sb.bridges.chain.where) > garp.MAX_FLOOD_PORTS:
+        return
+    sb.garp.announce(SANDBOX_BRIDGE, entries)

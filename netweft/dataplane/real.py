@@ -183,6 +183,9 @@ class RealDataPlane(DataPlane):
     async def delete_overlay_endpoint(self, sandbox_path: str, host_ifname: str) -> None:
         await self._ovcall("delete_endpoint", _sandbox(sandbox_path), host_ifname)
 
+    async def delete_overlay_endpoints(self, sandbox_path: str, host_ifnames: list[str]) -> None:
+        await self._ovcall("delete_endpoints", _sandbox(sandbox_path), list(host_ifnames))
+
     async def list_overlay_endpoints(self, sandbox_path: str) -> list[str]:
         return await self._ovcall("list_endpoints", _sandbox(sandbox_path))
 
@@ -216,6 +219,9 @@ class RealDataPlane(DataPlane):
 
     async def delete_gw_endpoint(self, host_ifname: str) -> None:
         await self._ovcall("delete_gw_endpoint", host_ifname)
+
+    async def delete_gw_endpoints(self, host_ifnames: list[str]) -> None:
+        await self._ovcall("delete_gw_endpoints", list(host_ifnames))
 
     async def apply_overlay_firewall(self, gwbridge: str, gw_subnet: str) -> None:
         await self._ovcall("apply_overlay_firewall", gwbridge, gw_subnet)

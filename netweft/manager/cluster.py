@@ -33,7 +33,7 @@ from netweft.manager import tasklogs
 from netweft.model import codec
 from netweft.model.api import NodeUpdate, peer_health_view
 from netweft.model.objects import Labels, Node, ShortText
-from netweft.model.watch import EndpointRequest
+from netweft.model.watch import EndpointRelease, EndpointRequest
 from netweft.store.api import ClusterStore, Compare, Delete, Put
 from netweft.store.sqlite import SQLiteStore
 from netweft.model.cluster import (EnrollRequest, HeartbeatRequest, JoinRequest, LeaveRequest, RenewRequest,
@@ -752,6 +752,13 @@ class Manager(ManagersOnEtcd):
         @allow(WORKER)
         async def ep_delete(request):
             await self.overlays.delete_endpoint(request["node"].id, request.match_info["id"])
+            return web.json_response({})
+
+        @routes.post("/endpoints/release")
+        @allow(WORKER)
+        async def ep_release(request):
+            req = await auth.read_body(request, EndpointRelease)
+            await self.overlays.delete_endpoints(request["node"].id, req.ids)
             return web.json_response({})
 
         @routes.post("/admin/networks")

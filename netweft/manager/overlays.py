@@ -378,6 +378,31 @@ class Overlays:
                Put(ALLOCATIONS, node_guard(node_id), GUARD)]
         return compares, ops, ep
 
+    async def delete_endpoints(self, node_id: str, ep_ids: list[str]) -> None:
+        """POST /endpoints/release: delete_endpoint of each, in one transaction; refused whole if one belongs
+        to another node."""
+        await self.hub.sync()
+        async with self._lock:
+            n, _ = await self.hub.commit(lambda: self._plan_delete_many(node_id, ep_ids))
+        metrics.released("endpoint", n)
+
+    def _plan_delete_many(self, node_id: str, ep_ids: list[str]):
+        st = self.state
+        compares, ops, nets = [], [], set()
+        for ep_id in dict.fromkeys(ep_ids):
+            ep = st.get(ENDPOINTS, ep_id)
+            if ep is None:
+                continue   # already gone
+            if ep.node_id != node_id:
+                raise Forbidden(f"endpoint {ep_id[:12]} belongs to another node; a node deletes only its own")
+            compares.append(Compare(ENDPOINTS, ep.id, st.mod_rev(ENDPOINTS, ep.id)))
+            ops.append(Delete(ENDPOINTS, ep.id))
+            nets.add(ep.network_id)
+        if ops:
+            ops += [Put(ALLOCATIONS, net_guard(n), GUARD) for n in sorted(nets)]
+            ops.append(Put(ALLOCATIONS, node_guard(node_id), GUARD))
+        return compares, ops, len(compares)
+
     def purge_plan(self, node_id: str) -> tuple[list[Compare], list, int]:
         """Compares and ops that delete every endpoint of a node (it left or was removed)."""
         st = self.state

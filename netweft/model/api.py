@@ -121,6 +121,12 @@ class ForceQuery(msgspec.Struct):
     force: bool = False
 
 
+class ContainersRemove(msgspec.Struct, kw_only=True):
+    """POST /containers/remove (netweft's own): `rm` of many containers in one request, each answered."""
+    Names: Annotated[list[Str], msgspec.Meta(min_length=1, max_length=5000)]
+    Force: bool = False
+
+
 class ContainerListQuery(msgspec.Struct):
     all: bool = False
 

@@ -81,6 +81,9 @@ class Ping(msgspec.Struct, tag="ping", tag_field="type"):
 WatchMessage = Union[Snapshot, Events, Ping]
 
 
+RELEASE_MAX = 60    # endpoints per POST /endpoints/release: they and their guards fit etcd's 128 ops
+
+
 class EndpointRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POST /endpoints: a node asks for an address on an overlay for one of its endpoints.
 
@@ -102,3 +105,9 @@ class Attachment(msgspec.Struct, kw_only=True):
     # the watch has carried the network with since a revision its copy is past: POST /endpoints?anchor=&since=).
     partial: bool = False
 
+
+class EndpointRelease(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /endpoints/release: a node gives back several of its endpoints at once (`rm -f` of many); each as
+    DELETE /endpoints/{id} would, in one store transaction."""
+    ids: Annotated[list[Annotated[str, msgspec.Meta(pattern=r"\A[a-z0-9]{1,64}\Z")]],
+                   msgspec.Meta(min_length=1, max_length=RELEASE_MAX)]

@@ -741,6 +741,8 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
         ("ensure_gwbridge", "nwtgw", "198.19.255.1/24", 1400),
         ("ensure_gw_endpoint", c2, "nwtgw", "nwtg-o2", "eth1", "198.19.255.2/24", "02:00:c6:13:ff:02", 1400,
          "198.19.255.1"),
+        ("ensure_gw_endpoint", c3, "nwtgw", "nwtg-o3", "eth1", "198.19.255.3/24", "02:00:c6:13:ff:03", 1400,
+         "198.19.255.1"),
         ("apply_overlay_firewall", "nwtgw", "198.19.255.0/24"),
         ("apply_port_maps", [PortRule("tcp", 8080, "", "198.19.255.2", 80), PortRule("udp", 53, "192.0.2.1",
                                                                                      "198.18.0.2", 5353)]),
@@ -761,10 +763,16 @@ def test_the_fake_reports_what_the_real_one_does(make_ns, nsdir):
         ("ensure_sandbox", sb1, 4242, "198.18.1.1/24", 1350, "192.0.2.1", 70000, "nwtx4242"),
         ("sync_peers", sb1, [p1, Peer(p1.ip, p2.mac, p2.vtep)]),
         ("create_netns", "relative"),
+        ("delete_overlay_endpoints", sb1, ["br0"]),     # not a veth: refused, nothing deleted
+        ("delete_gw_endpoints", ["nwtg-o2", "a/b"]),    # a malformed name: refused, nothing deleted
         # Changes and teardown.
         ("remove_peers", sb1, [p1]),
         ("delete_overlay_endpoint", sb1, "nwv-o3"),
+        ("ensure_overlay_endpoint", sb1, c3, "nwv-o3", "eth0", "198.18.1.3/24", "02:00:c6:12:01:03", 1350),
+        ("delete_overlay_endpoints", sb1, ["nwv-o2", "nwv-o3", "nwv-o8"]),   # many at once; one never made
+        ("delete_overlay_endpoints", sb1, []),
         ("delete_gw_endpoint", "nwtg-o2"),
+        ("delete_gw_endpoints", ["nwtg-o2", "nwtg-o3"]),
         ("delete_endpoint", "nwv-c1"),
         ("delete_netns", c1),
         ("delete_sandbox", sb2, None),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from netweft.dataplane import netns
+from netweft.dataplane import garp, netns
 from netweft.dataplane.nlbatch import NeighBatch, open_route_socket
 from netweft.dataplane.overlay import (OVERLAY_TABLE, Overlay, Peer, default_tmp_name,
                                        render_overlay_firewall)
@@ -715,3 +715,16 @@ def test_gateway_bridge_parts_deleted_by_hand_are_put_back(lab):
     a.ov.apply_overlay_firewall(gw, "198.19.255.0/24")
     assert [r["comment"] for r in rules()] == full
     assert ping(ctr, "203.0.113.2")
+
+
+def test_no_announcement_floods_a_bridge_with_more_containers_than_the_bound(lab, monkeypatch):
+    """garp.MAX_FLOOD_PORTS: past it, an endpoint's arrival is not flooded to every container (each run
+    would cost in proportion to them); a container that asked early waits for its kernel's retry."""
+    monkeypatch.setattr(garp, "MAX_FLOOD_PORTS", 1)
+    (a, sa, ca), _ = two_hosts(lab)
+    in_ns(ca, "sysctl", "-q", "-w", "net.ipv4.neigh.eth0.retrans_time_ms=60000", check=True)
+    local_ip, local_mac = "198.18.0.4", "02:00:c6:12:00:04"
+    assert in_ns(ca, "ping", "-c1", "-W1", local_ip).returncode != 0
+    a.ov.ensure_endpoint(sa, lab.container("ctr-a2"), "ve-a2", "eth0", f"{local_ip}/24", local_mac, 1450)
+    assert resolved(ca, local_ip, timeout=1.0) is None     # no announcement: still waiting for its retry
+    assert neighbour(ca, local_ip).get("state") == ["INCOMPLETE"]

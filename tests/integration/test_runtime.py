@@ -428,3 +428,19 @@ def test_a_container_copies_no_netns_pins_however_many_the_host_has(ws):
     finally:
         for p in pins:
             nsmod.delete_netns(p)
+
+
+def test_stop_all_signals_every_container_then_waits_for_each_exit_code(ws):
+    plain = ws.spec("plain", ["sleep", "1000"])
+    stubborn = ws.spec("stubborn2", ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"])
+    done = ws.spec("done", ["sh", "-c", "exit 3"])
+    for spec in (plain, stubborn, done):
+        container.start(spec)
+    wait_for(lambda: "ready" in read(stubborn["log"]), what="trap installed")
+    wait_for(lambda: container.status(done["state_dir"]) == ("exited", 3), what="the short one exited")
+    container.stop_all([plain["state_dir"], stubborn["state_dir"], done["state_dir"]], timeout=0.5)
+    assert container.status(plain["state_dir"]) == ("exited", 143)      # SIGTERM
+    assert container.status(stubborn["state_dir"]) == ("exited", 137)   # SIGKILL after the timeout
+    assert container.status(done["state_dir"]) == ("exited", 3)         # left as it was
+    container.stop_all([plain["state_dir"]], timeout=0)                 # idempotent
+    assert container.status(plain["state_dir"]) == ("exited", 143)

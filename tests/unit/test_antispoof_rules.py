@@ -181,3 +181,33 @@ def test_the_guarded_ports_are_read_from_the_map():
     # nwv1 is of the former layout (its own chain); nwv7 has addresses but no map element: not guarded.
     assert antispoof.parse_known(out, addresses) == {"nwv1": None, "nwv2": (MAC, IP)}
     assert antispoof.parse_known(out, None) == {"nwv1": None}
+
+
+def test_many_ports_are_unguarded_in_one_transaction():
+    nft, g = FakeNft(), antispoof.Guarded()
+    for i in range(5):
+        antispoof.add_port(nft, g, f"nwv{i}", f"02:42:c6:12:00:0{i}", f"198.18.0.{10 + i}")
+    nft.ran.clear()
+    antispoof.delete_ports(nft, g, ["nwv1", "nwv3", "nwv1", "nwv9"])   # twice, and one never guarded
+    assert nft.ran == ["delete:element"]
+    assert sorted(nft.ports) == ["nwv0", "nwv2", "nwv4"] and sorted(g.known) == ["nwv0", "nwv2", "nwv4"]
+    antispoof.delete_ports(nft, g, ["nwv1"])   # nothing left to do: nothing runs
+    assert nft.ran == ["delete:element"]
+
+
+def test_ports_removed_behind_the_contexts_back_are_unguarded_one_by_one_after_a_fresh_read():
+    nft, g = FakeNft(), antispoof.Guarded()
+    for i in range(3):
+        antispoof.add_port(nft, g, f"nwv{i}", f"02:42:c6:12:00:0{i}", f"198.18.0.{10 + i}")
+    del nft.ports["nwv1"], nft.addresses["nwv1"]   # by someone else: the transaction would be refused whole
+    antispoof.delete_ports(nft, g, ["nwv0", "nwv1", "nwv2"])
+    assert nft.ports == {} and nft.addresses == {} and g.known == {}
+
+
+def test_unguarding_many_refuses_a_malformed_port_before_anything_runs():
+    nft, g = FakeNft(), antispoof.Guarded()
+    antispoof.add_port(nft, g, "nwv1", MAC, IP)
+    nft.ran.clear()
+    with pytest.raises(InvalidRequest):
+        antispoof.delete_ports(nft, g, ["nwv1", "a/b"])
+    assert nft.ran == [] and "nwv1" in nft.ports

@@ -82,11 +82,13 @@ class Recorder:
 
         def call(client, method, path, body=None, **query):
             recorder.calls.append((client.host, method, path, body, {k: v for k, v in query.items() if v is not None}))
-            return recorder.answer(method, path)
+            return recorder.answer(method, path, body)
         monkeypatch.setattr(client_mod.Client, "call", call)
 
     @staticmethod
-    def answer(method, path):
+    def answer(method, path, body=None):
+        if path == "/containers/remove":
+            return [{"Name": n, "Error": None, "Status": None} for n in body["Names"]]
         if path == "/networks":
             return [{"Name": "zeta", "Id": "b" * 64, "Driver": "bridge", "Scope": "local", "Created": "2024-05-01T10:11:12.5Z",
                      "Labels": {"a": "b"}, "Internal": True},
@@ -196,10 +198,33 @@ def test_leanjson_refuses_bad_json_with_json_not_imported():
     assert r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
-def test_rm_of_many_goes_on_past_a_failure_and_answers_in_order(monkeypatch, capsys):
+def test_rm_of_many_is_one_request_per_chunk_and_each_name_answered_in_order(monkeypatch, capsys):
+    from netweft.cli import remove
+    monkeypatch.setattr(remove, "CHUNK", 16)
+    seen = []
+
+    def batch(client, method, path, body=None, **query):
+        seen.append((method, path, list(body["Names"]), body["Force"]))
+        return [{"Name": n, "Error": "container 'c3' not found; see `netweft ps -a`" if n == "c3" else None,
+                 "Status": 404 if n == "c3" else None} for n in body["Names"]]
+    monkeypatch.setattr(client_mod.Client, "call", batch)
+    names = [f"c{i}" for i in range(40)]
+    assert entry.run_lean(["rm", "-f", *names]) == 1
+    out, err = capsys.readouterr()
+    assert out.split() == [n for n in names if n != "c3"]
+    assert err == "Error: container 'c3' not found; see `netweft ps -a`\n"
+    assert seen == [("POST", "/containers/remove", names[i:i + 16], True) for i in (0, 16, 32)]
+    r = CliRunner().invoke(cli, ["rm", "-f", *names], prog_name="netweft")
+    assert r.exit_code == 1 and r.stdout.split() == out.split()
+
+
+def test_rm_of_many_on_an_older_daemon_goes_on_past_a_failure_and_answers_in_order(monkeypatch, capsys):
+    """A daemon without POST /containers/remove (404 page not found): one DELETE per name, as before."""
     seen = []
 
     def delete(client, method, path, body=None, **query):
+        if path == "/containers/remove":
+            raise client_mod.ApiError(404, "page not found")
         seen.append(path)
         if path.endswith("/c3"):
             raise client_mod.ApiError(404, "container 'c3' not found; see `netweft ps -a`")

@@ -59,3 +59,32 @@ def test_a_network_is_changed_endpoint_by_endpoint_and_answers_as_a_whole():
         assert names.resolver.table.networks() == []
     finally:
         names.resolver.close()
+
+
+def test_a_run_or_rm_changes_only_its_own_names_and_never_reads_the_whole_network():
+    net = "n" * 64   # the endpoints' network
+    engine = Engine()
+    names = ContainerNames(engine, upstreams=["192.0.2.53"])
+    given: list[dict] = []
+    update = names.resolver.update_network
+    names.resolver.update_network = lambda net_id, changes: (given.append(changes), update(net_id, changes))[1]
+    try:
+        engine.eps = [ep(i, f"c{i}") for i in range(2, 200)]
+        names.refresh(net)                     # the table exists: built once, whole
+        reads = []
+        engine.endpoints_on = lambda net_id: reads.append(net_id) or list(engine.eps)
+        new = ep(220, "c220", ["web"])
+        engine.eps.append(new)
+        names._apply_some(net, {new.id: new})                      # what a run's container_changed does
+        names.containers_removed([], [net], [engine.eps[0], engine.eps[1]])   # and an rm of two
+        assert reads == []
+        assert given[-2] == {new.id: ((new.ip, new.id), tuple(endpoint_records([new])))}
+        assert given[-1] == {engine.eps[0].id: None, engine.eps[1].id: None}
+        ref = whole(engine.eps[2:])
+        for q in ("web", "c220", "c2", "c3", "c4", "c199"):
+            assert names.resolver.table.lookup([net], q) == ref.lookup(["n"], q), q
+        before = len(given)
+        names.containers_removed([], [net], [engine.eps[0]])      # gone already: nothing given
+        assert len(given) == before
+    finally:
+        names.resolver.close()

@@ -698,3 +698,32 @@ def test_the_recent_batches_are_bounded_and_their_start_moves_up(tmp_path, monke
         assert sum(len(ids([message.decode(f)], "endpoint")) for _, f in frames) == 6
         await m.close()
     run(main())
+
+
+def test_a_release_of_many_endpoints_is_one_revision_and_refused_whole_if_one_is_another_nodes(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
+        n1, n2 = await m.net("n1", "198.18.1.0/24"), await m.net("n2", "198.18.2.0/24")
+        mine = [(await m.attach(a, net, f"c{i}")).endpoint for net in (n1, n2) for i in range(3)]
+        theirs = (await m.attach(b, n1, "y")).endpoint
+        with pytest.raises(Forbidden, match="another node"):
+            await m.ov.delete_endpoints(a, [mine[0].id, theirs.id])
+        assert len(m.hub.state.endpoints_of(n1)) == 4            # refused whole: nothing released
+        w = m.hub.subscribe(a, "a", m.hub.state.rev)
+        await m.ov.delete_endpoints(a, [e.id for e in mine[:4]] + [mine[0].id, "0" * 64])   # twice; one gone
+        msgs = pending(w)
+        assert len(msgs) == 1 and [e.action for e in msgs[0].events] == ["delete"] * 4
+        assert {e.id for net in (n1, n2) for e in m.hub.state.endpoints_of(net)} == {mine[4].id, mine[5].id, theirs.id}
+        assert (await m.attach(a, n1, "again")).endpoint.ip == mine[0].ip   # the addresses are free again
+        await m.close()
+    run(main())
+
+
+def test_a_release_request_is_parsed_strictly():
+    from netweft.model.watch import RELEASE_MAX, EndpointRelease
+    assert codec.decode(b'{"ids": ["ab12"]}', EndpointRelease).ids == ["ab12"]
+    for bad in (b'{"ids": []}', b'{"ids": ["../x"]}', b'{"ids": ["a"], "node": "b"}',
+                ('{"ids": [%s]}' % ",".join(['"a"'] * (RELEASE_MAX + 1))).encode()):
+        with pytest.raises(InvalidRequest):
+            codec.decode(bad, EndpointRelease)
