@@ -126,6 +126,11 @@ class SimOverlayAgent(OverlayAgent):
     The agent spaces its saves so they take ~5 % of its host's time; N agents in one process would
     take N x 5 % of one core and starve everything else. Nothing else differs."""
     share = 1
+    snapshots = 0   # snapshots applied, by every simulated host of the process (a resume should need none)
+
+    def _on_snapshot(self, msg: dict, rev: int) -> None:
+        SimOverlayAgent.snapshots += 1
+        super()._on_snapshot(msg, rev)
 
     def _save_soon(self) -> None:
         if self._save_handle is None:

@@ -295,6 +295,7 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
               f"the rounds; idle (heartbeats, pings) {res['cpu_idle_pct']:.0f}% of a core together", flush=True)
         # Every manager restarts.
         loop = asyncio.get_running_loop()
+        snaps0 = sum(await workers.all("snapshots", {}))
         t = time.monotonic()
         for h in mgr_hosts:
             await loop.run_in_executor(None, lab.stop_daemon, h)
@@ -311,8 +312,10 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
             prof.stop()
         res["back_s"] = time.monotonic() - t_up
         res["cpu_back"] = sum(mgr.cpu().values()) - sum(cpu4.values())
+        res["snapshots_back"] = sum(await workers.all("snapshots", {})) - snaps0
         print(f"  managers restarted (down+up {t_up - t:.1f} s); every host's watch back "
-              f"{res['back_s']:.1f} s after the last manager answered ({res['cpu_back']:.0f} s of manager CPU)",
+              f"{res['back_s']:.1f} s after the last manager answered ({res['cpu_back']:.0f} s of manager CPU; "
+              f"{res['snapshots_back']} of {args.hosts} hosts needed a new snapshot; load {os.getloadavg()[0]:.1f})",
               flush=True)
         lat, t_attach = await propagate(1, "after-restart")
         res["after_p99"] = pct(lat, 99)

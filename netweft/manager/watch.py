@@ -397,6 +397,9 @@ class Hub:
         self.store, self.ping = store, ping
         self.state = ClusterState()
         self.watchers: set[Watcher] = set()
+        # Who may want a batch, without asking every watcher: by node, and by network asked for.
+        self._by_node: dict[str, Watcher] = {}
+        self._askers: dict[str, set[Watcher]] = defaultdict(set)
         self.max_frames, self.max_bytes = max_frames, max_bytes
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
@@ -550,11 +553,30 @@ class Hub:
         if node is not None:
             batch.add(NODES, "put", node.raw, node.obj, (ep.network_id,))
 
+    def _recipients(self, batch: Batch) -> Iterable[Watcher]:
+        """The watchers a batch may concern: every one for an event to all (a manager's node, the ingress
+        network), else the watchers of the nodes it touched, of the nodes on its networks and of those who
+        asked for them: a change on a network of 10 hosts costs 10 checks, not one per host of the cluster."""
+        st = self.state
+        if batch.has_nodes or batch.everyone or not st.ingress.isdisjoint(batch.touched):
+            return list(self.watchers)
+        out: set[Watcher] = set()
+        by_node = self._by_node
+        for key, nodes in batch.touched.items():
+            for n in nodes:
+                if n in by_node:
+                    out.add(by_node[n])
+            for n in st.net_nodes.get(key, ()):
+                if n in by_node:
+                    out.add(by_node[n])
+            out.update(self._askers.get(key, ()))
+        return out
+
     def _publish(self, batch: Batch) -> None:
         if not batch.events:
             return
         st, no_nets = self.state, {}
-        for w in list(self.watchers):
+        for w in self._recipients(batch):
             nets = batch.select_for(w.node_id, st.node_nets.get(w.node_id, no_nets), w.asked, st.ingress)
             frame = batch.frame(nets) if (nets or batch.has_nodes) else None
             if frame is not None and not w.offer(batch.rev, frame):
@@ -572,11 +594,19 @@ class Hub:
 
     def _end(self, w: Watcher, reason: str) -> None:
         self.watchers.discard(w)
+        if self._by_node.get(w.node_id) is w:
+            del self._by_node[w.node_id]
+        for net in w.asked:
+            askers = self._askers.get(net)
+            if askers is not None:
+                askers.discard(w)
+                if not askers:
+                    del self._askers[net]
         w.end(reason)
 
     def disconnect(self, node_id: str, reason: str = "the node was removed") -> int:
         """End every watch stream of a node; returns how many."""
-        mine = [w for w in self.watchers if w.node_id == node_id]
+        mine = [self._by_node[node_id]] if node_id in self._by_node else []   # one stream per node: subscribe()
         for w in mine:
             self._end(w, reason)
         return len(mine)
@@ -663,6 +693,9 @@ class Hub:
         self.disconnect(node_id, "replaced by a newer watch stream of this node")
         w = Watcher(node_id, hostname, asked, self.max_frames, self.max_bytes)
         self.watchers.add(w)
+        self._by_node[node_id] = w
+        for net in asked:
+            self._askers[net].add(w)
         w.since, w.start = since, self.state.rev
         w.first = self.snapshot_parts(node_id, asked) if since == 0 or since > w.start else None
         return w

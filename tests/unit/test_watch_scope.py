@@ -167,3 +167,39 @@ def test_an_attach_answer_never_replaces_a_newer_node_the_watch_brought(tmp_path
         assert a.agent.nodes["b"].addr == "192.0.2.99"
         await m.close()
     run(main())
+
+
+def test_a_batch_is_offered_to_the_watchers_it_concerns_without_asking_every_one(tmp_path):
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        names = [f"w{i}" for i in range(12)]
+        for i, n in enumerate(names):
+            await m.node(n, f"192.0.2.{40 + i}")
+        n1, n2, n3 = [await m.net(f"n{k}", f"198.18.{k}.0/24") for k in (1, 2, 3)]
+        for i, n in enumerate(names[:8]):
+            await m.attach(n, (n1, n2)[i % 2], f"c{n}")
+        ws = {n: m.hub.subscribe(n, n, m.hub.state.rev, frozenset({n3}) if n == "w11" else frozenset())
+              for n in names}
+
+        def check() -> None:
+            st, batch = m.hub.state, m.hub.recent[-1]
+            wanted = {w.node_id for w in ws.values() if w in m.hub.watchers and (
+                      batch.select_for(w.node_id, st.node_nets.get(w.node_id, {}), w.asked, st.ingress)
+                      or batch.has_nodes)}
+            asked = {w.node_id for w in m.hub._recipients(batch)}
+            assert wanted <= asked and len(asked) < len(names)
+        await m.attach("w9", n1, "x")       # a node's first endpoint on n1 (its node rides along)
+        check()
+        await m.attach("w1", n2, "y")       # a second endpoint of w1 on n2
+        check()
+        ep = (await m.attach("w10", n3, "z")).endpoint   # n3: w10's, and w11 asked for it
+        check()
+        assert {w.node_id for w in m.hub._recipients(m.hub.recent[-1])} == {"w10", "w11"}
+        await m.ov.delete_endpoint("w10", ep.id)   # w10 leaves n3: still told
+        check()
+        await move(m, "w2", "192.0.2.99")   # a worker's node: those on n1
+        check()
+        await m.node("mgr", "192.0.2.100", role="manager")   # a manager's: everyone
+        assert len(list(m.hub._recipients(m.hub.recent[-1]))) == len(names)
+        await m.close()
+    run(main())
