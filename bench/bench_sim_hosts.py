@@ -199,6 +199,19 @@ class Workers:
                 await p.wait()
 
 
+async def join_progress(lab: Lab, mgr: Managers, workers: Workers, t0: float, every: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(every)
+        try:
+            nodes = len(await loop.run_in_executor(None, lab.client("h1").call, "GET", "/nodes"))
+        except Exception as e:   # noqa: BLE001 - progress only
+            nodes = f"? ({e})"
+        sims = sum(rss_kib(p.pid) for p in workers.procs) / 1024
+        print(f"  ... {time.monotonic() - t0:.0f} s: {nodes} nodes joined; manager RSS {mgr.rss()}, simulated "
+              f"hosts' RSS {sims:.0f} MiB; load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
     mgr = Managers(lab, mgr_hosts)
     c = lab.client("h1")
@@ -228,8 +241,13 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
         await workers.start(procs, cfgs)
         cpu0 = mgr.cpu()
         t = time.monotonic()
-        # Staggered: each process joins a few hosts at a time.
-        await workers.all("join", {"token": token, "manager": manager, "concurrency": max(2, 16 // procs)})
+        # Staggered: each process joins a few hosts at a time; how far it got is printed every 60 s (a run
+        # that cannot finish says where it stopped).
+        progress = asyncio.ensure_future(join_progress(lab, mgr, workers, t))
+        try:
+            await workers.all("join", {"token": token, "manager": manager, "concurrency": max(2, 16 // procs)})
+        finally:
+            progress.cancel()
         res["join_s"] = time.monotonic() - t
         print(f"  {args.hosts} hosts joined and started in {res['join_s']:.1f} s ({procs} processes); "
               f"manager RSS {mgr.rss()}", flush=True)

@@ -257,10 +257,13 @@ class ClusterClient:
                 return
         else:
             return
+        by_addr = any(k.startswith("addr:") for k in fresh)   # managers known only by the address given
         for n in nodes:
             if not isinstance(n, dict):
                 continue
             nid, addr, vtep = str(n.get("id", "")), n.get("manager_addr"), n.get("addr")
+            if n.get("role") != "manager" and nid not in fresh and not by_addr:
+                continue   # a worker that was no manager here: nothing to change (most node events)
             if not (isinstance(addr, str) and addr):
                 if not (isinstance(vtep, str) and vtep):
                     continue
