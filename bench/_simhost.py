@@ -188,7 +188,7 @@ class SimHost:
         if prober:
             ov.prober.start()
 
-    async def attach(self, network_id: str, owner: str, tries: int = 5):
+    async def attach(self, network_id: str, owner: str, tries: int = 10):
         netns = f"/run/nwt-sim/{self.name}/{owner}"
         await self.dp.create_netns(netns)
         for attempt in range(tries):
@@ -198,7 +198,7 @@ class SimHost:
             except Unavailable:   # a manager too busy to answer in time; the same owner gets the same endpoint
                 if attempt == tries - 1:
                     raise
-                await asyncio.sleep(1 + attempt)
+                await asyncio.sleep(min(10, 1 + attempt))
 
     async def stop(self) -> None:
         if self.overlay is not None:
