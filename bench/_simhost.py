@@ -162,7 +162,7 @@ class SimHost:
         self.overlay: SimOverlayAgent | None = None
         self.node_id = ""
 
-    async def join(self, token: str, manager: str, tries: int = 10) -> None:
+    async def join(self, token: str, manager: str, tries: int = 30) -> None:
         SOURCE.set(self.source)   # this task's context, and that of every task it starts
         for attempt in range(tries):
             try:
