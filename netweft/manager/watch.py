@@ -8,7 +8,8 @@ each revision out to the agents' watch streams:
 - each revision becomes a `Batch` whose events are encoded once (the stored bytes are the wire
   form); a watcher gets the events of its scope, and watchers with the same selection share one frame;
 - a node reaches only the agents that need it (`ClusterState.visible`): itself, every agent when it is a
-  manager (agents keep the list of managers), and the agents that share a network with it. A node's first
+  manager (agents keep the list of managers), the agents that share a network with it, and the managers'
+  own agents (a few; they answer every host's data-path probes, `netweft doctor`'s included). A node's first
   endpoint on a network carries the node along to that network's watchers, and the answer to an attach
   carries the nodes of the network joined, so an agent has every peer's node without hearing of every
   join, heartbeat transition and key of the cluster (hosts x hosts at 10,000 hosts);
@@ -135,10 +136,16 @@ class ClusterState:
     def scope(self, node_id: str, asked: Iterable[str] = ()) -> set[str]:
         """The networks a node watches: those it has endpoints on, and those it asked for (existing or not:
         a network it asked for still reaches it when it is removed)."""
-        return set(self.node_nets.get(node_id, ())).union(asked, self.ingress)
+        out = set(self.node_nets.get(node_id, ())).union(asked, self.ingress)
+        if node_id in self.managers:
+            out.add(MANAGERS_KEY)
+        return out
 
     def visible(self, node_id: str, scope: Iterable[str]) -> set[str]:
-        """The nodes an agent with this scope is sent: itself, the managers, the nodes on its networks."""
+        """The nodes an agent with this scope is sent: itself, the managers, the nodes on its networks (every
+        node, for a manager's agent)."""
+        if node_id in self.managers:
+            return set(self.kinds[NODES])
         out = {node_id} | self.managers
         for net in scope:
             out.update(self.net_nodes.get(net, ()))
@@ -146,7 +153,7 @@ class ClusterState:
 
     def node_keys(self, node_id: str) -> tuple[str, ...]:
         """The Batch keys of a node's event: the networks it has endpoints on, and its own key."""
-        return (*self.node_nets.get(node_id, ()), own_key(node_id))
+        return (*self.node_nets.get(node_id, ()), MANAGERS_KEY, own_key(node_id))
 
     def network_nodes(self, net_id: str) -> list[bytes]:
         """The stored bytes of the nodes with endpoints on a network (what an agent joining it needs)."""
@@ -222,6 +229,9 @@ class ClusterState:
 
 
 # ---------------------------------------------------------------------------- batches
+MANAGERS_KEY = "@managers"   # the Batch key of what every manager's agent gets (every node's events)
+
+
 def own_key(node_id: str) -> str:
     """The Batch key of what only one node is sent (its tasks, its own node object): no network's ID."""
     return "@" + node_id
@@ -563,6 +573,9 @@ class Hub:
         out: set[Watcher] = set()
         by_node = self._by_node
         for key, nodes in batch.touched.items():
+            if key == MANAGERS_KEY:
+                out.update(by_node[n] for n in st.managers if n in by_node)
+                continue
             for n in nodes:
                 if n in by_node:
                     out.add(by_node[n])
@@ -577,7 +590,10 @@ class Hub:
             return
         st, no_nets = self.state, {}
         for w in self._recipients(batch):
-            nets = batch.select_for(w.node_id, st.node_nets.get(w.node_id, no_nets), w.asked, st.ingress)
+            on = st.node_nets.get(w.node_id, no_nets)
+            if w.node_id in st.managers:
+                on = {**on, MANAGERS_KEY: 1}
+            nets = batch.select_for(w.node_id, on, w.asked, st.ingress)
             frame = batch.frame(nets) if (nets or batch.has_nodes) else None
             if frame is not None and not w.offer(batch.rev, frame):
                 self._end(w, f"cut off: more than {len(w.frames)} revisions ({w.size >> 10} KiB) behind; "

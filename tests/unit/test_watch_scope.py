@@ -203,3 +203,19 @@ def test_a_batch_is_offered_to_the_watchers_it_concerns_without_asking_every_one
         assert len(list(m.hub._recipients(m.hub.recent[-1]))) == len(names)
         await m.close()
     run(main())
+
+
+def test_a_managers_agent_hears_of_every_node(tmp_path):
+    """Managers are few, and every host's data-path probes (netweft doctor's too) are answered by them."""
+    async def main():
+        m = await Manager.open(tmp_path / "c.db")
+        await m.node("m", ADDR["m"], role="manager")
+        for n in "ab":
+            await m.node(n, ADDR[n])
+        w = m.hub.subscribe("m", "m", 0)
+        assert {n.id for n in message.decode(b"".join(w.first)).nodes} == {"m", "a", "b"}
+        wa = m.hub.subscribe("a", "a", m.hub.state.rev)
+        await move(m, "b", "192.0.2.22")   # b shares no network with anyone
+        assert ids(pending(w), "node") == ["b"] and ids(pending(wa), "node") == []
+        await m.close()
+    run(main())
