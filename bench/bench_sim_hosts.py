@@ -199,6 +199,27 @@ class Workers:
                 await p.wait()
 
 
+def start_manager(lab: Lab, host: str, timeout: float = 900) -> None:
+    """lab.start_daemon, waiting longer than its 30 s: 1,000 agents reconnecting at once (2,000 mutual-TLS
+    handshakes) keep a manager's loop busy before its local API answers."""
+    try:
+        lab.start_daemon(host)
+        return
+    except RuntimeError as e:
+        if "did not answer" not in str(e):
+            raise
+    deadline = time.monotonic() + timeout
+    c = lab.client(host, timeout=10)
+    while True:
+        try:
+            c.call("GET", "/_ping")
+            return
+        except Exception:   # noqa: BLE001 - retried until the deadline
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"netweftd on {host} did not answer within {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
 async def join_progress(lab: Lab, mgr: Managers, workers: Workers, t0: float, every: float = 60) -> None:
     loop = asyncio.get_running_loop()
     while True:
@@ -319,8 +340,9 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
             await loop.run_in_executor(None, lab.stop_daemon, h)
         await workers.all("cleared", {"timeout": 120})
         for h in mgr_hosts:
-            await loop.run_in_executor(None, lab.start_daemon, h)
+            await loop.run_in_executor(None, start_manager, lab, h)
         t_up = time.monotonic()
+        print(f"  managers answering {t_up - t:.1f} s after the stop began", flush=True)
         cpu4 = mgr.cpu()
         prof = Profiler(args.profile, "restart", {**{h: daemon_pid(lab, h) for h in mgr_hosts},
                                                   **{f"sim{k}": p.pid for k, p in enumerate(workers.procs)}})
