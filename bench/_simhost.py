@@ -126,6 +126,11 @@ class SimOverlayAgent(OverlayAgent):
     The agent spaces its saves so they take ~5 % of its host's time; N agents in one process would
     take N x 5 % of one core and starve everything else. Nothing else differs."""
     share = 1
+    snapshots = 0   # snapshots applied, by every simulated host of the process (a resume should need none)
+
+    def _on_snapshot(self, msg: dict, rev: int) -> None:
+        SimOverlayAgent.snapshots += 1
+        super()._on_snapshot(msg, rev)
 
     def _save_soon(self) -> None:
         if self._save_handle is None:
@@ -157,7 +162,7 @@ class SimHost:
         self.overlay: SimOverlayAgent | None = None
         self.node_id = ""
 
-    async def join(self, token: str, manager: str, tries: int = 10) -> None:
+    async def join(self, token: str, manager: str, tries: int = 30) -> None:
         SOURCE.set(self.source)   # this task's context, and that of every task it starts
         for attempt in range(tries):
             try:
@@ -183,7 +188,7 @@ class SimHost:
         if prober:
             ov.prober.start()
 
-    async def attach(self, network_id: str, owner: str, tries: int = 5):
+    async def attach(self, network_id: str, owner: str, tries: int = 10):
         netns = f"/run/nwt-sim/{self.name}/{owner}"
         await self.dp.create_netns(netns)
         for attempt in range(tries):
@@ -193,7 +198,7 @@ class SimHost:
             except Unavailable:   # a manager too busy to answer in time; the same owner gets the same endpoint
                 if attempt == tries - 1:
                     raise
-                await asyncio.sleep(1 + attempt)
+                await asyncio.sleep(min(10, 1 + attempt))
 
     async def stop(self) -> None:
         if self.overlay is not None:

@@ -79,6 +79,10 @@ class Worker:
         await gather_limited((one(s) for s in self.sims), concurrency)
         return time.monotonic() - t
 
+    async def snapshots(self) -> int:
+        """Snapshots the simulated hosts of this process have applied so far."""
+        return SimOverlayAgent.snapshots
+
     async def connected(self, timeout: float) -> float:
         t = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*(s.overlay.connected.wait() for s in self.sims)), timeout)

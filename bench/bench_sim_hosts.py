@@ -19,7 +19,11 @@ change is timed on the first network's hosts: every host holding N peers is N x 
 Everything is removed at the end (lab down), also on errors and Ctrl-C.
 
     sudo .venv/bin/python bench/bench_sim_hosts.py [--hosts 1000] [--stores sqlite,etcd] [--rounds 5]
-        [--procs 2] [--group G]
+        [--procs 2] [--group G] [--profile DIR]
+
+With --profile DIR, py-spy (installed in the venv, not a dependency) samples each manager daemon and each
+process of simulated hosts during the propagation rounds and again during the restart, and writes collapsed
+stacks (DIR/<phase>-<process>.txt, one `frame;frame;... count` line each) and a summary of where the time went.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import os
 import resource
 import secrets
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +98,62 @@ class Managers:
         return out / 1024
 
 
+class Profiler:
+    """py-spy recording the given processes (name -> pid) until stop(); nothing without a directory."""
+
+    def __init__(self, out: str | None, phase: str, pids: dict[str, int]):
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.out, self.phase = out, phase
+        spy = Path(sys.executable).parent / "py-spy"
+        if not out or not spy.exists():
+            return
+        os.makedirs(out, exist_ok=True)
+        for name, pid in pids.items():
+            path = os.path.join(out, f"{phase}-{name}.txt")
+            self.procs.append((path, subprocess.Popen(
+                [str(spy), "record", "-p", str(pid), "-o", path, "-f", "raw", "-r", "50", "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+
+    def stop(self) -> None:
+        for _, p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for path, p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            summarize(path)
+
+
+def summarize(path: str, top: int = 25) -> None:
+    """The functions with the most samples (inclusive, and on-CPU at the top of the stack), beside the stacks."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return
+    total, incl, own = 0, {}, {}
+    for line in lines:
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = stack.split(";")
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+    if not total:
+        return
+    with open(path[:-4] + ".summary", "w") as f:
+        f.write(f"{total} samples\n-- inclusive\n")
+        for k, v in sorted(incl.items(), key=lambda kv: -kv[1])[:top * 2]:
+            f.write(f"{v / total * 100:5.1f}% {k}\n")
+        f.write("-- own\n")
+        for k, v in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+            f.write(f"{v / total * 100:5.1f}% {k}\n")
+
+
 class Workers:
     """The processes of simulated hosts (bench/_simworker.py), each running a share of them."""
 
@@ -137,6 +199,40 @@ class Workers:
                 await p.wait()
 
 
+def start_manager(lab: Lab, host: str, timeout: float = 900) -> None:
+    """lab.start_daemon, waiting longer than its 30 s: 1,000 agents reconnecting at once (2,000 mutual-TLS
+    handshakes) keep a manager's loop busy before its local API answers."""
+    try:
+        lab.start_daemon(host)
+        return
+    except RuntimeError as e:
+        if "did not answer" not in str(e):
+            raise
+    deadline = time.monotonic() + timeout
+    c = lab.client(host, timeout=10)
+    while True:
+        try:
+            c.call("GET", "/_ping")
+            return
+        except Exception:   # noqa: BLE001 - retried until the deadline
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"netweftd on {host} did not answer within {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+async def join_progress(lab: Lab, mgr: Managers, workers: Workers, t0: float, every: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(every)
+        try:
+            nodes = len(await loop.run_in_executor(None, lab.client("h1").call, "GET", "/nodes"))
+        except Exception as e:   # noqa: BLE001 - progress only
+            nodes = f"? ({e})"
+        sims = sum(rss_kib(p.pid) for p in workers.procs) / 1024
+        print(f"  ... {time.monotonic() - t0:.0f} s: {nodes} nodes joined; manager RSS {mgr.rss()}, simulated "
+              f"hosts' RSS {sims:.0f} MiB; load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
     mgr = Managers(lab, mgr_hosts)
     c = lab.client("h1")
@@ -166,8 +262,13 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
         await workers.start(procs, cfgs)
         cpu0 = mgr.cpu()
         t = time.monotonic()
-        # Staggered: each process joins a few hosts at a time.
-        await workers.all("join", {"token": token, "manager": manager, "concurrency": max(2, 16 // procs)})
+        # Staggered: each process joins a few hosts at a time; how far it got is printed every 60 s (a run
+        # that cannot finish says where it stopped).
+        progress = asyncio.ensure_future(join_progress(lab, mgr, workers, t))
+        try:
+            await workers.all("join", {"token": token, "manager": manager, "concurrency": max(2, 16 // procs)})
+        finally:
+            progress.cancel()
         res["join_s"] = time.monotonic() - t
         print(f"  {args.hosts} hosts joined and started in {res['join_s']:.1f} s ({procs} processes); "
               f"manager RSS {mgr.rss()}", flush=True)
@@ -202,6 +303,8 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
             return lat, a["attach_s"]
 
         rounds = []
+        prof = Profiler(args.profile, "rounds", {**{h: daemon_pid(lab, h) for h in mgr_hosts},
+                                                 **{f"sim{k}": p.pid for k, p in enumerate(workers.procs)}})
         for r in range(args.rounds):
             await workers.all("loop_lag", {})
             cpu_r = mgr.cpu()
@@ -214,6 +317,7 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
                   f"{lag * 1000:.0f} ms late; managers' CPU {sum(mgr.cpu().values()) - sum(cpu_r.values()):.2f} s; "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
             await asyncio.sleep(1)
+        prof.stop()
         cpu2 = mgr.cpu()
         res["p50"], res["p99"], res["max"], _, res["lag"] = (median(x[i] for x in rounds) for i in range(5))
         res["load"] = os.getloadavg()[0]
@@ -230,19 +334,28 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
               f"the rounds; idle (heartbeats, pings) {res['cpu_idle_pct']:.0f}% of a core together", flush=True)
         # Every manager restarts.
         loop = asyncio.get_running_loop()
+        snaps0 = sum(await workers.all("snapshots", {}))
         t = time.monotonic()
         for h in mgr_hosts:
             await loop.run_in_executor(None, lab.stop_daemon, h)
         await workers.all("cleared", {"timeout": 120})
         for h in mgr_hosts:
-            await loop.run_in_executor(None, lab.start_daemon, h)
+            await loop.run_in_executor(None, start_manager, lab, h)
         t_up = time.monotonic()
+        print(f"  managers answering {t_up - t:.1f} s after the stop began", flush=True)
         cpu4 = mgr.cpu()
-        await workers.all("connected", {"timeout": 900})
+        prof = Profiler(args.profile, "restart", {**{h: daemon_pid(lab, h) for h in mgr_hosts},
+                                                  **{f"sim{k}": p.pid for k, p in enumerate(workers.procs)}})
+        try:
+            await workers.all("connected", {"timeout": 900})
+        finally:
+            prof.stop()
         res["back_s"] = time.monotonic() - t_up
         res["cpu_back"] = sum(mgr.cpu().values()) - sum(cpu4.values())
+        res["snapshots_back"] = sum(await workers.all("snapshots", {})) - snaps0
         print(f"  managers restarted (down+up {t_up - t:.1f} s); every host's watch back "
-              f"{res['back_s']:.1f} s after the last manager answered ({res['cpu_back']:.0f} s of manager CPU)",
+              f"{res['back_s']:.1f} s after the last manager answered ({res['cpu_back']:.0f} s of manager CPU; "
+              f"{res['snapshots_back']} of {args.hosts} hosts needed a new snapshot; load {os.getloadavg()[0]:.1f})",
               flush=True)
         lat, t_attach = await propagate(1, "after-restart")
         res["after_p99"] = pct(lat, 99)
@@ -267,6 +380,8 @@ def main() -> None:
     p.add_argument("--heartbeat", default="5s", help="the cluster's heartbeat period (default 5s, the default)")
     p.add_argument("--resync", action="store_true", help="also run each agent's 3-s resync loop")
     p.add_argument("--prober", action="store_true", help="also run each agent's data-path prober")
+    p.add_argument("--profile", metavar="DIR", help="py-spy the managers and simulated hosts during the rounds "
+                   "and the restart; collapsed stacks and summaries in DIR")
     args = p.parse_args()
     # N agents each say "watch stream closed" when the managers restart: that is expected here.
     logging.getLogger("netweft").setLevel(logging.ERROR)

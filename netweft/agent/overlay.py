@@ -133,6 +133,9 @@ class OverlayAgent:
         os.makedirs(self.sandbox_dir, mode=0o700, exist_ok=True)
         self.nets: dict[str, NetState] = {}
         self.nodes: dict[str, Node] = {}
+        # node -> the revision its object here is of: an attach answer's nodes (at its revision) never replace
+        # a newer one the watch brought (watch/peer scoping: see netweft/model/watch.py)
+        self._node_revs: dict[str, int] = {}
         self.rev = 0                     # the stream's position
         self.bad_rev: int | None = None  # the first revision holding an object that could not be applied
         self.pending_release: list[str] = []   # endpoints removed while no manager was reachable
@@ -454,6 +457,7 @@ class OverlayAgent:
         if isinstance(ev, (ServiceEvent, TaskEvent)):
             return   # not the data plane's: the observers' (service tasks)
         if isinstance(ev, NodeEvent):
+            self._node_revs[ev.object.id] = rev
             self._apply_node(ev, touched)
             return
         net_id = ev.object.id if isinstance(ev, NetworkEvent) else ev.object.network_id
@@ -509,6 +513,24 @@ class OverlayAgent:
             self._delta(ns, old, self._peer(e))
             touched.add(ns.network.id)
 
+    def _learn_nodes(self, nodes: list[Node], rev: int) -> None:
+        """The nodes an attach answer brought (those on the network joined, at `rev`), unless the watch
+        brought a newer object of one; peers on the networks already here follow their changes."""
+        fresh = {n.id: n for n in nodes if n.id != self.node_id and self._node_revs.get(n.id, -1) < rev}
+        if not fresh:
+            return
+        affected = [(ns, e) for ns in self.nets.values() for e in ns.endpoints.values() if e.node_id in fresh]
+        before = [self._peer(e) for _, e in affected]
+        self.nodes.update(fresh)
+        self._node_revs.update(dict.fromkeys(fresh, rev))
+        touched: set[str] = set()
+        for (ns, e), old in zip(affected, before):
+            self._delta(ns, old, self._peer(e))
+            touched.add(ns.network.id)
+        for net_id in touched:
+            self._schedule_flush(net_id)
+        self.tunnels.kick()   # their WireGuard keys
+
     def _finish(self, rev: int, touched: set[str]) -> None:
         """After a whole message at rev: every network not being attached is current at rev."""
         for net_id, ns in self.nets.items():
@@ -528,6 +550,7 @@ class OverlayAgent:
             by_net.setdefault(e.network_id, []).append(e)
         before = {net_id: self.remote_peers(net_id) for net_id in self.nets if net_id not in self._held}
         self.nodes = {n.id: n for n in nodes}
+        self._node_revs = dict.fromkeys(self.nodes, rev)
         listed = set()
         for net in networks:
             listed.add(net.id)
@@ -874,6 +897,7 @@ class OverlayAgent:
                 raise
             _kept(None, att.endpoint)   # its shared strings: the local record made from it keeps them
             new_here = network_id not in self._local_by_net
+            self._learn_nodes(att.nodes, att.rev)
             if att.partial and anchor is not None and not new_here:
                 # Only the endpoint: the copy is current at its revision and the watch brings the rest.
                 self.nets[network_id].endpoints.setdefault(att.endpoint.id, att.endpoint)

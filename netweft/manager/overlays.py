@@ -274,7 +274,11 @@ class Overlays:
             rev = seen
         if others is None:
             return b'{"rev":%d,"endpoint":%s,"network":%s,"endpoints":[],"partial":true}' % (rev, ep_raw, net_raw)
-        return b'{"rev":%d,"endpoint":%s,"network":%s,"endpoints":[%s]}' % (rev, ep_raw, net_raw, b",".join(others))
+        # The nodes of the network's endpoints too: the watch sends an agent only the nodes it shares a network
+        # with, and this one may be new to it.
+        nodes = b",".join(self.state.network_nodes(req.network_id))
+        return b'{"rev":%d,"endpoint":%s,"network":%s,"endpoints":[%s],"nodes":[%s]}' % (
+            rev, ep_raw, net_raw, b",".join(others), nodes)
 
     def _anchored(self, node_id: str, net_id: str, query: AttachQuery) -> bool:
         """Does the asker need none of the network's endpoints? Its anchor endpoint is on the network, the

@@ -7,6 +7,12 @@ each revision out to the agents' watch streams:
 
 - each revision becomes a `Batch` whose events are encoded once (the stored bytes are the wire
   form); a watcher gets the events of its scope, and watchers with the same selection share one frame;
+- a node reaches only the agents that need it (`ClusterState.visible`): itself, every agent when it is a
+  manager (agents keep the list of managers), the agents that share a network with it, and the managers'
+  own agents (a few; they answer every host's data-path probes, `netweft doctor`'s included). A node's first
+  endpoint on a network carries the node along to that network's watchers, and the answer to an attach
+  carries the nodes of the network joined, so an agent has every peer's node without hearing of every
+  join, heartbeat transition and key of the cluster (hosts x hosts at 10,000 hosts);
 - each watcher has a bounded queue: one that falls too far behind is cut off (its stream closes with
   one log line) and resumes from the revision it had;
 - writes are coalesced: a watcher writes at once after a quiet spell, but at most once per `gap`
@@ -97,6 +103,8 @@ class ClusterState:
         self.owners: dict[tuple[str, str, str, str], str] = {}             # (network, node, kind, id) -> endpoint
         self.names: dict[str, str] = {}                                    # network name -> id
         self.ingress: set[str] = set()      # the ingress network (one, at most): every node watches it
+        self.net_nodes: dict[str, Counter] = defaultdict(Counter)          # network -> node -> endpoints on it
+        self.managers: set[str] = set()     # nodes with the manager role: every agent hears of them
 
     # ------------------------------------------------------------ reads
     def get(self, kind: str, key: str):
@@ -128,7 +136,29 @@ class ClusterState:
     def scope(self, node_id: str, asked: Iterable[str] = ()) -> set[str]:
         """The networks a node watches: those it has endpoints on, and those it asked for (existing or not:
         a network it asked for still reaches it when it is removed)."""
-        return set(self.node_nets.get(node_id, ())).union(asked, self.ingress)
+        out = set(self.node_nets.get(node_id, ())).union(asked, self.ingress)
+        if node_id in self.managers:
+            out.add(MANAGERS_KEY)
+        return out
+
+    def visible(self, node_id: str, scope: Iterable[str]) -> set[str]:
+        """The nodes an agent with this scope is sent: itself, the managers, the nodes on its networks (every
+        node, for a manager's agent)."""
+        if node_id in self.managers:
+            return set(self.kinds[NODES])
+        out = {node_id} | self.managers
+        for net in scope:
+            out.update(self.net_nodes.get(net, ()))
+        return out
+
+    def node_keys(self, node_id: str) -> tuple[str, ...]:
+        """The Batch keys of a node's event: the networks it has endpoints on, and its own key."""
+        return (*self.node_nets.get(node_id, ()), MANAGERS_KEY, own_key(node_id))
+
+    def network_nodes(self, net_id: str) -> list[bytes]:
+        """The stored bytes of the nodes with endpoints on a network (what an agent joining it needs)."""
+        nodes = self.kinds[NODES]
+        return [nodes[n].raw for n in self.net_nodes.get(net_id, ()) if n in nodes]
 
     # ------------------------------------------------------------ changes
     def put(self, kind: str, key: str, raw: bytes, mod_rev: int):
@@ -154,6 +184,10 @@ class ClusterState:
             self.net_ips[obj.network_id].add(int(IPv4Address(obj.ip)))
             self.net_macs[obj.network_id].add(obj.mac)
             self.owners[(obj.network_id, obj.node_id, obj.owner.kind, obj.owner.id)] = obj.id
+            self.net_nodes[obj.network_id][obj.node_id] += 1
+        elif kind == NODES:
+            if obj.role == "manager":
+                self.managers.add(obj.id)
         elif kind == NETWORKS:
             self.names[obj.name] = obj.id
             if obj.ingress:
@@ -177,6 +211,14 @@ class ClusterState:
             if ip < self.net_low.get(obj.network_id, ip + 1):
                 self.net_low[obj.network_id] = ip
             self.owners.pop((obj.network_id, obj.node_id, obj.owner.kind, obj.owner.id), None)
+            on = self.net_nodes[obj.network_id]
+            on[obj.node_id] -= 1
+            if on[obj.node_id] <= 0:
+                del on[obj.node_id]
+            if not on:
+                del self.net_nodes[obj.network_id]
+        elif kind == NODES:
+            self.managers.discard(obj.id)
         elif kind == NETWORKS:
             if self.names.get(obj.name) == obj.id:
                 del self.names[obj.name]
@@ -187,6 +229,14 @@ class ClusterState:
 
 
 # ---------------------------------------------------------------------------- batches
+MANAGERS_KEY = "@managers"   # the Batch key of what every manager's agent gets (every node's events)
+
+
+def own_key(node_id: str) -> str:
+    """The Batch key of what only one node is sent (its tasks, its own node object): no network's ID."""
+    return "@" + node_id
+
+
 def event_bytes(kind: str, action: str, raw: bytes) -> bytes:
     """One watch event (NodeEvent/NetworkEvent/EndpointEvent), made from the stored object's bytes."""
     return b'{"kind":"%s","action":"%s","object":%s}' % (WATCHED[kind], action.encode(), raw)
@@ -195,22 +245,34 @@ def event_bytes(kind: str, action: str, raw: bytes) -> bytes:
 class Batch:
     """One revision's changes as the watch sends them, each event encoded once.
 
-    `events` is [(network id or None for a node event, encoded event)], in the store's order;
-    `touched[net]` the nodes whose endpoints on `net` changed (a node that loses its last endpoint
-    on a network still hears of it). `frame(nets)` is cached per selection."""
+    `events` is [(keys, encoded event)], in the store's order: keys is None for an event every watcher
+    gets, else the networks (or own_key(node)) whose watchers get it; `touched[key]` the nodes whose
+    endpoints on `key` changed (a node that loses its last endpoint on a network still hears of it).
+    `frame(keys)` is cached per selection."""
 
     __slots__ = ("rev", "events", "touched", "has_nodes", "_frames", "everyone")
 
     def __init__(self, rev: int):
         self.rev = rev
-        self.events: list[tuple[str | None, bytes]] = []
+        self.events: list[tuple[tuple[str, ...] | None, bytes]] = []
         self.touched: dict[str, set[str]] = {}
         self.has_nodes = False
         self._frames: dict[tuple, bytes | None] = {}
         self.everyone: set[str] = set()
 
-    def add(self, kind: str, action: str, raw: bytes, obj) -> None:
+    def add(self, kind: str, action: str, raw: bytes, obj, keys: tuple[str, ...] | None = None) -> None:
+        """One event. A node event goes to every watcher unless `keys` names those it goes to (the node's
+        networks and own key: ClusterState.node_keys)."""
         net = None
+        if kind == NODES:
+            if keys is not None:
+                for k in keys:
+                    self.touched.setdefault(k, set())
+                self.touched[keys[-1]].add(obj.id)
+            else:
+                self.has_nodes = True
+            self.events.append((keys, event_bytes(kind, action, raw)))
+            return
         if kind == ENDPOINTS:
             net = obj.network_id
             self.touched.setdefault(net, set()).add(obj.node_id)
@@ -220,11 +282,11 @@ class Batch:
             if obj.ingress:   # every node watches the ingress network: its removal reaches them all too
                 self.everyone.add(net)
         elif kind == TASKS:   # the task's node only: a key no network has, touched by that node
-            net = "@" + obj.node_id
+            net = own_key(obj.node_id)
             self.touched.setdefault(net, set()).add(obj.node_id)
         else:
             self.has_nodes = True
-        self.events.append((net, event_bytes(kind, action, raw)))
+        self.events.append((None if net is None else (net,), event_bytes(kind, action, raw)))
 
     def select(self, node_id: str, scope: set[str]) -> tuple:
         return tuple(n for n, nodes in self.touched.items()
@@ -239,7 +301,7 @@ class Batch:
         """The Events line carrying node events and those of `nets`; None if that is nothing."""
         if nets in self._frames:
             return self._frames[nets]
-        picked = [b for n, b in self.events if n is None or n in nets]
+        picked = [b for keys, b in self.events if keys is None or any(k in nets for k in keys)]
         out = (b'{"type":"events","rev":%d,"events":[%s]}\n' % (self.rev, b",".join(picked))) if picked else None
         self._frames[nets] = out
         return out
@@ -299,12 +361,27 @@ def coalesce_wait(now: float, wrote: float, watchers: int, per_watcher: float = 
     return max(0.0, wrote + gap - now)
 
 
-def pieces(parts: Iterable[bytes], size: int) -> Iterable[memoryview]:
-    """The bytes of parts in order, as views of at most `size` bytes (no copies)."""
+def pieces(parts: Iterable[bytes], size: int) -> Iterable[bytes | memoryview]:
+    """The bytes of parts in order, in pieces of at most `size` bytes: views of a large part (no copies),
+    small parts joined (a snapshot's nodes are one part each: one write per node would cost a TLS write each)."""
+    run: list[bytes] = []
+    held = 0
     for part in parts:
-        view = memoryview(part)
-        for i in range(0, len(view), size):
-            yield view[i:i + size]
+        if len(part) >= size:
+            if run:
+                yield b"".join(run)
+                run, held = [], 0
+            view = memoryview(part)
+            for i in range(0, len(view), size):
+                yield view[i:i + size]
+            continue
+        if held + len(part) > size:
+            yield b"".join(run)
+            run, held = [], 0
+        run.append(part)
+        held += len(part)
+    if run:
+        yield b"".join(run)
 
 
 def parse_query(query) -> tuple[int, frozenset[str]]:
@@ -330,6 +407,9 @@ class Hub:
         self.store, self.ping = store, ping
         self.state = ClusterState()
         self.watchers: set[Watcher] = set()
+        # Who may want a batch, without asking every watcher: by node, and by network asked for.
+        self._by_node: dict[str, Watcher] = {}
+        self._askers: dict[str, set[Watcher]] = defaultdict(set)
         self.max_frames, self.max_bytes = max_frames, max_bytes
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
@@ -434,9 +514,12 @@ class Hub:
     def apply(self, changes: Changes) -> Batch:
         """Apply one revision to the state and hand its batch to the watchers (all in one step of the loop)."""
         batch = Batch(changes.rev)
+        st = self.state
         for ev in changes.events:
-            if ev.kind not in self.state.kinds:
+            if ev.kind not in st.kinds:
                 continue  # a kind this manager does not use (written by a newer one)
+            was_manager = ev.kind == NODES and ev.key in st.managers
+            new_ep = ev.kind == ENDPOINTS and ev.key not in st.kinds[ENDPOINTS]
             try:
                 if ev.action == "put":
                     obj = self.state.put(ev.kind, ev.key, ev.value, ev.rev)
@@ -448,9 +531,15 @@ class Hub:
                 log.error("unreadable change in the cluster store skipped",
                           extra={"kind": ev.kind, "key": ev.key, "rev": ev.rev, "reason": str(e)})
                 continue
-            if ev.kind in WATCHED:
+            if ev.kind == NODES:
+                # A manager (or one that was), or a node leaving: every agent; else those sharing a network.
+                everyone = was_manager or ev.action != "put" or obj.role == "manager"
+                batch.add(NODES, ev.action, ev.value, obj, None if everyone else st.node_keys(obj.id))
+            elif ev.kind in WATCHED:
+                if new_ep and ev.action == "put":
+                    self._carry_node(batch, obj)
                 batch.add(ev.kind, ev.action, ev.value, obj)
-        self.state.rev = changes.rev
+        st.rev = changes.rev
         self._publish(batch)
         self._remember(batch)
         still = []
@@ -463,12 +552,48 @@ class Hub:
         self._waiters = still
         return batch
 
+    def _carry_node(self, batch: Batch, ep: Endpoint, first: bool = True) -> None:
+        """A node's first endpoint on a network: the node rides along to that network's watchers, which
+        may never have heard of it (a node event reaches only those sharing a network with it). `first`
+        False: whether it is the first is not known (the change log): it rides along anyway."""
+        st = self.state
+        if ep.node_id in st.managers or (first and st.net_nodes.get(ep.network_id, {}).get(ep.node_id) != 1):
+            return
+        node = st.kinds[NODES].get(ep.node_id)
+        if node is not None:
+            batch.add(NODES, "put", node.raw, node.obj, (ep.network_id,))
+
+    def _recipients(self, batch: Batch) -> Iterable[Watcher]:
+        """The watchers a batch may concern: every one for an event to all (a manager's node, the ingress
+        network), else the watchers of the nodes it touched, of the nodes on its networks and of those who
+        asked for them: a change on a network of 10 hosts costs 10 checks, not one per host of the cluster."""
+        st = self.state
+        if batch.has_nodes or batch.everyone or not st.ingress.isdisjoint(batch.touched):
+            return list(self.watchers)
+        out: set[Watcher] = set()
+        by_node = self._by_node
+        for key, nodes in batch.touched.items():
+            if key == MANAGERS_KEY:
+                out.update(by_node[n] for n in st.managers if n in by_node)
+                continue
+            for n in nodes:
+                if n in by_node:
+                    out.add(by_node[n])
+            for n in st.net_nodes.get(key, ()):
+                if n in by_node:
+                    out.add(by_node[n])
+            out.update(self._askers.get(key, ()))
+        return out
+
     def _publish(self, batch: Batch) -> None:
         if not batch.events:
             return
         st, no_nets = self.state, {}
-        for w in list(self.watchers):
-            nets = batch.select_for(w.node_id, st.node_nets.get(w.node_id, no_nets), w.asked, st.ingress)
+        for w in self._recipients(batch):
+            on = st.node_nets.get(w.node_id, no_nets)
+            if w.node_id in st.managers:
+                on = {**on, MANAGERS_KEY: 1}
+            nets = batch.select_for(w.node_id, on, w.asked, st.ingress)
             frame = batch.frame(nets) if (nets or batch.has_nodes) else None
             if frame is not None and not w.offer(batch.rev, frame):
                 self._end(w, f"cut off: more than {len(w.frames)} revisions ({w.size >> 10} KiB) behind; "
@@ -485,11 +610,19 @@ class Hub:
 
     def _end(self, w: Watcher, reason: str) -> None:
         self.watchers.discard(w)
+        if self._by_node.get(w.node_id) is w:
+            del self._by_node[w.node_id]
+        for net in w.asked:
+            askers = self._askers.get(net)
+            if askers is not None:
+                askers.discard(w)
+                if not askers:
+                    del self._askers[net]
         w.end(reason)
 
     def disconnect(self, node_id: str, reason: str = "the node was removed") -> int:
         """End every watch stream of a node; returns how many."""
-        mine = [w for w in self.watchers if w.node_id == node_id]
+        mine = [self._by_node[node_id]] if node_id in self._by_node else []   # one stream per node: subscribe()
         for w in mine:
             self._end(w, reason)
         return len(mine)
@@ -500,15 +633,27 @@ class Hub:
         return b"".join(self.snapshot_parts(node_id, asked))
 
     def snapshot_parts(self, node_id: str, asked: Iterable[str] = ()) -> tuple[bytes, ...]:
-        """snapshot() in pieces: the nodes (every watcher's, the largest part) are one bytes object shared by
-        every snapshot made at this revision, not a copy per watcher (1,000 agents reconnecting at once)."""
+        """snapshot() in pieces, sharing the stored bytes rather than copying them per watcher (1,000 agents
+        reconnecting at once): the nodes it may see (ClusterState.visible) are the stored objects themselves,
+        or, when that is every node, one bytes object shared by every snapshot made at this revision."""
         st = self.state
-        if self._nodes_part[0] != st.rev:
-            self._nodes_part = (st.rev, b",".join(e.raw for e in st.kinds[NODES].values()))
-        nets = sorted(n for n in st.scope(node_id, asked) if n in st.kinds[NETWORKS])
+        scope = st.scope(node_id, asked)
+        visible = st.visible(node_id, scope)
+        all_nodes = st.kinds[NODES]
+        if len(visible) >= len(all_nodes) and visible.issuperset(all_nodes):
+            if self._nodes_part[0] != st.rev:
+                self._nodes_part = (st.rev, b",".join(e.raw for e in all_nodes.values()))
+            nodes: list[bytes] = [self._nodes_part[1]]
+        else:
+            nodes = []
+            for n in sorted(visible):
+                e = all_nodes.get(n)
+                if e is not None:
+                    nodes += (b",", e.raw) if nodes else (e.raw,)
+        nets = sorted(n for n in scope if n in st.kinds[NETWORKS])
         networks = b",".join(st.kinds[NETWORKS][n].raw for n in nets)
         eps = b",".join(st.kinds[ENDPOINTS][ep].raw for n in nets for ep in st.net_eps.get(n, ()))
-        return (b'{"type":"snapshot","rev":%d,"nodes":[' % st.rev, self._nodes_part[1],
+        return (b'{"type":"snapshot","rev":%d,"nodes":[' % st.rev, *nodes,
                 b'],"networks":[%s],"endpoints":[%s]}\n' % (networks, eps))
 
     async def missed(self, node_id: str, asked: frozenset[str], since: int, until: int):
@@ -536,9 +681,17 @@ class Hub:
                 for ev in c.events:
                     if ev.kind in WATCHED:
                         try:
-                            batch.add(ev.kind, ev.action, ev.value, decode(ev.kind, ev.value))
+                            obj = decode(ev.kind, ev.value)
                         except (msgspec.ValidationError, msgspec.DecodeError):
                             continue
+                        if ev.kind == NODES:
+                            # Whom it reaches is judged by the nodes' networks of now (the log has no index).
+                            seen = ev.action != "put" or obj.role == "manager" or obj.id in self.state.managers
+                            batch.add(NODES, ev.action, ev.value, obj, None if seen else self.state.node_keys(obj.id))
+                        else:
+                            if ev.kind == ENDPOINTS and ev.action == "put":
+                                self._carry_node(batch, obj, first=False)
+                            batch.add(ev.kind, ev.action, ev.value, obj)
                 frame = batch.frame(batch.select(node_id, scope)) if batch.events else None
                 if frame is not None:
                     yield c.rev, frame
@@ -556,6 +709,9 @@ class Hub:
         self.disconnect(node_id, "replaced by a newer watch stream of this node")
         w = Watcher(node_id, hostname, asked, self.max_frames, self.max_bytes)
         self.watchers.add(w)
+        self._by_node[node_id] = w
+        for net in asked:
+            self._askers[net].add(w)
         w.since, w.start = since, self.state.rev
         w.first = self.snapshot_parts(node_id, asked) if since == 0 or since > w.start else None
         return w

@@ -8,10 +8,12 @@ A stream of newline-delimited JSON messages, each one `WatchMessage`:
 - `events`: the changes of one revision, in order; `rev` grows by at least one per message;
 - `ping`: nothing changed; `rev` is the manager's current revision (keeps the stream alive).
 
-The scope of a node: every Node; the networks that have an endpoint on the node, plus those it names
+The scope of a node: itself, the managers and the nodes with endpoints on its networks (a node's first
+endpoint on a network brings that node along to the network's watchers; a node leaving the cluster reaches
+every agent); the networks that have an endpoint on the node, plus those it names
 in `networks`; and the endpoints of those networks. A network enters the scope when the node's first
 endpoint on it is created: the answer to POST /endpoints carries that network's state at the
-revision of the creation (`Attachment`), and from then on the stream carries its changes with
+revision of the creation with the nodes of its endpoints (`Attachment`), and from then on the stream carries its changes with
 larger revisions. A network leaves the scope with the node's last endpoint on it; the agent forgets
 it then. On resume (since=REV) the manager sends the missed events of the networks in the current
 scope, or a snapshot.
@@ -104,6 +106,9 @@ class Attachment(msgspec.Struct, kw_only=True):
     # True: `endpoints` is left empty, the asker's copy of the network is current (it named an endpoint
     # the watch has carried the network with since a revision its copy is past: POST /endpoints?anchor=&since=).
     partial: bool = False
+    # The nodes of the network's endpoints (not with `partial`): the watch sends each agent only the nodes
+    # it shares a network with, so a network it joins may bring nodes it has never heard of.
+    nodes: list[Node] = []
 
 
 class EndpointRelease(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -1,5 +1,5 @@
 """`netweft doctor` in a 3-host lab (issue 13, item 1): all is well first (exit 0); then, asked on h2, it names
-a blocked data-path port (UDP 4789 dropped at h3), a lowered MTU on one underlay link (the switch's port to
+a blocked data-path port (UDP 4789 dropped at h3, which shares an overlay with h2), a lowered MTU on one underlay link (the switch's port to
 h1) and a stopped manager (h1's daemon), each in its own line, and exits 1."""
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ def lines(out: list[str], *words: str) -> list[str]:
 
 def test_doctor_names_a_blocked_port_a_lowered_mtu_and_a_stopped_manager(lab3):
     lab = lab3
+    # A host hears of the hosts it shares a network with (and the managers): h2 and h3 share one.
+    run_cli(lab, "h1", "network", "create", "-d", "overlay", "--attachable", "--subnet", "198.18.0.0/24", "ov")
+    for h in ("h2", "h3"):
+        run_cli(lab, h, "run", "-d", "--name", f"c{h}", "--network", "ov", "--", "sleep", "1000")
     rc, out = doctor(lab)
     assert rc == 0 and out[-1] == "all is well", "\n".join(out)
     assert not [l for l in out[:-1] if not l.startswith("ok ")], "\n".join(out)

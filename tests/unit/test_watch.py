@@ -44,8 +44,9 @@ class Manager:
         await self.hub.stop()
         await self.store.close()
 
-    async def node(self, name: str, addr: str) -> str:
-        node = Node(id=name, hostname=name, role="worker", addr=addr)
+    async def node(self, name: str, addr: str, role: str = "worker") -> str:
+        """A node (a manager's node event reaches every watcher; a worker's, those sharing a network)."""
+        node = Node(id=name, hostname=name, role=role, addr=addr)
         r = await self.store.txn([], [Put("nodes", node.id, codec.encode(node))])
         await self.hub.wait(r.rev)
         return node.id
@@ -102,9 +103,12 @@ def test_each_node_hears_of_nodes_and_of_the_networks_it_has_endpoints_on_or_ask
         await m.ov.delete_endpoint(c, att.endpoint.id)  # ...and leaves it with its last one: still told
         assert ids(pending(wc), "endpoint") == [att.endpoint.id] * 2
         assert ids(pending(wb), "endpoint") == []
-        await m.node("d", "192.0.2.4")  # nodes reach everyone
+        # c's first endpoint on n1 brought c's node along to n1's watchers (they may never have heard of it);
+        # a node on no network of theirs reaches nobody else.
+        assert ids(pending(wa), "node") == ["c"] and ids(pending(wb), "node") == []
+        await m.node("d", "192.0.2.4")
         for w in (wa, wb, wc):
-            assert ids(pending(w), "node") == ["d"]
+            assert "d" not in ids(pending(w), "node")
         # A network nobody has endpoints on reaches only those who asked for it, its removal too.
         n3 = await m.net("n3", "198.18.3.0/24")
         wy = m.hub.subscribe(a, "a", m.hub.state.rev, frozenset({n3}))
@@ -143,7 +147,7 @@ def test_watchers_with_one_selection_share_one_encoded_frame(tmp_path):
         await m.attach(b, n1, "y")
         await m.attach(d, n1, "w")
         ws = [m.hub.subscribe(node, node, m.hub.state.rev) for node in (a, b, d)]
-        await m.node("c", "192.0.2.3")
+        await m.node("c", "192.0.2.3", role="manager")
         await m.attach("c", n1, "z")
         frames = [[f for _, f in w.frames] for w in ws]
         assert len(frames[0]) == 2
@@ -212,7 +216,7 @@ def test_a_resume_from_before_the_kept_history_gets_a_snapshot(tmp_path, monkeyp
         n1 = await m.net("n1", "198.18.1.0/24")
         await m.attach(a, n1, "x")
         for i in range(6):
-            await m.node(f"n{i}", f"192.0.2.{10 + i}")
+            await m.node(f"n{i}", f"192.0.2.{10 + i}", role="manager")
         await m.close()
         m = await Manager.open(tmp_path / "c.db")   # restarted: nothing before its start is in its memory
         w = m.hub.subscribe(a, "a", 1)
@@ -233,11 +237,11 @@ def test_a_slow_watcher_is_cut_off_and_resumes_from_its_revision(tmp_path):
         a = await m.node("a", "192.0.2.1")
         w = m.hub.subscribe(a, "a", m.hub.state.rev)
         gen = m.hub.frames(w)
-        await m.node("b", "192.0.2.2")
+        await m.node("b", "192.0.2.2", role="manager")
         got = await take(gen, 1)
         had = w.rev = got[-1].rev
         for i in range(5):  # the agent reads nothing meanwhile
-            await m.node(f"x{i}", f"192.0.2.{20 + i}")
+            await m.node(f"x{i}", f"192.0.2.{20 + i}", role="manager")
         assert w.ended and w.ended.startswith("cut off") and w not in m.hub.watchers
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(gen.__anext__(), 5)
@@ -264,7 +268,7 @@ def test_a_node_has_one_watch_stream_a_new_one_ends_the_old(tmp_path):
             gen = m.hub.frames(olds[0])
             await asyncio.wait_for(gen.__anext__(), 5)
             await asyncio.wait_for(gen.__anext__(), 5)
-        await m.node("c", "192.0.2.3")
+        await m.node("c", "192.0.2.3", role="manager")
         assert ids(pending(new), "node") == ["c"] and ids(pending(wb), "node") == ["c"]
         await m.close()
     run(main())
@@ -514,7 +518,7 @@ def test_an_unreadable_object_in_the_store_is_skipped_and_the_rest_goes_on(tmp_p
         w = m.hub.subscribe(a, "a", m.hub.state.rev)
         r = await m.store.txn([], [Put("endpoints", "bad", b'{"id": 5}'), Put("widgets", "x", b"{}")])
         await m.hub.wait(r.rev)
-        await m.node("b", "192.0.2.2")
+        await m.node("b", "192.0.2.2", role="manager")
         assert ids(pending(w), "node") == ["b"]
         assert m.hub.state.get("endpoints", "bad") is None
         await m.close()
@@ -560,14 +564,14 @@ def test_a_burst_reaches_a_watcher_in_few_writes_in_order(tmp_path):
         await m.attach(a, n1, "x")
         w = m.hub.subscribe(a, "a", m.hub.state.rev)
         gen = m.hub.frames(w)
-        await m.node("b0", "192.0.2.10")
+        await m.node("b0", "192.0.2.10", role="manager")
         first = await asyncio.wait_for(gen.__anext__(), 5)     # after a quiet spell: at once, alone
         assert ids([message.decode(x) for x in first.splitlines()], "node") == ["b0"]
         import netweft.manager.watch as watch
         real, watch.MAX_GAP = watch.MAX_GAP, 0.2
         try:
             for i in range(1, 6):
-                await m.node(f"b{i}", f"192.0.2.{10 + i}")
+                await m.node(f"b{i}", f"192.0.2.{10 + i}", role="manager")
             w.wrote = time.monotonic()                         # as if it had just written: it waits its gap
             data = await asyncio.wait_for(gen.__anext__(), 5)  # the five revisions in one write
         finally:
@@ -598,7 +602,7 @@ def test_a_big_snapshot_is_written_in_pieces_and_not_kept_once_sent(tmp_path, mo
 
     async def main():
         m = await Manager.open(tmp_path / "c.db")
-        nodes = {await m.node(f"n{i}", f"192.0.2.{i + 1}") for i in range(20)}
+        nodes = {await m.node(f"n{i}", f"192.0.2.{i + 1}", role="manager") for i in range(20)}
         w = m.hub.subscribe("n0", "n0", 0)
         gen = m.hub.frames(w)
         got = [await gen.__anext__()]
@@ -619,9 +623,10 @@ def test_snapshots_made_at_one_revision_share_one_copy_of_the_nodes(tmp_path):
         a, b = await m.node("a", "192.0.2.1"), await m.node("b", "192.0.2.2")
         n1 = await m.net("n1", "198.18.1.0/24")
         await m.attach(a, n1, "x")
+        await m.attach(b, n1, "y")
         pa, pb = m.hub.snapshot_parts(a), m.hub.snapshot_parts(b)
-        assert pa[1] is pb[1] and pa != pb   # the nodes shared; a's scope has n1, b's has nothing
-        await m.node("c", "192.0.2.3")
+        assert pa[1] is pb[1]   # each sees every node (they share n1): one copy of them for both
+        await m.node("c", "192.0.2.3", role="manager")
         pc = m.hub.snapshot_parts(a)
         assert pc[1] is not pa[1] and {n.id for n in message.decode(b"".join(pc)).nodes} == {a, b, "c"}
         await m.close()
@@ -662,7 +667,7 @@ def test_a_resume_is_served_from_the_recent_batches_in_memory_with_the_frames_th
         for k in range(3):
             await m.attach(b, n1, f"y{k}")
             await m.attach(b, n2, f"z{k}")   # not in a's scope
-        await m.node("c", "192.0.2.3")
+        await m.node("c", "192.0.2.3", role="manager")
         until = m.hub.state.rev
         assert m.hub.recent_from <= since
         from_memory = [f async for f in m.hub.missed(a, frozenset(), since, until)]
@@ -672,7 +677,12 @@ def test_a_resume_is_served_from_the_recent_batches_in_memory_with_the_frames_th
         assert [f async for f in m.hub.missed(a, frozenset(), since, until)] == from_memory and not reads
         m.hub.recent_from = until   # as if those revisions had left the memory: the store serves them
         from_store = [f async for f in m.hub.missed(a, frozenset(), since, until)]
-        assert reads == [since] and from_store == from_memory
+        # The change log has no index of who knew a node: every endpoint brings its node along from there.
+        assert reads == [since] and [r for r, _ in from_store] == [r for r, _ in from_memory]
+        assert [ids([message.decode(f)], "endpoint") for _, f in from_store] == \
+            [ids([message.decode(f)], "endpoint") for _, f in from_memory]
+        assert [ids([message.decode(f)], "node") for _, f in from_store] == [[b], [b], [b], ["c"]]
+        assert [ids([message.decode(f)], "node") for _, f in from_memory] == [[b], [], [], ["c"]]
         assert [len(ids([message.decode(f)], "endpoint")) for _, f in from_memory] == [1, 1, 1, 0]
         # Resuming again (another agent of the same scope) from memory: the very same frame objects.
         m.hub.recent_from = since
