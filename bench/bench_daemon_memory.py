@@ -74,6 +74,21 @@ def imported_modules() -> int:
     return sum(1 for line in r.stderr.splitlines() if line.startswith("import time:") and "|" in line) - 1
 
 
+def create_overlay(lab) -> None:
+    """Create the overlay at the manager h1 and wait until the worker h2 has it."""
+    lab.client("h1").call("POST", "/networks/create", {
+        "Name": OV, "Driver": "overlay", "Attachable": True, "IPAM": {"Config": [{"Subnet": SUBNET}]}})
+    deadline = time.monotonic() + 30
+    while True:  # the worker learns the network from the manager's watch stream
+        try:
+            lab.client("h2").call("GET", f"/networks/{OV}")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def netweft_figures(b: Bench, n: int, workers: int) -> dict:
     lab = b.lab(2, prefix="m")
     time.sleep(3.0)  # first heartbeats, watch stream connected, startup garbage settled
@@ -89,17 +104,7 @@ def netweft_figures(b: Bench, n: int, workers: int) -> dict:
     print(f"  h2 netweftd (pid {pid}) idle worker, restarted: VmRSS {R['idle'][0]:.1f} MiB "
           f"(anon {R['idle'][1]:.1f})", flush=True)
     print(f"    resident MiB by mapping: {breakdown(pid)}", flush=True)
-    lab.client("h1").call("POST", "/networks/create", {
-        "Name": OV, "Driver": "overlay", "Attachable": True, "IPAM": {"Config": [{"Subnet": SUBNET}]}})
-    deadline = time.monotonic() + 30
-    while True:  # the worker learns the network from the manager's watch stream
-        try:
-            lab.client("h2").call("GET", f"/networks/{OV}")
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    create_overlay(lab)
 
     def create(i: int) -> None:
         lab.client("h2").call("POST", "/containers/create", {

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _lab import Bench, daemon_pid  # noqa: E402
-from bench_daemon_memory import OV, SUBNET, ip_of  # noqa: E402
+from bench_daemon_memory import OV, create_overlay, ip_of  # noqa: E402
 
 SITECUSTOMIZE = r'''
 import os, signal, tracemalloc
@@ -157,17 +157,7 @@ def main() -> None:
                 os.environ["PYTHONPATH"] = old
         pid = daemon_pid(lab, "h2")
         time.sleep(3.0)
-        lab.client("h1").call("POST", "/networks/create", {
-            "Name": OV, "Driver": "overlay", "Attachable": True, "IPAM": {"Config": [{"Subnet": SUBNET}]}})
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                lab.client("h2").call("GET", f"/networks/{OV}")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        create_overlay(lab)
 
         def create(i: int) -> None:
             lab.client("h2", timeout=120).call("POST", "/containers/create", {
