@@ -167,7 +167,8 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
         cpu0 = mgr.cpu()
         t = time.monotonic()
         # Staggered: each process joins a few hosts at a time.
-        await workers.all("join", {"token": token, "manager": manager, "concurrency": max(2, 16 // procs)})
+        await workers.all("join", {"token": token, "manager": manager, "concurrency": max(2, 16 // procs),
+                                   "managers": [f"{lab.address(h)}:2377" for h in mgr_hosts]})
         res["join_s"] = time.monotonic() - t
         print(f"  {args.hosts} hosts joined and started in {res['join_s']:.1f} s ({procs} processes); "
               f"manager RSS {mgr.rss()}", flush=True)

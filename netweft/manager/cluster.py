@@ -408,19 +408,17 @@ class Manager(ManagersOnEtcd):
             await asyncio.sleep(min(1.0, period / 4))
             limit = HEARTBEAT_MISSES * period
             now = time.monotonic()
-            if self.ha:  # the leader alone, from what every manager heard (since it leads, at the earliest)
+            if self.ha:  # the leader alone, from what every manager reports of its nodes (downjudge.py)
                 if not self.is_leader():
                     continue
-                wall = time.time()
-                since = self.coord.leader_since
+                down_now = self.ha_down_nodes([n for n in self.state.nodes() if n.state == "ready"], limit)
             for node in self.state.nodes():
                 if node.id == self.node_id or node.state != "ready":
                     continue
                 if self.ha and self.state.get(PRESENCE, node.id) is not None:
                     late = False  # a manager that holds its lease is up (it may still be starting)
-                elif self.ha:  # (+ one period: what other managers heard reaches the leader a little later)
-                    late = wall - max(self.coord.last_seen(node.id), self.seen_wall.get(node.id, 0.0),
-                                      since) > limit + period
+                elif self.ha:
+                    late = node.id in down_now
                 else:
                     late = now - self.last_seen.get(node.id, now) > limit
                 if late:
