@@ -412,6 +412,7 @@ class Manager(ManagersOnEtcd):
                 if not self.is_leader():
                     continue
                 down_now = self.ha_down_nodes([n for n in self.state.nodes() if n.state == "ready"], limit)
+                late_ha: list[str] = []
             for node in self.state.nodes():
                 if node.id == self.node_id or node.state != "ready":
                     continue
@@ -421,7 +422,9 @@ class Manager(ManagersOnEtcd):
                     late = node.id in down_now
                 else:
                     late = now - self.last_seen.get(node.id, now) > limit
-                if late:
+                if late and self.ha:
+                    late_ha.append(node.id)   # marked in one revision below: one frame to each watcher
+                elif late:
                     try:
                         await self._update(node.id, lambda n: msgspec.structs.replace(n, state="down")
                                            if n.state == "ready" else None)
@@ -432,6 +435,8 @@ class Manager(ManagersOnEtcd):
                         continue
                     log.warning("node down: missed heartbeats",
                                 extra={"node": node.id, "hostname": node.hostname, "after_s": limit})
+            if self.ha and late_ha:
+                await self.mark_down(late_ha, utcnow(), limit)
             if any(n.state == "down" or n.withdrawn for n in self.state.nodes()):
                 try:
                     await self.evaluate_liveness()

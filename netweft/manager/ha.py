@@ -27,7 +27,9 @@ from netweft.manager.auth import MANAGER, allow
 from netweft.manager.managerkey import ManagerKey
 from netweft.manager.storecerts import StoreCerts
 from netweft.manager.watch import CA, HEARTBEATS, NODES, PRESENCE
+from netweft.model import codec
 from netweft.model.objects import Node
+from netweft.store.api import Compare, Put
 from netweft.pki import crl as crlmod
 from netweft.pki import sealed
 
@@ -37,6 +39,7 @@ HISTORY = 50_000              # revisions of history the leader keeps for agents
 TRIM_EVERY = 60.0             # seconds between two trims of the history by the leader
 MEMBER_TRIES = 40             # tries (0.5 s apart) of a member change etcd refuses for the quorum's sake
 STALE_VIEW = 3.0              # seconds without a store revision before a manager asks another what it is
+DOWN_BATCH = 100              # nodes marked Down in one transaction (etcd allows 128 operations per txn)
 SECRETS_EVERY = 1.0           # seconds between two checks by the leader of revocations and key holders
 
 
@@ -101,6 +104,28 @@ class ManagersOnEtcd(StoreCerts, ManagerKey):
         judge.forget([m for m in judge.reports if m not in present and (
             (n := self.state.get(NODES, m)) is None or n.role != "manager")])
         return set(judge.down([n.id for n in nodes], present, self.coord.leader_since))
+
+    async def mark_down(self, node_ids: list[str], stamp: str, limit: float) -> None:
+        """The leader: these Ready nodes Down, DOWN_BATCH per revision (one frame to every watcher instead of
+        one per node); a node changed meanwhile is judged again at the next round."""
+        for i in range(0, len(node_ids), DOWN_BATCH):
+            def plan(chunk=node_ids[i:i + DOWN_BATCH]):
+                compares, ops, done = [], [], []
+                for nid in chunk:
+                    n = self.state.get(NODES, nid)
+                    if n is None or n.state != "ready":
+                        continue
+                    compares.append(Compare(NODES, nid, self.state.mod_rev(NODES, nid)))
+                    ops.append(Put(NODES, nid, codec.encode(msgspec.structs.replace(n, state="down", updated=stamp))))
+                    done.append(n)
+                return compares, ops, done
+            try:
+                done, _ = await self.hub.commit(plan)
+            except NetweftError as e:  # the store failing: say so, try again next round
+                log.error("could not mark nodes down", extra={"nodes": len(node_ids), "reason": str(e)})
+                return
+            for n in done:
+                log.warning("node down: missed heartbeats", extra={"node": n.id, "hostname": n.hostname, "after_s": limit})
 
     def _ha_tasks(self) -> list[asyncio.Task]:
         """The etcd certificates' and the managers' key's background duties (see storecerts.py, managerkey.py)."""
