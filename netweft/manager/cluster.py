@@ -26,7 +26,7 @@ from netweft.manager.overview import overview
 from netweft.manager.watch import CA, CLOCK, CLUSTER, NODES, PRESENCE, ClusterState, Hub
 from netweft.manager import hastore
 from netweft.manager.leader import Coordination
-from netweft.manager.ha import ManagersOnEtcd
+from netweft.manager.ha import ManagersOnEtcd, UnknownNode
 from netweft.pki import sealed
 from netweft.manager.services import Services
 from netweft.manager import tasklogs
@@ -616,14 +616,14 @@ class Manager(ManagersOnEtcd):
                             f"{revoked[ident.node_id]}; it must leave and join again with a token")
         node = self.state.get(NODES, ident.node_id)
         if node is None:
-            raise Forbidden(f"node {ident.node_id} is not a member of this cluster")
+            raise UnknownNode(f"node {ident.node_id} is not a member of this cluster")
         return ident, node, node.role
 
     def build_app(self) -> web.Application:
         routes = web.RouteTableDef()
 
         # Rate limit, declared roles (both the certificate's and the store's), body limits: see auth.py.
-        self.admission = auth.Admission(self._peer)
+        self.admission = auth.Admission(self._peer_caught_up)
 
         @routes.get("/ca")
         @allow(OPEN)

@@ -26,7 +26,7 @@ from netweft.manager import auth, downjudge, hastore, leader
 from netweft.manager.auth import MANAGER, allow
 from netweft.manager.managerkey import ManagerKey
 from netweft.manager.storecerts import StoreCerts
-from netweft.manager.watch import CA, HEARTBEATS, NODES, PRESENCE
+from netweft.manager.watch import CA, CATCH_UP, HEARTBEATS, NODES, PRESENCE
 from netweft.model import codec
 from netweft.model.objects import Node
 from netweft.store.api import Compare, Put
@@ -43,7 +43,28 @@ DOWN_BATCH = 100              # nodes marked Down in one transaction (etcd allow
 SECRETS_EVERY = 1.0           # seconds between two checks by the leader of revocations and key holders
 
 
+class UnknownNode(Forbidden):
+    """A caller with a valid certificate whose node this manager's view does not hold."""
+
+
 class ManagersOnEtcd(StoreCerts, ManagerKey):
+    async def _peer_caught_up(self, request):
+        """_peer (cluster.py), but a node that joined at another manager moments ago, which this manager's view
+        may not hold yet, is looked up again once the view has reached the store's revision: refused
+        (403), its agent would stop heartbeating for good; a view that cannot catch up answers 503 (retry)."""
+        try:
+            return self._peer(request)
+        except UnknownNode:
+            if not self.ha:
+                raise
+        try:
+            async with asyncio.timeout(CATCH_UP):
+                await self.hub.wait(await self.store.revision())
+        except (TimeoutError, NetweftError):
+            raise Unavailable("this manager's view of the cluster store is behind; retry, or use another "
+                              "manager") from None
+        return self._peer(request)
+
     async def _open_sealed(self) -> None:
         """The CA (and the store CA) from the store, their keys opened with this manager's key (or the rotated
         one, fetched from another manager)."""

@@ -222,3 +222,60 @@ def test_the_etcd_member_runs_with_tls_everywhere_and_pre_vote(tmp_path):
     assert argv[argv.index("--trusted-ca-file") + 1].endswith("store-ca.crt")
     assert argv[argv.index("--listen-peer-urls") + 1] == "https://192.0.2.11:2380"
     assert m._running_pid() is None   # no pid file: nothing to adopt
+
+
+def test_a_node_joined_at_another_manager_is_looked_up_again_once_the_view_caught_up():
+    """A manager whose view is behind must not refuse (403: its agent stops for good) a node that joined at
+    another manager a moment ago: it catches up with the store first; a view that cannot answers 503."""
+    import asyncio
+
+    from netweft.errors import NetweftError, Unavailable
+    from netweft.manager.ha import ManagersOnEtcd, UnknownNode
+
+    class Hub:
+        def __init__(self, m):
+            self.m, self.rev = m, 5
+
+        async def wait(self, rev):
+            if self.m.stalled:
+                await asyncio.sleep(3600)
+            self.rev = rev
+
+    class Store:
+        def __init__(self):
+            self.fail = False
+
+        async def revision(self):
+            if self.fail:
+                raise NetweftError("etcd unreachable")
+            return 9
+
+    class M(ManagersOnEtcd):
+        ha, stalled = True, False
+
+        def __init__(self):
+            self.hub, self.store = Hub(self), Store()
+
+        def _peer(self, request):
+            if self.hub.rev < 9:
+                raise UnknownNode("node n1 is not a member of this cluster")
+            return ("ident", "node", "worker")
+
+    async def main():
+        m = M()
+        assert await m._peer_caught_up(None) == ("ident", "node", "worker") and m.hub.rev == 9
+        m.hub.rev, m.store.fail = 5, True
+        with pytest.raises(Unavailable, match="behind"):
+            await m._peer_caught_up(None)
+        m.store.fail, m.stalled = False, True
+        import netweft.manager.ha as ha
+        ha.CATCH_UP, old = 0.05, ha.CATCH_UP
+        try:
+            with pytest.raises(Unavailable, match="behind"):
+                await m._peer_caught_up(None)
+        finally:
+            ha.CATCH_UP = old
+        m.ha = False   # one manager (SQLite): its view is the store; an unknown node is refused at once
+        with pytest.raises(UnknownNode):
+            await m._peer_caught_up(None)
+    asyncio.run(main())
