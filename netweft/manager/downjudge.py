@@ -11,7 +11,8 @@ staler, so load delays a Down and never invents one. A node is Down when nobody 
   - never within the grace after this manager became the leader (the reports it inherited may be old);
   - never while the manager that heard it last (its "server") is present but has not reported within `stale`:
     only the manager that serves a node, or that manager being gone, says it is Down;
-  - a node no report mentions is Down once every present manager has reported (after the grace).
+  - a node no report mentions is Down once every present manager has reported and `limit` has passed since
+    the leader first saw it Ready (a node that joined at another manager a moment ago is in no report yet).
 Reports of managers that went are kept here (their keys go with their leases), so a node whose manager died
 has `limit` from its last heartbeat there to show up in another manager's report (agents fail over in ~2 s).
 """
@@ -52,6 +53,7 @@ class Judge:
         # manager -> (when its report reached this manager, the report's revision, node -> last heard)
         self.reports: dict[str, tuple[float, int, dict[str, float]]] = {}
         self.since = clock()                   # when this manager became the leader (reset by down())
+        self.known: dict[str, float] = {}      # Ready node -> when down() first had it
         self._term: object = None
 
     def observe(self, manager: str, rev: int, obj: object) -> None:
@@ -85,6 +87,8 @@ class Judge:
         now = self.clock()
         if term != self._term:
             self._term, self.since = term, now
+        nodes = list(nodes)
+        self.known = {n: self.known.get(n, now) for n in nodes}
         if now - self.since <= self.limit:
             return []
         present = set(present)
@@ -95,8 +99,8 @@ class Judge:
             if heard is not None and now - heard <= self.limit:
                 continue
             if server is None:
-                if silent:
-                    continue   # a present manager that has not said anything yet may serve it
+                if silent or now - self.known[node] <= self.limit:
+                    continue   # a present manager that has not said anything yet may serve it, or it just joined
             elif server in present and server in silent:
                 continue       # its manager is up but has not reported lately: it has not said so
             out.append(node)

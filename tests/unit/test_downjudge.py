@@ -55,6 +55,9 @@ def test_no_node_is_down_during_the_grace_after_becoming_leader(clock):
     assert j.down(["n1", "n2"], ["m1"], term=1) == []
     clock.t += 2
     j.observe("m1", 2, {"ages": {"n1": 116.0}})
+    assert j.down(["n1", "n2"], ["m1"], term=1) == ["n1"]   # n2, in no report, has `limit` from when first seen
+    clock.t += LIMIT
+    j.observe("m1", 3, {"ages": {"n1": 131.0}})
     assert j.down(["n1", "n2"], ["m1"], term=1) == ["n1", "n2"]
     assert j.down(["n1"], ["m1"], term=2) == []       # a new term (led again): a new grace
 
@@ -124,6 +127,8 @@ def test_a_node_of_a_manager_that_died_has_time_to_fail_over(clock):
 def test_a_node_nobody_mentions_waits_for_every_present_manager_to_report(clock):
     j = judge(clock)
     past_grace(clock)
+    assert j.down(["n9"], ["m1", "m2"], term=1) == []  # first seen Ready now
+    clock.t += LIMIT + 1
     j.observe("m1", 1, {"ages": {}})
     assert j.down(["n9"], ["m1", "m2"], term=1) == []  # m2 (just started) may serve it
     j.observe("m2", 1, {"ages": {}})
@@ -142,3 +147,15 @@ def test_an_unreadable_report_keeps_the_last_good_one(clock):
     j.observe("m1", 1, {"ages": {"n1": 0.0}})
     j.observe("m1", 2, {"n1": 123456789.0})           # an older manager's wall times: says nothing
     assert j.last_heard("n1") == (clock.t, "m1")
+
+
+def test_a_node_just_joined_at_another_manager_is_not_down_before_it_is_in_a_report(clock):
+    j = judge(clock)
+    past_grace(clock)
+    j.observe("m1", 1, {"ages": {"n1": 0.5}})
+    assert j.down(["n1"], ["m1"], term=1) == []
+    clock.t += 1
+    assert j.down(["n1", "n2"], ["m1"], term=1) == []   # n2 joined (at m2, say): no report has it yet
+    clock.t += LIMIT + 0.5
+    j.observe("m1", 2, {"ages": {"n1": 0.5}})
+    assert j.down(["n1", "n2"], ["m1"], term=1) == ["n2"]   # still in no report: it never heartbeated
