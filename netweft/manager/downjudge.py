@@ -11,8 +11,9 @@ staler, so load delays a Down and never invents one. A node is Down when nobody 
   - never within the grace after this manager became the leader (the reports it inherited may be old);
   - never while the manager that heard it last (its "server") is present but has not reported within `stale`:
     only the manager that serves a node, or that manager being gone, says it is Down;
-  - a node no report mentions is Down once every present manager has reported and `limit` has passed since
-    the leader first saw it Ready (a node that joined at another manager a moment ago is in no report yet).
+  - a node becomes Ready only by joining or heartbeating: the time the leader first saw it Ready counts as
+    one heartbeat (a node that joined, or came back, at another manager a moment ago is in no report yet);
+  - a node no report mentions is Down once every present manager has reported.
 Reports of managers that went are kept here (their keys go with their leases), so a node whose manager died
 has `limit` from its last heartbeat there to show up in another manager's report (agents fail over in ~2 s).
 """
@@ -96,11 +97,11 @@ class Judge:
         out = []
         for node in nodes:
             heard, server = self.last_heard(node)
-            if heard is not None and now - heard <= self.limit:
+            if now - max(heard or self.known[node], self.known[node]) <= self.limit:
                 continue
             if server is None:
-                if silent or now - self.known[node] <= self.limit:
-                    continue   # a present manager that has not said anything yet may serve it, or it just joined
+                if silent:
+                    continue   # a present manager that has not said anything yet may serve it
             elif server in present and server in silent:
                 continue       # its manager is up but has not reported lately: it has not said so
             out.append(node)

@@ -23,7 +23,7 @@ def clock():
 
 def judge(clock) -> Judge:
     j = Judge(LIMIT, stale=LIMIT, clock=clock)
-    assert j.down([], [], term=1) == []   # becomes the leader now: the grace starts
+    assert j.down(["n1", "n2", "n9"], [], term=1) == []   # becomes the leader now, these nodes Ready: grace
     return j
 
 
@@ -51,13 +51,11 @@ def test_bad_entries_of_a_report_are_dropped():
 def test_no_node_is_down_during_the_grace_after_becoming_leader(clock):
     j = judge(clock)
     j.observe("m1", 1, {"ages": {"n1": 100.0}})   # heard 100 s ago
+    assert j.down(["n1", "n2"], ["m1"], term=1) == []
     clock.t += LIMIT - 1
     assert j.down(["n1", "n2"], ["m1"], term=1) == []
     clock.t += 2
     j.observe("m1", 2, {"ages": {"n1": 116.0}})
-    assert j.down(["n1", "n2"], ["m1"], term=1) == ["n1"]   # n2, in no report, has `limit` from when first seen
-    clock.t += LIMIT
-    j.observe("m1", 3, {"ages": {"n1": 131.0}})
     assert j.down(["n1", "n2"], ["m1"], term=1) == ["n1", "n2"]
     assert j.down(["n1"], ["m1"], term=2) == []       # a new term (led again): a new grace
 
@@ -155,7 +153,22 @@ def test_a_node_just_joined_at_another_manager_is_not_down_before_it_is_in_a_rep
     j.observe("m1", 1, {"ages": {"n1": 0.5}})
     assert j.down(["n1"], ["m1"], term=1) == []
     clock.t += 1
-    assert j.down(["n1", "n2"], ["m1"], term=1) == []   # n2 joined (at m2, say): no report has it yet
+    assert j.down(["n1", "n5"], ["m1"], term=1) == []   # n5 joined (at m2, say): no report has it yet
     clock.t += LIMIT + 0.5
     j.observe("m1", 2, {"ages": {"n1": 0.5}})
-    assert j.down(["n1", "n2"], ["m1"], term=1) == ["n2"]   # still in no report: it never heartbeated
+    assert j.down(["n1", "n5"], ["m1"], term=1) == ["n5"]   # still in no report: it never heartbeated
+
+
+def test_a_node_back_ready_is_not_down_again_before_a_report_has_its_heartbeat(clock):
+    """Down, then Ready again by a heartbeat at some manager: the reports the leader holds still say it is old
+    until the next one arrives; becoming Ready is itself a heartbeat."""
+    j = judge(clock)
+    past_grace(clock)
+    j.observe("m1", 1, {"ages": {"n1": 20.0}})
+    assert j.down(["n1"], ["m1"], term=1) == ["n1"]    # was Ready since the grace began: Down
+    assert j.down([], ["m1"], term=1) == []             # (marked Down: not Ready, not a candidate)
+    clock.t += 1
+    assert j.down(["n1"], ["m1"], term=1) == []         # Ready again: a heartbeat reached some manager
+    clock.t += LIMIT + 0.5
+    j.observe("m1", 2, {"ages": {"n1": 40.0}})          # and never again
+    assert j.down(["n1"], ["m1"], term=1) == ["n1"]
