@@ -21,7 +21,7 @@ from netweft.agent import node as agent_node
 from netweft.http import client as http
 from netweft.agent.overlay import OverlayAgent
 from netweft.dataplane.fake import FakeDataPlane
-from netweft.errors import Unavailable
+from netweft.errors import NetweftError, Unavailable
 from netweft.model.objects import Owner
 from netweft.store.local import Store
 
@@ -168,8 +168,8 @@ class SimHost:
             try:
                 ans = await agent_node.join(token, manager, self.name, self.addr, self.swarm_dir)
                 break
-            except Unavailable:   # a manager too busy to answer in time: retry, as an operator would
-                if attempt == tries - 1:
+            except NetweftError as e:   # a manager too busy to answer in time (or 503): retry, as an operator would
+                if attempt == tries - 1 or not (isinstance(e, Unavailable) or getattr(e, "status", 0) == 503):
                     raise
                 await asyncio.sleep(min(10, 1 + attempt))
         self.node_id, self.managers, self.period = ans["NodeID"], ans["Managers"], ans["HeartbeatPeriod"]

@@ -70,13 +70,15 @@ class Worker:
         """The worst lateness of this process's event loop since the last call (seconds)."""
         return self.lag.take()
 
-    async def join(self, token: str, manager: str, concurrency: int) -> float:
+    async def join(self, token: str, manager: str, concurrency: int, managers: list[str] | None = None) -> float:
+        """managers: every manager's address; host i joins managers[i % len] (as operators spread joins), else
+        every host joins `manager`."""
         t = time.monotonic()
 
-        async def one(s: SimHost) -> None:
-            await s.join(token, manager)
+        async def one(k: int, s: SimHost) -> None:
+            await s.join(token, managers[self.cfg["indices"][k] % len(managers)] if managers else manager)
             await s.start(self.cfg["resync"], self.cfg["prober"])   # heartbeats at once: a silent node goes down
-        await gather_limited((one(s) for s in self.sims), concurrency)
+        await gather_limited((one(k, s) for k, s in enumerate(self.sims)), concurrency)
         return time.monotonic() - t
 
     async def snapshots(self) -> int:

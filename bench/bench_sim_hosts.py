@@ -262,11 +262,12 @@ async def run_store(lab: Lab, mgr_hosts: list[str], args) -> dict:
         await workers.start(procs, cfgs)
         cpu0 = mgr.cpu()
         t = time.monotonic()
-        # Staggered: each process joins a few hosts at a time; how far it got is printed every 60 s (a run
-        # that cannot finish says where it stopped).
+        # Staggered: each process joins a few hosts at a time, spread over every manager; how far it got is
+        # printed every 60 s (a run that cannot finish says where it stopped).
         progress = asyncio.ensure_future(join_progress(lab, mgr, workers, t))
         try:
-            await workers.all("join", {"token": token, "manager": manager, "concurrency": max(2, 16 // procs)})
+            await workers.all("join", {"token": token, "manager": manager, "concurrency": max(2, 16 // procs),
+                                       "managers": [f"{lab.address(h)}:2377" for h in mgr_hosts]})
         finally:
             progress.cancel()
         res["join_s"] = time.monotonic() - t

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import ssl
+import time
 from datetime import datetime, timezone
 
 import msgspec
@@ -465,6 +466,7 @@ class NodeAgent:
 
     async def _heartbeats(self) -> None:
         while True:
+            started = time.monotonic()
             try:
                 resp = codec.convert(await self.call("POST", "/heartbeat", {"Addr": self.advertise}),
                                      HeartbeatAnswer, "heartbeat answer from the manager")
@@ -485,7 +487,9 @@ class NodeAgent:
                 if self.problem != str(e):
                     log.warning("heartbeat failed", extra={"reason": str(e)})
                 self.problem = str(e)
-            await asyncio.sleep(self.period)
+            # One period from the start of the last one, not from its answer: a manager that answers in
+            # seconds (busy) must not stretch the gap past the Down limit (3 periods).
+            await asyncio.sleep(max(self.period / 4, self.period - (time.monotonic() - started)))
 
     async def renew(self) -> None:
         key = pki.new_node_key()

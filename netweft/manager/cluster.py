@@ -26,7 +26,7 @@ from netweft.manager.overview import overview
 from netweft.manager.watch import CA, CLOCK, CLUSTER, NODES, PRESENCE, ClusterState, Hub
 from netweft.manager import hastore
 from netweft.manager.leader import Coordination
-from netweft.manager.ha import ManagersOnEtcd
+from netweft.manager.ha import ManagersOnEtcd, UnknownNode
 from netweft.pki import sealed
 from netweft.manager.services import Services
 from netweft.manager import tasklogs
@@ -408,22 +408,23 @@ class Manager(ManagersOnEtcd):
             await asyncio.sleep(min(1.0, period / 4))
             limit = HEARTBEAT_MISSES * period
             now = time.monotonic()
-            if self.ha:  # the leader alone, from what every manager heard (since it leads, at the earliest)
+            if self.ha:  # the leader alone, from what every manager reports of its nodes (downjudge.py)
                 if not self.is_leader():
                     continue
-                wall = time.time()
-                since = self.coord.leader_since
+                down_now = self.ha_down_nodes([n for n in self.state.nodes() if n.state == "ready"], limit)
+                late_ha: list[str] = []
             for node in self.state.nodes():
                 if node.id == self.node_id or node.state != "ready":
                     continue
                 if self.ha and self.state.get(PRESENCE, node.id) is not None:
                     late = False  # a manager that holds its lease is up (it may still be starting)
-                elif self.ha:  # (+ one period: what other managers heard reaches the leader a little later)
-                    late = wall - max(self.coord.last_seen(node.id), self.seen_wall.get(node.id, 0.0),
-                                      since) > limit + period
+                elif self.ha:
+                    late = node.id in down_now
                 else:
                     late = now - self.last_seen.get(node.id, now) > limit
-                if late:
+                if late and self.ha:
+                    late_ha.append(node.id)   # marked in one revision below: one frame to each watcher
+                elif late:
                     try:
                         await self._update(node.id, lambda n: msgspec.structs.replace(n, state="down")
                                            if n.state == "ready" else None)
@@ -434,6 +435,8 @@ class Manager(ManagersOnEtcd):
                         continue
                     log.warning("node down: missed heartbeats",
                                 extra={"node": node.id, "hostname": node.hostname, "after_s": limit})
+            if self.ha and late_ha:
+                await self.mark_down(late_ha, utcnow(), limit)
             if any(n.state == "down" or n.withdrawn for n in self.state.nodes()):
                 try:
                     await self.evaluate_liveness()
@@ -613,14 +616,14 @@ class Manager(ManagersOnEtcd):
                             f"{revoked[ident.node_id]}; it must leave and join again with a token")
         node = self.state.get(NODES, ident.node_id)
         if node is None:
-            raise Forbidden(f"node {ident.node_id} is not a member of this cluster")
+            raise UnknownNode(f"node {ident.node_id} is not a member of this cluster")
         return ident, node, node.role
 
     def build_app(self) -> web.Application:
         routes = web.RouteTableDef()
 
         # Rate limit, declared roles (both the certificate's and the store's), body limits: see auth.py.
-        self.admission = auth.Admission(self._peer)
+        self.admission = auth.Admission(self._peer_caught_up)
 
         @routes.get("/ca")
         @allow(OPEN)

@@ -22,12 +22,14 @@ from netweft import pki
 from aiohttp import web
 
 from netweft.errors import Conflict, Forbidden, NetweftError, Unavailable
-from netweft.manager import auth, hastore, leader
+from netweft.manager import auth, downjudge, hastore, leader
 from netweft.manager.auth import MANAGER, allow
 from netweft.manager.managerkey import ManagerKey
 from netweft.manager.storecerts import StoreCerts
-from netweft.manager.watch import CA, NODES, PRESENCE
+from netweft.manager.watch import CA, CATCH_UP, HEARTBEATS, NODES, PRESENCE
+from netweft.model import codec
 from netweft.model.objects import Node
+from netweft.store.api import Compare, Put
 from netweft.pki import crl as crlmod
 from netweft.pki import sealed
 
@@ -36,12 +38,33 @@ log = logging.getLogger("netweft.manager")
 HISTORY = 50_000              # revisions of history the leader keeps for agents that resume
 TRIM_EVERY = 60.0             # seconds between two trims of the history by the leader
 MEMBER_TRIES = 40             # tries (0.5 s apart) of a member change etcd refuses for the quorum's sake
-SEEN_KEEP = 6                 # heartbeat periods a node stays in the published map after it was last heard
 STALE_VIEW = 3.0              # seconds without a store revision before a manager asks another what it is
+DOWN_BATCH = 100              # nodes marked Down in one transaction (etcd allows 128 operations per txn)
 SECRETS_EVERY = 1.0           # seconds between two checks by the leader of revocations and key holders
 
 
+class UnknownNode(Forbidden):
+    """A caller with a valid certificate whose node this manager's view does not hold."""
+
+
 class ManagersOnEtcd(StoreCerts, ManagerKey):
+    async def _peer_caught_up(self, request):
+        """_peer (cluster.py), but a node that joined at another manager moments ago, which this manager's view
+        may not hold yet, is looked up again once the view has reached the store's revision: refused
+        (403), its agent would stop heartbeating for good; a view that cannot catch up answers 503 (retry)."""
+        try:
+            return self._peer(request)
+        except UnknownNode:
+            if not self.ha:
+                raise
+        try:
+            async with asyncio.timeout(CATCH_UP):
+                await self.hub.wait(await self.store.revision())
+        except (TimeoutError, NetweftError):
+            raise Unavailable("this manager's view of the cluster store is behind; retry, or use another "
+                              "manager") from None
+        return self._peer(request)
+
     async def _open_sealed(self) -> None:
         """The CA (and the store CA) from the store, their keys opened with this manager's key (or the rotated
         one, fetched from another manager)."""
@@ -72,21 +95,58 @@ class ManagersOnEtcd(StoreCerts, ManagerKey):
         return [n.manager_addr or f"{n.addr}:2377" for n in mgrs][:64] or [self.cluster()["leader"]["addr"]]
 
     async def _publish_seen(self) -> None:
-        """Whom this manager heard from (itself included), for the leader's Down check."""
+        """How long ago this manager heard from each node (itself included), for the leader's Down check
+        (downjudge.py): ages on this host's clock, in one write every half period."""
         while True:
             period = self.spec()["HeartbeatPeriod"]
             await asyncio.sleep(period / 2)
             now = time.time()
             self.seen_wall[self.node_id] = now
-            limit = SEEN_KEEP * period
-            seen = {k: round(v, 3) for k, v in self.seen_wall.items() if now - v < limit}
+            keep = downjudge.REPORT_KEEP * period
+            for k in [k for k, t in self.seen_wall.items() if now - t >= keep]:
+                del self.seen_wall[k]
             try:
-                await self.coord.publish_heartbeats(seen)
+                await self.coord.publish_heartbeats(downjudge.make_report(self.seen_wall, now, keep))
                 me = self.state.get(NODES, self.node_id)
                 if me is not None and me.role == "manager" and me.state != "ready":  # back after being Down
                     await self._update(self.node_id, lambda n: msgspec.structs.replace(n, state="ready"))
             except NetweftError as e:
                 log.debug("publishing heartbeats failed", extra={"reason": str(e)})
+
+    def ha_down_nodes(self, nodes: list[Node], limit: float) -> set[str]:
+        """The leader: which of these Ready nodes are Down now, from every manager's report (downjudge.py)."""
+        judge = getattr(self, "_judge", None)
+        if judge is None:
+            judge = self._judge = downjudge.Judge(limit, stale=limit)
+        judge.limit = judge.stale = limit
+        for mgr, e in self.state.kinds[HEARTBEATS].items():
+            judge.observe(mgr, e.mod_rev, e.obj)
+        present = self.state.kinds[PRESENCE].keys()
+        judge.forget([m for m in judge.reports if m not in present and (
+            (n := self.state.get(NODES, m)) is None or n.role != "manager")])
+        return set(judge.down([n.id for n in nodes], present, self.coord.leader_since))
+
+    async def mark_down(self, node_ids: list[str], stamp: str, limit: float) -> None:
+        """The leader: these Ready nodes Down, DOWN_BATCH per revision (one frame to every watcher instead of
+        one per node); a node changed meanwhile is judged again at the next round."""
+        for i in range(0, len(node_ids), DOWN_BATCH):
+            def plan(chunk=node_ids[i:i + DOWN_BATCH]):
+                compares, ops, done = [], [], []
+                for nid in chunk:
+                    n = self.state.get(NODES, nid)
+                    if n is None or n.state != "ready":
+                        continue
+                    compares.append(Compare(NODES, nid, self.state.mod_rev(NODES, nid)))
+                    ops.append(Put(NODES, nid, codec.encode(msgspec.structs.replace(n, state="down", updated=stamp))))
+                    done.append(n)
+                return compares, ops, done
+            try:
+                done, _ = await self.hub.commit(plan)
+            except NetweftError as e:  # the store failing: say so, try again next round
+                log.error("could not mark nodes down", extra={"nodes": len(node_ids), "reason": str(e)})
+                return
+            for n in done:
+                log.warning("node down: missed heartbeats", extra={"node": n.id, "hostname": n.hostname, "after_s": limit})
 
     def _ha_tasks(self) -> list[asyncio.Task]:
         """The etcd certificates' and the managers' key's background duties (see storecerts.py, managerkey.py)."""

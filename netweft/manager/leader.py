@@ -6,8 +6,8 @@
   that put `election/leader` on its lease, taken only while absent (a compare on absence, as etcd's
   concurrency/election campaigns). When the leader dies its lease expires (TTL seconds) and the
   next campaign wins. A leader that cannot renew its lease in time stops acting as one;
-- heartbeats: each manager publishes the nodes it heard from (`heartbeats/<node id>`, wall-clock
-  seconds) every period, so that the leader sees nodes that talk to other managers.
+- heartbeats: each manager publishes how long ago it heard from each of its nodes (`heartbeats/<node id>`,
+  one write every half period: downjudge.py), and the leader judges Down from these reports.
 """
 from __future__ import annotations
 
@@ -116,14 +116,6 @@ class Coordination:
             self.lease = 0
 
     # ------------------------------------------------------------ heartbeats
-    async def publish_heartbeats(self, seen: dict[str, float]) -> None:
-        await self.store.txn([], [Put(HEARTBEATS, self.node_id, codec.encode(seen), lease=self.lease)])
-
-    def last_seen(self, node_id: str) -> float:
-        """The latest wall time any manager heard from node_id (0 if none did)."""
-        best = 0.0
-        for e in self.hub.state.kinds[HEARTBEATS].values():
-            t = e.obj.get(node_id) if isinstance(e.obj, dict) else None
-            if isinstance(t, (int, float)) and t > best:
-                best = float(t)
-        return best
+    async def publish_heartbeats(self, report: dict) -> None:
+        """This manager's report of its nodes (downjudge.make_report), on its lease: gone when it is."""
+        await self.store.txn([], [Put(HEARTBEATS, self.node_id, codec.encode(report), lease=self.lease)])

@@ -41,12 +41,29 @@ def should_withdraw(node: Node, its_sharers: Iterable[str], nodes: Mapping[str, 
     return bool(views) and all(v == "unreachable" for v in views)
 
 
+def sharers_of(node: str, node_nets: Mapping[str, Iterable[str]], members: Mapping[str, set[str]]) -> set[str]:
+    """The other nodes with an endpoint on one of node's networks (members: network -> its nodes)."""
+    out: set[str] = set()
+    for net in node_nets.get(node, ()):
+        out |= members.get(net, set())
+    out.discard(node)
+    return out
+
+
 def withdrawals(nodes: Mapping[str, Node], node_nets: Mapping[str, Iterable[str]]) -> dict[str, bool]:
-    """node -> the `withdrawn` it should have, for every node whose flag is wrong now."""
-    share = sharers(node_nets)
+    """node -> the `withdrawn` it should have, for every node whose flag is wrong now. Only a node Down or
+    withdrawn can have a wrong flag: the others' sharers are never computed (1,000 nodes on one network
+    are a million pairs, every second while one node is Down)."""
+    suspects = [n for n in nodes.values() if n.state == "down" or n.withdrawn]
+    if not suspects:
+        return {}
+    members: dict[str, set[str]] = {}
+    for node, nets in node_nets.items():
+        for net in nets:
+            members.setdefault(net, set()).add(node)
     out = {}
-    for node in nodes.values():
-        want = should_withdraw(node, share.get(node.id, ()), nodes)
+    for node in suspects:
+        want = should_withdraw(node, sharers_of(node.id, node_nets, members), nodes)
         if want != node.withdrawn:
             out[node.id] = want
     return out

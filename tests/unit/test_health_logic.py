@@ -273,6 +273,13 @@ def test_sharers_are_the_hosts_on_a_common_network():
         {A: {B}, B: {A, C}, C: {B}, "d": set()}
 
 
+def test_one_nodes_sharers_are_those_of_the_whole_map():
+    nets = {A: ["n1"], B: ["n1", "n2"], C: ["n2"], "d": ["n3"]}
+    members = {"n1": {A, B}, "n2": {B, C}, "n3": {"d"}}
+    assert {n: liveness.sharers_of(n, nets, members) for n in nets} == liveness.sharers(nets)
+    assert liveness.sharers_of("e", nets, members) == set()
+
+
 def test_down_and_unreachable_from_every_ready_sharer_is_withdrawn():
     nets = {A: ["n1"], B: ["n1"], C: ["n1"]}
     nodes = {A: node(A, "down"), B: node(B, health={A: "unreachable"}), C: node(C, health={A: "unreachable"})}
